@@ -1,0 +1,60 @@
+//! `train --config configs/<name>.toml [--set section.key=value]... [--check]`
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use difftrain::config::Config;
+use difftrain::train::{TrainOptions, train};
+
+#[derive(Parser)]
+#[command(version, about = "Train a model described by a TOML config")]
+struct Args {
+    /// The run configuration (see configs/ and the README's config reference).
+    #[arg(long)]
+    config: PathBuf,
+    /// Override one value, e.g. `--set train.max_steps=100` (repeatable).
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    overrides: Vec<String>,
+    /// Validate the config, print the resolved version, and exit without training.
+    #[arg(long)]
+    check: bool,
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    let cfg = Config::load(&args.config, &args.overrides)?;
+    if args.check {
+        print!("{}", cfg.to_toml());
+        eprintln!("{}: configuration is valid", args.config.display());
+        return Ok(());
+    }
+    let out = train(&cfg, &TrainOptions::default())
+        .with_context(|| format!("training run {:?} failed", cfg.run.name))?;
+    eprintln!(
+        "trained {} steps in {:.1} s, final loss {:.4}",
+        out.steps, out.seconds, out.last_loss
+    );
+    if out.skipped_steps > 0 {
+        eprintln!(
+            "skipped {} step(s) with a non-finite loss or gradient",
+            out.skipped_steps
+        );
+    }
+    if let Some(p) = out.sample_grid {
+        eprintln!("samples: {}", p.display());
+    }
+    if let Some(p) = out.export_dir {
+        eprintln!("export:  {}", p.display());
+    }
+    Ok(())
+}
+
+fn main() -> std::process::ExitCode {
+    match run(Args::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,578 @@
+//! The run configuration: strict TOML, `--set section.key=value` overrides, cross-field checks.
+//!
+//! Parsing happens once into [`Config`]; every section denies unknown keys, so a typo is an
+//! error naming the file, line, column and the accepted keys. [`Config::problems`] then checks
+//! rules that span fields and reports all of them together before any compute starts.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::data::{ColorMode, CropMode, DataSource, OnBadImage};
+use crate::diffusion::sampling::{SamplerKind, TimestepSpacing};
+use crate::diffusion::schedule::{BetaSchedule, PredictionType};
+use crate::models::tutorial_unet::TutorialUNetConfig;
+use crate::models::unet_2d::UNet2DConfig;
+use crate::models::{Architecture, MixedPrecision};
+use crate::train::lr::LrSchedule;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("--set {assignment}: {message}")]
+    Override { assignment: String, message: String },
+    #[error("{path}: invalid configuration:\n  - {}", problems.join("\n  - "))]
+    Invalid {
+        path: PathBuf,
+        problems: Vec<String>,
+    },
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub run: RunConfig,
+    pub data: DataConfig,
+    pub model: ModelConfig,
+    pub diffusion: DiffusionConfig,
+    pub train: TrainConfig,
+    pub sample: SampleConfig,
+    pub export: ExportConfig,
+    pub logging: LoggingConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RunConfig {
+    pub name: String,
+    /// Defaults to `checkpoints/<name>`.
+    pub output_dir: Option<PathBuf>,
+    pub seed: u64,
+    /// `cpu`, `cuda` or `cuda:N`.
+    pub device: String,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        Self {
+            name: "run".into(),
+            output_dir: None,
+            seed: 0,
+            device: "cpu".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DataConfig {
+    pub source: DataSource,
+    pub path: PathBuf,
+    pub resolution: usize,
+    pub color: ColorMode,
+    pub crop: CropMode,
+    pub random_flip: bool,
+    pub on_bad_image: OnBadImage,
+    /// Threads decoding images in the background.
+    pub num_workers: usize,
+    /// Batches decoded ahead of the compute.
+    pub prefetch_batches: usize,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        Self {
+            source: DataSource::ImageFolder,
+            path: PathBuf::from("datasets/shapes"),
+            resolution: 32,
+            color: ColorMode::Rgb,
+            crop: CropMode::Center,
+            random_flip: false,
+            on_bad_image: OnBadImage::Warn,
+            num_workers: 2,
+            prefetch_batches: 4,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelConfig {
+    pub architecture: Architecture,
+    pub unet: UNet2DConfig,
+    pub tutorial: TutorialUNetConfig,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self {
+            architecture: Architecture::Unet2d,
+            unet: UNet2DConfig::default(),
+            tutorial: TutorialUNetConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DiffusionConfig {
+    pub num_train_timesteps: usize,
+    pub beta_schedule: BetaSchedule,
+    pub beta_start: f64,
+    pub beta_end: f64,
+    pub prediction_type: PredictionType,
+    /// Min-SNR-gamma loss weighting; diffusers' recommended value is 5.0.
+    pub snr_gamma: Option<f64>,
+    /// `noise += noise_offset * randn(B, C, 1, 1)`; 0 disables.
+    pub noise_offset: f64,
+    /// Noise the input with `noise + p * randn`, keep `noise` as the target; 0 disables.
+    pub input_perturbation: f64,
+}
+
+impl Default for DiffusionConfig {
+    fn default() -> Self {
+        Self {
+            num_train_timesteps: 1000,
+            beta_schedule: BetaSchedule::Linear,
+            beta_start: 0.0001,
+            beta_end: 0.02,
+            prediction_type: PredictionType::Epsilon,
+            snr_gamma: None,
+            noise_offset: 0.0,
+            input_perturbation: 0.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnNonFinite {
+    /// Stop the run with an error naming the step.
+    Error,
+    /// Skip the optimizer step, leave the weights untouched, and go on.
+    Skip,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Optimizer steps (one step = `gradient_accumulation_steps` micro-batches).
+    pub max_steps: usize,
+    /// Images per micro-batch.
+    pub batch_size: usize,
+    pub gradient_accumulation_steps: usize,
+    pub learning_rate: f64,
+    pub lr_scheduler: LrSchedule,
+    pub lr_warmup_steps: usize,
+    /// AdamW, with PyTorch's defaults (burn's differ: eps 1e-5, weight decay 1e-4).
+    pub adam_beta1: f64,
+    pub adam_beta2: f64,
+    pub adam_epsilon: f64,
+    pub adam_weight_decay: f64,
+    /// Global-norm clipping like `torch.nn.utils.clip_grad_norm_`; `0` disables.
+    pub max_grad_norm: f64,
+    pub on_nonfinite: OnNonFinite,
+    pub mixed_precision: MixedPrecision,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            max_steps: 1000,
+            batch_size: 16,
+            gradient_accumulation_steps: 1,
+            learning_rate: 1e-4,
+            lr_scheduler: LrSchedule::Constant,
+            lr_warmup_steps: 0,
+            adam_beta1: 0.9,
+            adam_beta2: 0.999,
+            adam_epsilon: 1e-8,
+            adam_weight_decay: 1e-2,
+            max_grad_norm: 1.0,
+            on_nonfinite: OnNonFinite::Error,
+            mixed_precision: MixedPrecision::No,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SampleConfig {
+    pub num_images: usize,
+    pub num_inference_steps: usize,
+    pub sampler: SamplerKind,
+    pub eta: f64,
+    pub timestep_spacing: TimestepSpacing,
+    /// Clamp predicted x0 to `[-clip_sample_range, clip_sample_range]` (diffusers default on).
+    pub clip_sample: bool,
+    pub clip_sample_range: f64,
+    pub seed: u64,
+}
+
+impl Default for SampleConfig {
+    fn default() -> Self {
+        Self {
+            num_images: 16,
+            num_inference_steps: 50,
+            sampler: SamplerKind::Ddim,
+            eta: 0.0,
+            timestep_spacing: TimestepSpacing::Leading,
+            clip_sample: true,
+            clip_sample_range: 1.0,
+            seed: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ExportConfig {
+    /// Write `<output_dir>/export/` at the end of training.
+    pub enabled: bool,
+}
+
+impl Default for ExportConfig {
+    fn default() -> Self {
+        Self { enabled: true }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LoggingConfig {
+    /// Plain log line (and, later, scalars) every N optimizer steps.
+    pub log_every: usize,
+}
+
+impl Default for LoggingConfig {
+    fn default() -> Self {
+        Self { log_every: 25 }
+    }
+}
+
+/// Where a run's tensors live, parsed from `run.device`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceSpec {
+    Cpu,
+    Cuda(usize),
+}
+
+impl DeviceSpec {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        match text {
+            "cpu" => Ok(Self::Cpu),
+            "cuda" => Ok(Self::Cuda(0)),
+            other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+                Some(Ok(i)) => Ok(Self::Cuda(i)),
+                _ => Err(format!(
+                    "run.device = {other:?} is not one of \"cpu\", \"cuda\", \"cuda:N\""
+                )),
+            },
+        }
+    }
+}
+
+fn parse_error(path: &Path, err: toml::de::Error) -> ConfigError {
+    ConfigError::Parse {
+        path: path.to_path_buf(),
+        message: err.to_string().trim_end().to_string(),
+    }
+}
+
+/// Parses the right-hand side of `--set` as a TOML value; bare words become strings.
+fn parse_override_value(text: &str) -> toml::Value {
+    toml::from_str::<toml::Table>(&format!("v = {text}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(text.to_string()))
+}
+
+fn apply_override(root: &mut toml::Table, assignment: &str) -> Result<(), ConfigError> {
+    let err = |message: String| ConfigError::Override {
+        assignment: assignment.into(),
+        message,
+    };
+    let (key, value) = assignment
+        .split_once('=')
+        .ok_or_else(|| err("expected section.key=value".into()))?;
+    let parts: Vec<&str> = key.trim().split('.').collect();
+    if parts.len() < 2 || parts.iter().any(|p| p.is_empty()) {
+        return Err(err(format!("{key:?} is not of the form section.key")));
+    }
+    let mut table = root;
+    for part in &parts[..parts.len() - 1] {
+        let entry = table
+            .entry(part.to_string())
+            .or_insert_with(|| toml::Value::Table(Default::default()));
+        table = entry
+            .as_table_mut()
+            .ok_or_else(|| err(format!("{part:?} is a value, not a section")))?;
+    }
+    table.insert(
+        parts[parts.len() - 1].to_string(),
+        parse_override_value(value.trim()),
+    );
+    Ok(())
+}
+
+impl Config {
+    /// Reads `path`, applies `overrides` (`section.key=value`, in order) and validates.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let config = Self::parse(path, &text, overrides)?;
+        let problems = config.problems();
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                problems,
+            })
+        }
+    }
+
+    /// Parses without the cross-field checks (used by `load` and by tests).
+    pub fn parse(path: &Path, text: &str, overrides: &[String]) -> Result<Self, ConfigError> {
+        // First pass on the text itself, so errors carry line and column.
+        let config: Config = toml::from_str(text).map_err(|e| parse_error(path, e))?;
+        if overrides.is_empty() {
+            return Ok(config);
+        }
+        let mut root: toml::Table = toml::from_str(text).map_err(|e| parse_error(path, e))?;
+        for assignment in overrides {
+            apply_override(&mut root, assignment)?;
+            // Re-validate after each one so the error names the assignment that broke it.
+            Config::deserialize(toml::Value::Table(root.clone())).map_err(|e| {
+                ConfigError::Override {
+                    assignment: assignment.clone(),
+                    message: e.to_string().trim_end().to_string(),
+                }
+            })?;
+        }
+        Config::deserialize(toml::Value::Table(root)).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })
+    }
+
+    pub fn output_dir(&self) -> PathBuf {
+        self.run
+            .output_dir
+            .clone()
+            .unwrap_or_else(|| Path::new("checkpoints").join(&self.run.name))
+    }
+
+    /// The channel count images have after loading.
+    pub fn image_channels(&self) -> usize {
+        match self.data.color {
+            ColorMode::Rgb => 3,
+            ColorMode::Grayscale => 1,
+        }
+    }
+
+    /// Rules spanning several fields; every violation, not just the first.
+    pub fn problems(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        if self.run.name.is_empty() {
+            p.push("run.name must not be empty".into());
+        }
+        if let Err(e) = DeviceSpec::parse(&self.run.device) {
+            p.push(e);
+        }
+        let (res, ch) = (self.data.resolution, self.image_channels());
+        if res == 0 {
+            p.push("data.resolution must be positive".into());
+        }
+        if self.data.num_workers == 0 {
+            p.push("data.num_workers must be at least 1".into());
+        }
+        match self.model.architecture {
+            Architecture::Unet2d => {
+                let u = &self.model.unet;
+                p.extend(u.problems());
+                if u.sample_size != res {
+                    p.push(format!(
+                        "model.unet.sample_size = {} but data.resolution = {res}; they must match",
+                        u.sample_size
+                    ));
+                }
+                if u.in_channels != ch || u.out_channels != ch {
+                    p.push(format!(
+                        "model.unet in_channels/out_channels = {}/{} but data.color = {:?} gives {ch} channels",
+                        u.in_channels, u.out_channels, self.data.color
+                    ));
+                }
+            }
+            Architecture::TutorialUnet => {
+                let t = &self.model.tutorial;
+                p.extend(t.problems());
+                if t.image_size != res {
+                    p.push(format!("model.tutorial.image_size = {} but data.resolution = {res}; they must match", t.image_size));
+                }
+                if t.in_channels != ch {
+                    p.push(format!(
+                        "model.tutorial.in_channels = {} but data.color = {:?} gives {ch} channels",
+                        t.in_channels, self.data.color
+                    ));
+                }
+            }
+        }
+        let d = &self.diffusion;
+        if d.num_train_timesteps < 2 {
+            p.push("diffusion.num_train_timesteps must be at least 2".into());
+        }
+        if d.beta_schedule != BetaSchedule::SquaredcosCapV2
+            && !(0.0 < d.beta_start && d.beta_start < d.beta_end && d.beta_end < 1.0)
+        {
+            p.push(format!(
+                "diffusion: need 0 < beta_start ({}) < beta_end ({}) < 1",
+                d.beta_start, d.beta_end
+            ));
+        }
+        if let Some(g) = d.snr_gamma
+            && g <= 0.0
+        {
+            p.push(format!(
+                "diffusion.snr_gamma = {g} must be positive (omit it to disable)"
+            ));
+        }
+        if d.noise_offset < 0.0 || d.input_perturbation < 0.0 {
+            p.push("diffusion.noise_offset and diffusion.input_perturbation must be >= 0".into());
+        }
+        let t = &self.train;
+        if t.max_steps == 0 {
+            p.push("train.max_steps must be at least 1".into());
+        }
+        if t.batch_size == 0 {
+            p.push("train.batch_size must be at least 1".into());
+        }
+        if t.gradient_accumulation_steps == 0 {
+            p.push("train.gradient_accumulation_steps must be at least 1".into());
+        }
+        if !(t.learning_rate > 0.0 && t.learning_rate.is_finite()) {
+            p.push(format!(
+                "train.learning_rate = {} must be positive",
+                t.learning_rate
+            ));
+        }
+        if t.lr_warmup_steps > t.max_steps {
+            p.push(format!(
+                "train.lr_warmup_steps = {} exceeds train.max_steps = {}",
+                t.lr_warmup_steps, t.max_steps
+            ));
+        }
+        if !(0.0..1.0).contains(&t.adam_beta1) || !(0.0..1.0).contains(&t.adam_beta2) {
+            p.push("train.adam_beta1 and train.adam_beta2 must be in [0, 1)".into());
+        }
+        if t.max_grad_norm < 0.0 {
+            p.push("train.max_grad_norm must be >= 0 (0 disables clipping)".into());
+        }
+        if t.mixed_precision != MixedPrecision::No {
+            p.push(format!(
+                "train.mixed_precision = {:?} is not built yet; use \"no\" (see README: status)",
+                t.mixed_precision
+            ));
+        }
+        let s = &self.sample;
+        if s.num_inference_steps == 0 || s.num_inference_steps > d.num_train_timesteps {
+            p.push(format!(
+                "sample.num_inference_steps = {} must be in 1..={}",
+                s.num_inference_steps, d.num_train_timesteps
+            ));
+        }
+        if s.eta < 0.0 {
+            p.push("sample.eta must be >= 0".into());
+        }
+        if self.logging.log_every == 0 {
+            p.push("logging.log_every must be at least 1".into());
+        }
+        p
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot serialise config: {e}\n"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str, overrides: &[&str]) -> Result<Config, ConfigError> {
+        let o: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
+        Config::parse(Path::new("test.toml"), text, &o)
+    }
+
+    #[test]
+    fn typo_names_line_column_and_accepted_keys() {
+        let err = parse("[train]\nmax_steps = 3\nlerning_rate = 1e-3\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("test.toml"), "{err}");
+        assert!(err.contains("line 3, column 1"), "{err}");
+        assert!(
+            err.contains("lerning_rate") && err.contains("learning_rate"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn wrong_variant_lists_accepted_ones() {
+        let err = parse("[diffusion]\nbeta_schedule = \"cosine\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("squaredcos_cap_v2") && err.contains("line 2"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn overrides_are_typed_and_validated() {
+        let c = parse(
+            "[train]\nmax_steps = 3\n",
+            &["train.max_steps=7", "run.device=cuda:1"],
+        )
+        .unwrap();
+        assert_eq!(c.train.max_steps, 7);
+        assert_eq!(DeviceSpec::parse(&c.run.device), Ok(DeviceSpec::Cuda(1)));
+        let err = parse("", &["train.max_step=7"]).unwrap_err().to_string();
+        assert!(
+            err.contains("--set train.max_step=7") && err.contains("max_steps"),
+            "{err}"
+        );
+        let err = parse("", &["train.max_steps=many"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--set train.max_steps=many"), "{err}");
+    }
+
+    #[test]
+    fn cross_field_problems_are_reported_together() {
+        let mut c = Config::default();
+        c.data.resolution = 30;
+        c.train.batch_size = 0;
+        c.run.device = "tpu".into();
+        let p = c.problems();
+        assert!(p.iter().any(|m| m.contains("sample_size")), "{p:?}");
+        assert!(p.iter().any(|m| m.contains("batch_size")), "{p:?}");
+        assert!(p.iter().any(|m| m.contains("run.device")), "{p:?}");
+    }
+
+    #[test]
+    fn resolved_config_round_trips() {
+        let c = Config::default();
+        let back: Config = toml::from_str(&c.to_toml()).unwrap();
+        assert_eq!(back, c);
+    }
+}

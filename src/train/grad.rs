@@ -1,0 +1,89 @@
+//! Whole-model gradient operations burn does not provide: the global L2 norm over every
+//! parameter and `torch.nn.utils.clip_grad_norm_` (burn's clipping works per tensor).
+
+use burn::module::{Module, ModuleVisitor, Param, ParamId};
+use burn::optim::GradientsParams;
+use burn::prelude::*;
+
+/// Ids and ranks of a module's float parameters, in visiting order.
+#[derive(Default)]
+struct ParamIds(Vec<(ParamId, usize)>);
+
+impl ModuleVisitor for ParamIds {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        self.0.push((param.id, D));
+    }
+}
+
+fn param_ids<M: Module>(module: &M) -> Vec<(ParamId, usize)> {
+    let mut ids = ParamIds::default();
+    module.visit(&mut ids);
+    ids.0
+}
+
+/// Applies `f` to every gradient tensor present, whatever its rank.
+fn for_each_grad(grads: &GradientsParams, ids: &[(ParamId, usize)], mut f: impl FnMut(Tensor<1>)) {
+    for &(id, rank) in ids {
+        let flat = match rank {
+            1 => grads.get::<1>(id),
+            2 => grads.get::<2>(id).map(|g| g.flatten(0, 1)),
+            3 => grads.get::<3>(id).map(|g| g.flatten(0, 2)),
+            4 => grads.get::<4>(id).map(|g| g.flatten(0, 3)),
+            _ => None,
+        };
+        if let Some(g) = flat {
+            f(g);
+        }
+    }
+}
+
+fn scale_grad(grads: &mut GradientsParams, id: ParamId, rank: usize, factor: f64) {
+    macro_rules! scale {
+        ($d:literal) => {
+            if let Some(g) = grads.remove::<$d>(id) {
+                grads.register::<$d>(id, g.mul_scalar(factor));
+            }
+        };
+    }
+    match rank {
+        1 => scale!(1),
+        2 => scale!(2),
+        3 => scale!(3),
+        4 => scale!(4),
+        _ => {}
+    }
+}
+
+/// The L2 norm of all gradients taken together, read back once.
+pub fn global_norm<M: Module>(module: &M, grads: &GradientsParams) -> f64 {
+    let ids = param_ids(module);
+    let mut total: Option<Tensor<1>> = None;
+    for_each_grad(grads, &ids, |g| {
+        let sq = g.square().sum();
+        total = Some(match total.take() {
+            Some(t) => t + sq,
+            None => sq,
+        });
+    });
+    total.map_or(0.0, |t| (t.into_scalar::<f32>() as f64).sqrt())
+}
+
+/// Multiplies every gradient by `factor`.
+pub fn scale_all<M: Module>(module: &M, grads: &mut GradientsParams, factor: f64) {
+    for (id, rank) in param_ids(module) {
+        scale_grad(grads, id, rank, factor);
+    }
+}
+
+/// `clip_grad_norm_(max_norm)`: returns the pre-clip norm. Like PyTorch the coefficient is
+/// `max_norm / (norm + 1e-6)` clamped to 1, and gradients are only touched when it is below 1.
+pub fn clip_global_norm<M: Module>(module: &M, grads: &mut GradientsParams, max_norm: f64) -> f64 {
+    let norm = global_norm(module, grads);
+    if max_norm > 0.0 && norm.is_finite() {
+        let coef = max_norm / (norm + 1e-6);
+        if coef < 1.0 {
+            scale_all(module, grads, coef);
+        }
+    }
+    norm
+}

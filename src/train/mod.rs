@@ -1,0 +1,507 @@
+//! The training loop: data -> loss -> accumulated gradients -> clip -> AdamW step.
+//!
+//! Read it top to bottom in [`train`]. One "step" is one optimizer step everywhere (progress,
+//! LR schedule, logging, `max_steps`); it consumes `gradient_accumulation_steps` micro-batches
+//! whose gradients are summed locally (each loss scaled by 1/N) before the single update.
+//! All randomness of a step (timesteps, noise) is drawn on the host from a seeded ChaCha
+//! stream, sample by sample, so a batch of 32 and four micro-batches of 8 draw the same numbers.
+
+pub mod grad;
+pub mod lr;
+pub mod progress;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use burn::module::Module;
+use burn::optim::{AdamWConfig, GradientsAccumulator, GradientsParams};
+use burn::prelude::*;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rand_distr::StandardNormal;
+
+use crate::config::{Config, DeviceSpec, OnNonFinite};
+use crate::data::{Batch, Dataset, Loader, LoaderPosition, Transform};
+use crate::diffusion::sampling::{self, SamplerKind, SamplerOptions, TimestepSpacing};
+use crate::diffusion::schedule::NoiseSchedule;
+use crate::io;
+use crate::models::{Architecture, DenoiserModel, compute_dtype};
+use lr::LrScheduler;
+use progress::{Progress, StepReport};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error("run.device = {0:?} needs the `cuda` cargo feature: rebuild with `--features cuda`")]
+    NoCuda(String),
+    #[error("invalid run.device: {0}")]
+    Device(String),
+    #[error(transparent)]
+    Data(#[from] crate::data::DataError),
+    #[error(transparent)]
+    Io(#[from] io::IoError),
+    #[error(
+        "non-finite {what} ({value}) at step {step}; the weights were not updated. \
+         Lower train.learning_rate or set train.on_nonfinite = \"skip\" to skip such steps"
+    )]
+    NonFinite {
+        what: &'static str,
+        value: f64,
+        step: usize,
+    },
+    #[error("cannot write {path}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The (non-autodiff) device a run computes on.
+pub fn make_device(spec: &str) -> Result<Device, TrainError> {
+    match DeviceSpec::parse(spec).map_err(TrainError::Device)? {
+        DeviceSpec::Cpu => Ok(Device::flex()),
+        #[cfg(feature = "cuda")]
+        DeviceSpec::Cuda(i) => Ok(Device::cuda(i)),
+        #[cfg(not(feature = "cuda"))]
+        DeviceSpec::Cuda(_) => Err(TrainError::NoCuda(spec.to_string())),
+    }
+}
+
+pub fn build_model(cfg: &Config, device: &Device) -> DenoiserModel {
+    DenoiserModel::new(
+        cfg.model.architecture,
+        &cfg.model.unet,
+        &cfg.model.tutorial,
+        device,
+    )
+}
+
+pub fn noise_schedule(cfg: &Config) -> NoiseSchedule {
+    let d = &cfg.diffusion;
+    NoiseSchedule::new(
+        d.beta_schedule,
+        d.num_train_timesteps,
+        d.beta_start,
+        d.beta_end,
+    )
+}
+
+/// Host-side randomness and coefficients for one micro-batch of the diffusion loss.
+struct NoiseDraw {
+    noise: Vec<f32>,
+    /// The noise added to the input (differs from `noise` only with input perturbation).
+    input_noise: Vec<f32>,
+    timesteps: Vec<f32>,
+    /// Per sample: sqrt(abar), sqrt(1 - abar), target coefficients (x0, eps), loss weight.
+    coef: [Vec<f32>; 5],
+}
+
+fn draw_noise(
+    cfg: &Config,
+    schedule: &NoiseSchedule,
+    shape: [usize; 4],
+    rng: &mut ChaCha8Rng,
+) -> NoiseDraw {
+    let [b, c, h, w] = shape;
+    let per = c * h * w;
+    let d = &cfg.diffusion;
+    let mut noise = Vec::with_capacity(b * per);
+    let mut input_noise = Vec::with_capacity(b * per);
+    let mut timesteps = Vec::with_capacity(b);
+    let mut coef: [Vec<f32>; 5] = Default::default();
+    let normal = |rng: &mut ChaCha8Rng| rng.sample::<f32, _>(StandardNormal);
+    for _ in 0..b {
+        let t = rng.random_range(0..schedule.num_train_timesteps());
+        let mut eps: Vec<f32> = (0..per).map(|_| normal(rng)).collect();
+        if d.noise_offset > 0.0 {
+            // noise += offset * randn(B, C, 1, 1): one shift per channel.
+            for ch in 0..c {
+                let shift = d.noise_offset as f32 * normal(rng);
+                eps[ch * h * w..(ch + 1) * h * w]
+                    .iter_mut()
+                    .for_each(|v| *v += shift);
+            }
+        }
+        let perturbed: Vec<f32> = if d.input_perturbation > 0.0 {
+            eps.iter()
+                .map(|&e| e + d.input_perturbation as f32 * normal(rng))
+                .collect()
+        } else {
+            eps.clone()
+        };
+        let (sa, s1a) = schedule.add_noise_coefficients(t);
+        let (tx0, teps) = schedule.target_coefficients(d.prediction_type, t);
+        let wgt = schedule.loss_weight(d.prediction_type, d.snr_gamma, t);
+        for (v, x) in coef.iter_mut().zip([sa, s1a, tx0, teps, wgt]) {
+            v.push(x as f32);
+        }
+        timesteps.push(t as f32);
+        noise.extend(eps);
+        input_noise.extend(perturbed);
+    }
+    NoiseDraw {
+        noise,
+        input_noise,
+        timesteps,
+        coef,
+    }
+}
+
+/// The diffusion loss of one micro-batch: mean over batch of `w_b * mean_chw (pred - target)^2`.
+pub fn diffusion_loss(
+    model: &DenoiserModel,
+    cfg: &Config,
+    schedule: &NoiseSchedule,
+    batch: &Batch,
+    rng: &mut ChaCha8Rng,
+    device: &Device,
+) -> Tensor<1> {
+    let shape = batch.shape;
+    let b = shape[0];
+    let draw = draw_noise(cfg, schedule, shape, rng);
+    let dtype = compute_dtype(cfg.train.mixed_precision);
+    let image = |v: Vec<f32>| Tensor::<4>::from_data(TensorData::new(v, shape), device).cast(dtype);
+    let per_sample =
+        |v: &Vec<f32>| Tensor::<4>::from_data(TensorData::new(v.clone(), [b, 1, 1, 1]), device);
+    let x0 = image(batch.images.clone());
+    let noise = image(draw.noise);
+    let input_noise = image(draw.input_noise);
+    let [sa, s1a, tx0, teps, w] = &draw.coef;
+    let noisy = x0.clone() * per_sample(sa) + input_noise * per_sample(s1a);
+    let target = x0 * per_sample(tx0) + noise * per_sample(teps);
+    let timesteps = Tensor::<1>::from_data(TensorData::new(draw.timesteps, [b]), device);
+    let pred = model.forward(noisy, timesteps);
+    let per_item: Tensor<1> = (pred - target).square().mean_dims(&[1, 2, 3]).reshape([b]);
+    let weights = Tensor::<1>::from_data(TensorData::new(w.clone(), [b]), device);
+    (per_item * weights).mean()
+}
+
+pub struct TrainOptions {
+    /// Write samples and the export at the end (tests that only compare weights turn it off).
+    pub write_outputs: bool,
+    pub quiet: bool,
+}
+
+impl Default for TrainOptions {
+    fn default() -> Self {
+        Self {
+            write_outputs: true,
+            quiet: false,
+        }
+    }
+}
+
+pub struct TrainOutcome {
+    /// The trained weights, off the autodiff graph.
+    pub model: DenoiserModel,
+    pub steps: usize,
+    pub last_loss: f64,
+    pub skipped_steps: usize,
+    pub bad_images: usize,
+    pub sample_grid: Option<PathBuf>,
+    pub export_dir: Option<PathBuf>,
+    pub seconds: f64,
+}
+
+/// What to do with a step whose loss or gradient norm is not finite.
+pub fn check_finite(
+    step: usize,
+    loss: f64,
+    grad_norm: f64,
+    policy: OnNonFinite,
+) -> Result<bool, TrainError> {
+    let bad = [("loss", loss), ("gradient norm", grad_norm)]
+        .into_iter()
+        .find(|(_, v)| !v.is_finite());
+    match (bad, policy) {
+        (None, _) => Ok(true),
+        (Some(_), OnNonFinite::Skip) => Ok(false),
+        (Some((what, value)), OnNonFinite::Error) => {
+            Err(TrainError::NonFinite { what, value, step })
+        }
+    }
+}
+
+pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainOutcome, TrainError> {
+    let started = Instant::now();
+    let device = make_device(&cfg.run.device)?;
+    let train_device = device.clone().autodiff();
+    device.seed(cfg.run.seed);
+
+    let dataset = Arc::new(Dataset::open(
+        cfg.data.source,
+        &cfg.data.path,
+        cfg.data.on_bad_image,
+    )?);
+    let transform = Transform {
+        resolution: cfg.data.resolution,
+        color: cfg.data.color,
+        crop: cfg.data.crop,
+        random_flip: cfg.data.random_flip,
+    };
+    let t = &cfg.train;
+    let mut loader = Loader::spawn(
+        dataset.clone(),
+        transform,
+        t.batch_size,
+        cfg.run.seed,
+        LoaderPosition::default(),
+        cfg.data.num_workers,
+        cfg.data.prefetch_batches,
+        cfg.data.on_bad_image,
+    )?;
+    if !opts.quiet {
+        eprintln!(
+            "data: {} images from {} ({} batches of {} per epoch)",
+            dataset.len(),
+            dataset.path().display(),
+            loader.batches_per_epoch,
+            t.batch_size
+        );
+    }
+
+    let mut model = build_model(cfg, &train_device);
+    if !opts.quiet {
+        eprintln!(
+            "model: {:?}, {} parameters",
+            cfg.model.architecture,
+            model.num_params()
+        );
+    }
+    let mut optim = AdamWConfig::new()
+        .with_beta_1(t.adam_beta1 as f32)
+        .with_beta_2(t.adam_beta2 as f32)
+        .with_epsilon(t.adam_epsilon as f32)
+        .with_weight_decay(t.adam_weight_decay as f32)
+        .init();
+    let lr_sched = LrScheduler {
+        schedule: t.lr_scheduler,
+        base_lr: t.learning_rate,
+        warmup_steps: t.lr_warmup_steps,
+        total_steps: t.max_steps,
+    };
+    let schedule = noise_schedule(cfg);
+    let mut rng = ChaCha8Rng::seed_from_u64(cfg.run.seed);
+    let progress = Progress::new(t.max_steps, 0, cfg.logging.log_every, opts.quiet);
+    let accum_steps = t.gradient_accumulation_steps;
+    let images_per_step = (t.batch_size * accum_steps) as f64;
+    let (mut last_loss, mut skipped) = (f64::NAN, 0);
+
+    for step in 0..t.max_steps {
+        let step_start = Instant::now();
+        let lr = lr_sched.lr_at(step);
+        let mut accumulator = GradientsAccumulator::new();
+        let mut loss_sum = 0.0;
+        for _ in 0..accum_steps {
+            let batch = loader.next_batch()?;
+            let loss = diffusion_loss(&model, cfg, &schedule, &batch, &mut rng, &train_device)
+                .div_scalar(accum_steps as f64);
+            loss_sum += loss.clone().into_scalar::<f32>() as f64;
+            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            accumulator.accumulate(&model, grads);
+        }
+        let mut grads = accumulator.grads();
+        let grad_norm = grad::clip_global_norm(&model, &mut grads, t.max_grad_norm);
+        let apply = check_finite(step + 1, loss_sum, grad_norm, t.on_nonfinite)?;
+        if apply {
+            model = optim.step(lr, model, grads);
+        } else {
+            skipped += 1;
+        }
+        last_loss = loss_sum;
+        progress.update(&StepReport {
+            step: step + 1,
+            loss: loss_sum,
+            lr,
+            grad_norm,
+            images_per_sec: images_per_step / step_start.elapsed().as_secs_f64().max(1e-9),
+            skipped: !apply,
+        });
+    }
+    progress.finish();
+    let bad_images = loader.bad_images.load(std::sync::atomic::Ordering::Relaxed);
+    if bad_images > 0 {
+        eprintln!("warning: {bad_images} image decode(s) failed during training and were replaced");
+    }
+
+    let model = model.valid();
+    let (mut sample_grid, mut export_dir) = (None, None);
+    if opts.write_outputs {
+        let out = cfg.output_dir();
+        let (images, shape) = generate(
+            &model,
+            cfg,
+            &device,
+            cfg.sample.num_images,
+            None,
+            None,
+            cfg.sample.seed,
+        );
+        let path = out
+            .join("samples")
+            .join(format!("step-{}.png", t.max_steps));
+        io::save_grid(&images, shape, grid_columns(shape[0]), &path)?;
+        sample_grid = Some(path);
+        if cfg.export.enabled {
+            export_dir = Some(export(&model, cfg, &out.join("export"))?);
+        }
+    }
+    Ok(TrainOutcome {
+        model,
+        steps: t.max_steps,
+        last_loss,
+        skipped_steps: skipped,
+        bad_images,
+        sample_grid,
+        export_dir,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+pub fn grid_columns(n: usize) -> usize {
+    (n as f64).sqrt().ceil() as usize
+}
+
+/// Samples `num` images with the config's sampler (or the overrides); returns host pixels in
+/// [-1, 1] and their shape.
+pub fn generate(
+    model: &DenoiserModel,
+    cfg: &Config,
+    device: &Device,
+    num: usize,
+    steps: Option<usize>,
+    sampler: Option<SamplerKind>,
+    seed: u64,
+) -> (Vec<f32>, [usize; 4]) {
+    let s = &cfg.sample;
+    let res = cfg.data.resolution;
+    let shape = [num, cfg.image_channels(), res, res];
+    let schedule = noise_schedule(cfg);
+    let opts = SamplerOptions {
+        kind: sampler.unwrap_or(s.sampler),
+        num_inference_steps: steps.unwrap_or(s.num_inference_steps),
+        prediction: cfg.diffusion.prediction_type,
+        spacing: s.timestep_spacing,
+        eta: s.eta,
+        clip_sample: s.clip_sample.then_some(s.clip_sample_range),
+        set_alpha_to_one: true,
+    };
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut randn = move || {
+        let v: Vec<f32> = (0..shape.iter().product::<usize>())
+            .map(|_| rng.sample(StandardNormal))
+            .collect();
+        Tensor::<4>::from_data(TensorData::new(v, shape), device)
+    };
+    let initial = randn();
+    let out = sampling::sample(model, &schedule, &opts, initial, &mut randn);
+    let pixels = out
+        .clamp(-1.0, 1.0)
+        .into_data()
+        .convert::<f32>()
+        .try_to_vec::<f32>()
+        .expect("f32 after convert");
+    (pixels, shape)
+}
+
+/// diffusers `DDPMScheduler` config matching the run's schedule.
+fn scheduler_json(cfg: &Config) -> serde_json::Value {
+    let d = &cfg.diffusion;
+    serde_json::json!({
+        "_class_name": "DDPMScheduler",
+        "_diffusers_version": "0.32.0",
+        "num_train_timesteps": d.num_train_timesteps,
+        "beta_start": d.beta_start,
+        "beta_end": d.beta_end,
+        "beta_schedule": d.beta_schedule,
+        "prediction_type": d.prediction_type,
+        "variance_type": "fixed_small",
+        "clip_sample": cfg.sample.clip_sample,
+        "clip_sample_range": cfg.sample.clip_sample_range,
+        "timestep_spacing": match cfg.sample.timestep_spacing {
+            TimestepSpacing::Leading => "leading",
+            TimestepSpacing::Trailing => "trailing",
+            TimestepSpacing::Linspace => "linspace",
+        },
+    })
+}
+
+fn write_json(path: &Path, value: &serde_json::Value) -> Result<(), TrainError> {
+    let text = serde_json::to_string_pretty(value).expect("JSON values serialise");
+    io::write_atomic(path, text.as_bytes()).map_err(TrainError::Io)
+}
+
+/// The file the run config is stored in, beside exported weights.
+pub const EXPORT_CONFIG: &str = "difftrain.toml";
+
+/// Writes the weights in the layout inference tools expect. For `unet_2d` that is a diffusers
+/// `DDPMPipeline` folder (`model_index.json`, `unet/`, `scheduler/`).
+pub fn export(model: &DenoiserModel, cfg: &Config, dir: &Path) -> Result<PathBuf, TrainError> {
+    let tensors = io::named_tensors(model);
+    let mut meta = HashMap::new();
+    meta.insert("format".to_string(), "pt".to_string());
+    meta.insert(
+        "difftrain_version".to_string(),
+        env!("CARGO_PKG_VERSION").to_string(),
+    );
+    match cfg.model.architecture {
+        Architecture::Unet2d => {
+            io::save_safetensors(
+                &dir.join("unet/diffusion_pytorch_model.safetensors"),
+                &tensors,
+                &meta,
+            )?;
+            write_json(
+                &dir.join("unet/config.json"),
+                &cfg.model.unet.to_diffusers_json(),
+            )?;
+            write_json(
+                &dir.join("scheduler/scheduler_config.json"),
+                &scheduler_json(cfg),
+            )?;
+            write_json(
+                &dir.join("model_index.json"),
+                &serde_json::json!({
+                    "_class_name": "DDPMPipeline",
+                    "_diffusers_version": "0.32.0",
+                    "scheduler": ["diffusers", "DDPMScheduler"],
+                    "unet": ["diffusers", "UNet2DModel"],
+                }),
+            )?;
+        }
+        Architecture::TutorialUnet => {
+            io::save_safetensors(
+                &dir.join("tutorial_unet/model.safetensors"),
+                &tensors,
+                &meta,
+            )?;
+        }
+    }
+    io::write_atomic(&dir.join(EXPORT_CONFIG), cfg.to_toml().as_bytes())?;
+    Ok(dir.to_path_buf())
+}
+
+/// Where the weights of an export folder live.
+pub fn export_weights_path(cfg: &Config, dir: &Path) -> PathBuf {
+    match cfg.model.architecture {
+        Architecture::Unet2d => dir.join("unet/diffusion_pytorch_model.safetensors"),
+        Architecture::TutorialUnet => dir.join("tutorial_unet/model.safetensors"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn non_finite_policy() {
+        assert!(check_finite(3, 0.5, 1.0, OnNonFinite::Error).unwrap());
+        assert!(!check_finite(3, f64::NAN, 1.0, OnNonFinite::Skip).unwrap());
+        let e = check_finite(7, 0.5, f64::INFINITY, OnNonFinite::Error)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("step 7") && e.contains("gradient norm"), "{e}");
+    }
+}
