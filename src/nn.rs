@@ -4,19 +4,39 @@
 //! parameters `gamma`/`beta`. Models here are checkpoint-compatible with diffusers, so their
 //! layers store `weight: [out, in]`, `weight`/`bias` for norms, exactly as `torch.nn` does: a
 //! module's parameter path *is* the safetensors key and the io module never renames anything.
-//! Initialisation follows `torch.nn` defaults (Kaiming-uniform with a = sqrt(5)).
+//! Initialisation follows `torch.nn` defaults (Kaiming-uniform with a = sqrt(5)) and draws from
+//! a thread-local host RNG seeded by [`seed_init`], so the same seed gives the same weights on
+//! every backend and concurrent runs (tests) cannot disturb each other's draws.
+
+use std::cell::RefCell;
 
 use burn::module::{Module, Param};
 use burn::prelude::*;
-use burn::tensor::Distribution;
 use burn::tensor::module::conv2d;
 use burn::tensor::ops::ConvOptions;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+thread_local! {
+    static INIT_RNG: RefCell<ChaCha8Rng> = RefCell::new(ChaCha8Rng::seed_from_u64(0));
+}
+
+/// Seeds the weight initialisation of layers built afterwards on this thread.
+pub fn seed_init(seed: u64) {
+    INIT_RNG.with(|r| *r.borrow_mut() = ChaCha8Rng::seed_from_u64(seed));
+}
 
 /// `U(-k, k)` with `k = 1 / sqrt(fan_in)`: what `torch.nn.Linear`/`Conv2d` use for both the
 /// weight (Kaiming-uniform, a = sqrt(5)) and the bias.
 fn torch_uniform<const D: usize>(shape: [usize; D], fan_in: usize, device: &Device) -> Tensor<D> {
     let k = 1.0 / (fan_in.max(1) as f64).sqrt();
-    Tensor::random(shape, Distribution::Uniform(-k, k), device)
+    let n = shape.iter().product::<usize>();
+    let values: Vec<f32> = INIT_RNG.with(|r| {
+        (0..n)
+            .map(|_| r.borrow_mut().random_range(-k..k) as f32)
+            .collect()
+    });
+    Tensor::from_data(TensorData::new(values, shape), device)
 }
 
 /// `torch.nn.Linear`: `y = x W^T + b`, weight `[out_features, in_features]`.
@@ -231,6 +251,7 @@ impl<const N: usize> LayerNorm<N> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use burn::tensor::Distribution;
 
     #[test]
     fn group_norm_normalises_each_group() {
@@ -238,8 +259,13 @@ mod tests {
         let norm = GroupNorm::new(2, 4, 1e-5, &device);
         let x = Tensor::<4>::random([3, 4, 5, 5], Distribution::Normal(3.0, 2.0), &device);
         let y = norm.forward(x).reshape([3, 2, 50]);
-        let mean: Vec<f32> = y.clone().mean_dim(2).into_data().to_vec().unwrap();
-        let var: Vec<f32> = y.var_bias(2).into_data().to_vec().unwrap();
+        let mean: Vec<f32> = y
+            .clone()
+            .mean_dim(2)
+            .into_data()
+            .try_to_vec::<f32>()
+            .unwrap();
+        let var: Vec<f32> = y.var_bias(2).into_data().try_to_vec::<f32>().unwrap();
         assert!(mean.iter().all(|m| m.abs() < 1e-4), "{mean:?}");
         assert!(var.iter().all(|v| (v - 1.0).abs() < 1e-3), "{var:?}");
     }
@@ -253,7 +279,7 @@ mod tests {
         let y: Vec<f32> = lin
             .forward(Tensor::<2>::from_floats([[1.0, 2.0, 3.0]], &device))
             .into_data()
-            .to_vec()
+            .try_to_vec::<f32>()
             .unwrap();
         assert_eq!(y, vec![1.5, 6.0]);
     }

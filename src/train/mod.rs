@@ -69,7 +69,9 @@ pub fn make_device(spec: &str) -> Result<Device, TrainError> {
     }
 }
 
+/// The model with weights drawn from `run.seed`.
 pub fn build_model(cfg: &Config, device: &Device) -> DenoiserModel {
+    crate::nn::seed_init(cfg.run.seed);
     DenoiserModel::new(
         cfg.model.architecture,
         &cfg.model.unet,
@@ -228,7 +230,6 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainOutcome, TrainErr
     let started = Instant::now();
     let device = make_device(&cfg.run.device)?;
     let train_device = device.clone().autodiff();
-    device.seed(cfg.run.seed);
 
     let dataset = Arc::new(Dataset::open(
         cfg.data.source,

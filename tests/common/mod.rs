@@ -1,0 +1,43 @@
+//! Helpers shared by the integration tests: tiny datasets and tiny configs.
+
+use std::path::Path;
+
+use difftrain::config::Config;
+use difftrain::data::ColorMode;
+use difftrain::models::unet_2d::{DownBlockType, UNet2DConfig, UpBlockType};
+
+/// Writes `n` grayscale `size`x`size` PNGs; image `i` is a flat field at `value(i)`.
+pub fn write_flat_images(dir: &Path, n: usize, size: u32, value: impl Fn(usize) -> u8) {
+    std::fs::create_dir_all(dir).unwrap();
+    for i in 0..n {
+        let img = image::GrayImage::from_pixel(size, size, image::Luma([value(i)]));
+        img.save(dir.join(format!("{i:04}.png"))).unwrap();
+    }
+}
+
+/// A two-level UNet2DModel small enough to train in seconds at 8x8.
+#[allow(dead_code)] // shared by several test crates; not every one uses it
+pub fn tiny_config(data: &Path, out: &Path) -> Config {
+    let mut c = Config::default();
+    c.run.name = "test".into();
+    c.run.output_dir = Some(out.to_path_buf());
+    c.data.path = data.to_path_buf();
+    c.data.resolution = 8;
+    c.data.color = ColorMode::Grayscale;
+    c.data.num_workers = 2;
+    c.model.unet = UNet2DConfig {
+        sample_size: 8,
+        in_channels: 1,
+        out_channels: 1,
+        block_out_channels: vec![16, 32],
+        down_block_types: vec![DownBlockType::DownBlock2D, DownBlockType::AttnDownBlock2D],
+        up_block_types: vec![UpBlockType::AttnUpBlock2D, UpBlockType::UpBlock2D],
+        layers_per_block: 1,
+        norm_num_groups: 8,
+        ..UNet2DConfig::default()
+    };
+    c.train.learning_rate = 1e-3;
+    c.sample.num_images = 4;
+    c.sample.num_inference_steps = 5;
+    c
+}
