@@ -149,3 +149,34 @@ fn default_config_is_valid_and_every_shipped_config_parses() {
     }
     assert!(n >= 2, "expected the shipped configs in {}", dir.display());
 }
+
+#[test]
+fn tutorial_unet_preset_trains_at_28_and_odd_sizes() {
+    use difftrain::models::Architecture;
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    common::write_flat_images(&data, 8, 28, |i| (i * 20) as u8);
+    // 28 -> 14 -> 7 -> 3 exercises both the even (4x4) and odd (3x3) resampling paths.
+    for res in [28usize, 16] {
+        let mut c = common::tiny_config(&data, &tmp.path().join("out"));
+        c.model.architecture = Architecture::TutorialUnet;
+        c.model.tutorial.image_size = res;
+        c.data.resolution = res;
+        c.train.max_steps = 2;
+        c.train.batch_size = 4;
+        assert!(c.problems().is_empty(), "{:?}", c.problems());
+        let out = train(&c, &QUIET).unwrap();
+        assert!(out.last_loss.is_finite());
+        let (pixels, shape) = generate(
+            &out.model,
+            &c,
+            &burn::prelude::Device::flex(),
+            2,
+            Some(2),
+            None,
+            0,
+        );
+        assert_eq!(shape, [2, 1, res, res]);
+        assert_eq!(pixels.len(), 2 * res * res);
+    }
+}

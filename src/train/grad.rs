@@ -87,3 +87,51 @@ pub fn clip_global_norm<M: Module>(module: &M, grads: &mut GradientsParams, max_
     }
     norm
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::Linear;
+    use burn::module::Param;
+
+    /// `loss = sum(W x + b)` with x = [3, 4]: dW = [[3, 4], [3, 4]], db = [1, 1], so the
+    /// global norm is sqrt(9 + 16 + 9 + 16 + 1 + 1) = sqrt(52).
+    fn grads_of_linear() -> (Linear, GradientsParams) {
+        let device = Device::flex().autodiff();
+        let mut lin = Linear::new(2, 2, true, &device);
+        lin.weight = Param::from_data([[0.1, 0.2], [0.3, 0.4]], &device);
+        lin.bias = Some(Param::from_data([0.0, 0.0], &device));
+        let loss = lin
+            .forward(Tensor::<2>::from_floats([[3.0, 4.0]], &device))
+            .sum();
+        let grads = GradientsParams::from_grads(loss.backward(), &lin);
+        (lin, grads)
+    }
+
+    #[test]
+    fn global_norm_spans_all_parameters() {
+        let (lin, grads) = grads_of_linear();
+        assert!((global_norm(&lin, &grads) - 52f64.sqrt()).abs() < 1e-5);
+    }
+
+    #[test]
+    fn clipping_scales_every_gradient_like_torch() {
+        let (lin, mut grads) = grads_of_linear();
+        let pre = clip_global_norm(&lin, &mut grads, 1.0);
+        assert!((pre - 52f64.sqrt()).abs() < 1e-5);
+        assert!((global_norm(&lin, &grads) - 1.0).abs() < 1e-5);
+        let coef = 1.0 / (52f64.sqrt() + 1e-6);
+        let db: Vec<f32> = grads
+            .get::<1>(lin.bias.as_ref().unwrap().id)
+            .unwrap()
+            .into_data()
+            .try_to_vec()
+            .unwrap();
+        assert!(db.iter().all(|v| (*v as f64 - coef).abs() < 1e-6), "{db:?}");
+        // Below the threshold nothing changes.
+        let (lin, mut grads) = grads_of_linear();
+        assert!(
+            (clip_global_norm(&lin, &mut grads, 100.0) - global_norm(&lin, &grads)).abs() < 1e-9
+        );
+    }
+}
