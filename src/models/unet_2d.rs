@@ -188,17 +188,13 @@ impl UNet2DConfig {
         expect("class_embed_type", serde_json::Value::Null)?;
         expect("mid_block_type", "UNetMidBlock2D".into())?;
         expect("time_embedding_dim", serde_json::Value::Null)?;
-        let d = Self::default();
-        let get = |key: &str| obj.get(key).filter(|v| !v.is_null()).cloned();
-        let field = |key: &str| -> Result<Option<serde_json::Value>, String> { Ok(get(key)) };
-        let parse = |key: &str, v: serde_json::Value| -> Result<Self, String> {
-            serde_json::from_value(serde_json::json!({ key: v })).map_err(|e| format!("{key}: {e}"))
-        };
-        let mut c = d;
+        let mut c = Self::default();
+        // Each present, non-null key is parsed through serde so errors name the key.
         macro_rules! take {
             ($key:literal, $field:ident) => {
-                if let Some(v) = field($key)? {
-                    c.$field = parse($key, v)?.$field;
+                if let Some(v) = obj.get($key).filter(|v| !v.is_null()) {
+                    c.$field =
+                        serde_json::from_value(v.clone()).map_err(|e| format!("{}: {e}", $key))?;
                 }
             };
         }
