@@ -5,8 +5,16 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-fn train_bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_train"))
+/// Runs `train --config <config> <extra>...`; returns (success, stdout, stderr).
+fn run_train(config: &Path, extra: &[&str]) -> (bool, String, String) {
+    let r = Command::new(env!("CARGO_BIN_EXE_train"))
+        .arg("--config")
+        .arg(config)
+        .args(extra)
+        .output()
+        .unwrap();
+    let text = |b: &[u8]| String::from_utf8_lossy(b).to_string();
+    (r.status.success(), text(&r.stdout), text(&r.stderr))
 }
 
 fn write_config(path: &Path, data: &Path, out: &Path, extra: &str) {
@@ -54,12 +62,8 @@ fn train_then_sample_from_the_export() {
     );
     common::write_flat_images(&data, 8, 8, |i| (i * 30) as u8);
     write_config(&cfg, &data, &out, "");
-    let r = train_bin()
-        .args(["--config", cfg.to_str().unwrap()])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&r.stderr);
-    assert!(r.status.success(), "{stderr}");
+    let (ok, _, stderr) = run_train(&cfg, &[]);
+    assert!(ok, "{stderr}");
     assert!(
         stderr.contains("step 3/3"),
         "plain progress lines when not a terminal: {stderr}"
@@ -100,18 +104,8 @@ fn check_prints_resolved_config_and_overrides_apply() {
     let tmp = tempfile::tempdir().unwrap();
     let cfg = tmp.path().join("c.toml");
     write_config(&cfg, Path::new("unused"), &tmp.path().join("run"), "");
-    let r = train_bin()
-        .args([
-            "--config",
-            cfg.to_str().unwrap(),
-            "--check",
-            "--set",
-            "train.max_steps=42",
-        ])
-        .output()
-        .unwrap();
-    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
-    let stdout = String::from_utf8_lossy(&r.stdout);
+    let (ok, stdout, stderr) = run_train(&cfg, &["--check", "--set", "train.max_steps=42"]);
+    assert!(ok, "{stderr}");
     assert!(
         stdout.contains("max_steps = 42") && stdout.contains("adam_epsilon = 0.00000001"),
         "{stdout}"
@@ -128,31 +122,27 @@ fn bad_configs_fail_with_file_line_and_all_problems() {
         &tmp.path().join("run"),
         "bogus = 1\n",
     );
-    let r = train_bin()
-        .args(["--config", cfg.to_str().unwrap()])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&r.stderr);
-    assert!(!r.status.success());
+    let (ok, _, stderr) = run_train(&cfg, &[]);
+    assert!(!ok);
     assert!(
         stderr.contains("c.toml") && stderr.contains("line 27") && stderr.contains("bogus"),
         "{stderr}"
     );
 
     write_config(&cfg, Path::new("unused"), &tmp.path().join("run"), "");
-    let r = train_bin()
-        .args([
-            "--config",
-            cfg.to_str().unwrap(),
+    let (ok, _, stderr) = run_train(
+        &cfg,
+        &[
             "--check",
             "--set",
             "data.resolution=12",
-        ])
-        .args(["--set", "train.batch_size=0", "--set", "run.device=tpu"])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&r.stderr);
-    assert!(!r.status.success());
+            "--set",
+            "train.batch_size=0",
+            "--set",
+            "run.device=tpu",
+        ],
+    );
+    assert!(!ok);
     for needle in [
         "sample_size = 8 but data.resolution = 12",
         "train.batch_size",
@@ -169,15 +159,8 @@ fn data_errors_name_the_problem() {
     std::fs::create_dir_all(&data).unwrap();
     write_config(&cfg, &data, &tmp.path().join("run"), "");
     let run = |extra: &[&str]| {
-        let r = train_bin()
-            .args(["--config", cfg.to_str().unwrap()])
-            .args(extra)
-            .output()
-            .unwrap();
-        (
-            r.status.success(),
-            String::from_utf8_lossy(&r.stderr).to_string(),
-        )
+        let (ok, _, stderr) = run_train(&cfg, extra);
+        (ok, stderr)
     };
     let (ok, err) = run(&[]);
     assert!(!ok && err.contains("is empty"), "{err}");
