@@ -496,6 +496,40 @@ pub fn export_weights_path(cfg: &Config, dir: &Path) -> PathBuf {
 mod tests {
     use super::*;
 
+    fn std(v: &[f64]) -> f64 {
+        let m = v.iter().sum::<f64>() / v.len() as f64;
+        (v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / v.len() as f64).sqrt()
+    }
+
+    #[test]
+    fn noise_offset_and_input_perturbation_statistics() {
+        // noise = randn + 0.2 * randn(B, C, 1, 1): a channel's spatial mean has variance
+        // 1/(h*w) + 0.2^2 (std 0.2095 at 16x16, vs 0.0625 without the offset).
+        // input noise = noise + 0.1 * randn: the difference has std 0.1; the target stays `noise`.
+        let mut cfg = Config::default();
+        cfg.diffusion.noise_offset = 0.2;
+        cfg.diffusion.input_perturbation = 0.1;
+        let schedule = noise_schedule(&cfg);
+        let mut rng = ChaCha8Rng::seed_from_u64(0);
+        let d = draw_noise(&cfg, &schedule, [128, 3, 16, 16], &mut rng);
+        let channel_means: Vec<f64> = d
+            .noise
+            .chunks(256)
+            .map(|c| c.iter().map(|&v| v as f64).sum::<f64>() / 256.0)
+            .collect();
+        let s = std(&channel_means);
+        assert!((0.18..0.24).contains(&s), "channel-mean std {s}");
+        let diff: Vec<f64> = d
+            .input_noise
+            .iter()
+            .zip(&d.noise)
+            .map(|(a, b)| (a - b) as f64)
+            .collect();
+        let s = std(&diff);
+        assert!((0.095..0.105).contains(&s), "perturbation std {s}");
+        assert!(d.timesteps.iter().all(|&t| (0.0..1000.0).contains(&t)));
+    }
+
     #[test]
     fn non_finite_policy() {
         assert!(check_finite(3, 0.5, 1.0, OnNonFinite::Error).unwrap());
