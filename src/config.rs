@@ -46,6 +46,8 @@ pub struct Config {
     pub sample: SampleConfig,
     pub export: ExportConfig,
     pub logging: LoggingConfig,
+    pub checkpoint: CheckpointConfig,
+    pub ema: EmaConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -247,13 +249,101 @@ impl Default for ExportConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LoggingConfig {
-    /// Plain log line (and, later, scalars) every N optimizer steps.
+    /// Progress line and TensorBoard scalars every N optimizer steps.
     pub log_every: usize,
+    /// Sample grid (PNG + TensorBoard image) every N optimizer steps; 0 = only at the end.
+    pub sample_every: usize,
+    /// Write TensorBoard event files under `<output_dir>/logs/`.
+    pub tensorboard: bool,
 }
 
 impl Default for LoggingConfig {
     fn default() -> Self {
-        Self { log_every: 25 }
+        Self {
+            log_every: 25,
+            sample_every: 0,
+            tensorboard: true,
+        }
+    }
+}
+
+/// Which checkpoint a run starts from: `"none"`, `"latest"` (in the output dir) or a path.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "String", into = "String")]
+pub enum Resume {
+    #[default]
+    None,
+    Latest,
+    Path(PathBuf),
+}
+
+impl From<String> for Resume {
+    fn from(s: String) -> Self {
+        match s.as_str() {
+            "none" | "" => Self::None,
+            "latest" => Self::Latest,
+            _ => Self::Path(PathBuf::from(s)),
+        }
+    }
+}
+
+impl From<Resume> for String {
+    fn from(r: Resume) -> Self {
+        match r {
+            Resume::None => "none".into(),
+            Resume::Latest => "latest".into(),
+            Resume::Path(p) => p.display().to_string(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CheckpointConfig {
+    /// Write `<output_dir>/checkpoint-<step>/` every N optimizer steps (and at the last step);
+    /// 0 disables checkpoints.
+    pub every_steps: usize,
+    /// Keep only the newest N checkpoints; 0 keeps all.
+    pub keep_last: usize,
+    pub resume: Resume,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        Self {
+            every_steps: 500,
+            keep_last: 3,
+            resume: Resume::None,
+        }
+    }
+}
+
+/// diffusers `EMAModel` settings (defaults of `train_unconditional.py`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EmaConfig {
+    pub enabled: bool,
+    pub max_decay: f64,
+    pub min_decay: f64,
+    /// Decay is 0 (the shadow copies the weights) until this many optimizer steps have passed.
+    pub update_after_step: u64,
+    /// `1 - (1 + s / inv_gamma)^-power` when true, `(1 + s) / (10 + s)` when false.
+    pub warmup: bool,
+    pub inv_gamma: f64,
+    pub power: f64,
+}
+
+impl Default for EmaConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            max_decay: 0.9999,
+            min_decay: 0.0,
+            update_after_step: 0,
+            warmup: true,
+            inv_gamma: 1.0,
+            power: 0.75,
+        }
     }
 }
 
@@ -495,6 +585,16 @@ impl Config {
         }
         if self.logging.log_every == 0 {
             p.push("logging.log_every must be at least 1".into());
+        }
+        let e = &self.ema;
+        if !(0.0 <= e.min_decay && e.min_decay <= e.max_decay && e.max_decay <= 1.0) {
+            p.push(format!(
+                "ema: need 0 <= min_decay ({}) <= max_decay ({}) <= 1",
+                e.min_decay, e.max_decay
+            ));
+        }
+        if !(e.inv_gamma > 0.0 && e.power > 0.0) {
+            p.push("ema.inv_gamma and ema.power must be positive".into());
         }
         p
     }

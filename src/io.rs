@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::prelude::*;
 use safetensors::{Dtype, SafeTensors};
 
@@ -131,12 +131,11 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), IoError> {
     Ok(())
 }
 
-/// Saves tensors as f32 safetensors with string metadata.
-pub fn save_safetensors(
-    path: &Path,
+/// Serialises tensors as f32 safetensors with string metadata.
+pub fn safetensors_bytes(
     tensors: &BTreeMap<String, HostTensor>,
     metadata: &HashMap<String, String>,
-) -> Result<(), IoError> {
+) -> Result<Vec<u8>, String> {
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
         .iter()
         .map(|(k, t)| {
@@ -147,9 +146,18 @@ pub fn save_safetensors(
         })
         .collect();
     let meta = (!metadata.is_empty()).then(|| metadata.clone());
-    let bytes = safetensors::serialize(views, meta).map_err(|e| IoError::Format {
+    safetensors::serialize(views, meta).map_err(|e| e.to_string())
+}
+
+/// Saves tensors as f32 safetensors with string metadata.
+pub fn save_safetensors(
+    path: &Path,
+    tensors: &BTreeMap<String, HostTensor>,
+    metadata: &HashMap<String, String>,
+) -> Result<(), IoError> {
+    let bytes = safetensors_bytes(tensors, metadata).map_err(|message| IoError::Format {
         path: path.to_path_buf(),
-        message: e.to_string(),
+        message,
     })?;
     write_atomic(path, &bytes)
 }
@@ -205,7 +213,15 @@ pub fn load_safetensors(path: &Path) -> Result<BTreeMap<String, HostTensor>, IoE
         path: path.to_path_buf(),
         source,
     })?;
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| IoError::Format {
+    parse_safetensors(&bytes, path)
+}
+
+/// Parses safetensors bytes read from `path` (named in errors).
+pub fn parse_safetensors(
+    bytes: &[u8],
+    path: &Path,
+) -> Result<BTreeMap<String, HostTensor>, IoError> {
+    let st = SafeTensors::deserialize(bytes).map_err(|e| IoError::Format {
         path: path.to_path_buf(),
         message: e.to_string(),
     })?;
@@ -309,13 +325,15 @@ pub fn load_into<M: Module>(
     }
 }
 
-/// Writes images `[n, c, h, w]` in [-1, 1] as one PNG grid with `ncol` columns and 2px gaps.
-pub fn save_grid(
-    images: &[f32],
-    shape: [usize; 4],
-    ncol: usize,
-    path: &Path,
-) -> Result<(), IoError> {
+/// A PNG grid of images `[n, c, h, w]` in [-1, 1], `ncol` columns, 2px gaps.
+pub struct GridPng {
+    pub png: Vec<u8>,
+    pub width: u32,
+    pub height: u32,
+}
+
+/// Encodes images `[n, c, h, w]` in [-1, 1] as one RGB PNG grid with `ncol` columns.
+pub fn grid_png(images: &[f32], shape: [usize; 4], ncol: usize) -> Result<GridPng, String> {
     let [n, c, h, w] = shape;
     let ncol = ncol.clamp(1, n.max(1));
     let nrow = n.div_ceil(ncol);
@@ -336,16 +354,60 @@ pub fn save_grid(
             }
         }
     }
-    let mut bytes = Vec::new();
-    grid.write_to(
-        &mut std::io::Cursor::new(&mut bytes),
-        image::ImageFormat::Png,
-    )
-    .map_err(|e| IoError::Image {
+    let mut png = Vec::new();
+    grid.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .map_err(|e| e.to_string())?;
+    Ok(GridPng {
+        png,
+        width: gw as u32,
+        height: gh as u32,
+    })
+}
+
+/// Writes images `[n, c, h, w]` in [-1, 1] as one PNG grid with `ncol` columns and 2px gaps.
+pub fn save_grid(
+    images: &[f32],
+    shape: [usize; 4],
+    ncol: usize,
+    path: &Path,
+) -> Result<GridPng, IoError> {
+    let grid = grid_png(images, shape, ncol).map_err(|message| IoError::Image {
         path: path.to_path_buf(),
-        message: e.to_string(),
+        message,
     })?;
-    write_atomic(path, &bytes)
+    write_atomic(path, &grid.png)?;
+    Ok(grid)
+}
+
+/// A parameter id derived from the parameter's key (FNV-1a), so a rebuilt model gets the same
+/// ids and optimizer state saved by id (burn's `OptimizerRecord`) finds its parameters again.
+fn key_id(key: &str) -> u64 {
+    key.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+#[derive(Default)]
+struct StableIds {
+    path: PathStack,
+}
+
+impl ModuleMapper for StableIds {
+    fn enter_module(&mut self, name: &str, container: &str) {
+        self.path.enter(name, container);
+    }
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.path.exit();
+    }
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let (_, value, mapper) = param.consume();
+        Param::from_mapped_value(ParamId::from(key_id(&self.path.key())), value, mapper)
+    }
+}
+
+/// Gives every parameter an id that depends only on its key (see [`key_id`]).
+pub fn stable_param_ids<M: Module>(module: M) -> M {
+    module.map(&mut StableIds::default())
 }
 
 #[cfg(test)]

@@ -11,4 +11,5 @@ pub mod diffusion;
 pub mod io;
 pub mod models;
 pub mod nn;
+pub mod tensorboard;
 pub mod train;

@@ -172,6 +172,8 @@ fn data_errors_name_the_problem() {
         "train.max_steps=1",
         "--set",
         "export.enabled=false",
+        "--set",
+        "checkpoint.every_steps=0",
     ]);
     assert!(ok, "{err}");
     assert!(

@@ -8,13 +8,15 @@ use difftrain::config::Config;
 use difftrain::diffusion::sampling::SamplerKind;
 use difftrain::io;
 use difftrain::train::{
-    EXPORT_CONFIG, build_model, export_weights_path, generate, grid_columns, make_device,
+    EXPORT_CONFIG, build_model, checkpoint, export_weights_path, generate, grid_columns,
+    make_device,
 };
 
 #[derive(Parser)]
 #[command(version, about = "Sample images from trained weights")]
 struct Args {
-    /// A run's output_dir (its newest weights) or an export folder.
+    /// A checkpoint directory (EMA weights when it has them), an export folder, or a run's
+    /// output_dir (its export, else its latest checkpoint).
     #[arg(long)]
     checkpoint: PathBuf,
     #[arg(long, default_value_t = 16)]
@@ -39,28 +41,47 @@ enum Sampler {
     Ddim,
 }
 
-/// The folder holding `difftrain.toml` and the weights: the given one or its `export/`.
-fn weights_dir(dir: &Path) -> anyhow::Result<PathBuf> {
+/// Where the config and weights are: a checkpoint directory (its EMA weights when present),
+/// an export folder, or a run's output_dir (its `export/`, else the checkpoint `latest` names).
+fn locate(dir: &Path) -> anyhow::Result<(PathBuf, Option<PathBuf>)> {
+    let checkpoint_weights = |ck: &Path| -> anyhow::Result<(PathBuf, Option<PathBuf>)> {
+        // Verify sizes and checksums before trusting the files.
+        checkpoint::read_verified(ck)?;
+        let ema = ck.join(checkpoint::EMA_FILE);
+        let weights = if ema.is_file() {
+            ema
+        } else {
+            ck.join(checkpoint::MODEL_FILE)
+        };
+        Ok((ck.to_path_buf(), Some(weights)))
+    };
+    if dir.join(checkpoint::STATE_FILE).is_file() {
+        return checkpoint_weights(dir);
+    }
     for candidate in [dir.to_path_buf(), dir.join("export")] {
         if candidate.join(EXPORT_CONFIG).is_file() {
-            return Ok(candidate);
+            return Ok((candidate, None));
         }
     }
+    if let Some((_, ck)) = checkpoint::read_latest(dir) {
+        return checkpoint_weights(&ck);
+    }
     bail!(
-        "{} holds no {EXPORT_CONFIG} (neither directly nor under export/): not a difftrain run or export",
-        dir.display()
+        "{} is neither a checkpoint, an export, nor a run directory with export/ or {}",
+        dir.display(),
+        checkpoint::LATEST
     )
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
-    let dir = weights_dir(&args.checkpoint)?;
+    let (dir, weights) = locate(&args.checkpoint)?;
     let mut overrides = Vec::new();
     if let Some(d) = &args.device {
         overrides.push(format!("run.device={d}"));
     }
     let cfg = Config::load(&dir.join(EXPORT_CONFIG), &overrides)?;
     let device = make_device(&cfg.run.device)?;
-    let weights = export_weights_path(&cfg, &dir);
+    let weights = weights.unwrap_or_else(|| export_weights_path(&cfg, &dir));
     let tensors = io::load_safetensors(&weights)?;
     let model = io::load_into(build_model(&cfg, &device), &tensors, &weights)?;
     if args.num == 0 {

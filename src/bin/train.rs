@@ -1,10 +1,10 @@
-//! `train --config configs/<name>.toml [--set section.key=value]... [--check]`
+//! `train --config configs/<name>.toml [--set section.key=value]... [--resume latest] [--check]`
 
 use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Parser;
-use difftrain::config::Config;
+use difftrain::config::{Config, Resume};
 use difftrain::train::{TrainOptions, train};
 
 #[derive(Parser)]
@@ -19,10 +19,17 @@ struct Args {
     /// Validate the config, print the resolved version, and exit without training.
     #[arg(long)]
     check: bool,
+    /// Where to start: `latest` (the newest complete checkpoint of this run), a checkpoint
+    /// directory, or `none`. Overrides `checkpoint.resume`.
+    #[arg(long, value_name = "latest|PATH|none")]
+    resume: Option<String>,
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
-    let cfg = Config::load(&args.config, &args.overrides)?;
+    let mut cfg = Config::load(&args.config, &args.overrides)?;
+    if let Some(r) = args.resume {
+        cfg.checkpoint.resume = Resume::from(r);
+    }
     if args.check {
         print!("{}", cfg.to_toml());
         eprintln!("{}: configuration is valid", args.config.display());
@@ -31,8 +38,8 @@ fn run(args: Args) -> anyhow::Result<()> {
     let out = train(&cfg, &TrainOptions::default())
         .with_context(|| format!("training run {:?} failed", cfg.run.name))?;
     eprintln!(
-        "trained {} steps in {:.1} s, final loss {:.4}",
-        out.steps, out.seconds, out.last_loss
+        "trained steps {}..{} in {:.1} s, final loss {:.4}",
+        out.first_step, out.steps, out.seconds, out.last_loss
     );
     if out.skipped_steps > 0 {
         eprintln!(

@@ -6,6 +6,8 @@
 //! All randomness of a step (timesteps, noise) is drawn on the host from a seeded ChaCha
 //! stream, sample by sample, so a batch of 32 and four micro-batches of 8 draw the same numbers.
 
+pub mod checkpoint;
+pub mod ema;
 pub mod grad;
 pub mod lr;
 pub mod progress;
@@ -28,6 +30,8 @@ use crate::diffusion::sampling::{self, SamplerKind, SamplerOptions, TimestepSpac
 use crate::diffusion::schedule::NoiseSchedule;
 use crate::io;
 use crate::models::{Architecture, DenoiserModel, compute_dtype};
+use crate::tensorboard::{EventError, EventWriter};
+use ema::Ema;
 use lr::LrScheduler;
 use progress::{Progress, StepReport};
 
@@ -56,6 +60,18 @@ pub enum TrainError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Checkpoint(#[from] checkpoint::CheckpointError),
+    #[error("cannot resume from {dir}: {why}")]
+    Resume { dir: PathBuf, why: String },
+    #[error(
+        "{dir} already holds checkpoints (newest: {newest}) and checkpoint.resume = \"none\". \
+         Continue them with `--resume latest` (or checkpoint.resume = \"latest\"), or choose \
+         another run.output_dir, or delete the old run"
+    )]
+    ExistingCheckpoints { dir: PathBuf, newest: PathBuf },
+    #[error(transparent)]
+    Events(#[from] EventError),
 }
 
 /// The (non-autodiff) device a run computes on.
@@ -181,7 +197,8 @@ pub fn diffusion_loss(
 }
 
 pub struct TrainOptions {
-    /// Write samples and the export at the end (tests that only compare weights turn it off).
+    /// Write checkpoints, logs, samples and the export (tests that only compare weights turn
+    /// it off).
     pub write_outputs: bool,
     pub quiet: bool,
 }
@@ -198,6 +215,10 @@ impl Default for TrainOptions {
 pub struct TrainOutcome {
     /// The trained weights, off the autodiff graph.
     pub model: DenoiserModel,
+    /// The EMA weights, when `ema.enabled`.
+    pub ema: Option<DenoiserModel>,
+    /// The step the run started from (0, or the resumed checkpoint's step).
+    pub first_step: usize,
     pub steps: usize,
     pub last_loss: f64,
     pub skipped_steps: usize,
@@ -226,16 +247,303 @@ pub fn check_finite(
     }
 }
 
+/// The mutable state of a run between optimizer steps: exactly what a checkpoint stores.
+struct RunState {
+    model: DenoiserModel,
+    optim: burn::optim::ModuleOptimizer,
+    ema: Option<Ema<DenoiserModel>>,
+    rng: ChaCha8Rng,
+    step: usize,
+    position: LoaderPosition,
+    skipped: usize,
+    last_loss: f64,
+}
+
+fn adamw(cfg: &Config) -> burn::optim::ModuleOptimizer {
+    let t = &cfg.train;
+    AdamWConfig::new()
+        .with_beta_1(t.adam_beta1 as f32)
+        .with_beta_2(t.adam_beta2 as f32)
+        .with_epsilon(t.adam_epsilon as f32)
+        .with_weight_decay(t.adam_weight_decay as f32)
+        .init()
+}
+
+fn rng_state(rng: &ChaCha8Rng) -> checkpoint::RngState {
+    checkpoint::RngState {
+        seed: rng.get_seed().iter().map(|b| format!("{b:02x}")).collect(),
+        stream: rng.get_stream(),
+        word_pos: rng.get_word_pos().to_string(),
+    }
+}
+
+fn restore_rng(s: &checkpoint::RngState) -> Option<ChaCha8Rng> {
+    let mut seed = [0u8; 32];
+    if s.seed.len() != 64 {
+        return None;
+    }
+    for (i, b) in seed.iter_mut().enumerate() {
+        *b = u8::from_str_radix(s.seed.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    let mut rng = ChaCha8Rng::from_seed(seed);
+    rng.set_stream(s.stream);
+    rng.set_word_pos(s.word_pos.parse().ok()?);
+    Some(rng)
+}
+
+/// A fresh run: weights from `run.seed`, EMA shadow copied from them.
+fn fresh_state(cfg: &Config, device: &Device) -> RunState {
+    let model = io::stable_param_ids(build_model(cfg, device));
+    let ema = cfg
+        .ema
+        .enabled
+        .then(|| Ema::new(model.valid(), cfg.ema.clone()));
+    RunState {
+        model,
+        optim: adamw(cfg),
+        ema,
+        rng: ChaCha8Rng::seed_from_u64(cfg.run.seed),
+        step: 0,
+        position: LoaderPosition::default(),
+        skipped: 0,
+        last_loss: f64::NAN,
+    }
+}
+
+/// Rebuilds the run state from a verified checkpoint, refusing config changes that break it.
+fn resumed_state(
+    cfg: &Config,
+    ck: &checkpoint::Loaded,
+    dataset_len: usize,
+    device: &Device,
+    quiet: bool,
+) -> Result<RunState, TrainError> {
+    let dir = &ck.dir;
+    let (breaking, allowed) = checkpoint::compare_configs(&ck.config()?, cfg);
+    if !breaking.is_empty() {
+        return Err(TrainError::Resume {
+            dir: dir.clone(),
+            why: format!(
+                "the config changed in ways that break resume:\n  {}\n\
+                 Undo these changes, or start a new run in another run.output_dir",
+                breaking.join("\n  ")
+            ),
+        });
+    }
+    let s = &ck.state;
+    if s.dataset_len != dataset_len {
+        return Err(TrainError::Resume {
+            dir: dir.clone(),
+            why: format!(
+                "it was trained on {} images, the dataset now has {dataset_len}; the data order \
+                 would differ",
+                s.dataset_len
+            ),
+        });
+    }
+    if !quiet {
+        for line in &allowed {
+            eprintln!("note: changed since the checkpoint: {line}");
+        }
+    }
+    let mut state = fresh_state(cfg, device);
+    let model_path = dir.join(checkpoint::MODEL_FILE);
+    let tensors = io::parse_safetensors(ck.file(checkpoint::MODEL_FILE)?, &model_path)?;
+    state.model = io::load_into(state.model, &tensors, &model_path)?;
+    let optim_bytes =
+        burn::tensor::Bytes::from_bytes_vec(ck.file(checkpoint::OPTIMIZER_FILE)?.to_vec());
+    state.optim = state
+        .optim
+        .from_bytes(optim_bytes)
+        .map_err(|e| TrainError::Resume {
+            dir: dir.clone(),
+            why: format!("{} cannot be read: {e:?}", checkpoint::OPTIMIZER_FILE),
+        })?;
+    if let Some(ema) = &mut state.ema {
+        match (ck.files.get(checkpoint::EMA_FILE), s.ema_optimization_step) {
+            (Some(bytes), Some(n)) => {
+                let path = dir.join(checkpoint::EMA_FILE);
+                let tensors = io::parse_safetensors(bytes, &path)?;
+                ema.shadow = io::load_into(state.model.valid(), &tensors, &path)?;
+                ema.optimization_step = n;
+            }
+            _ => {
+                ema.shadow = state.model.valid();
+                eprintln!(
+                    "warning: {} has no EMA weights; EMA starts from the resumed weights",
+                    dir.display()
+                );
+            }
+        }
+    } else if s.ema_optimization_step.is_some() && !quiet {
+        eprintln!("note: ema.enabled = false: the checkpoint's EMA weights are not used");
+    }
+    state.rng = restore_rng(&s.rng).ok_or_else(|| TrainError::Resume {
+        dir: dir.clone(),
+        why: format!("{}: malformed rng state", checkpoint::STATE_FILE),
+    })?;
+    state.step = s.step;
+    state.position = LoaderPosition {
+        epoch: s.epoch,
+        batch_in_epoch: s.batch_in_epoch,
+    };
+    state.skipped = s.skipped_steps;
+    state.last_loss = s.last_loss;
+    Ok(state)
+}
+
+/// Writes `checkpoint-<step>/` from the state between steps, then rotates.
+fn save_checkpoint(
+    cfg: &Config,
+    st: &RunState,
+    dataset_len: usize,
+    lr_next: f64,
+    out: &Path,
+) -> Result<PathBuf, TrainError> {
+    let mut meta = HashMap::new();
+    meta.insert("format".to_string(), "pt".to_string());
+    let safetensors = |m: &DenoiserModel, name: &str| {
+        io::safetensors_bytes(&io::named_tensors(m), &meta).map_err(|message| {
+            TrainError::Io(io::IoError::Format {
+                path: out.join(name),
+                message,
+            })
+        })
+    };
+    let mut files = vec![(
+        checkpoint::MODEL_FILE,
+        safetensors(&st.model, checkpoint::MODEL_FILE)?,
+    )];
+    if let Some(ema) = &st.ema {
+        files.push((
+            checkpoint::EMA_FILE,
+            safetensors(&ema.shadow, checkpoint::EMA_FILE)?,
+        ));
+    }
+    let optim = st.optim.into_bytes().map_err(|e| TrainError::Resume {
+        dir: out.to_path_buf(),
+        why: format!("cannot serialise the optimizer state: {e:?}"),
+    })?;
+    files.push((checkpoint::OPTIMIZER_FILE, optim.to_vec()));
+    files.push((checkpoint::CONFIG_FILE, cfg.to_toml().into_bytes()));
+    let (crate_version, git_revision) = checkpoint::provenance();
+    let mut state = checkpoint::TrainState {
+        format_version: 1,
+        step: st.step,
+        epoch: st.position.epoch,
+        batch_in_epoch: st.position.batch_in_epoch,
+        data_seed: cfg.run.seed,
+        dataset_len,
+        rng: rng_state(&st.rng),
+        ema_optimization_step: st.ema.as_ref().map(|e| e.optimization_step),
+        skipped_steps: st.skipped,
+        last_loss: st.last_loss,
+        lr_schedule: format!("{:?}", cfg.train.lr_scheduler),
+        lr_next,
+        crate_version,
+        git_revision,
+        saved_unix_time: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        files: Default::default(),
+    };
+    let dir = checkpoint::write(out, &mut state, &files)?;
+    checkpoint::rotate(out, cfg.checkpoint.keep_last, st.step)?;
+    Ok(dir)
+}
+
+/// Samples with the weights sampling should use (EMA when on), writes
+/// `samples/step-<N>.png` and, when logging, a TensorBoard image.
+fn write_samples(
+    cfg: &Config,
+    st: &RunState,
+    device: &Device,
+    out: &Path,
+    events: Option<&mut EventWriter>,
+) -> Result<PathBuf, TrainError> {
+    let weights = match &st.ema {
+        Some(ema) => ema.shadow.clone(),
+        None => st.model.valid(),
+    };
+    let (images, shape) = generate(
+        &weights,
+        cfg,
+        device,
+        cfg.sample.num_images,
+        None,
+        None,
+        cfg.sample.seed,
+    );
+    let path = out.join("samples").join(format!("step-{}.png", st.step));
+    let grid = io::save_grid(&images, shape, grid_columns(shape[0]), &path)?;
+    if let Some(ev) = events {
+        ev.image(
+            "samples",
+            &grid.png,
+            grid.height,
+            grid.width,
+            st.step as u64,
+        )?;
+    }
+    Ok(path)
+}
+
+/// Running means between two TensorBoard scalar writes.
+#[derive(Default)]
+struct Window {
+    steps: usize,
+    loss: f64,
+    seconds: f64,
+    images: f64,
+}
+
 pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainOutcome, TrainError> {
     let started = Instant::now();
     let device = make_device(&cfg.run.device)?;
     let train_device = device.clone().autodiff();
+    let out = cfg.output_dir();
+    let writes = opts.write_outputs;
+    let say = |msg: &str| {
+        if !opts.quiet {
+            eprintln!("{msg}");
+        }
+    };
+
+    // Where the run starts: fresh, or a verified checkpoint.
+    let start = checkpoint::resolve(&out, &cfg.checkpoint.resume)?;
+    start.notes.iter().for_each(|n| eprintln!("{n}"));
+    if writes {
+        checkpoint::remove_stale(&out);
+        if start.checkpoint.is_none()
+            && let Some((_, existing)) = checkpoint::list(&out).pop()
+        {
+            return Err(TrainError::ExistingCheckpoints {
+                dir: out.clone(),
+                newest: existing,
+            });
+        }
+    }
 
     let dataset = Arc::new(Dataset::open(
         cfg.data.source,
         &cfg.data.path,
         cfg.data.on_bad_image,
     )?);
+    let mut st = match &start.checkpoint {
+        Some(ck) => {
+            let st = resumed_state(cfg, ck, dataset.len(), &train_device, opts.quiet)?;
+            say(&format!(
+                "resuming from {} (step {}, epoch {}, batch {} of the epoch)",
+                ck.dir.display(),
+                st.step,
+                st.position.epoch,
+                st.position.batch_in_epoch
+            ));
+            st
+        }
+        None => fresh_state(cfg, &train_device),
+    };
+    let first_step = st.step;
     let transform = Transform {
         resolution: cfg.data.resolution,
         color: cfg.data.color,
@@ -248,35 +556,29 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainOutcome, TrainErr
         transform,
         t.batch_size,
         cfg.run.seed,
-        LoaderPosition::default(),
+        st.position,
         cfg.data.num_workers,
         cfg.data.prefetch_batches,
         cfg.data.on_bad_image,
     )?;
-    if !opts.quiet {
-        eprintln!(
-            "data: {} images from {} ({} batches of {} per epoch)",
-            dataset.len(),
-            dataset.path().display(),
-            loader.batches_per_epoch,
-            t.batch_size
-        );
-    }
+    say(&format!(
+        "data: {} images from {} ({} batches of {} per epoch)",
+        dataset.len(),
+        dataset.path().display(),
+        loader.batches_per_epoch,
+        t.batch_size
+    ));
+    say(&format!(
+        "model: {:?}, {} parameters",
+        cfg.model.architecture,
+        st.model.num_params()
+    ));
 
-    let mut model = build_model(cfg, &train_device);
-    if !opts.quiet {
-        eprintln!(
-            "model: {:?}, {} parameters",
-            cfg.model.architecture,
-            model.num_params()
-        );
-    }
-    let mut optim = AdamWConfig::new()
-        .with_beta_1(t.adam_beta1 as f32)
-        .with_beta_2(t.adam_beta2 as f32)
-        .with_epsilon(t.adam_epsilon as f32)
-        .with_weight_decay(t.adam_weight_decay as f32)
-        .init();
+    let mut events = if writes && cfg.logging.tensorboard {
+        Some(EventWriter::create(&out.join("logs"), first_step as u64)?)
+    } else {
+        None
+    };
     let lr_sched = LrScheduler {
         schedule: t.lr_scheduler,
         base_lr: t.learning_rate,
@@ -284,42 +586,85 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainOutcome, TrainErr
         total_steps: t.max_steps,
     };
     let schedule = noise_schedule(cfg);
-    let mut rng = ChaCha8Rng::seed_from_u64(cfg.run.seed);
-    let progress = Progress::new(t.max_steps, 0, cfg.logging.log_every, opts.quiet);
+    let progress = Progress::new(t.max_steps, first_step, cfg.logging.log_every, opts.quiet);
     let accum_steps = t.gradient_accumulation_steps;
     let images_per_step = (t.batch_size * accum_steps) as f64;
-    let (mut last_loss, mut skipped) = (f64::NAN, 0);
+    let every = cfg.checkpoint.every_steps;
+    let mut window = Window::default();
+    let mut ema_decay = 0.0;
 
-    for step in 0..t.max_steps {
+    while st.step < t.max_steps {
         let step_start = Instant::now();
-        let lr = lr_sched.lr_at(step);
+        let lr = lr_sched.lr_at(st.step);
         let mut accumulator = GradientsAccumulator::new();
         let mut loss_sum = 0.0;
         for _ in 0..accum_steps {
             let batch = loader.next_batch()?;
-            let loss = diffusion_loss(&model, cfg, &schedule, &batch, &mut rng, &train_device)
-                .div_scalar(accum_steps as f64);
+            let loss = diffusion_loss(
+                &st.model,
+                cfg,
+                &schedule,
+                &batch,
+                &mut st.rng,
+                &train_device,
+            )
+            .div_scalar(accum_steps as f64);
             loss_sum += loss.clone().into_scalar::<f32>() as f64;
-            let grads = GradientsParams::from_grads(loss.backward(), &model);
-            accumulator.accumulate(&model, grads);
+            let grads = GradientsParams::from_grads(loss.backward(), &st.model);
+            accumulator.accumulate(&st.model, grads);
         }
         let mut grads = accumulator.grads();
-        let grad_norm = grad::clip_global_norm(&model, &mut grads, t.max_grad_norm);
-        let apply = check_finite(step + 1, loss_sum, grad_norm, t.on_nonfinite)?;
+        let grad_norm = grad::clip_global_norm(&st.model, &mut grads, t.max_grad_norm);
+        let apply = check_finite(st.step + 1, loss_sum, grad_norm, t.on_nonfinite)?;
         if apply {
-            model = optim.step(lr, model, grads);
+            st.model = st.optim.step(lr, st.model, grads);
+            if let Some(ema) = &mut st.ema {
+                ema_decay = ema.step(&st.model.valid());
+            }
         } else {
-            skipped += 1;
+            st.skipped += 1;
         }
-        last_loss = loss_sum;
+        st.step += 1;
+        st.position = loader.position();
+        st.last_loss = loss_sum;
+        let seconds = step_start.elapsed().as_secs_f64();
         progress.update(&StepReport {
-            step: step + 1,
+            step: st.step,
             loss: loss_sum,
             lr,
             grad_norm,
-            images_per_sec: images_per_step / step_start.elapsed().as_secs_f64().max(1e-9),
+            images_per_sec: images_per_step / seconds.max(1e-9),
             skipped: !apply,
         });
+
+        window.steps += 1;
+        window.loss += loss_sum;
+        window.seconds += seconds;
+        window.images += images_per_step;
+        if let Some(ev) = events.as_mut()
+            && (st.step % cfg.logging.log_every == 0 || st.step == t.max_steps)
+        {
+            let s = st.step as u64;
+            ev.scalar("train/loss", window.loss / window.steps as f64, s)?;
+            ev.scalar("train/lr", lr, s)?;
+            ev.scalar("train/grad_norm", grad_norm, s)?;
+            ev.scalar(
+                "train/images_per_sec",
+                window.images / window.seconds.max(1e-9),
+                s,
+            )?;
+            if st.ema.is_some() {
+                ev.scalar("train/ema_decay", ema_decay, s)?;
+            }
+            window = Window::default();
+        }
+        let sample_every = cfg.logging.sample_every;
+        if writes && sample_every > 0 && st.step % sample_every == 0 && st.step < t.max_steps {
+            write_samples(cfg, &st, &device, &out, events.as_mut())?;
+        }
+        if writes && every > 0 && (st.step % every == 0 || st.step == t.max_steps) {
+            save_checkpoint(cfg, &st, dataset.len(), lr_sched.lr_at(st.step), &out)?;
+        }
     }
     progress.finish();
     let bad_images = loader.bad_images.load(std::sync::atomic::Ordering::Relaxed);
@@ -327,33 +672,25 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainOutcome, TrainErr
         eprintln!("warning: {bad_images} image decode(s) failed during training and were replaced");
     }
 
-    let model = model.valid();
     let (mut sample_grid, mut export_dir) = (None, None);
-    if opts.write_outputs {
-        let out = cfg.output_dir();
-        let (images, shape) = generate(
-            &model,
-            cfg,
-            &device,
-            cfg.sample.num_images,
-            None,
-            None,
-            cfg.sample.seed,
-        );
-        let path = out
-            .join("samples")
-            .join(format!("step-{}.png", t.max_steps));
-        io::save_grid(&images, shape, grid_columns(shape[0]), &path)?;
-        sample_grid = Some(path);
+    if writes {
+        sample_grid = Some(write_samples(cfg, &st, &device, &out, events.as_mut())?);
         if cfg.export.enabled {
-            export_dir = Some(export(&model, cfg, &out.join("export"))?);
+            let raw = st.model.valid();
+            let dir = out.join("export");
+            export_dir = Some(match &st.ema {
+                Some(ema) => export(&ema.shadow, Some(&raw), cfg, &dir)?,
+                None => export(&raw, None, cfg, &dir)?,
+            });
         }
     }
     Ok(TrainOutcome {
-        model,
-        steps: t.max_steps,
-        last_loss,
-        skipped_steps: skipped,
+        model: st.model.valid(),
+        ema: st.ema.map(|e| e.shadow),
+        first_step,
+        steps: st.step,
+        last_loss: st.last_loss,
+        skipped_steps: st.skipped,
         bad_images,
         sample_grid,
         export_dir,
@@ -438,26 +775,48 @@ fn write_json(path: &Path, value: &serde_json::Value) -> Result<(), TrainError> 
 pub const EXPORT_CONFIG: &str = "difftrain.toml";
 
 /// Writes the weights in the layout inference tools expect. For `unet_2d` that is a diffusers
-/// `DDPMPipeline` folder (`model_index.json`, `unet/`, `scheduler/`).
-pub fn export(model: &DenoiserModel, cfg: &Config, dir: &Path) -> Result<PathBuf, TrainError> {
-    let tensors = io::named_tensors(model);
+/// `DDPMPipeline` folder (`model_index.json`, `unet/`, `scheduler/`). With EMA on, `model` is
+/// the EMA weights (what diffusers' scripts export) and `raw` the training weights, written to
+/// `unet_no_ema/` (or `tutorial_unet_no_ema/`).
+pub fn export(
+    model: &DenoiserModel,
+    raw: Option<&DenoiserModel>,
+    cfg: &Config,
+    dir: &Path,
+) -> Result<PathBuf, TrainError> {
     let mut meta = HashMap::new();
     meta.insert("format".to_string(), "pt".to_string());
     meta.insert(
         "difftrain_version".to_string(),
         env!("CARGO_PKG_VERSION").to_string(),
     );
+    let weights: Vec<(&DenoiserModel, &str)> = std::iter::once((model, ""))
+        .chain(raw.map(|r| (r, "_no_ema")))
+        .collect();
     match cfg.model.architecture {
         Architecture::Unet2d => {
-            io::save_safetensors(
-                &dir.join("unet/diffusion_pytorch_model.safetensors"),
-                &tensors,
-                &meta,
-            )?;
-            write_json(
-                &dir.join("unet/config.json"),
-                &cfg.model.unet.to_diffusers_json(),
-            )?;
+            for (m, suffix) in weights {
+                let sub = dir.join(format!("unet{suffix}"));
+                let mut meta = meta.clone();
+                meta.insert(
+                    "difftrain_weights".into(),
+                    if suffix.is_empty() && raw.is_some() {
+                        "ema"
+                    } else {
+                        "training"
+                    }
+                    .into(),
+                );
+                io::save_safetensors(
+                    &sub.join("diffusion_pytorch_model.safetensors"),
+                    &io::named_tensors(m),
+                    &meta,
+                )?;
+                write_json(
+                    &sub.join("config.json"),
+                    &cfg.model.unet.to_diffusers_json(),
+                )?;
+            }
             write_json(
                 &dir.join("scheduler/scheduler_config.json"),
                 &scheduler_json(cfg),
@@ -473,11 +832,13 @@ pub fn export(model: &DenoiserModel, cfg: &Config, dir: &Path) -> Result<PathBuf
             )?;
         }
         Architecture::TutorialUnet => {
-            io::save_safetensors(
-                &dir.join("tutorial_unet/model.safetensors"),
-                &tensors,
-                &meta,
-            )?;
+            for (m, suffix) in weights {
+                io::save_safetensors(
+                    &dir.join(format!("tutorial_unet{suffix}/model.safetensors")),
+                    &io::named_tensors(m),
+                    &meta,
+                )?;
+            }
         }
     }
     io::write_atomic(&dir.join(EXPORT_CONFIG), cfg.to_toml().as_bytes())?;
