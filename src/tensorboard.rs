@@ -83,7 +83,7 @@ fn encode_event(wall_time: f64, step: u64, payload: Payload<'_>) -> Vec<u8> {
         Payload::SessionStart => {
             let mut log = Vec::new();
             pb::uint(&mut log, 1, 1); // status = START
-            pb::bytes(&mut ev, 6, &log);
+            pb::bytes(&mut ev, 7, &log); // Event.session_log (6 is the deprecated log_message)
         }
         Payload::Scalar(tag, v) => {
             let mut value = Vec::new();
@@ -136,9 +136,10 @@ fn now() -> f64 {
 }
 
 impl EventWriter {
-    /// Creates a new event file in `dir`. `first_step` > 0 marks a resumed session, so
-    /// TensorBoard drops the killed run's events from that step on.
-    pub fn create(dir: &Path, first_step: u64) -> Result<Self, EventError> {
+    /// Creates a new event file in `dir`. A resumed session passes the step it resumes from:
+    /// TensorBoard then drops the earlier session's events after that step (the ones this
+    /// session redoes), as PyTorch's `SummaryWriter(purge_step=...)` does.
+    pub fn create(dir: &Path, resumed_from: u64) -> Result<Self, EventError> {
         let err = |source| EventError {
             path: dir.to_path_buf(),
             source,
@@ -158,8 +159,9 @@ impl EventWriter {
         let file = File::create(&path).map_err(err)?;
         let mut writer = Self { file, path };
         writer.write(encode_event(wall, 0, Payload::FileVersion))?;
-        if first_step > 0 {
-            writer.write(encode_event(wall, first_step, Payload::SessionStart))?;
+        if resumed_from > 0 {
+            // Purges events with step >= this one.
+            writer.write(encode_event(wall, resumed_from + 1, Payload::SessionStart))?;
         }
         Ok(writer)
     }
@@ -250,5 +252,8 @@ mod tests {
         want.extend_from_slice(&[0x2a, 0x0a, 0x0a, 0x08, 0x0a, 0x01, b'a', 0x15]);
         want.extend_from_slice(&2.0f32.to_le_bytes());
         assert_eq!(ev, want);
+        // Event{wall_time: 1.5, step: 3, session_log{status: START}}: field 7, not 6.
+        let ev = encode_event(1.5, 3, Payload::SessionStart);
+        assert_eq!(&ev[9..], &[0x10, 0x03, 0x3a, 0x02, 0x08, 0x01]);
     }
 }

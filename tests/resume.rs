@@ -1,7 +1,7 @@
 //! Long runs: a run killed with SIGKILL and resumed ends with the same weights as an
 //! uninterrupted one; corrupted checkpoints and changed configs are handled; TensorBoard files
-//! are well-framed. `random_kill_trials` (ignored by default) is the reliability experiment
-//! reported in docs/checkpoints.md.
+//! are well-framed. `random_kill_trials` is the reliability experiment reported in
+//! docs/long-runs.md.
 
 mod common;
 
@@ -306,9 +306,9 @@ fn logs_samples_rotation_and_ema_export() {
 
 /// The reliability experiment: one run killed at random moments (including during checkpoint
 /// writes) and resumed each time, then finished and compared with an uninterrupted run.
-/// `cargo test --release --test resume -- --ignored --nocapture`
+/// Table: `cargo test --release --test resume random_kill_trials -- --nocapture`
+/// (`KILL_TRIALS=N` for more kills).
 #[test]
-#[ignore]
 fn random_kill_trials() {
     use rand::{Rng, SeedableRng};
     let trials: usize = std::env::var("KILL_TRIALS")
