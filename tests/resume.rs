@@ -334,6 +334,7 @@ fn random_kill_trials() {
     let (out, cfg) = setup("killed");
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
     let (mut identical_resumes, mut lost_beyond, mut corrupted, mut during_write) = (0, 0, 0, 0);
+    let mut before_first = 0;
     println!("uninterrupted run: {steps} steps in {run_ms} ms");
     println!("trial | killed after (ms) | latest at kill | temp dir left | resumed from");
     for trial in 0..trials {
@@ -342,10 +343,10 @@ fn random_kill_trials() {
             .stdout(Stdio::null())
             .spawn()
             .unwrap();
-        // Each attempt gets on average about half its share of the run, so the kills spread
-        // over the whole run (start-up, steps, checkpoint writes) and it is not done too early.
+        // Each attempt pays the start-up again, then progresses a little: the kills spread
+        // over start-up, steps and checkpoint writes, and the run is not done too early.
         let share = run_ms / trials as u64;
-        let wait = rng.random_range(share / 10..share);
+        let wait = rng.random_range(share / 2..share * 2);
         std::thread::sleep(Duration::from_millis(wait));
         let finished = child.try_wait().unwrap().is_some();
         child.kill().ok();
@@ -368,10 +369,10 @@ fn random_kill_trials() {
                 None
             }
         };
-        if resumed.is_some() && resumed >= latest {
-            identical_resumes += 1;
-        } else if latest.is_some() {
-            lost_beyond += 1;
+        match (latest, resumed) {
+            (None, None) => before_first += 1,
+            (Some(l), Some(r)) if r >= l => identical_resumes += 1,
+            _ => lost_beyond += 1,
         }
         println!(
             "{trial:5} | {wait:17} | {:>14} | {:>13} | {}{}",
@@ -395,7 +396,8 @@ fn random_kill_trials() {
         &out.join(format!("checkpoint-{steps}/ema.safetensors")),
     );
     println!(
-        "kills: {trials}; resumed from the checkpoint `latest` named at the kill: {identical_resumes}; \
+        "kills: {trials}; before the first checkpoint (restarted fresh): {before_first}; \
+         resumed from the checkpoint `latest` named at the kill: {identical_resumes}; \
          lost work beyond the last checkpoint: {lost_beyond}; corrupted state: {corrupted}; \
          kills during a checkpoint write (temporary directory left): {during_write}"
     );
