@@ -11,8 +11,10 @@ use serde::{Deserialize, Serialize};
 use crate::data::{ColorMode, CropMode, DataSource, OnBadImage};
 use crate::diffusion::sampling::{SamplerKind, TimestepSpacing};
 use crate::diffusion::schedule::{BetaSchedule, PredictionType};
+use crate::models::pixelcnn::GatedPixelCNNConfig;
 use crate::models::tutorial_unet::TutorialUNetConfig;
 use crate::models::unet_2d::UNet2DConfig;
+use crate::models::vqvae::VQVAEConfig;
 use crate::models::{Architecture, MixedPrecision};
 use crate::train::lr::LrSchedule;
 
@@ -110,6 +112,8 @@ pub struct ModelConfig {
     pub architecture: Architecture,
     pub unet: UNet2DConfig,
     pub tutorial: TutorialUNetConfig,
+    pub vqvae: VQVAEConfig,
+    pub pixelcnn: GatedPixelCNNConfig,
 }
 
 impl Default for ModelConfig {
@@ -118,6 +122,8 @@ impl Default for ModelConfig {
             architecture: Architecture::Unet2d,
             unet: UNet2DConfig::default(),
             tutorial: TutorialUNetConfig::default(),
+            vqvae: VQVAEConfig::default(),
+            pixelcnn: GatedPixelCNNConfig::default(),
         }
     }
 }
@@ -216,6 +222,9 @@ pub struct SampleConfig {
     pub clip_sample: bool,
     pub clip_sample_range: f64,
     pub seed: u64,
+    /// PixelCNN: logits are divided by this before sampling each code (1 = the model's
+    /// distribution, lower = more conservative).
+    pub temperature: f64,
 }
 
 impl Default for SampleConfig {
@@ -229,6 +238,7 @@ impl Default for SampleConfig {
             clip_sample: true,
             clip_sample_range: 1.0,
             seed: 0,
+            temperature: 1.0,
         }
     }
 }
@@ -503,6 +513,17 @@ impl Config {
                     ));
                 }
             }
+            Architecture::Vqvae => {
+                let v = &self.model.vqvae;
+                p.extend(v.problems(res));
+                if v.in_channels != ch {
+                    p.push(format!(
+                        "model.vqvae.in_channels = {} but data.color = {:?} gives {ch} channels",
+                        v.in_channels, self.data.color
+                    ));
+                }
+            }
+            Architecture::GatedPixelcnn => p.extend(self.model.pixelcnn.problems()),
             Architecture::TutorialUnet => {
                 let t = &self.model.tutorial;
                 p.extend(t.problems());
@@ -582,6 +603,12 @@ impl Config {
         }
         if s.eta < 0.0 {
             p.push("sample.eta must be >= 0".into());
+        }
+        if !(s.temperature > 0.0) {
+            p.push(format!(
+                "sample.temperature = {} must be positive",
+                s.temperature
+            ));
         }
         if self.logging.log_every == 0 {
             p.push("logging.log_every must be at least 1".into());

@@ -186,6 +186,41 @@ impl ConvTranspose2d {
     }
 }
 
+/// `torch.nn.Embedding`: a lookup table `weight: [num_embeddings, embedding_dim]`.
+#[derive(Module, Debug)]
+pub struct Embedding {
+    pub weight: Param<Tensor<2>>,
+}
+
+impl Embedding {
+    /// Rows drawn from `U(-bound, bound)` (VQ-VAE codebooks use `bound = 1 / num_embeddings`).
+    pub fn uniform(
+        num_embeddings: usize,
+        embedding_dim: usize,
+        bound: f64,
+        device: &Device,
+    ) -> Self {
+        let values: Vec<f32> = INIT_RNG.with(|r| {
+            (0..num_embeddings * embedding_dim)
+                .map(|_| r.borrow_mut().random_range(-bound..bound) as f32)
+                .collect()
+        });
+        let weight = Tensor::from_data(
+            TensorData::new(values, [num_embeddings, embedding_dim]),
+            device,
+        );
+        Self {
+            weight: Param::from_tensor(weight),
+        }
+    }
+
+    /// # Shapes
+    /// - `indices`: `[n]`, values in `0..num_embeddings`; returns `[n, embedding_dim]`
+    pub fn forward(&self, indices: Tensor<1, Int>) -> Tensor<2> {
+        self.weight.val().select(0, indices)
+    }
+}
+
 /// `torch.nn.GroupNorm` with affine parameters named `weight`/`bias`.
 #[derive(Module, Debug)]
 pub struct GroupNorm {

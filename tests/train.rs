@@ -5,7 +5,7 @@ mod common;
 use difftrain::config::Config;
 use difftrain::diffusion::sampling::SamplerKind;
 use difftrain::io;
-use difftrain::train::{TrainOptions, build_model, generate, train};
+use difftrain::train::{TrainOptions, build_model, generate, train_diffusion as train};
 
 const QUIET: TrainOptions = TrainOptions {
     write_outputs: false,
@@ -117,7 +117,7 @@ fn learns_a_two_mode_pattern_distribution() {
             counts[usize::from(c1 > c0)] += 1;
         }
     }
-    eprintln!("modes {counts:?} of {n}; final loss {:.4}", out.last_loss);
+    eprintln!("modes {counts:?} of {n}; final loss {:.4}", out.summary.last_loss);
     assert!(
         counts[0] + counts[1] >= n * 8 / 10,
         "only {counts:?} of {n} samples match a mode"
@@ -163,7 +163,7 @@ fn tutorial_unet_preset_trains_at_28_and_odd_sizes() {
         c.train.batch_size = 4;
         assert!(c.problems().is_empty(), "{:?}", c.problems());
         let out = train(&c, &QUIET).unwrap();
-        assert!(out.last_loss.is_finite());
+        assert!(out.summary.last_loss.is_finite());
         let (pixels, shape) = generate(
             &out.model,
             &c,

@@ -1,15 +1,19 @@
 //! `sample --checkpoint <dir> --num 64 --steps 50 --sampler ddim --seed 0 --out grid.png`
+//!
+//! Diffusion runs sample with DDPM/DDIM; PixelCNN priors sample code maps (`--temperature`)
+//! and decode them with their VQ-VAE.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use clap::Parser;
 use difftrain::config::Config;
 use difftrain::diffusion::sampling::SamplerKind;
 use difftrain::io;
+use difftrain::models::Architecture;
+use difftrain::train::objectives::{load_stage1, sample_images};
 use difftrain::train::{
-    EXPORT_CONFIG, build_model, checkpoint, export_weights_path, generate, grid_columns,
-    make_device,
+    EXPORT_CONFIG, build_model, generate, grid_columns, load_run, locate, make_device,
 };
 
 #[derive(Parser)]
@@ -30,6 +34,9 @@ struct Args {
     seed: u64,
     #[arg(long, default_value = "grid.png")]
     out: PathBuf,
+    /// PixelCNN priors: divide logits by this (default: the run's sample.temperature).
+    #[arg(long)]
+    temperature: Option<f64>,
     /// Override the device the run used, e.g. `cpu`.
     #[arg(long)]
     device: Option<String>,
@@ -41,67 +48,67 @@ enum Sampler {
     Ddim,
 }
 
-/// Where the config and weights are: a checkpoint directory (its EMA weights when present),
-/// an export folder, or a run's output_dir (its `export/`, else the checkpoint `latest` names).
-fn locate(dir: &Path) -> anyhow::Result<(PathBuf, Option<PathBuf>)> {
-    let checkpoint_weights = |ck: &Path| -> anyhow::Result<(PathBuf, Option<PathBuf>)> {
-        // Verify sizes and checksums before trusting the files.
-        checkpoint::read_verified(ck)?;
-        let ema = ck.join(checkpoint::EMA_FILE);
-        let weights = if ema.is_file() {
-            ema
-        } else {
-            ck.join(checkpoint::MODEL_FILE)
-        };
-        Ok((ck.to_path_buf(), Some(weights)))
-    };
-    if dir.join(checkpoint::STATE_FILE).is_file() {
-        return checkpoint_weights(dir);
-    }
-    for candidate in [dir.to_path_buf(), dir.join("export")] {
-        if candidate.join(EXPORT_CONFIG).is_file() {
-            return Ok((candidate, None));
-        }
-    }
-    if let Some((_, ck)) = checkpoint::read_latest(dir) {
-        return checkpoint_weights(&ck);
-    }
-    bail!(
-        "{} is neither a checkpoint, an export, nor a run directory with export/ or {}",
-        dir.display(),
-        checkpoint::LATEST
-    )
-}
-
 fn run(args: Args) -> anyhow::Result<()> {
-    let (dir, weights) = locate(&args.checkpoint)?;
+    if args.num == 0 {
+        bail!("--num must be at least 1");
+    }
     let mut overrides = Vec::new();
     if let Some(d) = &args.device {
         overrides.push(format!("run.device={d}"));
     }
-    let cfg = Config::load(&dir.join(EXPORT_CONFIG), &overrides)?;
+    let (root, _) = locate(&args.checkpoint)?;
+    let cfg = Config::load(&root.join(EXPORT_CONFIG), &overrides)?;
     let device = make_device(&cfg.run.device)?;
-    let weights = weights.unwrap_or_else(|| export_weights_path(&cfg, &dir));
-    let tensors = io::load_safetensors(&weights)?;
-    let model = io::load_into(build_model(&cfg, &device), &tensors, &weights)?;
-    if args.num == 0 {
-        bail!("--num must be at least 1");
-    }
-    let sampler = args.sampler.map(|s| match s {
-        Sampler::Ddpm => SamplerKind::Ddpm,
-        Sampler::Ddim => SamplerKind::Ddim,
-    });
-    if let Some(steps) = args.steps
-        && (steps == 0 || steps > cfg.diffusion.num_train_timesteps)
-    {
-        bail!(
-            "--steps {steps} must be in 1..={}",
-            cfg.diffusion.num_train_timesteps
-        );
-    }
-    let (images, shape) = generate(
-        &model, &cfg, &device, args.num, args.steps, sampler, args.seed,
-    );
+    let (images, shape, weights) = match cfg.model.architecture {
+        arch if arch.is_diffusion() => {
+            let (cfg, model, weights) =
+                load_run(&args.checkpoint, &overrides, |c| build_model(c, &device))?;
+            let sampler = args.sampler.map(|s| match s {
+                Sampler::Ddpm => SamplerKind::Ddpm,
+                Sampler::Ddim => SamplerKind::Ddim,
+            });
+            if let Some(steps) = args.steps
+                && (steps == 0 || steps > cfg.diffusion.num_train_timesteps)
+            {
+                bail!(
+                    "--steps {steps} must be in 1..={}",
+                    cfg.diffusion.num_train_timesteps
+                );
+            }
+            let (images, shape) = generate(
+                &model, &cfg, &device, args.num, args.steps, sampler, args.seed,
+            );
+            (images, shape, weights)
+        }
+        Architecture::GatedPixelcnn => {
+            let stage1 = load_stage1(&cfg, Some(&root), &device)?;
+            let k = stage1.cfg.model.vqvae.num_embeddings;
+            let (cfg, prior, weights) = load_run(&args.checkpoint, &overrides, |c| {
+                c.model.pixelcnn.init(k, &device)
+            })?;
+            let temperature = args.temperature.unwrap_or(cfg.sample.temperature);
+            if !(temperature > 0.0) {
+                bail!("--temperature {temperature} must be positive");
+            }
+            let res = cfg.data.resolution;
+            let images = sample_images(
+                &prior,
+                &stage1.model,
+                res / 4,
+                args.num,
+                temperature,
+                args.seed,
+                &device,
+            );
+            (images, [args.num, cfg.image_channels(), res, res], weights)
+        }
+        Architecture::Vqvae => bail!(
+            "{} is a VQ-VAE (stage 1): it reconstructs but does not sample on its own. Train a \
+             PixelCNN prior on it (configs/pixelcnn_quickstart.toml) and sample from that run",
+            args.checkpoint.display()
+        ),
+        other => bail!("sampling is not built for {other:?}"),
+    };
     io::save_grid(&images, shape, grid_columns(args.num), &args.out)
         .with_context(|| format!("writing {}", args.out.display()))?;
     eprintln!(

@@ -1,7 +1,10 @@
-//! Denoiser architectures and the one place that picks the float dtype models compute in.
+//! Model architectures (denoisers, VQ-VAE, PixelCNN prior) and the one place that picks the
+//! float dtype models compute in.
 
+pub mod pixelcnn;
 pub mod tutorial_unet;
 pub mod unet_2d;
+pub mod vqvae;
 
 use burn::module::Module;
 use burn::prelude::*;
@@ -20,6 +23,17 @@ pub enum Architecture {
     Unet2d,
     /// The DDPM-on-MNIST tutorial's residual U-Net (for comparison with PyTorch).
     TutorialUnet,
+    /// Stage 1 of the discrete family: a VQ-VAE trained on images.
+    Vqvae,
+    /// Stage 2: a Gated PixelCNN prior over a trained VQ-VAE's code maps.
+    GatedPixelcnn,
+}
+
+impl Architecture {
+    /// Denoisers trained with the diffusion loss.
+    pub fn is_diffusion(self) -> bool {
+        matches!(self, Self::Unet2d | Self::TutorialUnet)
+    }
 }
 
 /// `train.mixed_precision`, with accelerate's names. Only `no` is built so far; the model
@@ -56,8 +70,9 @@ impl DenoiserModel {
         device: &Device,
     ) -> Self {
         match architecture {
-            Architecture::Unet2d => Self::Unet2d(unet.init(device)),
             Architecture::TutorialUnet => Self::TutorialUnet(tutorial.init(device)),
+            // Callers dispatch on `is_diffusion` first; the U-Net is the diffusion default.
+            _ => Self::Unet2d(unet.init(device)),
         }
     }
 

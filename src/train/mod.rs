@@ -10,6 +10,7 @@ pub mod checkpoint;
 pub mod ema;
 pub mod grad;
 pub mod lr;
+pub mod objectives;
 pub mod progress;
 
 use std::collections::HashMap;
@@ -33,6 +34,7 @@ use crate::models::{Architecture, DenoiserModel, compute_dtype};
 use crate::tensorboard::{EventError, EventWriter};
 use ema::Ema;
 use lr::LrScheduler;
+use objectives::{DiffusionObjective, PixelCnnObjective, VqvaeObjective};
 use progress::{Progress, StepReport};
 
 #[derive(Debug, thiserror::Error)]
@@ -72,6 +74,14 @@ pub enum TrainError {
     ExistingCheckpoints { dir: PathBuf, newest: PathBuf },
     #[error(transparent)]
     Events(#[from] EventError),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(
+        "{0} is neither a checkpoint, an export, nor a run directory with export/ or a latest checkpoint"
+    )]
+    NotARun(PathBuf),
+    #[error("{0}")]
+    Stage(String),
 }
 
 /// The (non-autodiff) device a run computes on.
@@ -212,11 +222,9 @@ impl Default for TrainOptions {
     }
 }
 
-pub struct TrainOutcome {
-    /// The trained weights, off the autodiff graph.
-    pub model: DenoiserModel,
-    /// The EMA weights, when `ema.enabled`.
-    pub ema: Option<DenoiserModel>,
+/// What a finished run reports, whatever the model family.
+#[derive(Debug, Clone)]
+pub struct RunSummary {
     /// The step the run started from (0, or the resumed checkpoint's step).
     pub first_step: usize,
     pub steps: usize,
@@ -226,6 +234,53 @@ pub struct TrainOutcome {
     pub sample_grid: Option<PathBuf>,
     pub export_dir: Option<PathBuf>,
     pub seconds: f64,
+}
+
+pub struct TrainOutcome<M> {
+    /// The trained weights, off the autodiff graph.
+    pub model: M,
+    /// The EMA weights, when `ema.enabled`.
+    pub ema: Option<M>,
+    pub summary: RunSummary,
+}
+
+/// What differs between model families. The loop, accumulation, clipping, checkpoints, EMA,
+/// logging and resume are shared; an objective says how to build the model, what its loss is,
+/// what a sample grid shows and how weights are exported.
+pub trait Objective {
+    type Model: Module;
+    /// Called once with the training data before any step (e.g. to fix a reconstruction batch).
+    fn prepare(&mut self, _dataset: &Dataset) -> Result<(), TrainError> {
+        Ok(())
+    }
+    /// Fresh weights; the init RNG is already seeded from `run.seed`.
+    fn build(&self, device: &Device) -> Self::Model;
+    /// The loss of one micro-batch.
+    fn loss(
+        &mut self,
+        model: &Self::Model,
+        batch: &Batch,
+        rng: &mut ChaCha8Rng,
+        device: &Device,
+    ) -> Tensor<1>;
+    /// Runs after every optimizer step (e.g. codebook restarts); may draw from `rng`, which is
+    /// checkpointed, so resume stays exact.
+    fn after_step(&mut self, model: Self::Model, _rng: &mut ChaCha8Rng) -> Self::Model {
+        model
+    }
+    /// Extra scalars for TensorBoard, from the last step.
+    fn metrics(&self) -> Vec<(&'static str, f64)> {
+        Vec::new()
+    }
+    /// Images `[n, c, h, w]` in [-1, 1] for the sample grid, and its column count.
+    fn grid(&self, weights: &Self::Model, device: &Device) -> (Vec<f32>, [usize; 4], usize);
+    /// Writes `weights` (EMA when on) and `raw` (training weights, with EMA) under `dir`.
+    fn export(
+        &self,
+        weights: &Self::Model,
+        raw: Option<&Self::Model>,
+        dir: &Path,
+    ) -> Result<(), TrainError>;
 }
 
 /// What to do with a step whose loss or gradient norm is not finite.
@@ -248,10 +303,10 @@ pub fn check_finite(
 }
 
 /// The mutable state of a run between optimizer steps: exactly what a checkpoint stores.
-struct RunState {
-    model: DenoiserModel,
+struct RunState<M> {
+    model: M,
     optim: burn::optim::ModuleOptimizer,
-    ema: Option<Ema<DenoiserModel>>,
+    ema: Option<Ema<M>>,
     rng: ChaCha8Rng,
     step: usize,
     position: LoaderPosition,
@@ -292,8 +347,9 @@ fn restore_rng(s: &checkpoint::RngState) -> Option<ChaCha8Rng> {
 }
 
 /// A fresh run: weights from `run.seed`, EMA shadow copied from them.
-fn fresh_state(cfg: &Config, device: &Device) -> RunState {
-    let model = io::stable_param_ids(build_model(cfg, device));
+fn fresh_state<O: Objective>(objective: &O, cfg: &Config, device: &Device) -> RunState<O::Model> {
+    crate::nn::seed_init(cfg.run.seed);
+    let model = io::stable_param_ids(objective.build(device));
     let ema = cfg
         .ema
         .enabled
@@ -311,13 +367,14 @@ fn fresh_state(cfg: &Config, device: &Device) -> RunState {
 }
 
 /// Rebuilds the run state from a verified checkpoint, refusing config changes that break it.
-fn resumed_state(
+fn resumed_state<O: Objective>(
+    objective: &O,
     cfg: &Config,
     ck: &checkpoint::Loaded,
     dataset_len: usize,
     device: &Device,
     quiet: bool,
-) -> Result<RunState, TrainError> {
+) -> Result<RunState<O::Model>, TrainError> {
     let dir = &ck.dir;
     let (breaking, allowed) = checkpoint::compare_configs(&ck.config()?, cfg);
     if !breaking.is_empty() {
@@ -346,7 +403,7 @@ fn resumed_state(
             eprintln!("note: changed since the checkpoint: {line}");
         }
     }
-    let mut state = fresh_state(cfg, device);
+    let mut state = fresh_state(objective, cfg, device);
     let model_path = dir.join(checkpoint::MODEL_FILE);
     let tensors = io::parse_safetensors(ck.file(checkpoint::MODEL_FILE)?, &model_path)?;
     state.model = io::load_into(state.model, &tensors, &model_path)?;
@@ -393,16 +450,16 @@ fn resumed_state(
 }
 
 /// Writes `checkpoint-<step>/` from the state between steps, then rotates.
-fn save_checkpoint(
+fn save_checkpoint<M: Module>(
     cfg: &Config,
-    st: &RunState,
+    st: &RunState<M>,
     dataset_len: usize,
     lr_next: f64,
     out: &Path,
 ) -> Result<PathBuf, TrainError> {
     let mut meta = HashMap::new();
     meta.insert("format".to_string(), "pt".to_string());
-    let safetensors = |m: &DenoiserModel, name: &str| {
+    let safetensors = |m: &M, name: &str| {
         io::safetensors_bytes(&io::named_tensors(m), &meta).map_err(|message| {
             TrainError::Io(io::IoError::Format {
                 path: out.join(name),
@@ -454,9 +511,9 @@ fn save_checkpoint(
 
 /// Samples with the weights sampling should use (EMA when on), writes
 /// `samples/step-<N>.png` and, when logging, a TensorBoard image.
-fn write_samples(
-    cfg: &Config,
-    st: &RunState,
+fn write_samples<O: Objective>(
+    objective: &O,
+    st: &RunState<O::Model>,
     device: &Device,
     out: &Path,
     events: Option<&mut EventWriter>,
@@ -465,17 +522,9 @@ fn write_samples(
         Some(ema) => ema.shadow.clone(),
         None => st.model.valid(),
     };
-    let (images, shape) = generate(
-        &weights,
-        cfg,
-        device,
-        cfg.sample.num_images,
-        None,
-        None,
-        cfg.sample.seed,
-    );
+    let (images, shape, ncol) = objective.grid(&weights, device);
     let path = out.join("samples").join(format!("step-{}.png", st.step));
-    let grid = io::save_grid(&images, shape, grid_columns(shape[0]), &path)?;
+    let grid = io::save_grid(&images, shape, ncol, &path)?;
     if let Some(ev) = events {
         ev.image(
             "samples",
@@ -497,7 +546,36 @@ struct Window {
     images: f64,
 }
 
-pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainOutcome, TrainError> {
+/// Trains the model family `cfg.model.architecture` names.
+pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<RunSummary, TrainError> {
+    let arch = cfg.model.architecture;
+    if arch.is_diffusion() {
+        return train_diffusion(cfg, opts).map(|o| o.summary);
+    }
+    match arch {
+        Architecture::Vqvae => train_with(cfg, opts, VqvaeObjective::new(cfg)).map(|o| o.summary),
+        _ => {
+            let objective = PixelCnnObjective::new(cfg, opts)?;
+            train_with(cfg, opts, objective).map(|o| o.summary)
+        }
+    }
+}
+
+/// Trains a denoiser (`unet_2d` or `tutorial_unet`) with the diffusion loss.
+pub fn train_diffusion(
+    cfg: &Config,
+    opts: &TrainOptions,
+) -> Result<TrainOutcome<DenoiserModel>, TrainError> {
+    train_with(cfg, opts, DiffusionObjective::new(cfg))
+}
+
+/// The shared training loop, read top to bottom: resolve where to start, open the data,
+/// then steps of accumulate -> clip -> optimizer step -> EMA -> log/sample/checkpoint.
+pub fn train_with<O: Objective>(
+    cfg: &Config,
+    opts: &TrainOptions,
+    mut objective: O,
+) -> Result<TrainOutcome<O::Model>, TrainError> {
     let started = Instant::now();
     let device = make_device(&cfg.run.device)?;
     let train_device = device.clone().autodiff();
@@ -529,9 +607,17 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainOutcome, TrainErr
         &cfg.data.path,
         cfg.data.on_bad_image,
     )?);
+    objective.prepare(&dataset)?;
     let mut st = match &start.checkpoint {
         Some(ck) => {
-            let st = resumed_state(cfg, ck, dataset.len(), &train_device, opts.quiet)?;
+            let st = resumed_state(
+                &objective,
+                cfg,
+                ck,
+                dataset.len(),
+                &train_device,
+                opts.quiet,
+            )?;
             say(&format!(
                 "resuming from {} (step {}, epoch {}, batch {} of the epoch)",
                 ck.dir.display(),
@@ -541,7 +627,7 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainOutcome, TrainErr
             ));
             st
         }
-        None => fresh_state(cfg, &train_device),
+        None => fresh_state(&objective, cfg, &train_device),
     };
     let first_step = st.step;
     let transform = Transform {
@@ -585,7 +671,6 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainOutcome, TrainErr
         warmup_steps: t.lr_warmup_steps,
         total_steps: t.max_steps,
     };
-    let schedule = noise_schedule(cfg);
     let progress = Progress::new(t.max_steps, first_step, cfg.logging.log_every, opts.quiet);
     let accum_steps = t.gradient_accumulation_steps;
     let images_per_step = (t.batch_size * accum_steps) as f64;
@@ -600,15 +685,9 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainOutcome, TrainErr
         let mut loss_sum = 0.0;
         for _ in 0..accum_steps {
             let batch = loader.next_batch()?;
-            let loss = diffusion_loss(
-                &st.model,
-                cfg,
-                &schedule,
-                &batch,
-                &mut st.rng,
-                &train_device,
-            )
-            .div_scalar(accum_steps as f64);
+            let loss = objective
+                .loss(&st.model, &batch, &mut st.rng, &train_device)
+                .div_scalar(accum_steps as f64);
             loss_sum += loss.clone().into_scalar::<f32>() as f64;
             let grads = GradientsParams::from_grads(loss.backward(), &st.model);
             accumulator.accumulate(&st.model, grads);
@@ -624,6 +703,7 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainOutcome, TrainErr
         } else {
             st.skipped += 1;
         }
+        st.model = objective.after_step(st.model, &mut st.rng);
         st.step += 1;
         st.position = loader.position();
         st.last_loss = loss_sum;
@@ -656,11 +736,14 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainOutcome, TrainErr
             if st.ema.is_some() {
                 ev.scalar("train/ema_decay", ema_decay, s)?;
             }
+            for (tag, value) in objective.metrics() {
+                ev.scalar(tag, value, s)?;
+            }
             window = Window::default();
         }
         let sample_every = cfg.logging.sample_every;
         if writes && sample_every > 0 && st.step % sample_every == 0 && st.step < t.max_steps {
-            write_samples(cfg, &st, &device, &out, events.as_mut())?;
+            write_samples(&objective, &st, &device, &out, events.as_mut())?;
         }
         if writes && every > 0 && (st.step % every == 0 || st.step == t.max_steps) {
             save_checkpoint(cfg, &st, dataset.len(), lr_sched.lr_at(st.step), &out)?;
@@ -674,27 +757,37 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainOutcome, TrainErr
 
     let (mut sample_grid, mut export_dir) = (None, None);
     if writes {
-        sample_grid = Some(write_samples(cfg, &st, &device, &out, events.as_mut())?);
+        sample_grid = Some(write_samples(
+            &objective,
+            &st,
+            &device,
+            &out,
+            events.as_mut(),
+        )?);
         if cfg.export.enabled {
             let raw = st.model.valid();
             let dir = out.join("export");
-            export_dir = Some(match &st.ema {
-                Some(ema) => export(&ema.shadow, Some(&raw), cfg, &dir)?,
-                None => export(&raw, None, cfg, &dir)?,
-            });
+            match &st.ema {
+                Some(ema) => objective.export(&ema.shadow, Some(&raw), &dir)?,
+                None => objective.export(&raw, None, &dir)?,
+            }
+            io::write_atomic(&dir.join(EXPORT_CONFIG), cfg.to_toml().as_bytes())?;
+            export_dir = Some(dir);
         }
     }
     Ok(TrainOutcome {
         model: st.model.valid(),
         ema: st.ema.map(|e| e.shadow),
-        first_step,
-        steps: st.step,
-        last_loss: st.last_loss,
-        skipped_steps: st.skipped,
-        bad_images,
-        sample_grid,
-        export_dir,
-        seconds: started.elapsed().as_secs_f64(),
+        summary: RunSummary {
+            first_step,
+            steps: st.step,
+            last_loss: st.last_loss,
+            skipped_steps: st.skipped,
+            bad_images,
+            sample_grid,
+            export_dir,
+            seconds: started.elapsed().as_secs_f64(),
+        },
     })
 }
 
@@ -793,8 +886,8 @@ pub fn export(
     let weights: Vec<(&DenoiserModel, &str)> = std::iter::once((model, ""))
         .chain(raw.map(|r| (r, "_no_ema")))
         .collect();
-    match cfg.model.architecture {
-        Architecture::Unet2d => {
+    match model {
+        DenoiserModel::Unet2d(_) => {
             for (m, suffix) in weights {
                 let sub = dir.join(format!("unet{suffix}"));
                 let mut meta = meta.clone();
@@ -831,7 +924,7 @@ pub fn export(
                 }),
             )?;
         }
-        Architecture::TutorialUnet => {
+        DenoiserModel::TutorialUnet(_) => {
             for (m, suffix) in weights {
                 io::save_safetensors(
                     &dir.join(format!("tutorial_unet{suffix}/model.safetensors")),
@@ -841,7 +934,6 @@ pub fn export(
             }
         }
     }
-    io::write_atomic(&dir.join(EXPORT_CONFIG), cfg.to_toml().as_bytes())?;
     Ok(dir.to_path_buf())
 }
 
@@ -850,7 +942,52 @@ pub fn export_weights_path(cfg: &Config, dir: &Path) -> PathBuf {
     match cfg.model.architecture {
         Architecture::Unet2d => dir.join("unet/diffusion_pytorch_model.safetensors"),
         Architecture::TutorialUnet => dir.join("tutorial_unet/model.safetensors"),
+        Architecture::Vqvae => dir.join("vqvae/model.safetensors"),
+        Architecture::GatedPixelcnn => dir.join("pixelcnn/model.safetensors"),
     }
+}
+
+/// The folder holding a run's `difftrain.toml`, and the weights file when it is a checkpoint:
+/// `dir` may be a `checkpoint-<N>` directory (its EMA weights when it has them), an export
+/// folder, or a run's output_dir (its `export/`, else the checkpoint `latest` names).
+pub fn locate(dir: &Path) -> Result<(PathBuf, Option<PathBuf>), TrainError> {
+    let from_checkpoint = |ck: &Path| -> Result<(PathBuf, Option<PathBuf>), TrainError> {
+        // Sizes and checksums are verified before the files are trusted.
+        checkpoint::read_verified(ck)?;
+        let ema = ck.join(checkpoint::EMA_FILE);
+        let weights = if ema.is_file() {
+            ema
+        } else {
+            ck.join(checkpoint::MODEL_FILE)
+        };
+        Ok((ck.to_path_buf(), Some(weights)))
+    };
+    if dir.join(checkpoint::STATE_FILE).is_file() {
+        return from_checkpoint(dir);
+    }
+    for candidate in [dir.to_path_buf(), dir.join("export")] {
+        if candidate.join(EXPORT_CONFIG).is_file() {
+            return Ok((candidate, None));
+        }
+    }
+    if let Some((_, ck)) = checkpoint::read_latest(dir) {
+        return from_checkpoint(&ck);
+    }
+    Err(TrainError::NotARun(dir.to_path_buf()))
+}
+
+/// Loads a run's config and weights from anything [`locate`] accepts.
+pub fn load_run<M: Module>(
+    dir: &Path,
+    overrides: &[String],
+    build: impl FnOnce(&Config) -> M,
+) -> Result<(Config, M, PathBuf), TrainError> {
+    let (root, weights) = locate(dir)?;
+    let cfg = Config::load(&root.join(EXPORT_CONFIG), overrides)?;
+    let weights = weights.unwrap_or_else(|| export_weights_path(&cfg, &root));
+    let tensors = io::load_safetensors(&weights)?;
+    let model = io::load_into(build(&cfg), &tensors, &weights)?;
+    Ok((cfg, model, weights))
 }
 
 #[cfg(test)]
