@@ -117,7 +117,10 @@ fn learns_a_two_mode_pattern_distribution() {
             counts[usize::from(c1 > c0)] += 1;
         }
     }
-    eprintln!("modes {counts:?} of {n}; final loss {:.4}", out.summary.last_loss);
+    eprintln!(
+        "modes {counts:?} of {n}; final loss {:.4}",
+        out.summary.last_loss
+    );
     assert!(
         counts[0] + counts[1] >= n * 8 / 10,
         "only {counts:?} of {n} samples match a mode"

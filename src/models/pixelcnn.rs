@@ -366,23 +366,16 @@ mod tests {
 
     #[test]
     fn masks_of_each_type() {
-        // 3x3, centre at (1, 1).
-        assert_eq!(
-            stack_mask(3, true, MaskType::A),
-            vec![1., 1., 1., 0., 0., 0., 0., 0., 0.]
-        );
-        assert_eq!(
-            stack_mask(3, true, MaskType::B),
-            vec![1., 1., 1., 1., 1., 1., 0., 0., 0.]
-        );
-        assert_eq!(
-            stack_mask(3, false, MaskType::A),
-            vec![0., 0., 0., 1., 0., 0., 0., 0., 0.]
-        );
-        assert_eq!(
-            stack_mask(3, false, MaskType::B),
-            vec![0., 0., 0., 1., 1., 0., 0., 0., 0.]
-        );
+        // 3x3, centre at (1, 1): (vertical, type, mask).
+        let cases = [
+            (true, MaskType::A, [1., 1., 1., 0., 0., 0., 0., 0., 0.]),
+            (true, MaskType::B, [1., 1., 1., 1., 1., 1., 0., 0., 0.]),
+            (false, MaskType::A, [0., 0., 0., 1., 0., 0., 0., 0., 0.]),
+            (false, MaskType::B, [0., 0., 0., 1., 1., 0., 0., 0., 0.]),
+        ];
+        for (vertical, kind, want) in cases {
+            assert_eq!(stack_mask(3, vertical, kind), want, "{vertical} {kind:?}");
+        }
     }
 
     #[test]
