@@ -230,3 +230,37 @@ fn mnist_idx_files_load_plain_and_gzipped() {
     .to_string();
     assert!(err.contains("magic number"), "{err}");
 }
+
+#[test]
+fn bench_prints_one_json_line_per_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tmp.path().join("c.toml");
+    write_config(&cfg, &tmp.path().join("data"), &tmp.path().join("run"), "");
+    let r = Command::new(env!("CARGO_BIN_EXE_bench"))
+        .arg("--config")
+        .arg(&cfg)
+        .args(["--warmup", "1", "--steps", "2"])
+        .output()
+        .unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&r.stdout).unwrap();
+    assert_eq!(v["impl"], "burn-flex");
+    assert_eq!(v["batch"], 4);
+    assert!(v["params"].as_u64().unwrap() > 0);
+    assert!(v["images_per_sec"].as_f64().unwrap() > 0.0);
+    let phases = v["phase_percent"].as_object().unwrap();
+    let total: f64 = phases.values().map(|p| p.as_f64().unwrap()).sum();
+    assert!((total - 100.0).abs() < 0.5, "{phases:?}");
+    // The PyTorch side builds diffusers' UNet2DModel from this file.
+    let json = tmp.path().join("unet.json");
+    let r = Command::new(env!("CARGO_BIN_EXE_bench"))
+        .arg("--config")
+        .arg(&cfg)
+        .arg("--diffusers-config")
+        .arg(&json)
+        .output()
+        .unwrap();
+    assert!(r.status.success());
+    let unet: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(unet["_class_name"], "UNet2DModel");
+}

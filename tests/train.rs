@@ -180,3 +180,13 @@ fn tutorial_unet_preset_trains_at_28_and_odd_sizes() {
         assert_eq!(pixels.len(), 2 * res * res);
     }
 }
+
+#[test]
+fn tutorial_preset_has_the_pytorch_twins_parameter_count() {
+    // scripts/torch_models.py::TutorialUNet reports 483,360 parameters (torch 2.15,
+    // `sum(p.numel() for p in model.parameters())`); scripts/bench.sh prints both counts.
+    use burn::module::Module;
+    use difftrain::models::tutorial_unet::TutorialUNetConfig;
+    let model = TutorialUNetConfig::default().init(&burn::prelude::Device::flex());
+    assert_eq!(model.num_params(), 483_360);
+}

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Training-step throughput, difftrain (burn) against PyTorch, same machine, same models, same
+# batch, same thread count, same optimizer, one after the other. Prints a table with the ratio.
+#
+#   scripts/bench.sh                 # all cases
+#   CASES="tutorial128" scripts/bench.sh
+#   PYTHON=.venv/bin/python THREADS=2 WARMUP=3 STEPS=10 scripts/bench.sh
+#
+# Needs a Python with torch and diffusers (see docs/benchmarks.md). Results are appended as JSON
+# lines to bench-results.jsonl (override with OUT=...).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/difftrain-target}"
+PYTHON="${PYTHON:-.venv/bin/python}"
+THREADS="${THREADS:-$(nproc)}"
+WARMUP="${WARMUP:-3}"
+STEPS="${STEPS:-10}"
+OUT="${OUT:-bench-results.jsonl}"
+CASES="${CASES:-tutorial128 tutorial512 unet2d32 unet2d64}"
+
+cargo build --release --quiet --bin bench
+BENCH="$CARGO_TARGET_DIR/release/bench"
+# burn's CPU backend uses rayon's global pool; give both sides the same number of threads.
+export RAYON_NUM_THREADS="$THREADS"
+
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+rows="$tmp/rows.jsonl"
+for case in $CASES; do
+  case "$case" in
+    tutorial128) config=configs/bench_tutorial_unet.toml; batch=128 ;;
+    tutorial512) config=configs/bench_tutorial_unet.toml; batch=512 ;;
+    unet2d32) config=configs/bench_unet2d_32.toml; batch=32 ;;
+    unet2d64) config=configs/bench_unet2d_64.toml; batch=8 ;;
+    *) echo "unknown case $case" >&2; exit 2 ;;
+  esac
+  echo "== $case ($config, batch $batch, $THREADS threads)" >&2
+  ours=$("$BENCH" --config "$config" --set "train.batch_size=$batch" \
+    --warmup "$WARMUP" --steps "$STEPS")
+  "$BENCH" --config "$config" --diffusers-config "$tmp/unet.json" 2>/dev/null || true
+  theirs=$("$PYTHON" scripts/bench_torch.py --config "$config" --batch "$batch" \
+    --threads "$THREADS" --warmup "$WARMUP" --steps "$STEPS" --diffusers-config "$tmp/unet.json")
+  echo "{\"case\": \"$case\", \"ours\": $ours, \"theirs\": $theirs}" | tee -a "$OUT" >> "$rows"
+done
+
+"$PYTHON" - "$rows" <<'PY'
+import json, platform, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+print(f"machine: {platform.machine()}, {platform.processor() or 'cpu'}; threads {rows[0]['ours']['threads']}")
+print("| case | params (ours / torch) | batch | ours ms/step | torch ms/step | ours img/s | torch img/s | ours/torch speed | peak RSS MiB ours / torch |")
+print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+for r in rows:
+    o, t = r["ours"], r["theirs"]
+    ratio = o["images_per_sec"] / t["images_per_sec"]
+    print(f"| {r['case']} | {o['params']:,} / {t['params']:,} | {o['batch']} | {o['median_ms']:.0f} | {t['median_ms']:.0f} "
+          f"| {o['images_per_sec']:.1f} | {t['images_per_sec']:.1f} | {ratio:.2f}x | {o['peak_rss_mib']:.0f} / {t['peak_rss_mib']:.0f} |")
+    if o["params"] != t["params"]:
+        print(f"  PARAMETER COUNTS DIFFER for {r['case']}: the models are not the same", file=sys.stderr)
+PY
