@@ -13,3 +13,14 @@ pub mod models;
 pub mod nn;
 pub mod tensorboard;
 pub mod train;
+
+/// What every binary's `main` does with its result: print the error chain once, exit 1.
+pub fn exit_code(result: anyhow::Result<()>) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -16,7 +16,7 @@ use clap::Parser;
 use difftrain::config::Config;
 use difftrain::data::Batch;
 use difftrain::models::Architecture;
-use difftrain::train::{Objective, grad, make_device, objectives::DiffusionObjective};
+use difftrain::train::{Objective, adamw, grad, make_device, objectives::DiffusionObjective};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -62,12 +62,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     difftrain::nn::seed_init(cfg.run.seed);
     let mut model = objective.build(&device);
     let t = &cfg.train;
-    let mut optim = burn::optim::AdamWConfig::new()
-        .with_beta_1(t.adam_beta1 as f32)
-        .with_beta_2(t.adam_beta2 as f32)
-        .with_epsilon(t.adam_epsilon as f32)
-        .with_weight_decay(t.adam_weight_decay as f32)
-        .init();
+    let mut optim = adamw(&cfg);
     let res = cfg.data.resolution;
     let shape = [t.batch_size, cfg.image_channels(), res, res];
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.run.seed);
@@ -141,11 +136,5 @@ fn run(args: Args) -> anyhow::Result<()> {
 }
 
 fn main() -> std::process::ExitCode {
-    match run(Args::parse()) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    difftrain::exit_code(run(Args::parse()))
 }

@@ -57,11 +57,5 @@ fn run(args: Args) -> anyhow::Result<()> {
 }
 
 fn main() -> std::process::ExitCode {
-    match run(Args::parse()) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    difftrain::exit_code(run(Args::parse()))
 }

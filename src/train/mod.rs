@@ -314,7 +314,8 @@ struct RunState<M> {
     last_loss: f64,
 }
 
-fn adamw(cfg: &Config) -> burn::optim::ModuleOptimizer {
+/// AdamW with the config's hyperparameters (PyTorch's defaults unless set).
+pub fn adamw(cfg: &Config) -> burn::optim::ModuleOptimizer {
     let t = &cfg.train;
     AdamWConfig::new()
         .with_beta_1(t.adam_beta1 as f32)
