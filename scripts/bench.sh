@@ -4,7 +4,7 @@
 #
 #   scripts/bench.sh                 # all cases
 #   CASES="tutorial128" scripts/bench.sh
-#   PYTHON=.venv/bin/python THREADS=2 WARMUP=3 STEPS=10 scripts/bench.sh
+#   PYTHON=.venv/bin/python THREADS=2 WARMUP=3 STEPS=10 SPLIT=1 scripts/bench.sh
 #
 # Needs a Python with torch and diffusers (see docs/benchmarks.md). Results are appended as JSON
 # lines to bench-results.jsonl (override with OUT=...).
@@ -17,6 +17,8 @@ WARMUP="${WARMUP:-3}"
 STEPS="${STEPS:-10}"
 OUT="${OUT:-bench-results.jsonl}"
 CASES="${CASES:-tutorial128 tutorial512 unet2d32 unet2d64}"
+# SPLIT=N: our side splits each batch over N replica threads (docs/benchmarks.md, attempts).
+SPLIT="${SPLIT:-1}"
 
 cargo build --release --quiet --bin bench
 BENCH="$CARGO_TARGET_DIR/release/bench"
@@ -36,7 +38,7 @@ for case in $CASES; do
   esac
   echo "== $case ($config, batch $batch, $THREADS threads)" >&2
   ours=$("$BENCH" --config "$config" --set "train.batch_size=$batch" \
-    --warmup "$WARMUP" --steps "$STEPS")
+    --warmup "$WARMUP" --steps "$STEPS" --split "$SPLIT")
   "$BENCH" --config "$config" --diffusers-config "$tmp/unet.json" 2>/dev/null || true
   theirs=$("$PYTHON" scripts/bench_torch.py --config "$config" --batch "$batch" \
     --threads "$THREADS" --warmup "$WARMUP" --steps "$STEPS" --diffusers-config "$tmp/unet.json")

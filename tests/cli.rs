@@ -248,6 +248,16 @@ fn bench_prints_one_json_line_per_run() {
     assert_eq!(v["batch"], 4);
     assert!(v["params"].as_u64().unwrap() > 0);
     assert!(v["images_per_sec"].as_f64().unwrap() > 0.0);
+    // The replica split (docs/benchmarks.md) runs and reports the same model.
+    let r = Command::new(env!("CARGO_BIN_EXE_bench"))
+        .arg("--config")
+        .arg(&cfg)
+        .args(["--warmup", "0", "--steps", "1", "--split", "2"])
+        .output()
+        .unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let split: serde_json::Value = serde_json::from_slice(&r.stdout).unwrap();
+    assert_eq!(split["params"], v["params"]);
     let phases = v["phase_percent"].as_object().unwrap();
     let total: f64 = phases.values().map(|p| p.as_f64().unwrap()).sum();
     assert!((total - 100.0).abs() < 0.5, "{phases:?}");

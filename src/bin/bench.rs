@@ -11,11 +11,13 @@ use std::time::Instant;
 
 use anyhow::bail;
 use burn::module::Module;
+use burn::module::{ModuleMapper, Param};
 use burn::optim::GradientsParams;
+use burn::prelude::*;
 use clap::Parser;
 use difftrain::config::Config;
 use difftrain::data::Batch;
-use difftrain::models::Architecture;
+use difftrain::models::{Architecture, DenoiserModel};
 use difftrain::train::{Objective, adamw, grad, make_device, objectives::DiffusionObjective};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -31,6 +33,10 @@ struct Args {
     warmup: usize,
     #[arg(long, default_value_t = 10)]
     steps: usize,
+    /// Experiment: split each batch across this many threads, each on its own replica of the
+    /// weights (fresh autodiff leaves sharing the data), gradients summed, one optimizer step.
+    #[arg(long, default_value_t = 1)]
+    split: usize,
     /// Write the model's diffusers UNet2DModel config.json here (unet_2d only) and exit.
     #[arg(long)]
     diffusers_config: Option<PathBuf>,
@@ -42,6 +48,61 @@ fn peak_rss_mib() -> Option<f64> {
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib / 1024.0)
+}
+
+/// Fresh autodiff leaves over the same weights and ids: a replica whose graph is its own.
+struct Replicate;
+
+impl ModuleMapper for Replicate {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        param.map(|t| t.detach().require_grad())
+    }
+}
+
+fn split_step(
+    model: &DenoiserModel,
+    batch: &Batch,
+    parts: usize,
+    cfg: &Config,
+    rng: &mut ChaCha8Rng,
+    device: &Device,
+) -> GradientsParams {
+    let [b, c, h, w] = batch.shape;
+    let per = b / parts;
+    let n = c * h * w;
+    let results: Vec<GradientsParams> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..parts)
+            .map(|k| {
+                let replica = model.clone().map(&mut Replicate);
+                let device = device.clone();
+                let mut objective = DiffusionObjective::new(cfg);
+                let mut thread_rng = ChaCha8Rng::seed_from_u64(rng.random());
+                let part = Batch {
+                    images: batch.images[k * per * n..(k + 1) * per * n].to_vec(),
+                    shape: [per, c, h, w],
+                    captions: vec![None; per],
+                    labels: vec![None; per],
+                    indices: (0..per).collect(),
+                };
+                s.spawn(move || {
+                    let loss = objective
+                        .loss(&replica, &part, &mut thread_rng, &device)
+                        .div_scalar(parts as f64);
+                    let _ = loss.clone().into_scalar::<f32>();
+                    GradientsParams::from_grads(loss.backward(), &replica)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("worker thread"))
+            .collect()
+    });
+    let mut acc = burn::optim::GradientsAccumulator::new();
+    for g in results {
+        acc.accumulate(model, g);
+    }
+    acc.grads()
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
@@ -82,11 +143,19 @@ fn run(args: Args) -> anyhow::Result<()> {
     let mut phases = [0.0f64; 4];
     for i in 0..args.warmup + args.steps {
         let start = Instant::now();
-        let loss = objective.loss(&model, &batch, &mut rng, &device);
-        // `train` reads the loss back every step too.
-        let _ = loss.clone().into_scalar::<f32>();
-        let t_forward = start.elapsed().as_secs_f64();
-        let mut grads = GradientsParams::from_grads(loss.backward(), &model);
+        let (t_forward, mut grads) = if args.split > 1 {
+            let g = split_step(&model, &batch, args.split, &cfg, &mut rng, &device);
+            (0.0, g)
+        } else {
+            let loss = objective.loss(&model, &batch, &mut rng, &device);
+            // `train` reads the loss back every step too.
+            let _ = loss.clone().into_scalar::<f32>();
+            let t_forward = start.elapsed().as_secs_f64();
+            (
+                t_forward,
+                GradientsParams::from_grads(loss.backward(), &model),
+            )
+        };
         let t_backward = start.elapsed().as_secs_f64();
         grad::clip_global_norm(&model, &mut grads, t.max_grad_norm);
         let t_clip = start.elapsed().as_secs_f64();
