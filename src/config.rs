@@ -188,6 +188,10 @@ pub struct TrainConfig {
     pub max_grad_norm: f64,
     pub on_nonfinite: OnNonFinite,
     pub mixed_precision: MixedPrecision,
+    /// Compute each micro-batch as this many equal slices on as many threads, each on a replica
+    /// of the weights (diffusion denoisers). Same numbers as 1 up to float summation order;
+    /// on CPU it keeps more cores busy (see docs/benchmarks.md).
+    pub batch_split: usize,
 }
 
 impl Default for TrainConfig {
@@ -206,6 +210,7 @@ impl Default for TrainConfig {
             max_grad_norm: 1.0,
             on_nonfinite: OnNonFinite::Error,
             mixed_precision: MixedPrecision::No,
+            batch_split: 1,
         }
     }
 }
@@ -584,6 +589,18 @@ impl Config {
         }
         if !(0.0..1.0).contains(&t.adam_beta1) || !(0.0..1.0).contains(&t.adam_beta2) {
             p.push("train.adam_beta1 and train.adam_beta2 must be in [0, 1)".into());
+        }
+        if t.batch_split == 0 || t.batch_size % t.batch_split.max(1) != 0 {
+            p.push(format!(
+                "train.batch_split = {} must be at least 1 and divide train.batch_size = {}",
+                t.batch_split, t.batch_size
+            ));
+        }
+        if t.batch_split > 1 && !self.model.architecture.is_diffusion() {
+            p.push(format!(
+                "train.batch_split is built for the diffusion denoisers only, not {:?}",
+                self.model.architecture
+            ));
         }
         if t.max_grad_norm < 0.0 {
             p.push("train.max_grad_norm must be >= 0 (0 disables clipping)".into());

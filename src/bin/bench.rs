@@ -11,13 +11,11 @@ use std::time::Instant;
 
 use anyhow::bail;
 use burn::module::Module;
-use burn::module::{ModuleMapper, Param};
 use burn::optim::GradientsParams;
-use burn::prelude::*;
 use clap::Parser;
 use difftrain::config::Config;
 use difftrain::data::Batch;
-use difftrain::models::{Architecture, DenoiserModel};
+use difftrain::models::Architecture;
 use difftrain::train::{Objective, adamw, grad, make_device, objectives::DiffusionObjective};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -33,8 +31,7 @@ struct Args {
     warmup: usize,
     #[arg(long, default_value_t = 10)]
     steps: usize,
-    /// Experiment: split each batch across this many threads, each on its own replica of the
-    /// weights (fresh autodiff leaves sharing the data), gradients summed, one optimizer step.
+    /// Compute each batch as this many slices on replica threads (`train.batch_split`).
     #[arg(long, default_value_t = 1)]
     split: usize,
     /// Write the model's diffusers UNet2DModel config.json here (unet_2d only) and exit.
@@ -48,61 +45,6 @@ fn peak_rss_mib() -> Option<f64> {
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib / 1024.0)
-}
-
-/// Fresh autodiff leaves over the same weights and ids: a replica whose graph is its own.
-struct Replicate;
-
-impl ModuleMapper for Replicate {
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-        param.map(|t| t.detach().require_grad())
-    }
-}
-
-fn split_step(
-    model: &DenoiserModel,
-    batch: &Batch,
-    parts: usize,
-    cfg: &Config,
-    rng: &mut ChaCha8Rng,
-    device: &Device,
-) -> GradientsParams {
-    let [b, c, h, w] = batch.shape;
-    let per = b / parts;
-    let n = c * h * w;
-    let results: Vec<GradientsParams> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..parts)
-            .map(|k| {
-                let replica = model.clone().map(&mut Replicate);
-                let device = device.clone();
-                let mut objective = DiffusionObjective::new(cfg);
-                let mut thread_rng = ChaCha8Rng::seed_from_u64(rng.random());
-                let part = Batch {
-                    images: batch.images[k * per * n..(k + 1) * per * n].to_vec(),
-                    shape: [per, c, h, w],
-                    captions: vec![None; per],
-                    labels: vec![None; per],
-                    indices: (0..per).collect(),
-                };
-                s.spawn(move || {
-                    let loss = objective
-                        .loss(&replica, &part, &mut thread_rng, &device)
-                        .div_scalar(parts as f64);
-                    let _ = loss.clone().into_scalar::<f32>();
-                    GradientsParams::from_grads(loss.backward(), &replica)
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("worker thread"))
-            .collect()
-    });
-    let mut acc = burn::optim::GradientsAccumulator::new();
-    for g in results {
-        acc.accumulate(model, g);
-    }
-    acc.grads()
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
@@ -144,8 +86,10 @@ fn run(args: Args) -> anyhow::Result<()> {
     for i in 0..args.warmup + args.steps {
         let start = Instant::now();
         let (t_forward, mut grads) = if args.split > 1 {
-            let g = split_step(&model, &batch, args.split, &cfg, &mut rng, &device);
-            (0.0, g)
+            let (grads, _) = objective
+                .split_grads(&model, &batch, args.split, 1.0, &mut rng, &device)
+                .expect("diffusion objectives split");
+            (0.0, grads)
         } else {
             let loss = objective.loss(&model, &batch, &mut rng, &device);
             // `train` reads the loss back every step too.

@@ -68,6 +68,23 @@ pub fn global_norm<M: Module>(module: &M, grads: &GradientsParams) -> f64 {
     total.map_or(0.0, |t| (t.into_scalar::<f32>() as f64).sqrt())
 }
 
+/// Makes every parameter a fresh autodiff leaf over the same data and id.
+struct Replicate;
+
+impl burn::module::ModuleMapper for Replicate {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        param.map(|t| t.detach().require_grad())
+    }
+}
+
+/// A replica of `module` for another thread: same weights (not copied) and parameter ids, but
+/// its own autodiff leaves. burn merges graphs that share nodes into one mutex-protected graph,
+/// so two threads differentiating the same parameters would serialise (and can consume each
+/// other's tape); replicas keep their graphs apart and their gradients still add up by id.
+pub fn replicate<M: Module>(module: &M) -> M {
+    module.clone().map(&mut Replicate)
+}
+
 /// Multiplies every gradient by `factor`.
 pub fn scale_all<M: Module>(module: &M, grads: &mut GradientsParams, factor: f64) {
     for (id, rank) in param_ids(module) {

@@ -177,6 +177,19 @@ fn draw_noise(
     }
 }
 
+impl NoiseDraw {
+    /// Samples `range` of the draw (each sample's numbers are contiguous).
+    fn slice(&self, range: std::ops::Range<usize>, per_sample: usize) -> NoiseDraw {
+        let pixels = range.start * per_sample..range.end * per_sample;
+        NoiseDraw {
+            noise: self.noise[pixels.clone()].to_vec(),
+            input_noise: self.input_noise[pixels].to_vec(),
+            timesteps: self.timesteps[range.clone()].to_vec(),
+            coef: std::array::from_fn(|i| self.coef[i][range.clone()].to_vec()),
+        }
+    }
+}
+
 /// The diffusion loss of one micro-batch: mean over batch of `w_b * mean_chw (pred - target)^2`.
 pub fn diffusion_loss(
     model: &DenoiserModel,
@@ -186,14 +199,75 @@ pub fn diffusion_loss(
     rng: &mut ChaCha8Rng,
     device: &Device,
 ) -> Tensor<1> {
-    let shape = batch.shape;
+    let draw = draw_noise(cfg, schedule, batch.shape, rng);
+    loss_from_draw(model, cfg, &batch.images, batch.shape, draw, device)
+}
+
+/// Gradients of `scale * diffusion_loss(batch)` computed as `parts` equal slices on as many
+/// threads, each on a replica of the weights ([`grad::replicate`]), summed by parameter id.
+/// The noise is drawn for the whole micro-batch first, in sample order, so the numbers are
+/// those of the unsplit loss; only the float summation order differs. Returns the loss too.
+pub fn diffusion_split_grads(
+    model: &DenoiserModel,
+    cfg: &Config,
+    schedule: &NoiseSchedule,
+    batch: &Batch,
+    parts: usize,
+    scale: f64,
+    rng: &mut ChaCha8Rng,
+    device: &Device,
+) -> (GradientsParams, f64) {
+    let [b, c, h, w] = batch.shape;
+    let per = b / parts;
+    let pixels = c * h * w;
+    let draw = draw_noise(cfg, schedule, batch.shape, rng);
+    let results: Vec<(GradientsParams, f64)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..parts)
+            .map(|k| {
+                let replica = grad::replicate(model);
+                let part_draw = draw.slice(k * per..(k + 1) * per, pixels);
+                let images = &batch.images[k * per * pixels..(k + 1) * per * pixels];
+                s.spawn(move || {
+                    // mean over the batch = sum over parts of (per / b) * mean over the part
+                    let loss =
+                        loss_from_draw(&replica, cfg, images, [per, c, h, w], part_draw, device)
+                            .mul_scalar(scale * per as f64 / b as f64);
+                    let value = loss.clone().into_scalar::<f32>() as f64;
+                    (
+                        GradientsParams::from_grads(loss.backward(), &replica),
+                        value,
+                    )
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("a batch-split worker panicked"))
+            .collect()
+    });
+    let mut accumulator = GradientsAccumulator::new();
+    let mut total = 0.0;
+    for (grads, value) in results {
+        accumulator.accumulate(model, grads);
+        total += value;
+    }
+    (accumulator.grads(), total)
+}
+
+fn loss_from_draw(
+    model: &DenoiserModel,
+    cfg: &Config,
+    images: &[f32],
+    shape: [usize; 4],
+    draw: NoiseDraw,
+    device: &Device,
+) -> Tensor<1> {
     let b = shape[0];
-    let draw = draw_noise(cfg, schedule, shape, rng);
     let dtype = compute_dtype(cfg.train.mixed_precision);
     let image = |v: Vec<f32>| Tensor::<4>::from_data(TensorData::new(v, shape), device).cast(dtype);
     let per_sample =
         |v: &Vec<f32>| Tensor::<4>::from_data(TensorData::new(v.clone(), [b, 1, 1, 1]), device);
-    let x0 = image(batch.images.clone());
+    let x0 = image(images.to_vec());
     let noise = image(draw.noise);
     let input_noise = image(draw.input_noise);
     let [sa, s1a, tx0, teps, w] = &draw.coef;
@@ -267,6 +341,19 @@ pub trait Objective {
     /// checkpointed, so resume stays exact.
     fn after_step(&mut self, model: Self::Model, _rng: &mut ChaCha8Rng) -> Self::Model {
         model
+    }
+    /// Gradients of `scale * loss(batch)` computed in `parts` concurrent slices (on replicas of
+    /// the weights), and the loss; `None` for families that compute a micro-batch in one piece.
+    fn split_grads(
+        &mut self,
+        _model: &Self::Model,
+        _batch: &Batch,
+        _parts: usize,
+        _scale: f64,
+        _rng: &mut ChaCha8Rng,
+        _device: &Device,
+    ) -> Option<(GradientsParams, f64)> {
+        None
     }
     /// Extra scalars for TensorBoard, from the last step.
     fn metrics(&self) -> Vec<(&'static str, f64)> {
@@ -684,13 +771,35 @@ pub fn train_with<O: Objective>(
         let lr = lr_sched.lr_at(st.step);
         let mut accumulator = GradientsAccumulator::new();
         let mut loss_sum = 0.0;
+        let scale = 1.0 / accum_steps as f64;
         for _ in 0..accum_steps {
             let batch = loader.next_batch()?;
-            let loss = objective
-                .loss(&st.model, &batch, &mut st.rng, &train_device)
-                .div_scalar(accum_steps as f64);
-            loss_sum += loss.clone().into_scalar::<f32>() as f64;
-            let grads = GradientsParams::from_grads(loss.backward(), &st.model);
+            let split = (t.batch_split > 1)
+                .then(|| {
+                    objective.split_grads(
+                        &st.model,
+                        &batch,
+                        t.batch_split,
+                        scale,
+                        &mut st.rng,
+                        &train_device,
+                    )
+                })
+                .flatten();
+            let (grads, value) = match split {
+                Some(done) => done,
+                None => {
+                    let loss = objective
+                        .loss(&st.model, &batch, &mut st.rng, &train_device)
+                        .mul_scalar(scale);
+                    let value = loss.clone().into_scalar::<f32>() as f64;
+                    (
+                        GradientsParams::from_grads(loss.backward(), &st.model),
+                        value,
+                    )
+                }
+            };
+            loss_sum += value;
             accumulator.accumulate(&st.model, grads);
         }
         let mut grads = accumulator.grads();

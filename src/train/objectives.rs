@@ -10,8 +10,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::{
-    Objective, TrainError, TrainOptions, build_model, diffusion_loss, export, generate,
-    grid_columns, load_run, locate, make_device, noise_schedule,
+    Objective, TrainError, TrainOptions, build_model, diffusion_loss, diffusion_split_grads,
+    export, generate, grid_columns, load_run, locate, make_device, noise_schedule,
 };
 use crate::config::{Config, Resume};
 use crate::data::{Batch, Dataset, Transform};
@@ -82,6 +82,27 @@ impl Objective for DiffusionObjective {
         device: &Device,
     ) -> Tensor<1> {
         diffusion_loss(model, &self.cfg, &self.schedule, batch, rng, device)
+    }
+
+    fn split_grads(
+        &mut self,
+        model: &DenoiserModel,
+        batch: &Batch,
+        parts: usize,
+        scale: f64,
+        rng: &mut ChaCha8Rng,
+        device: &Device,
+    ) -> Option<(burn::optim::GradientsParams, f64)> {
+        Some(diffusion_split_grads(
+            model,
+            &self.cfg,
+            &self.schedule,
+            batch,
+            parts,
+            scale,
+            rng,
+            device,
+        ))
     }
 
     fn grid(&self, weights: &DenoiserModel, device: &Device) -> (Vec<f32>, [usize; 4], usize) {
