@@ -14,7 +14,8 @@ use difftrain::config::Config;
 use difftrain::train::lr::LrSchedule;
 
 /// A tiny run that exercises every piece of resumable state: random flips (augmentation RNG),
-/// noise offset, accumulation, a warmup LR schedule, EMA with warmup, and several epochs.
+/// noise offset, accumulation, batch split over threads, a warmup LR schedule, EMA with warmup,
+/// and several epochs.
 fn resumable_config(tmp: &Path, name: &str) -> (Config, PathBuf) {
     let data = tmp.join("data");
     if !data.exists() {
@@ -26,6 +27,8 @@ fn resumable_config(tmp: &Path, name: &str) -> (Config, PathBuf) {
     c.diffusion.noise_offset = 0.1;
     c.train.batch_size = 4;
     c.train.gradient_accumulation_steps = 2;
+    // Each micro-batch on 2 replica threads: resume must stay exact on that path too.
+    c.train.batch_split = 2;
     c.train.lr_scheduler = LrSchedule::ConstantWithWarmup;
     c.train.lr_warmup_steps = 3;
     c.train.max_steps = 16;
@@ -316,7 +319,7 @@ fn random_kill_trials() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(12);
     let tmp = tempfile::tempdir().unwrap();
-    let steps = 60;
+    let steps = 100;
     let setup = |name: &str| {
         let (mut c, _) = resumable_config(tmp.path(), name);
         c.train.max_steps = steps;
@@ -334,7 +337,7 @@ fn random_kill_trials() {
     let (out, cfg) = setup("killed");
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
     let (mut identical_resumes, mut lost_beyond, mut corrupted, mut during_write) = (0, 0, 0, 0);
-    let mut before_first = 0;
+    let (mut before_first, mut kills) = (0, 0);
     println!("uninterrupted run: {steps} steps in {run_ms} ms");
     println!("trial | killed after (ms) | latest at kill | temp dir left | resumed from");
     for trial in 0..trials {
@@ -346,11 +349,15 @@ fn random_kill_trials() {
         // Each attempt pays the start-up again, then progresses a little: the kills spread
         // over start-up, steps and checkpoint writes, and the run is not done too early.
         let share = run_ms / trials as u64;
-        let wait = rng.random_range(share / 2..share * 2);
+        let wait = rng.random_range(share / 3..share * 3 / 2);
         std::thread::sleep(Duration::from_millis(wait));
-        let finished = child.try_wait().unwrap().is_some();
-        child.kill().ok();
+        if child.try_wait().unwrap().is_some() {
+            println!("{trial:5} | {wait:17} | the run had already finished: no more kills");
+            break;
+        }
+        child.kill().unwrap();
         child.wait().unwrap();
+        kills += 1;
         let latest = latest_step(&out);
         let temp_left = std::fs::read_dir(&out)
             .map(|d| {
@@ -375,15 +382,11 @@ fn random_kill_trials() {
             _ => lost_beyond += 1,
         }
         println!(
-            "{trial:5} | {wait:17} | {:>14} | {:>13} | {}{}",
+            "{trial:5} | {wait:17} | {:>14} | {:>13} | {}",
             latest.map_or("-".into(), |s| s.to_string()),
             temp_left,
             resumed.map_or("fresh".into(), |s| format!("checkpoint-{s}")),
-            if finished { " (run had finished)" } else { "" }
         );
-        if finished {
-            break;
-        }
     }
     let (ok, err) = run(&cfg, &["--resume", "latest"]);
     assert!(ok, "{err}");
@@ -396,12 +399,16 @@ fn random_kill_trials() {
         &out.join(format!("checkpoint-{steps}/ema.safetensors")),
     );
     println!(
-        "kills: {trials}; before the first checkpoint (restarted fresh): {before_first}; \
+        "kills: {kills}; before the first checkpoint (restarted fresh): {before_first}; \
          resumed from the checkpoint `latest` named at the kill: {identical_resumes}; \
          lost work beyond the last checkpoint: {lost_beyond}; corrupted state: {corrupted}; \
          kills during a checkpoint write (temporary directory left): {during_write}"
     );
     println!("final weights vs uninterrupted run: max |diff| model {d}, EMA {e}");
+    assert!(
+        kills >= 3,
+        "only {kills} kills landed before the run finished"
+    );
     assert_eq!(corrupted, 0);
     assert_eq!(lost_beyond, 0);
     assert_eq!(d, 0.0);
