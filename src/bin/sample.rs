@@ -13,7 +13,7 @@ use difftrain::io;
 use difftrain::models::Architecture;
 use difftrain::train::objectives::{load_stage1, sample_images};
 use difftrain::train::{
-    EXPORT_CONFIG, build_model, generate, grid_columns, load_run, locate, make_device,
+    EXPORT_CONFIG, build_model, generate, grid_columns, load_weights, locate, make_device,
 };
 
 #[derive(Parser)]
@@ -56,13 +56,13 @@ fn run(args: Args) -> anyhow::Result<()> {
     if let Some(d) = &args.device {
         overrides.push(format!("run.device={d}"));
     }
-    let (root, _) = locate(&args.checkpoint)?;
+    // Located (and a checkpoint verified) once; the config decides how to load the weights.
+    let (root, weights) = locate(&args.checkpoint)?;
     let cfg = Config::load(&root.join(EXPORT_CONFIG), &overrides)?;
     let device = make_device(&cfg.run.device)?;
     let (images, shape, weights) = match cfg.model.architecture {
         arch if arch.is_diffusion() => {
-            let (cfg, model, weights) =
-                load_run(&args.checkpoint, &overrides, |c| build_model(c, &device))?;
+            let (model, weights) = load_weights(&cfg, &root, weights, |c| build_model(c, &device))?;
             let sampler = args.sampler.map(|s| match s {
                 Sampler::Ddpm => SamplerKind::Ddpm,
                 Sampler::Ddim => SamplerKind::Ddim,
@@ -83,9 +83,8 @@ fn run(args: Args) -> anyhow::Result<()> {
         Architecture::GatedPixelcnn => {
             let stage1 = load_stage1(&cfg, Some(&root), &device)?;
             let k = stage1.cfg.model.vqvae.num_embeddings;
-            let (cfg, prior, weights) = load_run(&args.checkpoint, &overrides, |c| {
-                c.model.pixelcnn.init(k, &device)
-            })?;
+            let (prior, weights) =
+                load_weights(&cfg, &root, weights, |c| c.model.pixelcnn.init(k, &device))?;
             let temperature = args.temperature.unwrap_or(cfg.sample.temperature);
             if !(temperature > 0.0) {
                 bail!("--temperature {temperature} must be positive");

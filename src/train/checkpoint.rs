@@ -29,7 +29,8 @@ pub const EMA_FILE: &str = "ema.safetensors";
 pub const OPTIMIZER_FILE: &str = "optimizer.bpk";
 /// Same name as in an export, so `sample --checkpoint` reads both.
 pub const CONFIG_FILE: &str = super::EXPORT_CONFIG;
-const FORMAT_VERSION: u32 = 1;
+/// Version of the checkpoint layout; `read_verified` refuses others.
+pub const FORMAT_VERSION: u32 = 1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {

@@ -573,7 +573,7 @@ fn save_checkpoint<M: Module>(
     files.push((checkpoint::CONFIG_FILE, cfg.to_toml().into_bytes()));
     let (crate_version, git_revision) = checkpoint::provenance();
     let mut state = checkpoint::TrainState {
-        format_version: 1,
+        format_version: checkpoint::FORMAT_VERSION,
         step: st.step,
         epoch: st.position.epoch,
         batch_in_epoch: st.position.batch_in_epoch,
@@ -1094,10 +1094,22 @@ pub fn load_run<M: Module>(
 ) -> Result<(Config, M, PathBuf), TrainError> {
     let (root, weights) = locate(dir)?;
     let cfg = Config::load(&root.join(EXPORT_CONFIG), overrides)?;
-    let weights = weights.unwrap_or_else(|| export_weights_path(&cfg, &root));
-    let tensors = io::load_safetensors(&weights)?;
-    let model = io::load_into(build(&cfg), &tensors, &weights)?;
+    let (model, weights) = load_weights(&cfg, &root, weights, build)?;
     Ok((cfg, model, weights))
+}
+
+/// The weights [`locate`] found under `root` (`weights`, or the export layout of `cfg`), loaded
+/// strictly into the model `build` makes. Returns the file read.
+pub fn load_weights<M: Module>(
+    cfg: &Config,
+    root: &Path,
+    weights: Option<PathBuf>,
+    build: impl FnOnce(&Config) -> M,
+) -> Result<(M, PathBuf), TrainError> {
+    let weights = weights.unwrap_or_else(|| export_weights_path(cfg, root));
+    let tensors = io::load_safetensors(&weights)?;
+    let model = io::load_into(build(cfg), &tensors, &weights)?;
+    Ok((model, weights))
 }
 
 #[cfg(test)]
