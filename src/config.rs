@@ -61,6 +61,21 @@ pub struct RunConfig {
     pub seed: u64,
     /// `cpu`, `cuda` or `cuda:N`.
     pub device: String,
+    /// Data parallelism: `["cuda:0", "cuda:1"]`, `"all"` (every visible CUDA device) or CPU
+    /// worker threads `["cpu:0", "cpu:1"]`. Unset: one replica on `device`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub devices: Option<DeviceList>,
+    /// How long a data-parallel rank waits for the others at a collective or barrier (seconds)
+    /// before failing with the name of the rank it waits for.
+    pub sync_timeout_secs: f64,
+}
+
+/// `run.devices`: a list of devices or the word `"all"`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum DeviceList {
+    Keyword(String),
+    List(Vec<String>),
 }
 
 impl Default for RunConfig {
@@ -70,6 +85,8 @@ impl Default for RunConfig {
             output_dir: None,
             seed: 0,
             device: "cpu".into(),
+            devices: None,
+            sync_timeout_secs: 600.0,
         }
     }
 }
@@ -365,22 +382,71 @@ impl Default for EmaConfig {
 /// Where a run's tensors live, parsed from `run.device`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeviceSpec {
-    Cpu,
+    /// The CPU (Flex); the index only tells data-parallel worker threads apart.
+    Cpu(usize),
     Cuda(usize),
 }
 
 impl DeviceSpec {
     pub fn parse(text: &str) -> Result<Self, String> {
+        let index = |prefix: &str| text.strip_prefix(prefix).map(str::parse::<usize>);
         match text {
-            "cpu" => Ok(Self::Cpu),
+            "cpu" => Ok(Self::Cpu(0)),
             "cuda" => Ok(Self::Cuda(0)),
-            other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
-                Some(Ok(i)) => Ok(Self::Cuda(i)),
+            _ => match (index("cpu:"), index("cuda:")) {
+                (Some(Ok(i)), _) => Ok(Self::Cpu(i)),
+                (_, Some(Ok(i))) => Ok(Self::Cuda(i)),
                 _ => Err(format!(
-                    "run.device = {other:?} is not one of \"cpu\", \"cuda\", \"cuda:N\""
+                    "{text:?} is not one of \"cpu\", \"cpu:N\", \"cuda\", \"cuda:N\""
                 )),
             },
         }
+    }
+
+    pub fn is_cuda(self) -> bool {
+        matches!(self, Self::Cuda(_))
+    }
+}
+
+/// What `run.devices` asks for once parsed; `All` is resolved when the run starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeviceRequest {
+    List(Vec<DeviceSpec>),
+    AllCuda,
+}
+
+impl Config {
+    /// The devices of the run: `run.devices` when set, else `[run.device]`.
+    pub fn device_request(&self) -> Result<DeviceRequest, String> {
+        let list = match &self.run.devices {
+            None => vec![self.run.device.clone()],
+            Some(DeviceList::Keyword(k)) if k == "all" => return Ok(DeviceRequest::AllCuda),
+            Some(DeviceList::Keyword(k)) if DeviceSpec::parse(k).is_ok() => vec![k.clone()],
+            Some(DeviceList::Keyword(k)) => {
+                return Err(format!(
+                    "run.devices = {k:?}: expected \"all\" or a list such as [\"cuda:0\", \"cuda:1\"]"
+                ));
+            }
+            Some(DeviceList::List(l)) => l.clone(),
+        };
+        if list.is_empty() {
+            return Err("run.devices is empty: list at least one device".into());
+        }
+        let specs = list
+            .iter()
+            .map(|d| DeviceSpec::parse(d).map_err(|e| format!("run.devices: {e}")))
+            .collect::<Result<Vec<_>, _>>()?;
+        if specs.iter().any(|d| d.is_cuda()) && !specs.iter().all(|d| d.is_cuda()) {
+            return Err(format!(
+                "run.devices = {list:?} mixes CPU and CUDA devices; use one kind"
+            ));
+        }
+        for (i, d) in specs.iter().enumerate() {
+            if specs[..i].contains(d) {
+                return Err(format!("run.devices lists {:?} twice", list[i]));
+            }
+        }
+        Ok(DeviceRequest::List(specs))
     }
 }
 
@@ -492,7 +558,35 @@ impl Config {
             p.push("run.name must not be empty".into());
         }
         if let Err(e) = DeviceSpec::parse(&self.run.device) {
-            p.push(e);
+            p.push(format!("run.device = {e}"));
+        }
+        match self.device_request() {
+            Err(_) if self.run.devices.is_none() => {} // run.device, reported above
+            Err(e) => p.push(e),
+            Ok(DeviceRequest::List(specs)) if specs.len() > 1 => {
+                let world = specs.len();
+                let b = self.train.batch_size;
+                if b % world != 0 {
+                    p.push(format!(
+                        "train.batch_size = {b} is the global batch; it must divide evenly over the \
+                         {world} devices of run.devices"
+                    ));
+                } else if (b / world) % self.train.batch_split != 0 {
+                    p.push(format!(
+                        "train.batch_split = {} must divide each device's share of the batch \
+                         (train.batch_size {b} / {world} devices = {})",
+                        self.train.batch_split,
+                        b / world
+                    ));
+                }
+            }
+            Ok(_) => {}
+        }
+        if !(self.run.sync_timeout_secs > 0.0) {
+            p.push(format!(
+                "run.sync_timeout_secs = {} must be positive",
+                self.run.sync_timeout_secs
+            ));
         }
         let (res, ch) = (self.data.resolution, self.image_channels());
         if res == 0 {

@@ -477,6 +477,12 @@ pub struct Batch {
     pub labels: Vec<Option<i64>>,
     /// Dataset indices, for tests and debugging.
     pub indices: Vec<usize>,
+    /// With data parallelism a batch is one rank's slice of the global batch: these are its
+    /// first sample's position in the global batch and the global batch size (0 and the batch
+    /// size otherwise). Per-sample randomness is drawn for the global batch, so it is the same
+    /// whatever the number of ranks.
+    pub offset: usize,
+    pub global_size: usize,
 }
 
 /// Where the loader stands: epoch and the next batch within it.
@@ -497,7 +503,10 @@ pub fn epoch_order(len: usize, seed: u64, epoch: u64) -> Vec<usize> {
 
 /// Streams batches decoded on background threads, in a fixed order from `start` on.
 /// An epoch is `len / batch_size` batches; the remainder of the permutation is dropped, so every
-/// batch has the same shape (PyTorch `drop_last=True`).
+/// batch has the same shape (PyTorch `drop_last=True`). With data parallelism every rank runs
+/// its own loader over the same global batches and decodes only its `shard` of each (a
+/// contiguous range of slots), so the ranks' shards are disjoint and together are exactly the
+/// single-device batch.
 pub struct Loader {
     rx: Receiver<Result<(LoaderPosition, Batch), DataError>>,
     position: LoaderPosition,
@@ -515,7 +524,12 @@ impl Loader {
         num_workers: usize,
         prefetch: usize,
         on_bad: OnBadImage,
+        shard: std::ops::Range<usize>,
     ) -> Result<Self, DataError> {
+        assert!(
+            shard.start < shard.end && shard.end <= batch_size,
+            "bad shard {shard:?}"
+        );
         let len = dataset.len();
         if len < batch_size {
             return Err(DataError::TooSmall {
@@ -540,6 +554,7 @@ impl Loader {
                     num_workers.max(1),
                     on_bad,
                     bad,
+                    shard,
                     tx,
                 )
             })
@@ -591,6 +606,7 @@ fn produce(
     workers: usize,
     on_bad: OnBadImage,
     bad: Arc<AtomicUsize>,
+    shard: std::ops::Range<usize>,
     tx: SyncSender<Result<(LoaderPosition, Batch), DataError>>,
 ) {
     let len = dataset.len();
@@ -601,7 +617,17 @@ fn produce(
         while pos.batch_in_epoch < per_epoch {
             let idx =
                 &order[pos.batch_in_epoch * batch_size..(pos.batch_in_epoch + 1) * batch_size];
-            let result = decode_batch(&dataset, transform, idx, seed, pos, workers, on_bad, &bad);
+            let result = decode_batch(
+                &dataset,
+                transform,
+                idx,
+                shard.clone(),
+                seed,
+                pos,
+                workers,
+                on_bad,
+                &bad,
+            );
             if tx.send(result.map(|b| (pos, b))).is_err() {
                 return; // the trainer hung up
             }
@@ -619,6 +645,7 @@ fn decode_batch(
     dataset: &Dataset,
     transform: Transform,
     indices: &[usize],
+    slots: std::ops::Range<usize>,
     seed: u64,
     pos: LoaderPosition,
     workers: usize,
@@ -649,17 +676,19 @@ fn decode_batch(
             path: dataset.path().to_path_buf(),
         })
     };
-    let chunk = indices.len().div_ceil(workers);
+    let mine = &indices[slots.clone()];
+    let chunk = mine.len().div_ceil(workers);
     let decoded: Vec<Result<(usize, Vec<f32>), DataError>> = std::thread::scope(|s| {
-        let handles: Vec<_> = indices
+        let handles: Vec<_> = mine
             .chunks(chunk)
             .enumerate()
             .map(|(c, part)| {
                 let decode_one = &decode_one;
+                let first = slots.start + c * chunk;
                 s.spawn(move || {
                     part.iter()
                         .enumerate()
-                        .map(|(j, &index)| decode_one(c * chunk + j, index))
+                        .map(|(j, &index)| decode_one(first + j, index))
                         .collect::<Vec<_>>()
                 })
             })
@@ -671,8 +700,8 @@ fn decode_batch(
     });
     let r = transform.resolution;
     let c = transform.channels();
-    let mut images = Vec::with_capacity(indices.len() * c * r * r);
-    let mut used = Vec::with_capacity(indices.len());
+    let mut images = Vec::with_capacity(mine.len() * c * r * r);
+    let mut used = Vec::with_capacity(mine.len());
     for d in decoded {
         let (i, pixels) = d?;
         images.extend_from_slice(&pixels);
@@ -685,10 +714,12 @@ fn decode_batch(
     let labels = used.iter().map(|&i| dataset.label(i)).collect();
     Ok(Batch {
         images,
-        shape: [indices.len(), c, r, r],
+        shape: [mine.len(), c, r, r],
         captions,
         labels,
         indices: used,
+        offset: slots.start,
+        global_size: indices.len(),
     })
 }
 

@@ -78,6 +78,8 @@ fn run(args: Args) -> anyhow::Result<()> {
         captions: vec![None; shape[0]],
         labels: vec![None; shape[0]],
         indices: (0..shape[0]).collect(),
+        offset: 0,
+        global_size: shape[0],
     };
     let mut timed = Vec::with_capacity(args.steps);
     // Seconds in each phase over the timed steps (burn's CPU backend runs eagerly, so the

@@ -5,6 +5,70 @@ use burn::module::{Module, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
 use burn::prelude::*;
 
+/// Ids and shapes of a module's float parameters, in visiting order.
+#[derive(Default)]
+struct ParamShapes(Vec<(ParamId, Vec<usize>)>);
+
+impl ModuleVisitor for ParamShapes {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        self.0.push((param.id, param.val().dims().to_vec()));
+    }
+}
+
+/// Every parameter's gradient as one flat vector on `device`, in visiting order (zeros where a
+/// parameter has none), and a presence flag (1 or 0) per parameter: what data-parallel ranks
+/// sum in their one all-reduce per step.
+pub fn flatten<M: Module>(
+    module: &M,
+    grads: &GradientsParams,
+    device: &Device,
+) -> (Tensor<1>, Vec<f32>) {
+    let mut shapes = ParamShapes::default();
+    module.visit(&mut shapes);
+    let mut parts = Vec::with_capacity(shapes.0.len());
+    let mut present = Vec::with_capacity(shapes.0.len());
+    for (id, dims) in shapes.0 {
+        let n: usize = dims.iter().product();
+        let g = match dims.len() {
+            1 => grads.get::<1>(id),
+            2 => grads.get::<2>(id).map(|g| g.reshape([n])),
+            3 => grads.get::<3>(id).map(|g| g.reshape([n])),
+            4 => grads.get::<4>(id).map(|g| g.reshape([n])),
+            _ => None,
+        };
+        present.push(if g.is_some() { 1.0 } else { 0.0 });
+        parts.push(g.map_or_else(
+            || Tensor::zeros([n], device),
+            |g| g.cast(burn::tensor::DType::F32),
+        ));
+    }
+    (Tensor::cat(parts, 0), present)
+}
+
+/// The inverse of [`flatten`]: gradients for the parameters whose flag is set.
+pub fn unflatten<M: Module>(module: &M, flat: Tensor<1>, present: &[bool]) -> GradientsParams {
+    let mut shapes = ParamShapes::default();
+    module.visit(&mut shapes);
+    let mut grads = GradientsParams::new();
+    let mut offset = 0;
+    for ((id, dims), &keep) in shapes.0.into_iter().zip(present) {
+        let n: usize = dims.iter().product();
+        let part = flat.clone().slice(offset..offset + n);
+        offset += n;
+        if !keep {
+            continue;
+        }
+        match dims.len() {
+            1 => grads.register::<1>(id, part),
+            2 => grads.register::<2>(id, part.reshape([dims[0], dims[1]])),
+            3 => grads.register::<3>(id, part.reshape([dims[0], dims[1], dims[2]])),
+            4 => grads.register::<4>(id, part.reshape([dims[0], dims[1], dims[2], dims[3]])),
+            _ => {}
+        }
+    }
+    grads
+}
+
 /// Ids and ranks of a module's float parameters, in visiting order.
 #[derive(Default)]
 struct ParamIds(Vec<(ParamId, usize)>);
@@ -150,5 +214,26 @@ mod tests {
         assert!(
             (clip_global_norm(&lin, &mut grads, 100.0) - global_norm(&lin, &grads)).abs() < 1e-9
         );
+    }
+
+    #[test]
+    fn flatten_then_unflatten_gives_the_gradients_back() {
+        let (lin, grads) = grads_of_linear();
+        let device = Device::flex();
+        let (flat, present) = flatten(&lin, &grads, &device);
+        assert_eq!(flat.dims(), [6]);
+        assert_eq!(present, vec![1.0, 1.0]);
+        let back = unflatten(&lin, flat, &[true, true]);
+        let w: Vec<f32> = back
+            .get::<2>(lin.weight.id)
+            .unwrap()
+            .into_data()
+            .try_to_vec()
+            .unwrap();
+        assert_eq!(w, vec![3.0, 4.0, 3.0, 4.0]);
+        // A parameter no rank had a gradient for stays without one.
+        let (flat, _) = flatten(&lin, &grads, &device);
+        let back = unflatten(&lin, flat, &[true, false]);
+        assert!(back.get::<1>(lin.bias.as_ref().unwrap().id).is_none());
     }
 }

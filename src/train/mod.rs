@@ -15,7 +15,7 @@ pub mod progress;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use burn::module::Module;
@@ -25,10 +25,11 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;
 
-use crate::config::{Config, DeviceSpec, OnNonFinite};
+use crate::config::{Config, DeviceRequest, DeviceSpec, OnNonFinite};
 use crate::data::{Batch, Dataset, Loader, LoaderPosition, Transform};
 use crate::diffusion::sampling::{self, SamplerKind, SamplerOptions, TimestepSpacing};
 use crate::diffusion::schedule::NoiseSchedule;
+use crate::distributed;
 use crate::io;
 use crate::models::{Architecture, DenoiserModel, compute_dtype};
 use crate::tensorboard::{EventError, EventWriter};
@@ -39,9 +40,9 @@ use progress::{Progress, StepReport};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
-    #[error("run.device = {0:?} needs the `cuda` cargo feature: rebuild with `--features cuda`")]
+    #[error("device {0:?} needs the `cuda` cargo feature: rebuild with `--features cuda`")]
     NoCuda(String),
-    #[error("invalid run.device: {0}")]
+    #[error("{0}")]
     Device(String),
     #[error(transparent)]
     Data(#[from] crate::data::DataError),
@@ -82,16 +83,26 @@ pub enum TrainError {
     NotARun(PathBuf),
     #[error("{0}")]
     Stage(String),
+    #[error(transparent)]
+    Sync(#[from] crate::distributed::SyncError),
+    #[error("{0}")]
+    Rank(String),
 }
 
-/// The (non-autodiff) device a run computes on.
+/// The (non-autodiff) device of `run.device` (rank 0's under data parallelism).
 pub fn make_device(spec: &str) -> Result<Device, TrainError> {
-    match DeviceSpec::parse(spec).map_err(TrainError::Device)? {
-        DeviceSpec::Cpu => Ok(Device::flex()),
+    let parsed =
+        DeviceSpec::parse(spec).map_err(|e| TrainError::Device(format!("run.device = {e}")))?;
+    make_device_spec(parsed)
+}
+
+fn make_device_spec(spec: DeviceSpec) -> Result<Device, TrainError> {
+    match spec {
+        DeviceSpec::Cpu(_) => Ok(Device::flex()),
         #[cfg(feature = "cuda")]
         DeviceSpec::Cuda(i) => Ok(Device::cuda(i)),
         #[cfg(not(feature = "cuda"))]
-        DeviceSpec::Cuda(_) => Err(TrainError::NoCuda(spec.to_string())),
+        DeviceSpec::Cuda(i) => Err(TrainError::NoCuda(format!("cuda:{i}"))),
     }
 }
 
@@ -190,6 +201,24 @@ impl NoiseDraw {
     }
 }
 
+/// The noise of `batch`: drawn for the whole global batch, in sample order, and cut to the
+/// batch's slice, so every data-parallel rank advances the stream alike and each sample gets the
+/// numbers it would get on one device.
+fn draw_for_batch(
+    cfg: &Config,
+    schedule: &NoiseSchedule,
+    batch: &Batch,
+    rng: &mut ChaCha8Rng,
+) -> NoiseDraw {
+    let [b, c, h, w] = batch.shape;
+    let draw = draw_noise(cfg, schedule, [batch.global_size, c, h, w], rng);
+    if batch.global_size == b {
+        draw
+    } else {
+        draw.slice(batch.offset..batch.offset + b, c * h * w)
+    }
+}
+
 /// The diffusion loss of one micro-batch: mean over batch of `w_b * mean_chw (pred - target)^2`.
 pub fn diffusion_loss(
     model: &DenoiserModel,
@@ -199,7 +228,7 @@ pub fn diffusion_loss(
     rng: &mut ChaCha8Rng,
     device: &Device,
 ) -> Tensor<1> {
-    let draw = draw_noise(cfg, schedule, batch.shape, rng);
+    let draw = draw_for_batch(cfg, schedule, batch, rng);
     loss_from_draw(model, cfg, &batch.images, batch.shape, draw, device)
 }
 
@@ -220,7 +249,7 @@ pub fn diffusion_split_grads(
     let [b, c, h, w] = batch.shape;
     let per = b / parts;
     let pixels = c * h * w;
-    let draw = draw_noise(cfg, schedule, batch.shape, rng);
+    let draw = draw_for_batch(cfg, schedule, batch, rng);
     let results: Vec<(GradientsParams, f64)> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..parts)
             .map(|k| {
@@ -308,6 +337,10 @@ pub struct RunSummary {
     pub sample_grid: Option<PathBuf>,
     pub export_dir: Option<PathBuf>,
     pub seconds: f64,
+    /// Data-parallel replicas the run used (1 without data parallelism).
+    pub world_size: usize,
+    /// Gradient all-reduces rank 0 took part in (0 on one device).
+    pub all_reduces: usize,
 }
 
 pub struct TrainOutcome<M> {
@@ -316,6 +349,9 @@ pub struct TrainOutcome<M> {
     /// The EMA weights, when `ema.enabled`.
     pub ema: Option<M>,
     pub summary: RunSummary,
+    /// With data parallelism: the final weights of ranks 1.. (equal to `model`, which is rank
+    /// 0's; kept so tests can check it).
+    pub replicas: Vec<M>,
 }
 
 /// What differs between model families. The loop, accumulation, clipping, checkpoints, EMA,
@@ -359,6 +395,16 @@ pub trait Objective {
     fn metrics(&self) -> Vec<(&'static str, f64)> {
         Vec::new()
     }
+    /// Moves whatever the objective holds on a device (e.g. a frozen stage-1 model) to the
+    /// device of the data-parallel rank it now serves.
+    fn place(&mut self, _device: &Device) {}
+    /// Host statistics of the step so far that data-parallel ranks sum before `after_step`
+    /// (they travel in the gradient all-reduce); `main` is true on rank 0.
+    fn local_stats(&mut self, _main: bool) -> Vec<f32> {
+        Vec::new()
+    }
+    /// Receives the rank-order sum of every rank's `local_stats`.
+    fn set_global_stats(&mut self, _summed: &[f32], _world: usize) {}
     /// Images `[n, c, h, w]` in [-1, 1] for the sample grid, and its column count.
     fn grid(&self, weights: &Self::Model, device: &Device) -> (Vec<f32>, [usize; 4], usize);
     /// Writes `weights` (EMA when on) and `raw` (training weights, with EMA) under `dir`.
@@ -657,28 +703,71 @@ pub fn train_diffusion(
     train_with(cfg, opts, DiffusionObjective::new(cfg))
 }
 
-/// The shared training loop, read top to bottom: resolve where to start, open the data,
-/// then steps of accumulate -> clip -> optimizer step -> EMA -> log/sample/checkpoint.
-pub fn train_with<O: Objective>(
+/// The devices of the run, resolved (`run.devices = "all"` asks CUDA how many there are), and
+/// whether they are CUDA devices (so the ranks meet over NCCL).
+pub fn run_devices(cfg: &Config) -> Result<(Vec<Device>, bool), TrainError> {
+    let specs = match cfg.device_request().map_err(TrainError::Device)? {
+        DeviceRequest::List(specs) => specs,
+        DeviceRequest::AllCuda => all_cuda_devices()?,
+    };
+    let devices = specs
+        .iter()
+        .map(|s| make_device_spec(*s))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((devices, specs.iter().any(|s| s.is_cuda())))
+}
+
+#[cfg(feature = "cuda")]
+fn all_cuda_devices() -> Result<Vec<DeviceSpec>, TrainError> {
+    // SAFETY: only tries to dlopen libcuda (what cubecl-cuda asks before counting).
+    let count = if unsafe { cudarc::driver::sys::is_culib_present() } {
+        cudarc::driver::CudaContext::device_count().unwrap_or(0) as usize
+    } else {
+        0
+    };
+    if count == 0 {
+        return Err(TrainError::Device(
+            "run.devices = \"all\" found no CUDA device (no driver, or CUDA_VISIBLE_DEVICES is empty)"
+                .into(),
+        ));
+    }
+    Ok((0..count).map(DeviceSpec::Cuda).collect())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn all_cuda_devices() -> Result<Vec<DeviceSpec>, TrainError> {
+    Err(TrainError::NoCuda("all (run.devices)".into()))
+}
+
+/// What every rank of a run shares.
+struct RunContext<'a> {
+    cfg: &'a Config,
+    opts: &'a TrainOptions,
+    out: PathBuf,
+    dataset: Arc<Dataset>,
+    started: Instant,
+}
+
+/// The shared training loop. Resolves where to start and opens the data once, builds one
+/// replica per device of `run.devices`, then runs [`run_rank`] for each (on its own thread when
+/// there are several) and returns rank 0's outcome.
+pub fn train_with<O>(
     cfg: &Config,
     opts: &TrainOptions,
     mut objective: O,
-) -> Result<TrainOutcome<O::Model>, TrainError> {
+) -> Result<TrainOutcome<O::Model>, TrainError>
+where
+    O: Objective + Clone + Send,
+    O::Model: Send,
+{
     let started = Instant::now();
-    let device = make_device(&cfg.run.device)?;
-    let train_device = device.clone().autodiff();
+    let (devices, nccl) = run_devices(cfg)?;
     let out = cfg.output_dir();
-    let writes = opts.write_outputs;
-    let say = |msg: &str| {
-        if !opts.quiet {
-            eprintln!("{msg}");
-        }
-    };
 
     // Where the run starts: fresh, or a verified checkpoint.
     let start = checkpoint::resolve(&out, &cfg.checkpoint.resume)?;
     start.notes.iter().for_each(|n| eprintln!("{n}"));
-    if writes {
+    if opts.write_outputs {
         checkpoint::remove_stale(&out);
         if start.checkpoint.is_none()
             && let Some((_, existing)) = checkpoint::list(&out).pop()
@@ -689,34 +778,130 @@ pub fn train_with<O: Objective>(
             });
         }
     }
-
     let dataset = Arc::new(Dataset::open(
         cfg.data.source,
         &cfg.data.path,
         cfg.data.on_bad_image,
     )?);
     objective.prepare(&dataset)?;
-    let mut st = match &start.checkpoint {
-        Some(ck) => {
-            let st = resumed_state(
-                &objective,
-                cfg,
-                ck,
-                dataset.len(),
-                &train_device,
-                opts.quiet,
-            )?;
-            say(&format!(
-                "resuming from {} (step {}, epoch {}, batch {} of the epoch)",
-                ck.dir.display(),
-                st.step,
-                st.position.epoch,
-                st.position.batch_in_epoch
-            ));
-            st
-        }
-        None => fresh_state(&objective, cfg, &train_device),
+
+    // One state per replica, built here one after the other (weight init draws from a
+    // thread-local RNG seeded from run.seed, so every replica starts from the same weights).
+    let mut states = Vec::with_capacity(devices.len());
+    for (rank, device) in devices.iter().enumerate() {
+        let train_device = device.clone().autodiff();
+        let st = match &start.checkpoint {
+            Some(ck) => {
+                let st = resumed_state(
+                    &objective,
+                    cfg,
+                    ck,
+                    dataset.len(),
+                    &train_device,
+                    opts.quiet || rank > 0,
+                )?;
+                if rank == 0 && !opts.quiet {
+                    eprintln!(
+                        "resuming from {} (step {}, epoch {}, batch {} of the epoch)",
+                        ck.dir.display(),
+                        st.step,
+                        st.position.epoch,
+                        st.position.batch_in_epoch
+                    );
+                }
+                st
+            }
+            None => fresh_state(&objective, cfg, &train_device),
+        };
+        states.push(Mutex::new(Some(st)));
+    }
+    let ctx = RunContext {
+        cfg,
+        opts,
+        out,
+        dataset,
+        started,
     };
+    if devices.len() == 1 {
+        let st = states
+            .pop()
+            .and_then(|m| m.into_inner().ok()?)
+            .expect("one state");
+        objective.place(&devices[0]);
+        return run_rank(
+            &ctx,
+            distributed::Replica::single(),
+            objective,
+            st,
+            &devices[0],
+        );
+    }
+    if !opts.quiet {
+        eprintln!(
+            "data parallel: {} replicas ({}), {} images per replica per micro-batch",
+            devices.len(),
+            if nccl { "NCCL" } else { "CPU worker threads" },
+            cfg.train.batch_size / devices.len()
+        );
+    }
+    let timeout = std::time::Duration::from_secs_f64(cfg.run.sync_timeout_secs);
+    let objectives: Vec<Mutex<Option<O>>> = (0..devices.len())
+        .map(|_| Mutex::new(Some(objective.clone())))
+        .collect();
+    let results = distributed::run_ranks(&devices, nccl, timeout, |replica, device| {
+        let st = take(&states[replica.rank()]).expect("each rank takes its state once");
+        let mut objective = take(&objectives[replica.rank()]).expect("and its objective");
+        objective.place(device);
+        run_rank(&ctx, replica, objective, st, device)
+    });
+    // Rank 0's outcome; on failure the root cause (not a rank reporting another's failure).
+    let mut errors = Vec::new();
+    let (mut outcome, mut replicas) = (None, Vec::new());
+    for (rank, r) in results.into_iter().enumerate() {
+        match r {
+            Ok(o) if rank == 0 => outcome = Some(o),
+            Ok(o) => replicas.push(o.model),
+            Err(distributed::RankFailure::Error(e)) => errors.push(e),
+            Err(distributed::RankFailure::Panic(m)) => {
+                errors.push(TrainError::Rank(format!("rank {rank} panicked: {m}")))
+            }
+        }
+    }
+    errors.sort_by_key(|e| matches!(e, TrainError::Sync(s) if s.is_secondary()));
+    match (errors.into_iter().next(), outcome) {
+        (Some(e), _) => Err(e),
+        (None, Some(o)) => Ok(TrainOutcome { replicas, ..o }),
+        (None, None) => unreachable!("rank 0 either returns or fails"),
+    }
+}
+
+/// Moves a value out of a slot shared with other rank threads.
+fn take<T>(slot: &Mutex<Option<T>>) -> Option<T> {
+    slot.lock().ok().and_then(|mut s| s.take())
+}
+
+/// One replica's loop, read top to bottom: open its shard of the data, then steps of
+/// accumulate -> (all-reduce) -> clip -> optimizer step -> EMA -> log/sample/checkpoint.
+/// Rank 0 alone writes; all ranks meet at a barrier after each write.
+fn run_rank<O: Objective>(
+    ctx: &RunContext,
+    mut replica: distributed::Replica,
+    mut objective: O,
+    mut st: RunState<O::Model>,
+    device: &Device,
+) -> Result<TrainOutcome<O::Model>, TrainError> {
+    let cfg = ctx.cfg;
+    let train_device = device.clone().autodiff();
+    let out = &ctx.out;
+    let main = replica.is_main();
+    let writes = ctx.opts.write_outputs && main;
+    let quiet = ctx.opts.quiet || !main;
+    let say = |msg: &str| {
+        if !quiet {
+            eprintln!("{msg}");
+        }
+    };
+    let world = replica.world_size();
     let first_step = st.step;
     let transform = Transform {
         resolution: cfg.data.resolution,
@@ -726,7 +911,7 @@ pub fn train_with<O: Objective>(
     };
     let t = &cfg.train;
     let mut loader = Loader::spawn(
-        dataset.clone(),
+        ctx.dataset.clone(),
         transform,
         t.batch_size,
         cfg.run.seed,
@@ -734,11 +919,12 @@ pub fn train_with<O: Objective>(
         cfg.data.num_workers,
         cfg.data.prefetch_batches,
         cfg.data.on_bad_image,
+        replica.shard(t.batch_size),
     )?;
     say(&format!(
         "data: {} images from {} ({} batches of {} per epoch)",
-        dataset.len(),
-        dataset.path().display(),
+        ctx.dataset.len(),
+        ctx.dataset.path().display(),
         loader.batches_per_epoch,
         t.batch_size
     ));
@@ -759,8 +945,9 @@ pub fn train_with<O: Objective>(
         warmup_steps: t.lr_warmup_steps,
         total_steps: t.max_steps,
     };
-    let progress = Progress::new(t.max_steps, first_step, cfg.logging.log_every, opts.quiet);
+    let progress = Progress::new(t.max_steps, first_step, cfg.logging.log_every, quiet);
     let accum_steps = t.gradient_accumulation_steps;
+    // Global images per optimizer step: every rank's shard of every micro-batch.
     let images_per_step = (t.batch_size * accum_steps) as f64;
     let every = cfg.checkpoint.every_steps;
     let mut window = Window::default();
@@ -772,6 +959,7 @@ pub fn train_with<O: Objective>(
         let mut accumulator = GradientsAccumulator::new();
         let mut loss_sum = 0.0;
         let scale = 1.0 / accum_steps as f64;
+        // Accumulate locally (PyTorch DDP's `no_sync`): nothing crosses ranks until the step.
         for _ in 0..accum_steps {
             let batch = loader.next_batch()?;
             let split = (t.batch_split > 1)
@@ -803,6 +991,40 @@ pub fn train_with<O: Objective>(
             accumulator.accumulate(&st.model, grads);
         }
         let mut grads = accumulator.grads();
+        if world > 1 {
+            // The one all-reduce of the step: gradients, loss and the objective's statistics.
+            let (flat, present) = grad::flatten(&st.model, &grads, device);
+            let n_grads = flat.dims()[0];
+            let mut extra = vec![loss_sum as f32];
+            extra.extend(&present);
+            extra.extend(objective.local_stats(main));
+            let n_extra = extra.len();
+            let packed = Tensor::cat(
+                vec![
+                    flat,
+                    Tensor::from_data(TensorData::new(extra, [n_extra]), device),
+                ],
+                0,
+            );
+            let summed = replica
+                .all_reduce_sum(packed, &format!("the all-reduce of step {}", st.step + 1))
+                .map_err(TrainError::Sync)?;
+            let extra = summed
+                .clone()
+                .slice(n_grads..n_grads + n_extra)
+                .into_data()
+                .convert::<f32>()
+                .try_to_vec::<f32>()
+                .expect("f32 after convert");
+            let present: Vec<bool> = extra[1..1 + present.len()]
+                .iter()
+                .map(|&p| p > 0.0)
+                .collect();
+            let mean = summed.slice(0..n_grads).mul_scalar(1.0 / world as f64);
+            grads = grad::unflatten(&st.model, mean, &present);
+            loss_sum = extra[0] as f64 / world as f64;
+            objective.set_global_stats(&extra[1 + present.len()..], world);
+        }
         let grad_norm = grad::clip_global_norm(&st.model, &mut grads, t.max_grad_norm);
         let apply = check_finite(st.step + 1, loss_sum, grad_norm, t.on_nonfinite)?;
         if apply {
@@ -852,11 +1074,22 @@ pub fn train_with<O: Objective>(
             window = Window::default();
         }
         let sample_every = cfg.logging.sample_every;
-        if writes && sample_every > 0 && st.step % sample_every == 0 && st.step < t.max_steps {
-            write_samples(&objective, &st, &device, &out, events.as_mut())?;
-        }
-        if writes && every > 0 && (st.step % every == 0 || st.step == t.max_steps) {
-            save_checkpoint(cfg, &st, dataset.len(), lr_sched.lr_at(st.step), &out)?;
+        let sampling = sample_every > 0 && st.step % sample_every == 0 && st.step < t.max_steps;
+        let saving = every > 0 && (st.step % every == 0 || st.step == t.max_steps);
+        if ctx.opts.write_outputs && (sampling || saving) {
+            if writes && sampling {
+                replica.doing(&format!("sampling at step {}", st.step));
+                write_samples(&objective, &st, device, out, events.as_mut())?;
+            }
+            if writes && saving {
+                replica.doing(&format!("writing checkpoint-{}", st.step));
+                save_checkpoint(cfg, &st, ctx.dataset.len(), lr_sched.lr_at(st.step), out)?;
+            }
+            // The others wait for rank 0's writes (with the timeout), so none runs ahead into
+            // the next all-reduce while rank 0 samples or saves.
+            replica
+                .barrier(&format!("the barrier after step {}'s writes", st.step))
+                .map_err(TrainError::Sync)?;
         }
     }
     progress.finish();
@@ -867,11 +1100,12 @@ pub fn train_with<O: Objective>(
 
     let (mut sample_grid, mut export_dir) = (None, None);
     if writes {
+        replica.doing("writing the final samples and export");
         sample_grid = Some(write_samples(
             &objective,
             &st,
-            &device,
-            &out,
+            device,
+            out,
             events.as_mut(),
         )?);
         if cfg.export.enabled {
@@ -896,8 +1130,11 @@ pub fn train_with<O: Objective>(
             bad_images,
             sample_grid,
             export_dir,
-            seconds: started.elapsed().as_secs_f64(),
+            seconds: ctx.started.elapsed().as_secs_f64(),
+            world_size: world,
+            all_reduces: replica.all_reduces(),
         },
+        replicas: Vec::new(),
     })
 }
 

@@ -53,6 +53,7 @@ fn export_pair<M: Module>(
 }
 
 /// DDPM-style training of a denoiser: noise, timesteps, the (weighted) MSE to the target.
+#[derive(Clone)]
 pub struct DiffusionObjective {
     cfg: Config,
     schedule: NoiseSchedule,
@@ -124,6 +125,7 @@ impl Objective for DiffusionObjective {
 
 /// Stage 1: reconstruction MSE + `embedding_cost * ||sg(z_e) - z_q||^2`
 /// + `commitment_cost * ||z_e - sg(z_q)||^2`, with optional dead-code restarts.
+#[derive(Clone)]
 pub struct VqvaeObjective {
     cfg: Config,
     /// A fixed batch (the first images, unflipped) for the reconstruction grid.
@@ -288,6 +290,40 @@ impl Objective for VqvaeObjective {
         self.metrics.clone()
     }
 
+    /// Code counts, the reconstruction error and the restart pool. Counts and errors are summed
+    /// over the ranks; the pool is rank 0's (zeros elsewhere), so every rank restarts the same
+    /// codes with the same vectors and the replicas stay identical.
+    fn local_stats(&mut self, main: bool) -> Vec<f32> {
+        let mut stats: Vec<f32> = self.counts.iter().map(|&c| c as f32).collect();
+        stats.push(self.recon_sum as f32);
+        if let Some(pool) = &self.pool {
+            let n = pool.dims().iter().product::<usize>();
+            if main {
+                let values = pool.clone().into_data().convert::<f32>();
+                stats.extend(values.try_to_vec::<f32>().expect("f32 after convert"));
+            } else {
+                stats.extend(std::iter::repeat_n(0.0, n));
+            }
+        }
+        stats
+    }
+
+    fn set_global_stats(&mut self, summed: &[f32], world: usize) {
+        let k = self.counts.len();
+        for (c, &v) in self.counts.iter_mut().zip(summed) {
+            *c = v.round() as u64;
+        }
+        self.recon_sum = summed[k] as f64 / world as f64;
+        if let Some(pool) = &self.pool {
+            let dims = pool.dims();
+            let values = summed[k + 1..].to_vec();
+            self.pool = Some(Tensor::from_data(
+                TensorData::new(values, dims),
+                &pool.device(),
+            ));
+        }
+    }
+
     /// Pairs `input | reconstruction`, four pairs to a row.
     fn grid(&self, weights: &VQVAE, device: &Device) -> (Vec<f32>, [usize; 4], usize) {
         let Some((images, shape)) = &self.fixed else {
@@ -324,6 +360,7 @@ pub fn reconstruction_mse(
 }
 
 /// A trained VQ-VAE with the config it was trained with.
+#[derive(Clone)]
 pub struct Stage1 {
     pub cfg: Config,
     pub model: VQVAE,
@@ -366,6 +403,7 @@ pub fn load_stage1(
 }
 
 /// Stage 2: cross-entropy of the VQ-VAE's code maps under the Gated PixelCNN.
+#[derive(Clone)]
 pub struct PixelCnnObjective {
     cfg: Config,
     stage1: Stage1,
@@ -431,6 +469,11 @@ fn encode(vqvae: &VQVAE, images: &[f32], shape: [usize; 4], device: &Device) -> 
 
 impl Objective for PixelCnnObjective {
     type Model = GatedPixelCNN;
+
+    fn place(&mut self, device: &Device) {
+        self.stage1.model = self.stage1.model.clone().to_device(device);
+        self.device = device.clone();
+    }
 
     fn build(&self, device: &Device) -> GatedPixelCNN {
         self.cfg
