@@ -706,6 +706,7 @@ pub fn train_diffusion(
 /// The devices of the run, resolved (`run.devices = "all"` asks CUDA how many there are), and
 /// whether they are CUDA devices (so the ranks meet over NCCL).
 pub fn run_devices(cfg: &Config) -> Result<(Vec<Device>, bool), TrainError> {
+    refuse_multi_process_launch()?;
     let specs = match cfg.device_request().map_err(TrainError::Device)? {
         DeviceRequest::List(specs) => specs,
         DeviceRequest::AllCuda => all_cuda_devices()?,
@@ -715,6 +716,22 @@ pub fn run_devices(cfg: &Config) -> Result<(Vec<Device>, bool), TrainError> {
         .map(|s| make_device_spec(*s))
         .collect::<Result<Vec<_>, _>>()?;
     Ok((devices, specs.iter().any(|s| s.is_cuda())))
+}
+
+/// A torchrun/accelerate-style launch (`WORLD_SIZE` > 1) would start several processes that each
+/// train alone on the whole data: refuse it. burn 0.22.1's collectives only join the devices of
+/// one process (docs/distributed.md, "Several machines").
+fn refuse_multi_process_launch() -> Result<(), TrainError> {
+    let world = std::env::var("WORLD_SIZE").ok();
+    match world.as_deref().map(str::parse::<usize>) {
+        Some(Ok(n)) if n > 1 => Err(TrainError::Device(format!(
+            "WORLD_SIZE={n} is set (a torchrun/accelerate-style multi-process launch), but \
+             difftrain trains data-parallel inside one process: start it once per machine with \
+             run.devices = \"all\" (or a list). Several machines are not supported yet; see \
+             docs/distributed.md"
+        ))),
+        _ => Ok(()),
+    }
 }
 
 #[cfg(feature = "cuda")]
