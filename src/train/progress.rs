@@ -24,6 +24,7 @@ pub struct Progress {
     log_every: usize,
     start: Instant,
     first_step: usize,
+    quiet: bool,
 }
 
 fn fmt_secs(s: f64) -> String {
@@ -48,9 +49,10 @@ impl Progress {
         Self {
             bar,
             total,
-            log_every: if quiet { usize::MAX } else { log_every },
+            log_every,
             start: Instant::now(),
             first_step,
+            quiet,
         }
     }
 
@@ -77,7 +79,7 @@ impl Progress {
                 bar.set_position(r.step as u64);
                 bar.set_message(msg);
             }
-            None if r.step % self.log_every == 0 || r.step == self.total => {
+            None if !self.quiet && (r.step % self.log_every == 0 || r.step == self.total) => {
                 eprintln!(
                     "step {}/{} {msg} elapsed {} eta {}",
                     r.step,
