@@ -4,8 +4,10 @@
 
 mod common;
 
+use common::{latest_step, run, train_cmd};
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use difftrain::config::{Config, DeviceList};
@@ -133,25 +135,6 @@ fn vqvae_replicas_stay_identical_through_code_restarts() {
 fn write_config(c: &Config, path: &Path) -> PathBuf {
     std::fs::write(path, c.to_toml()).unwrap();
     path.to_path_buf()
-}
-
-fn train_cmd(config: &Path, extra: &[&str]) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_train"));
-    cmd.arg("--config").arg(config).args(extra);
-    cmd
-}
-
-fn run(config: &Path, extra: &[&str]) -> (bool, String) {
-    let r = train_cmd(config, extra).output().unwrap();
-    (
-        r.status.success(),
-        String::from_utf8_lossy(&r.stderr).to_string(),
-    )
-}
-
-fn latest_step(out: &Path) -> Option<usize> {
-    let text = std::fs::read_to_string(out.join("latest")).ok()?;
-    text.trim().strip_prefix("checkpoint-")?.parse().ok()
 }
 
 fn listing(dir: &Path) -> Vec<String> {

@@ -5,9 +5,11 @@
 
 mod common;
 
+use common::{latest_step, run, train_cmd};
+
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use difftrain::config::Config;
@@ -40,25 +42,6 @@ fn resumable_config(tmp: &Path, name: &str) -> (Config, PathBuf) {
     let path = tmp.join(format!("{name}.toml"));
     std::fs::write(&path, c.to_toml()).unwrap();
     (c, path)
-}
-
-fn train_cmd(config: &Path, extra: &[&str]) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_train"));
-    cmd.arg("--config").arg(config).args(extra);
-    cmd
-}
-
-fn run(config: &Path, extra: &[&str]) -> (bool, String) {
-    let r = train_cmd(config, extra).output().unwrap();
-    (
-        r.status.success(),
-        String::from_utf8_lossy(&r.stderr).to_string(),
-    )
-}
-
-fn latest_step(out: &Path) -> Option<usize> {
-    let text = std::fs::read_to_string(out.join("latest")).ok()?;
-    text.trim().strip_prefix("checkpoint-")?.parse().ok()
 }
 
 fn read(path: &Path) -> Vec<u8> {

@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests: tiny datasets and tiny configs.
 
 use std::path::Path;
+use std::process::Command;
 
 use difftrain::config::Config;
 use difftrain::data::ColorMode;
@@ -40,4 +41,29 @@ pub fn tiny_config(data: &Path, out: &Path) -> Config {
     c.sample.num_images = 4;
     c.sample.num_inference_steps = 5;
     c
+}
+
+/// `train --config <config> <extra>`, not yet started.
+#[allow(dead_code)]
+pub fn train_cmd(config: &Path, extra: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_train"));
+    cmd.arg("--config").arg(config).args(extra);
+    cmd
+}
+
+/// Runs `train` to the end: whether it succeeded, and its stderr.
+#[allow(dead_code)]
+pub fn run(config: &Path, extra: &[&str]) -> (bool, String) {
+    let r = train_cmd(config, extra).output().unwrap();
+    (
+        r.status.success(),
+        String::from_utf8_lossy(&r.stderr).to_string(),
+    )
+}
+
+/// The step of the checkpoint a run's `latest` file names.
+#[allow(dead_code)]
+pub fn latest_step(out: &Path) -> Option<usize> {
+    let text = std::fs::read_to_string(out.join("latest")).ok()?;
+    text.trim().strip_prefix("checkpoint-")?.parse().ok()
 }
