@@ -309,15 +309,18 @@ impl Replica {
     }
 }
 
-/// Runs `work` once per device on its own thread (NCCL between them when `nccl`, else the host), rank = position in `devices`, and returns
+/// Runs `work` once per device, with that rank's input, on its own thread (NCCL between them
+/// when `nccl`, else the host), rank = position in `devices`, and returns
 /// every rank's result in rank order. A rank that returns an error or panics fails the group,
 /// so the others stop at their next collective or barrier with [`SyncError::PeerFailed`].
-pub fn run_ranks<T: Send, E: Send + std::fmt::Display>(
+pub fn run_ranks<I: Send, T: Send, E: Send + std::fmt::Display>(
     devices: &[Device],
     nccl: bool,
     timeout: Duration,
-    work: impl Fn(Replica, &Device) -> Result<T, E> + Sync,
+    inputs: Vec<I>,
+    work: impl Fn(Replica, &Device, I) -> Result<T, E> + Sync,
 ) -> Vec<Result<T, RankFailure<E>>> {
+    assert_eq!(inputs.len(), devices.len(), "one input per rank");
     let world = devices.len();
     let group = Group::new(world, timeout);
     let engine = if nccl {
@@ -328,8 +331,9 @@ pub fn run_ranks<T: Send, E: Send + std::fmt::Display>(
     std::thread::scope(|s| {
         let handles: Vec<_> = devices
             .iter()
+            .zip(inputs)
             .enumerate()
-            .map(|(rank, device)| {
+            .map(|(rank, (device, input))| {
                 let replica = Replica {
                     rank,
                     world,
@@ -343,7 +347,7 @@ pub fn run_ranks<T: Send, E: Send + std::fmt::Display>(
                     .spawn_scoped(s, move || {
                         let outcome =
                             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                                work(replica, device)
+                                work(replica, device, input)
                             }));
                         match outcome {
                             Ok(Ok(v)) => Ok(v),
@@ -517,7 +521,8 @@ mod tests {
             &devices,
             false,
             Duration::from_secs(30),
-            |replica, _| -> Result<(), SyncError> {
+            vec![(); 2],
+            |replica, _, ()| -> Result<(), SyncError> {
                 if replica.rank() == 1 {
                     panic!("out of memory");
                 }

@@ -15,7 +15,7 @@ pub mod progress;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 use burn::module::Module;
@@ -830,7 +830,7 @@ where
             }
             None => fresh_state(&objective, cfg, &train_device),
         };
-        states.push(Mutex::new(Some(st)));
+        states.push(st);
     }
     let ctx = RunContext {
         cfg,
@@ -840,10 +840,7 @@ where
         started,
     };
     if devices.len() == 1 {
-        let st = states
-            .pop()
-            .and_then(|m| m.into_inner().ok()?)
-            .expect("one state");
+        let st = states.pop().expect("one state");
         objective.place(&devices[0]);
         return run_rank(
             &ctx,
@@ -862,15 +859,20 @@ where
         );
     }
     let timeout = std::time::Duration::from_secs_f64(cfg.run.sync_timeout_secs);
-    let objectives: Vec<Mutex<Option<O>>> = (0..devices.len())
-        .map(|_| Mutex::new(Some(objective.clone())))
+    let inputs: Vec<_> = states
+        .into_iter()
+        .map(|st| (st, objective.clone()))
         .collect();
-    let results = distributed::run_ranks(&devices, nccl, timeout, |replica, device| {
-        let st = take(&states[replica.rank()]).expect("each rank takes its state once");
-        let mut objective = take(&objectives[replica.rank()]).expect("and its objective");
-        objective.place(device);
-        run_rank(&ctx, replica, objective, st, device)
-    });
+    let results = distributed::run_ranks(
+        &devices,
+        nccl,
+        timeout,
+        inputs,
+        |replica, device, (st, mut objective)| {
+            objective.place(device);
+            run_rank(&ctx, replica, objective, st, device)
+        },
+    );
     // Rank 0's outcome; on failure the root cause (not a rank reporting another's failure).
     let mut errors = Vec::new();
     let (mut outcome, mut replicas) = (None, Vec::new());
@@ -890,11 +892,6 @@ where
         (None, Some(o)) => Ok(TrainOutcome { replicas, ..o }),
         (None, None) => unreachable!("rank 0 either returns or fails"),
     }
-}
-
-/// Moves a value out of a slot shared with other rank threads.
-fn take<T>(slot: &Mutex<Option<T>>) -> Option<T> {
-    slot.lock().ok().and_then(|mut s| s.take())
 }
 
 /// One replica's loop, read top to bottom: open its shard of the data, then steps of
