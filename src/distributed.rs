@@ -289,7 +289,7 @@ impl Replica {
             Engine::Nccl(devices) => {
                 // Meet on the host first: NCCL has no timeout and would wait forever for a
                 // rank that died, so every rank arrives here before any enters the collective.
-                group.all_reduce(self.rank, what, Vec::new())?;
+                self.barrier(what)?;
                 Ok(burn::tensor::distributed::all_reduce(
                     flat,
                     burn::tensor::distributed::ReduceOperation::Sum,

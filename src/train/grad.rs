@@ -5,16 +5,6 @@ use burn::module::{Module, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
 use burn::prelude::*;
 
-/// Ids and shapes of a module's float parameters, in visiting order.
-#[derive(Default)]
-struct ParamShapes(Vec<(ParamId, Vec<usize>)>);
-
-impl ModuleVisitor for ParamShapes {
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        self.0.push((param.id, param.val().dims().to_vec()));
-    }
-}
-
 /// Every parameter's gradient as one flat vector on `device`, in visiting order (zeros where a
 /// parameter has none), and a presence flag (1 or 0) per parameter: what data-parallel ranks
 /// sum in their one all-reduce per step.
@@ -23,19 +13,12 @@ pub fn flatten<M: Module>(
     grads: &GradientsParams,
     device: &Device,
 ) -> (Tensor<1>, Vec<f32>) {
-    let mut shapes = ParamShapes::default();
-    module.visit(&mut shapes);
-    let mut parts = Vec::with_capacity(shapes.0.len());
-    let mut present = Vec::with_capacity(shapes.0.len());
-    for (id, dims) in shapes.0 {
+    let shapes = param_shapes(module);
+    let mut parts = Vec::with_capacity(shapes.len());
+    let mut present = Vec::with_capacity(shapes.len());
+    for (id, dims) in shapes {
         let n: usize = dims.iter().product();
-        let g = match dims.len() {
-            1 => grads.get::<1>(id),
-            2 => grads.get::<2>(id).map(|g| g.reshape([n])),
-            3 => grads.get::<3>(id).map(|g| g.reshape([n])),
-            4 => grads.get::<4>(id).map(|g| g.reshape([n])),
-            _ => None,
-        };
+        let g = flat_grad(grads, id, dims.len());
         present.push(if g.is_some() { 1.0 } else { 0.0 });
         parts.push(g.map_or_else(
             || Tensor::zeros([n], device),
@@ -47,11 +30,9 @@ pub fn flatten<M: Module>(
 
 /// The inverse of [`flatten`]: gradients for the parameters whose flag is set.
 pub fn unflatten<M: Module>(module: &M, flat: Tensor<1>, present: &[bool]) -> GradientsParams {
-    let mut shapes = ParamShapes::default();
-    module.visit(&mut shapes);
     let mut grads = GradientsParams::new();
     let mut offset = 0;
-    for ((id, dims), &keep) in shapes.0.into_iter().zip(present) {
+    for ((id, dims), &keep) in param_shapes(module).into_iter().zip(present) {
         let n: usize = dims.iter().product();
         let part = flat.clone().slice(offset..offset + n);
         offset += n;
@@ -69,35 +50,30 @@ pub fn unflatten<M: Module>(module: &M, flat: Tensor<1>, present: &[bool]) -> Gr
     grads
 }
 
-/// Ids and ranks of a module's float parameters, in visiting order.
+/// Ids and shapes of a module's float parameters, in visiting order.
 #[derive(Default)]
-struct ParamIds(Vec<(ParamId, usize)>);
+struct ParamShapes(Vec<(ParamId, Vec<usize>)>);
 
-impl ModuleVisitor for ParamIds {
+impl ModuleVisitor for ParamShapes {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        self.0.push((param.id, D));
+        self.0.push((param.id, param.val().dims().to_vec()));
     }
 }
 
-fn param_ids<M: Module>(module: &M) -> Vec<(ParamId, usize)> {
-    let mut ids = ParamIds::default();
-    module.visit(&mut ids);
-    ids.0
+fn param_shapes<M: Module>(module: &M) -> Vec<(ParamId, Vec<usize>)> {
+    let mut shapes = ParamShapes::default();
+    module.visit(&mut shapes);
+    shapes.0
 }
 
-/// Applies `f` to every gradient tensor present, whatever its rank.
-fn for_each_grad(grads: &GradientsParams, ids: &[(ParamId, usize)], mut f: impl FnMut(Tensor<1>)) {
-    for &(id, rank) in ids {
-        let flat = match rank {
-            1 => grads.get::<1>(id),
-            2 => grads.get::<2>(id).map(|g| g.flatten(0, 1)),
-            3 => grads.get::<3>(id).map(|g| g.flatten(0, 2)),
-            4 => grads.get::<4>(id).map(|g| g.flatten(0, 3)),
-            _ => None,
-        };
-        if let Some(g) = flat {
-            f(g);
-        }
+/// The gradient of parameter `id` (of tensor rank `rank`) as a 1-D tensor, if it has one.
+fn flat_grad(grads: &GradientsParams, id: ParamId, rank: usize) -> Option<Tensor<1>> {
+    match rank {
+        1 => grads.get::<1>(id),
+        2 => grads.get::<2>(id).map(|g| g.flatten(0, 1)),
+        3 => grads.get::<3>(id).map(|g| g.flatten(0, 2)),
+        4 => grads.get::<4>(id).map(|g| g.flatten(0, 3)),
+        _ => None,
     }
 }
 
@@ -120,15 +96,16 @@ fn scale_grad(grads: &mut GradientsParams, id: ParamId, rank: usize, factor: f64
 
 /// The L2 norm of all gradients taken together, read back once.
 pub fn global_norm<M: Module>(module: &M, grads: &GradientsParams) -> f64 {
-    let ids = param_ids(module);
     let mut total: Option<Tensor<1>> = None;
-    for_each_grad(grads, &ids, |g| {
-        let sq = g.square().sum();
-        total = Some(match total.take() {
-            Some(t) => t + sq,
-            None => sq,
-        });
-    });
+    for (id, dims) in param_shapes(module) {
+        if let Some(g) = flat_grad(grads, id, dims.len()) {
+            let sq = g.square().sum();
+            total = Some(match total.take() {
+                Some(t) => t + sq,
+                None => sq,
+            });
+        }
+    }
     total.map_or(0.0, |t| (t.into_scalar::<f32>() as f64).sqrt())
 }
 
@@ -151,8 +128,8 @@ pub fn replicate<M: Module>(module: &M) -> M {
 
 /// Multiplies every gradient by `factor`.
 pub fn scale_all<M: Module>(module: &M, grads: &mut GradientsParams, factor: f64) {
-    for (id, rank) in param_ids(module) {
-        scale_grad(grads, id, rank, factor);
+    for (id, dims) in param_shapes(module) {
+        scale_grad(grads, id, dims.len(), factor);
     }
 }
 

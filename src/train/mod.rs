@@ -894,6 +894,50 @@ where
     }
 }
 
+/// The one all-reduce of optimizer step `step`: the gradients (averaged), the loss (averaged)
+/// and the objective's statistics (summed) travel in a single buffer.
+fn all_reduce_step<O: Objective>(
+    replica: &mut distributed::Replica,
+    objective: &mut O,
+    model: &O::Model,
+    grads: GradientsParams,
+    loss: f64,
+    step: usize,
+    device: &Device,
+) -> Result<(GradientsParams, f64), TrainError> {
+    let world = replica.world_size();
+    let (flat, present) = grad::flatten(model, &grads, device);
+    let n_grads = flat.dims()[0];
+    let mut extra = vec![loss as f32];
+    extra.extend(&present);
+    extra.extend(objective.local_stats(replica.is_main()));
+    let n_extra = extra.len();
+    let packed = Tensor::cat(
+        vec![
+            flat,
+            Tensor::from_data(TensorData::new(extra, [n_extra]), device),
+        ],
+        0,
+    );
+    let summed = replica.all_reduce_sum(packed, &format!("the all-reduce of step {step}"))?;
+    let extra = summed
+        .clone()
+        .slice(n_grads..n_grads + n_extra)
+        .into_data()
+        .convert::<f32>()
+        .try_to_vec::<f32>()
+        .expect("f32 after convert");
+    let (loss_sum, rest) = extra.split_first().expect("the loss is packed first");
+    let (present, stats) = rest.split_at(present.len());
+    let present: Vec<bool> = present.iter().map(|&p| p > 0.0).collect();
+    objective.set_global_stats(stats, world);
+    let mean = summed.slice(0..n_grads).mul_scalar(1.0 / world as f64);
+    Ok((
+        grad::unflatten(model, mean, &present),
+        *loss_sum as f64 / world as f64,
+    ))
+}
+
 /// One replica's loop, read top to bottom: open its shard of the data, then steps of
 /// accumulate -> (all-reduce) -> clip -> optimizer step -> EMA -> log/sample/checkpoint.
 /// Rank 0 alone writes; all ranks meet at a barrier after each write.
@@ -1006,38 +1050,15 @@ fn run_rank<O: Objective>(
         }
         let mut grads = accumulator.grads();
         if world > 1 {
-            // The one all-reduce of the step: gradients, loss and the objective's statistics.
-            let (flat, present) = grad::flatten(&st.model, &grads, device);
-            let n_grads = flat.dims()[0];
-            let mut extra = vec![loss_sum as f32];
-            extra.extend(&present);
-            extra.extend(objective.local_stats(main));
-            let n_extra = extra.len();
-            let packed = Tensor::cat(
-                vec![
-                    flat,
-                    Tensor::from_data(TensorData::new(extra, [n_extra]), device),
-                ],
-                0,
-            );
-            let summed = replica
-                .all_reduce_sum(packed, &format!("the all-reduce of step {}", st.step + 1))
-                .map_err(TrainError::Sync)?;
-            let extra = summed
-                .clone()
-                .slice(n_grads..n_grads + n_extra)
-                .into_data()
-                .convert::<f32>()
-                .try_to_vec::<f32>()
-                .expect("f32 after convert");
-            let present: Vec<bool> = extra[1..1 + present.len()]
-                .iter()
-                .map(|&p| p > 0.0)
-                .collect();
-            let mean = summed.slice(0..n_grads).mul_scalar(1.0 / world as f64);
-            grads = grad::unflatten(&st.model, mean, &present);
-            loss_sum = extra[0] as f64 / world as f64;
-            objective.set_global_stats(&extra[1 + present.len()..], world);
+            (grads, loss_sum) = all_reduce_step(
+                &mut replica,
+                &mut objective,
+                &st.model,
+                grads,
+                loss_sum,
+                st.step + 1,
+                device,
+            )?;
         }
         let grad_norm = grad::clip_global_norm(&st.model, &mut grads, t.max_grad_norm);
         let apply = check_finite(st.step + 1, loss_sum, grad_norm, t.on_nonfinite)?;
