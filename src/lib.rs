@@ -10,6 +10,7 @@ pub mod data;
 pub mod diffusion;
 pub mod distributed;
 pub mod io;
+pub mod kernels;
 pub mod models;
 pub mod nn;
 pub mod tensorboard;

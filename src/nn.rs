@@ -12,8 +12,6 @@ use std::cell::RefCell;
 
 use burn::module::{Module, Param};
 use burn::prelude::*;
-use burn::tensor::module::conv2d;
-use burn::tensor::ops::ConvOptions;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -115,17 +113,12 @@ impl Conv2d {
     /// - input `[batch, in_channels, height, width]`
     /// - output `[batch, out_channels, height', width']`
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        let options = ConvOptions::new(
-            [self.stride, self.stride],
-            [self.padding, self.padding],
-            [1, 1],
-            1,
-        );
-        conv2d(
+        crate::kernels::conv2d(
             x,
             self.weight.val(),
             self.bias.as_ref().map(|b| b.val()),
-            options,
+            self.stride,
+            self.padding,
         )
     }
 }

@@ -7,9 +7,9 @@
 //! `scripts/torch_models.py::TutorialUNet`; both must report the same parameter count.
 //! Odd sizes (7 -> 3) downsample with a 3x3 stride-2 conv, even ones with 4x4 stride 2 pad 1.
 
+use crate::kernels::silu;
 use burn::module::Module;
 use burn::prelude::*;
-use burn::tensor::activation::silu;
 use serde::{Deserialize, Serialize};
 
 use super::unet_2d::timestep_embedding;

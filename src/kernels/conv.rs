@@ -1,0 +1,499 @@
+//! 2D convolution forward and backward on contiguous `f32` NCHW slices, as im2col + GEMM.
+//!
+//! This is what PyTorch's CPU path without oneDNN (`aten/src/ATen/native/ConvolutionMM2d.cpp`,
+//! "slow_conv2d") does, and the reason it exists here is the backward pass: burn computes the
+//! input gradient with a transposed convolution (a GEMM into a column buffer, then a
+//! single-threaded scatter) and the weight gradient as a convolution whose kernel is the whole
+//! output gradient. Here both are one small GEMM per image plus a copy, run in parallel over the
+//! images of the batch:
+//!
+//! - forward: `y[b] = W · col(x[b]) + bias`, with `W` as `[cout, cin·k·k]`;
+//! - input gradient: `dx[b] = col⁻¹(Wᵀ · g[b])` (col2im adds overlapping windows);
+//! - weight gradient: `dW = Σ_b g[b] · col(x[b])ᵀ`, bias gradient `Σ_b Σ_hw g[b]`.
+//!
+//! The weight and bias gradients are sums over the batch. They are formed in a fixed number of
+//! chunks of images, each summed in image order, and the chunks are added in order, so the result
+//! depends on the batch size only, never on the thread count or on rayon's scheduling: a run
+//! replays bitwise (checkpoint-resume tests rely on it).
+//!
+//! Square kernels, one stride and one padding for both axes, no dilation, no groups: the layers
+//! in [`crate::nn`] never use more.
+
+use rayon::prelude::*;
+
+/// The shape of one convolution: input `[batch, cin, h, w]`, weight `[cout, cin, k, k]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Conv2dGeom {
+    pub batch: usize,
+    pub cin: usize,
+    pub h: usize,
+    pub w: usize,
+    pub cout: usize,
+    pub k: usize,
+    pub stride: usize,
+    pub pad: usize,
+}
+
+/// At most this many partial sums of the weight gradient (one per chunk of images); a fixed
+/// number so that the summation order does not depend on the machine.
+const WEIGHT_GRAD_CHUNKS: usize = 16;
+
+impl Conv2dGeom {
+    pub fn out_h(&self) -> usize {
+        (self.h + 2 * self.pad - self.k) / self.stride + 1
+    }
+    pub fn out_w(&self) -> usize {
+        (self.w + 2 * self.pad - self.k) / self.stride + 1
+    }
+    /// Rows of the column matrix: `cin·k·k`.
+    fn rows(&self) -> usize {
+        self.cin * self.k * self.k
+    }
+    /// Columns of the column matrix: output pixels per image.
+    fn cols(&self) -> usize {
+        self.out_h() * self.out_w()
+    }
+    fn image_in(&self) -> usize {
+        self.cin * self.h * self.w
+    }
+    fn image_out(&self) -> usize {
+        self.cout * self.cols()
+    }
+    /// A 1x1 stride-1 unpadded convolution: the image itself is the column matrix.
+    fn is_pointwise(&self) -> bool {
+        self.k == 1 && self.stride == 1 && self.pad == 0
+    }
+    pub fn input_len(&self) -> usize {
+        self.batch * self.image_in()
+    }
+    pub fn output_len(&self) -> usize {
+        self.batch * self.image_out()
+    }
+    pub fn weight_len(&self) -> usize {
+        self.cout * self.rows()
+    }
+}
+
+/// `dst (+)= lhs · rhs` with `lhs` `[m, k]` and `rhs` `[k, n]` given as (slice, row stride, column
+/// stride), `dst` row-major `[m, n]`; single-threaded (callers parallelise over images).
+#[allow(clippy::too_many_arguments)]
+fn matmul(
+    dst: &mut [f32],
+    (m, n, k): (usize, usize, usize),
+    accumulate: bool,
+    lhs: (&[f32], usize, usize),
+    rhs: (&[f32], usize, usize),
+) {
+    let (lhs, lhs_rs, lhs_cs) = lhs;
+    let (rhs, rhs_rs, rhs_cs) = rhs;
+    // The slices must hold every element the strides reach: this is what makes the call sound.
+    let reach = |rows: usize, cols: usize, rs: usize, cs: usize| {
+        if rows == 0 || cols == 0 {
+            0
+        } else {
+            (rows - 1) * rs + (cols - 1) * cs + 1
+        }
+    };
+    assert!(dst.len() >= m * n, "matmul: dst too small");
+    assert!(
+        lhs.len() >= reach(m, k, lhs_rs, lhs_cs),
+        "matmul: lhs too small"
+    );
+    assert!(
+        rhs.len() >= reach(k, n, rhs_rs, rhs_cs),
+        "matmul: rhs too small"
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            dst[..m * n].fill(0.0);
+        }
+        return;
+    }
+    // SAFETY: the asserts above bound every index gemm reads or writes.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.as_ptr(),
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs.as_ptr(),
+            rhs_cs as isize,
+            rhs_rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
+/// The valid output range `lo..hi` along one axis for kernel offset `i`: those `o` with
+/// `0 <= o·stride + i - pad < size`.
+fn valid_range(out: usize, size: usize, stride: usize, pad: usize, i: usize) -> (usize, usize) {
+    // o·s + i >= pad  <=>  o >= ceil((pad - i) / s)
+    let lo = if i >= pad {
+        0
+    } else {
+        (pad - i).div_ceil(stride)
+    };
+    // o·s + i - pad <= size - 1  <=>  o <= (size - 1 + pad - i) / s
+    let hi = if size + pad < i + 1 {
+        0
+    } else {
+        ((size - 1 + pad - i) / stride + 1).min(out)
+    };
+    (lo.min(hi), hi)
+}
+
+/// `col[(c·k + i)·k + j, oy·ow + ox] = x[c, oy·s + i - p, ox·s + j - p]` (0 outside).
+fn im2col(g: &Conv2dGeom, x: &[f32], col: &mut [f32]) {
+    let (oh, ow, l) = (g.out_h(), g.out_w(), g.cols());
+    for c in 0..g.cin {
+        let plane = &x[c * g.h * g.w..(c + 1) * g.h * g.w];
+        for i in 0..g.k {
+            let (ylo, yhi) = valid_range(oh, g.h, g.stride, g.pad, i);
+            for j in 0..g.k {
+                let (xlo, xhi) = valid_range(ow, g.w, g.stride, g.pad, j);
+                let row = &mut col[((c * g.k + i) * g.k + j) * l..][..l];
+                row[..ylo * ow].fill(0.0);
+                row[yhi * ow..].fill(0.0);
+                for oy in ylo..yhi {
+                    let out = &mut row[oy * ow..(oy + 1) * ow];
+                    out[..xlo].fill(0.0);
+                    out[xhi..].fill(0.0);
+                    let iy = oy * g.stride + i - g.pad;
+                    let src = &plane[iy * g.w..(iy + 1) * g.w];
+                    if g.stride == 1 {
+                        let ix0 = xlo + j - g.pad;
+                        out[xlo..xhi].copy_from_slice(&src[ix0..ix0 + (xhi - xlo)]);
+                    } else {
+                        for (ox, o) in out[xlo..xhi].iter_mut().enumerate() {
+                            *o = src[(ox + xlo) * g.stride + j - g.pad];
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The adjoint of [`im2col`]: `dx[c, iy, ix] += col[...]` over every window covering it.
+fn col2im_add(g: &Conv2dGeom, col: &[f32], dx: &mut [f32]) {
+    let (oh, ow, l) = (g.out_h(), g.out_w(), g.cols());
+    for c in 0..g.cin {
+        let plane = &mut dx[c * g.h * g.w..(c + 1) * g.h * g.w];
+        for i in 0..g.k {
+            let (ylo, yhi) = valid_range(oh, g.h, g.stride, g.pad, i);
+            for j in 0..g.k {
+                let (xlo, xhi) = valid_range(ow, g.w, g.stride, g.pad, j);
+                let row = &col[((c * g.k + i) * g.k + j) * l..][..l];
+                for oy in ylo..yhi {
+                    let src = &row[oy * ow..(oy + 1) * ow];
+                    let iy = oy * g.stride + i - g.pad;
+                    let dst = &mut plane[iy * g.w..(iy + 1) * g.w];
+                    if g.stride == 1 {
+                        let ix0 = xlo + j - g.pad;
+                        for (d, s) in dst[ix0..ix0 + (xhi - xlo)].iter_mut().zip(&src[xlo..xhi]) {
+                            *d += *s;
+                        }
+                    } else {
+                        for ox in xlo..xhi {
+                            dst[ox * g.stride + j - g.pad] += src[ox];
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Forward: `y = conv2d(x, weight) + bias`, `y` `[batch, cout, oh, ow]`.
+pub fn forward(g: &Conv2dGeom, x: &[f32], weight: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
+    let (kk, l) = (g.rows(), g.cols());
+    let mut y = vec![0.0f32; g.output_len()];
+    y.par_chunks_mut(g.image_out().max(1))
+        .zip(x.par_chunks(g.image_in().max(1)))
+        .for_each_init(
+            || {
+                if g.is_pointwise() {
+                    Vec::new()
+                } else {
+                    vec![0.0f32; kk * l]
+                }
+            },
+            |col, (yb, xb)| {
+                if let Some(bias) = bias {
+                    for (row, b) in yb.chunks_mut(l).zip(bias) {
+                        row.fill(*b);
+                    }
+                }
+                let cols: &[f32] = if g.is_pointwise() {
+                    xb
+                } else {
+                    im2col(g, xb, col);
+                    col
+                };
+                matmul(
+                    yb,
+                    (g.cout, l, kk),
+                    bias.is_some(),
+                    (weight, kk, 1),
+                    (cols, l, 1),
+                );
+            },
+        );
+    y
+}
+
+/// Input gradient: `dx = col2im(Wᵀ · g)`, `[batch, cin, h, w]`.
+pub fn input_grad(g: &Conv2dGeom, weight: &[f32], grad: &[f32]) -> Vec<f32> {
+    let (kk, l) = (g.rows(), g.cols());
+    let mut dx = vec![0.0f32; g.input_len()];
+    dx.par_chunks_mut(g.image_in().max(1))
+        .zip(grad.par_chunks(g.image_out().max(1)))
+        .for_each_init(
+            || {
+                if g.is_pointwise() {
+                    Vec::new()
+                } else {
+                    vec![0.0f32; kk * l]
+                }
+            },
+            |col, (dxb, gb)| {
+                // Wᵀ is `[kk, cout]`: element (r, o) sits at weight[o·kk + r].
+                if g.is_pointwise() {
+                    matmul(dxb, (kk, l, g.cout), false, (weight, 1, kk), (gb, l, 1));
+                } else {
+                    matmul(col, (kk, l, g.cout), false, (weight, 1, kk), (gb, l, 1));
+                    col2im_add(g, col, dxb);
+                }
+            },
+        );
+    dx
+}
+
+/// Weight and bias gradients: `dW = Σ_b g[b] · col(x[b])ᵀ` (`[cout, cin, k, k]`) and
+/// `db[o] = Σ_b Σ_p g[b, o, p]`, summed in an order fixed by the batch size (module docs).
+pub fn weight_grad(
+    g: &Conv2dGeom,
+    x: &[f32],
+    grad: &[f32],
+    with_bias: bool,
+) -> (Vec<f32>, Vec<f32>) {
+    let (kk, l) = (g.rows(), g.cols());
+    let chunks = g.batch.clamp(1, WEIGHT_GRAD_CHUNKS);
+    let per_chunk = g.batch.div_ceil(chunks).max(1);
+    let partials: Vec<(Vec<f32>, Vec<f32>)> = (0..g.batch.div_ceil(per_chunk))
+        .into_par_iter()
+        .map(|c| {
+            let mut dw = vec![0.0f32; g.weight_len()];
+            let mut db = vec![0.0f32; if with_bias { g.cout } else { 0 }];
+            let mut col = if g.is_pointwise() {
+                Vec::new()
+            } else {
+                vec![0.0f32; kk * l]
+            };
+            for b in c * per_chunk..((c + 1) * per_chunk).min(g.batch) {
+                let xb = &x[b * g.image_in()..(b + 1) * g.image_in()];
+                let gb = &grad[b * g.image_out()..(b + 1) * g.image_out()];
+                let cols: &[f32] = if g.is_pointwise() {
+                    xb
+                } else {
+                    im2col(g, xb, &mut col);
+                    &col
+                };
+                // col(x)ᵀ is `[l, kk]`: element (p, r) sits at cols[r·l + p].
+                matmul(&mut dw, (g.cout, kk, l), true, (gb, l, 1), (cols, 1, l));
+                for (d, row) in db.iter_mut().zip(gb.chunks(l)) {
+                    *d += row.iter().sum::<f32>();
+                }
+            }
+            (dw, db)
+        })
+        .collect();
+    let mut parts = partials.into_iter();
+    let (mut dw, mut db) = parts.next().unwrap_or_else(|| {
+        (
+            vec![0.0; g.weight_len()],
+            vec![0.0; if with_bias { g.cout } else { 0 }],
+        )
+    });
+    for (pw, pb) in parts {
+        dw.iter_mut().zip(&pw).for_each(|(a, b)| *a += b);
+        db.iter_mut().zip(&pb).for_each(|(a, b)| *a += b);
+    }
+    (dw, db)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Direct six-loop convolution, the definition the GEMM path must match.
+    fn naive_forward(g: &Conv2dGeom, x: &[f32], w: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
+        let (oh, ow) = (g.out_h(), g.out_w());
+        let mut y = vec![0.0f32; g.output_len()];
+        for b in 0..g.batch {
+            for o in 0..g.cout {
+                for oy in 0..oh {
+                    for ox in 0..ow {
+                        let mut acc = bias.map_or(0.0, |bb| bb[o]) as f64;
+                        for c in 0..g.cin {
+                            for i in 0..g.k {
+                                for j in 0..g.k {
+                                    let iy = (oy * g.stride + i) as isize - g.pad as isize;
+                                    let ix = (ox * g.stride + j) as isize - g.pad as isize;
+                                    if iy < 0 || ix < 0 || iy >= g.h as isize || ix >= g.w as isize
+                                    {
+                                        continue;
+                                    }
+                                    let xv = x
+                                        [((b * g.cin + c) * g.h + iy as usize) * g.w + ix as usize];
+                                    let wv = w[((o * g.cin + c) * g.k + i) * g.k + j];
+                                    acc += (xv * wv) as f64;
+                                }
+                            }
+                        }
+                        y[((b * g.cout + o) * oh + oy) * ow + ox] = acc as f32;
+                    }
+                }
+            }
+        }
+        y
+    }
+
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        (0..n)
+            .map(|i| {
+                (((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) % 2001) as f32
+                    / 1000.0
+                    - 1.0
+            })
+            .collect()
+    }
+
+    fn close(a: &[f32], b: &[f32], what: &str) {
+        assert_eq!(a.len(), b.len(), "{what}: length");
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            assert!(
+                (x - y).abs() <= 1e-4 * (1.0 + y.abs()),
+                "{what}[{i}]: {x} vs {y}"
+            );
+        }
+    }
+
+    fn dot(a: &[f32], b: &[f32]) -> f64 {
+        a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum()
+    }
+
+    /// Shapes the models use: 3x3 same padding, 4x4 and 3x3 stride-2 downsampling (even and odd
+    /// sizes), 1x1 skips, one batch larger than the chunk count.
+    fn geometries() -> Vec<Conv2dGeom> {
+        let g = |batch, cin, h, cout, k, stride, pad| Conv2dGeom {
+            batch,
+            cin,
+            h,
+            w: h + 1,
+            cout,
+            k,
+            stride,
+            pad,
+        };
+        vec![
+            g(3, 2, 5, 3, 3, 1, 1),
+            g(2, 3, 6, 2, 4, 2, 1),
+            g(2, 2, 7, 3, 3, 2, 0),
+            g(2, 4, 5, 3, 1, 1, 0),
+            g(19, 2, 4, 2, 3, 1, 1),
+            g(1, 1, 3, 1, 3, 1, 2),
+        ]
+    }
+
+    #[test]
+    fn forward_matches_direct_convolution() {
+        for g in geometries() {
+            let x = values(g.input_len(), 1);
+            let w = values(g.weight_len(), 2);
+            let b = values(g.cout, 3);
+            close(
+                &forward(&g, &x, &w, Some(&b)),
+                &naive_forward(&g, &x, &w, Some(&b)),
+                "forward+bias",
+            );
+            close(
+                &forward(&g, &x, &w, None),
+                &naive_forward(&g, &x, &w, None),
+                "forward",
+            );
+        }
+    }
+
+    /// The gradients are adjoints of the forward map: `<conv(x, W), G> = <x, dx(G)> = <W, dW(x, G)>`
+    /// for every x, W, G, which pins both backward kernels to the forward one.
+    #[test]
+    fn gradients_are_adjoint_to_forward() {
+        for g in geometries() {
+            let x = values(g.input_len(), 4);
+            let w = values(g.weight_len(), 5);
+            let gr = values(g.output_len(), 6);
+            let y = naive_forward(&g, &x, &w, None);
+            let lhs = dot(&y, &gr);
+            let dx = input_grad(&g, &w, &gr);
+            let (dw, db) = weight_grad(&g, &x, &gr, true);
+            let tol = 1e-4 * (1.0 + lhs.abs());
+            assert!(
+                (dot(&x, &dx) - lhs).abs() < tol,
+                "{g:?}: <x, dx> {} vs {lhs}",
+                dot(&x, &dx)
+            );
+            assert!(
+                (dot(&w, &dw) - lhs).abs() < tol,
+                "{g:?}: <W, dW> {} vs {lhs}",
+                dot(&w, &dw)
+            );
+            let l = g.out_h() * g.out_w();
+            for (o, d) in db.iter().enumerate() {
+                let want: f32 = (0..g.batch)
+                    .map(|b| gr[(b * g.cout + o) * l..][..l].iter().sum::<f32>())
+                    .sum();
+                assert!((d - want).abs() < 1e-3, "bias grad {o}: {d} vs {want}");
+            }
+        }
+    }
+
+    #[test]
+    fn weight_grad_is_the_same_on_any_thread_count() {
+        let g = Conv2dGeom {
+            batch: 37,
+            cin: 3,
+            h: 6,
+            w: 6,
+            cout: 4,
+            k: 3,
+            stride: 1,
+            pad: 1,
+        };
+        let x = values(g.input_len(), 7);
+        let gr = values(g.output_len(), 8);
+        let run = |threads| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .map(|pool| pool.install(|| weight_grad(&g, &x, &gr, true)))
+        };
+        let one = run(1).expect("pool");
+        let three = run(3).expect("pool");
+        assert_eq!(one, three);
+    }
+}
