@@ -236,15 +236,13 @@ impl GroupNorm {
     /// # Shapes
     /// - input `[batch, channels, ...]` (rank 3 or 4), output the same
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        let shape = x.dims();
-        let (batch, channels) = (shape[0], shape[1]);
-        let grouped: Tensor<3> = x.reshape([batch as i64, self.num_groups as i64, -1]);
-        let (var, mean) = grouped.clone().var_mean_bias(2);
-        let normed = (grouped - mean).div((var + self.eps).sqrt());
-        let normed: Tensor<D> = normed.reshape(shape);
-        let mut affine_shape = [1usize; D];
-        affine_shape[1] = channels;
-        normed * self.weight.val().reshape(affine_shape) + self.bias.val().reshape(affine_shape)
+        crate::kernels::group_norm(
+            x,
+            self.weight.val(),
+            self.bias.val(),
+            self.num_groups,
+            self.eps,
+        )
     }
 }
 
@@ -268,11 +266,7 @@ impl<const N: usize> LayerNorm<N> {
     /// # Shapes
     /// - input `[batch, ...normalized_shape]` (rank `D = N + 1`), output the same
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        let shape = x.dims();
-        let flat: Tensor<2> = x.reshape([shape[0] as i64, -1]);
-        let (var, mean) = flat.clone().var_mean_bias(1);
-        let normed: Tensor<D> = ((flat - mean).div((var + self.eps).sqrt())).reshape(shape);
-        normed * self.weight.val().unsqueeze() + self.bias.val().unsqueeze()
+        crate::kernels::layer_norm(x, self.weight.val(), self.bias.val(), self.eps)
     }
 }
 

@@ -218,32 +218,175 @@ fn col2im_add(g: &Conv2dGeom, col: &[f32], dx: &mut [f32]) {
     }
 }
 
+/// How one image becomes the column matrix the GEMM reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Plan {
+    /// 1x1, stride 1, no padding: the image is the column matrix.
+    Pointwise,
+    /// Stride 1: the image is zero-padded once to `[cin, h+2p, w+2p]`; then the output is computed
+    /// on the padded width (`oh` rows of `w+2p`, the last `k-1` of each row discarded) and every
+    /// row of the column matrix is one contiguous slice of the padded image, so im2col is `cin·k²`
+    /// long copies and col2im `cin·k²` long vector adds instead of one short copy per output row.
+    PaddedRows,
+    /// Any stride: classic im2col over the output grid.
+    Strided,
+}
+
+impl Conv2dGeom {
+    fn plan(&self) -> Plan {
+        if self.is_pointwise() {
+            Plan::Pointwise
+        } else if self.stride == 1 {
+            Plan::PaddedRows
+        } else {
+            Plan::Strided
+        }
+    }
+    fn padded_w(&self) -> usize {
+        self.w + 2 * self.pad
+    }
+    fn padded_plane(&self) -> usize {
+        (self.h + 2 * self.pad) * self.padded_w()
+    }
+    /// Columns of the GEMM: output pixels, or for [`Plan::PaddedRows`] the span from the first to
+    /// the last output pixel on the padded-width grid.
+    fn gemm_cols(&self) -> usize {
+        match self.plan() {
+            Plan::PaddedRows => (self.out_h() - 1) * self.padded_w() + self.out_w(),
+            _ => self.cols(),
+        }
+    }
+}
+
+/// Per-thread buffers for one image at a time.
+#[derive(Default)]
+struct Scratch {
+    /// The column matrix `[cin·k·k, gemm_cols]`.
+    col: Vec<f32>,
+    /// The zero-padded image `[cin, h+2p, w+2p]` (or its gradient).
+    padded: Vec<f32>,
+    /// An output-shaped matrix on the GEMM's grid `[cout, gemm_cols]`.
+    grid: Vec<f32>,
+}
+
+impl Scratch {
+    fn new(g: &Conv2dGeom) -> Self {
+        let (kk, n) = (g.rows(), g.gemm_cols());
+        match g.plan() {
+            Plan::Pointwise => Self::default(),
+            Plan::Strided => Self {
+                col: vec![0.0; kk * n],
+                ..Self::default()
+            },
+            Plan::PaddedRows => Self {
+                col: vec![0.0; kk * n],
+                padded: vec![0.0; g.cin * g.padded_plane()],
+                grid: vec![0.0; g.cout * n],
+            },
+        }
+    }
+}
+
+/// Zero-pads one image `[cin, h, w]` into `padded` `[cin, h+2p, w+2p]`.
+fn pad_image(g: &Conv2dGeom, x: &[f32], padded: &mut [f32]) {
+    let (wp, plane) = (g.padded_w(), g.padded_plane());
+    padded.fill(0.0);
+    for c in 0..g.cin {
+        for y in 0..g.h {
+            let dst = &mut padded[c * plane + (y + g.pad) * wp + g.pad..][..g.w];
+            dst.copy_from_slice(&x[(c * g.h + y) * g.w..][..g.w]);
+        }
+    }
+}
+
+/// [`Plan::PaddedRows`] im2col: row `(c, i, j)` is the padded image from offset `i·wp + j`.
+fn im2col_rows(g: &Conv2dGeom, padded: &[f32], col: &mut [f32]) {
+    let (wp, plane, n) = (g.padded_w(), g.padded_plane(), g.gemm_cols());
+    for c in 0..g.cin {
+        for i in 0..g.k {
+            for j in 0..g.k {
+                let r = (c * g.k + i) * g.k + j;
+                col[r * n..(r + 1) * n].copy_from_slice(&padded[c * plane + i * wp + j..][..n]);
+            }
+        }
+    }
+}
+
+/// The adjoint of [`im2col_rows`], into a zeroed padded gradient.
+fn col2im_rows(g: &Conv2dGeom, col: &[f32], padded: &mut [f32]) {
+    let (wp, plane, n) = (g.padded_w(), g.padded_plane(), g.gemm_cols());
+    padded.fill(0.0);
+    for c in 0..g.cin {
+        for i in 0..g.k {
+            for j in 0..g.k {
+                let r = (c * g.k + i) * g.k + j;
+                let dst = &mut padded[c * plane + i * wp + j..][..n];
+                for (d, s) in dst.iter_mut().zip(&col[r * n..(r + 1) * n]) {
+                    *d += *s;
+                }
+            }
+        }
+    }
+}
+
+/// An output gradient `[cout, oh, ow]` spread onto the padded-width grid, zeros in the gaps, so
+/// that the discarded columns contribute nothing to either gradient.
+fn grad_to_grid(g: &Conv2dGeom, gb: &[f32], grid: &mut [f32]) {
+    let (oh, ow, wp, n) = (g.out_h(), g.out_w(), g.padded_w(), g.gemm_cols());
+    grid.fill(0.0);
+    for o in 0..g.cout {
+        for oy in 0..oh {
+            grid[o * n + oy * wp..][..ow].copy_from_slice(&gb[(o * oh + oy) * ow..][..ow]);
+        }
+    }
+}
+
+/// The column matrix of one image (for `Pointwise`, the image itself).
+fn columns<'a>(g: &Conv2dGeom, xb: &'a [f32], col: &'a mut [f32], padded: &mut [f32]) -> &'a [f32] {
+    match g.plan() {
+        Plan::Pointwise => xb,
+        Plan::Strided => {
+            im2col(g, xb, col);
+            col
+        }
+        Plan::PaddedRows => {
+            pad_image(g, xb, padded);
+            im2col_rows(g, padded, col);
+            col
+        }
+    }
+}
+
 /// Forward: `y = conv2d(x, weight) + bias`, `y` `[batch, cout, oh, ow]`.
 pub fn forward(g: &Conv2dGeom, x: &[f32], weight: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
-    let (kk, l) = (g.rows(), g.cols());
+    let (kk, l, n) = (g.rows(), g.cols(), g.gemm_cols());
     let mut y = vec![0.0f32; g.output_len()];
     y.par_chunks_mut(g.image_out().max(1))
         .zip(x.par_chunks(g.image_in().max(1)))
         .for_each_init(
-            || {
-                if g.is_pointwise() {
-                    Vec::new()
-                } else {
-                    vec![0.0f32; kk * l]
+            || Scratch::new(g),
+            |scratch, (yb, xb)| {
+                let Scratch { col, padded, grid } = scratch;
+                let cols = columns(g, xb, col, padded);
+                if g.plan() == Plan::PaddedRows {
+                    matmul(grid, (g.cout, n, kk), false, (weight, kk, 1), (cols, n, 1));
+                    let (oh, ow, wp) = (g.out_h(), g.out_w(), g.padded_w());
+                    for o in 0..g.cout {
+                        let b = bias.map_or(0.0, |b| b[o]);
+                        for oy in 0..oh {
+                            let src = &grid[o * n + oy * wp..][..ow];
+                            for (d, s) in yb[(o * oh + oy) * ow..][..ow].iter_mut().zip(src) {
+                                *d = *s + b;
+                            }
+                        }
+                    }
+                    return;
                 }
-            },
-            |col, (yb, xb)| {
                 if let Some(bias) = bias {
                     for (row, b) in yb.chunks_mut(l).zip(bias) {
                         row.fill(*b);
                     }
                 }
-                let cols: &[f32] = if g.is_pointwise() {
-                    xb
-                } else {
-                    im2col(g, xb, col);
-                    col
-                };
                 matmul(
                     yb,
                     (g.cout, l, kk),
@@ -258,25 +401,34 @@ pub fn forward(g: &Conv2dGeom, x: &[f32], weight: &[f32], bias: Option<&[f32]>) 
 
 /// Input gradient: `dx = col2im(Wᵀ · g)`, `[batch, cin, h, w]`.
 pub fn input_grad(g: &Conv2dGeom, weight: &[f32], grad: &[f32]) -> Vec<f32> {
-    let (kk, l) = (g.rows(), g.cols());
+    let (kk, l, n) = (g.rows(), g.cols(), g.gemm_cols());
     let mut dx = vec![0.0f32; g.input_len()];
     dx.par_chunks_mut(g.image_in().max(1))
         .zip(grad.par_chunks(g.image_out().max(1)))
         .for_each_init(
-            || {
-                if g.is_pointwise() {
-                    Vec::new()
-                } else {
-                    vec![0.0f32; kk * l]
-                }
-            },
-            |col, (dxb, gb)| {
+            || Scratch::new(g),
+            |scratch, (dxb, gb)| {
+                let Scratch { col, padded, grid } = scratch;
                 // Wᵀ is `[kk, cout]`: element (r, o) sits at weight[o·kk + r].
-                if g.is_pointwise() {
-                    matmul(dxb, (kk, l, g.cout), false, (weight, 1, kk), (gb, l, 1));
-                } else {
-                    matmul(col, (kk, l, g.cout), false, (weight, 1, kk), (gb, l, 1));
-                    col2im_add(g, col, dxb);
+                let wt = (weight, 1, kk);
+                match g.plan() {
+                    Plan::Pointwise => matmul(dxb, (kk, l, g.cout), false, wt, (gb, l, 1)),
+                    Plan::Strided => {
+                        matmul(col, (kk, l, g.cout), false, wt, (gb, l, 1));
+                        col2im_add(g, col, dxb);
+                    }
+                    Plan::PaddedRows => {
+                        grad_to_grid(g, gb, grid);
+                        matmul(col, (kk, n, g.cout), false, wt, (grid, n, 1));
+                        col2im_rows(g, col, padded);
+                        let (wp, plane) = (g.padded_w(), g.padded_plane());
+                        for c in 0..g.cin {
+                            for y in 0..g.h {
+                                let src = &padded[c * plane + (y + g.pad) * wp + g.pad..][..g.w];
+                                dxb[(c * g.h + y) * g.w..][..g.w].copy_from_slice(src);
+                            }
+                        }
+                    }
                 }
             },
         );
@@ -291,30 +443,31 @@ pub fn weight_grad(
     grad: &[f32],
     with_bias: bool,
 ) -> (Vec<f32>, Vec<f32>) {
-    let (kk, l) = (g.rows(), g.cols());
+    let (kk, l, n) = (g.rows(), g.cols(), g.gemm_cols());
     let chunks = g.batch.clamp(1, WEIGHT_GRAD_CHUNKS);
     let per_chunk = g.batch.div_ceil(chunks).max(1);
+    let bias_len = if with_bias { g.cout } else { 0 };
     let partials: Vec<(Vec<f32>, Vec<f32>)> = (0..g.batch.div_ceil(per_chunk))
         .into_par_iter()
         .map(|c| {
             let mut dw = vec![0.0f32; g.weight_len()];
-            let mut db = vec![0.0f32; if with_bias { g.cout } else { 0 }];
-            let mut col = if g.is_pointwise() {
-                Vec::new()
-            } else {
-                vec![0.0f32; kk * l]
-            };
+            let mut db = vec![0.0f32; bias_len];
+            let Scratch {
+                mut col,
+                mut padded,
+                mut grid,
+            } = Scratch::new(g);
             for b in c * per_chunk..((c + 1) * per_chunk).min(g.batch) {
                 let xb = &x[b * g.image_in()..(b + 1) * g.image_in()];
                 let gb = &grad[b * g.image_out()..(b + 1) * g.image_out()];
-                let cols: &[f32] = if g.is_pointwise() {
-                    xb
+                let cols = columns(g, xb, &mut col, &mut padded);
+                // col(x)ᵀ is `[n, kk]`: element (p, r) sits at cols[r·n + p].
+                if g.plan() == Plan::PaddedRows {
+                    grad_to_grid(g, gb, &mut grid);
+                    matmul(&mut dw, (g.cout, kk, n), true, (&grid, n, 1), (cols, 1, n));
                 } else {
-                    im2col(g, xb, &mut col);
-                    &col
-                };
-                // col(x)ᵀ is `[l, kk]`: element (p, r) sits at cols[r·l + p].
-                matmul(&mut dw, (g.cout, kk, l), true, (gb, l, 1), (cols, 1, l));
+                    matmul(&mut dw, (g.cout, kk, l), true, (gb, l, 1), (cols, 1, l));
+                }
                 for (d, row) in db.iter_mut().zip(gb.chunks(l)) {
                     *d += row.iter().sum::<f32>();
                 }
@@ -323,12 +476,9 @@ pub fn weight_grad(
         })
         .collect();
     let mut parts = partials.into_iter();
-    let (mut dw, mut db) = parts.next().unwrap_or_else(|| {
-        (
-            vec![0.0; g.weight_len()],
-            vec![0.0; if with_bias { g.cout } else { 0 }],
-        )
-    });
+    let (mut dw, mut db) = parts
+        .next()
+        .unwrap_or_else(|| (vec![0.0; g.weight_len()], vec![0.0; bias_len]));
     for (pw, pb) in parts {
         dw.iter_mut().zip(&pw).for_each(|(a, b)| *a += b);
         db.iter_mut().zip(&pb).for_each(|(a, b)| *a += b);
@@ -417,6 +567,8 @@ mod tests {
             g(2, 4, 5, 3, 1, 1, 0),
             g(19, 2, 4, 2, 3, 1, 1),
             g(1, 1, 3, 1, 3, 1, 2),
+            g(2, 3, 6, 2, 3, 1, 0),
+            g(2, 2, 8, 3, 5, 1, 2),
         ]
     }
 

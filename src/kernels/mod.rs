@@ -17,12 +17,13 @@
 
 pub mod act;
 pub mod conv;
+pub mod norm;
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
-use burn::backend::ops::{ActivationOps, ConvOptions, FloatTensorOps, ModuleOps};
+use burn::backend::ops::{ConvOptions, ModuleOps};
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Dispatch, Flex, TensorMetadata, backend_extension};
 use burn::prelude::*;
@@ -31,6 +32,7 @@ use burn::tensor::{DType, TensorData};
 use burn::backend::flex::FlexTensor;
 
 use conv::Conv2dGeom;
+use norm::NormGeom;
 
 /// Convolution (square kernel, one stride and padding, no dilation or groups) and SiLU with
 /// their gradients. The default bodies are burn's own operations; Flex overrides them with the
@@ -78,29 +80,127 @@ pub trait TrainOps: Backend {
         stride: usize,
         padding: usize,
     ) -> (FloatTensor<Self>, FloatTensor<Self>) {
-        let dw = Self::conv2d_weight_backward(
-            x.clone(),
-            weight.clone(),
-            grad.clone(),
-            conv_options(stride, padding),
-        );
-        let cout = weight.shape()[0];
-        let bias = Self::float_zeros([cout].into(), &x.device(), x.dtype().into());
-        (dw, Self::conv2d_bias_backward(x, bias, grad))
+        composed_conv2d_param_grads::<Self>(x, weight, grad, stride, padding)
+    }
+
+    /// Group normalisation of `x` `[n, c, s]` over `groups` groups of channels, affine `weight`
+    /// and `bias` `[c]` (biased variance, `eps` inside the square root, as `torch.nn.GroupNorm`).
+    fn group_norm_train(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        groups: usize,
+        eps: f64,
+    ) -> FloatTensor<Self> {
+        composed_group_norm::<Self>(x, weight, bias, groups, eps)
+    }
+
+    /// The gradients `(dx, dweight, dbias)` of [`TrainOps::group_norm_train`].
+    fn group_norm_grads(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        groups: usize,
+        eps: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        composed_group_norm_grads::<Self>(x, weight, grad, groups, eps)
     }
 
     /// `x·σ(x)`.
     fn silu_train(x: FloatTensor<Self>) -> FloatTensor<Self> {
-        Self::float_mul(x.clone(), Self::sigmoid(x))
+        composed_silu::<Self>(x)
     }
 
     /// `grad·σ(x)·(1 + x·(1 - σ(x)))`, the gradient of [`TrainOps::silu_train`].
     fn silu_input_grad(x: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
-        let s = Self::sigmoid(x.clone());
-        let one_minus_s = Self::float_add_scalar(Self::float_neg(s.clone()), 1.0.into());
-        let inner = Self::float_add_scalar(Self::float_mul(x, one_minus_s), 1.0.into());
-        Self::float_mul(grad, Self::float_mul(s, inner))
+        composed_silu_grad::<Self>(x, grad)
     }
+}
+
+/// `(x̂, 1/√(σ² + ε))` of `x` `[n, c, s]` normalised per group: `x̂` `[n, c, s]`, the inverse
+/// standard deviation `[n, groups, 1]`.
+fn normalized<B: Backend>(
+    x: FloatTensor<B>,
+    groups: usize,
+    eps: f64,
+) -> (FloatTensor<B>, FloatTensor<B>) {
+    let shape = x.shape();
+    let (n, c, s) = (shape[0], shape[1], shape[2]);
+    let grouped = B::float_reshape(x, [n, groups, c / groups * s].into());
+    let mean = B::float_mean_dim(grouped.clone(), 2);
+    let centered = B::float_sub(grouped, mean);
+    let var = B::float_mean_dim(B::float_mul(centered.clone(), centered.clone()), 2);
+    let rstd = B::float_recip(B::float_sqrt(B::float_add_scalar(var, eps.into())));
+    let xhat = B::float_reshape(B::float_mul(centered, rstd.clone()), shape);
+    (xhat, rstd)
+}
+
+/// burn's operations for [`TrainOps::conv2d_param_grads`].
+fn composed_conv2d_param_grads<B: Backend>(
+    x: FloatTensor<B>,
+    weight: FloatTensor<B>,
+    grad: FloatTensor<B>,
+    stride: usize,
+    padding: usize,
+) -> (FloatTensor<B>, FloatTensor<B>) {
+    let options = conv_options(stride, padding);
+    let dw = B::conv2d_weight_backward(x.clone(), weight.clone(), grad.clone(), options);
+    let bias = B::float_zeros([weight.shape()[0]].into(), &x.device(), x.dtype().into());
+    (dw, B::conv2d_bias_backward(x, bias, grad))
+}
+
+/// burn's operations for [`TrainOps::group_norm_train`].
+fn composed_group_norm<B: Backend>(
+    x: FloatTensor<B>,
+    weight: FloatTensor<B>,
+    bias: FloatTensor<B>,
+    groups: usize,
+    eps: f64,
+) -> FloatTensor<B> {
+    let c = x.shape()[1];
+    let (xhat, _) = normalized::<B>(x, groups, eps);
+    let w = B::float_reshape(weight, [1, c, 1].into());
+    let b = B::float_reshape(bias, [1, c, 1].into());
+    B::float_add(B::float_mul(xhat, w), b)
+}
+
+/// burn's operations for [`TrainOps::group_norm_grads`] (the closed form in [`norm`]).
+fn composed_group_norm_grads<B: Backend>(
+    x: FloatTensor<B>,
+    weight: FloatTensor<B>,
+    grad: FloatTensor<B>,
+    groups: usize,
+    eps: f64,
+) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
+    let shape = x.shape();
+    let (n, c, s) = (shape[0], shape[1], shape[2]);
+    let (xhat, rstd) = normalized::<B>(x, groups, eps);
+    let sum_ns = |t| B::float_reshape(B::float_sum_dim(B::float_sum_dim(t, 2), 0), [c].into());
+    let dw = sum_ns(B::float_mul(grad.clone(), xhat.clone()));
+    let db = sum_ns(grad.clone());
+    let grouped = |t| B::float_reshape(t, [n, groups, c / groups * s].into());
+    let d = grouped(B::float_mul(
+        grad,
+        B::float_reshape(weight, [1, c, 1].into()),
+    ));
+    let xhat = grouped(xhat);
+    let mean_d = B::float_mean_dim(d.clone(), 2);
+    let mean_dx = B::float_mean_dim(B::float_mul(d.clone(), xhat.clone()), 2);
+    let inner = B::float_sub(B::float_sub(d, mean_d), B::float_mul(xhat, mean_dx));
+    (B::float_reshape(B::float_mul(inner, rstd), shape), dw, db)
+}
+
+/// burn's operations for [`TrainOps::silu_train`].
+fn composed_silu<B: Backend>(x: FloatTensor<B>) -> FloatTensor<B> {
+    B::float_mul(x.clone(), B::sigmoid(x))
+}
+
+/// burn's operations for [`TrainOps::silu_input_grad`].
+fn composed_silu_grad<B: Backend>(x: FloatTensor<B>, grad: FloatTensor<B>) -> FloatTensor<B> {
+    let s = B::sigmoid(x.clone());
+    let one_minus_s = B::float_add_scalar(B::float_neg(s.clone()), 1.0.into());
+    let inner = B::float_add_scalar(B::float_mul(x, one_minus_s), 1.0.into());
+    B::float_mul(grad, B::float_mul(s, inner))
 }
 
 fn conv_options(stride: usize, padding: usize) -> ConvOptions<2> {
@@ -127,6 +227,54 @@ pub fn conv2d(
         }
         None => <Dispatch as TrainOps>::conv2d_train(x, weight, stride, padding),
     })
+}
+
+/// `torch.nn.GroupNorm(groups, c)` through [`TrainOps`].
+///
+/// # Shapes
+/// - `x` `[batch, channels, ...]` (rank 3 or more), `weight`/`bias` `[channels]`; output as `x`
+pub fn group_norm<const D: usize>(
+    x: Tensor<D>,
+    weight: Tensor<1>,
+    bias: Tensor<1>,
+    groups: usize,
+    eps: f64,
+) -> Tensor<D> {
+    let shape = x.dims();
+    let rest = shape[2..].iter().product::<usize>();
+    let x: Tensor<3> = x.reshape([shape[0], shape[1], rest]);
+    let y = <Dispatch as TrainOps>::group_norm_train(
+        x.into_dispatch(),
+        weight.into_dispatch(),
+        bias.into_dispatch(),
+        groups,
+        eps,
+    );
+    Tensor::<3>::from_dispatch(y).reshape(shape)
+}
+
+/// `torch.nn.LayerNorm(normalized_shape)` over the trailing `N` dims through [`TrainOps`]: a group
+/// norm with one group whose "channels" are the normalised elements.
+///
+/// # Shapes
+/// - `x` `[batch, ...normalized_shape]` (rank `D = N + 1`), `weight`/`bias` `normalized_shape`;
+///   output as `x`
+pub fn layer_norm<const D: usize, const N: usize>(
+    x: Tensor<D>,
+    weight: Tensor<N>,
+    bias: Tensor<N>,
+    eps: f64,
+) -> Tensor<D> {
+    let shape = x.dims();
+    let x: Tensor<3> = x.reshape([shape[0], shape[1..].iter().product::<usize>(), 1]);
+    let y = <Dispatch as TrainOps>::group_norm_train(
+        x.into_dispatch(),
+        weight.flatten::<1>(0, N - 1).into_dispatch(),
+        bias.flatten::<1>(0, N - 1).into_dispatch(),
+        1,
+        eps,
+    );
+    Tensor::<3>::from_dispatch(y).reshape(shape)
 }
 
 /// `x·σ(x)` through [`TrainOps`].
@@ -204,6 +352,18 @@ fn flex_conv2d(
     fast.unwrap_or_else(|| Flex::conv2d(x, weight, bias, conv_options(stride, padding)))
 }
 
+fn norm_geometry(x: &FlexTensor, weight: &FlexTensor, groups: usize, eps: f64) -> Option<NormGeom> {
+    let (xs, ws) = (x.shape(), weight.shape());
+    let ok = xs.num_dims() == 3 && ws.num_elements() == xs[1] && groups > 0 && xs[1] % groups == 0;
+    ok.then(|| NormGeom {
+        batch: xs[0],
+        channels: xs[1],
+        spatial: xs[2],
+        groups,
+        eps,
+    })
+}
+
 impl TrainOps for Flex {
     fn conv2d_train(
         x: FlexTensor,
@@ -254,38 +414,69 @@ impl TrainOps for Flex {
                 flex_tensor(db, &[g.cout]),
             ))
         });
-        match fast {
-            Some(grads) => grads,
-            None => {
-                let dw = Self::conv2d_weight_backward(
-                    x.clone(),
-                    weight.clone(),
-                    grad.clone(),
-                    conv_options(stride, padding),
-                );
-                let bias =
-                    Self::float_zeros([weight.shape()[0]].into(), &x.device(), x.dtype().into());
-                (dw, Self::conv2d_bias_backward(x, bias, grad))
+        fast.unwrap_or_else(|| {
+            composed_conv2d_param_grads::<Self>(x, weight, grad, stride, padding)
+        })
+    }
+
+    fn group_norm_train(
+        x: FlexTensor,
+        weight: FlexTensor,
+        bias: FlexTensor,
+        groups: usize,
+        eps: f64,
+    ) -> FlexTensor {
+        let fast = norm_geometry(&x, &weight, groups, eps).and_then(|g| {
+            let y = norm::forward(
+                &g,
+                &f32_values(&x)?,
+                &f32_values(&weight)?,
+                &f32_values(&bias)?,
+            );
+            Some(flex_tensor(y, x.shape().as_slice()))
+        });
+        fast.unwrap_or_else(|| composed_group_norm::<Self>(x, weight, bias, groups, eps))
+    }
+
+    fn group_norm_grads(
+        x: FlexTensor,
+        weight: FlexTensor,
+        grad: FlexTensor,
+        groups: usize,
+        eps: f64,
+    ) -> (FlexTensor, FlexTensor, FlexTensor) {
+        let g = norm_geometry(&x, &weight, groups, eps);
+        let values =
+            g.and_then(|g| Some((g, f32_values(&x)?, f32_values(&weight)?, f32_values(&grad)?)));
+        match values {
+            Some((g, xv, wv, gv)) => {
+                let (dx, dw, db) = norm::backward(&g, &xv, &wv, &gv);
+                let c = [g.channels];
+                (
+                    flex_tensor(dx, x.shape().as_slice()),
+                    flex_tensor(dw, &c),
+                    flex_tensor(db, &c),
+                )
             }
+            None => panic!(
+                "group_norm_grads: unsupported input {:?} / {:?}",
+                x.shape(),
+                weight.shape()
+            ),
         }
     }
 
     fn silu_train(x: FlexTensor) -> FlexTensor {
         match f32_values(&x) {
             Some(v) => flex_tensor(act::silu(&v), x.shape().as_slice()),
-            None => Self::float_mul(x.clone(), Self::sigmoid(x)),
+            None => composed_silu::<Self>(x),
         }
     }
 
     fn silu_input_grad(x: FlexTensor, grad: FlexTensor) -> FlexTensor {
         match (f32_values(&x), f32_values(&grad)) {
             (Some(xv), Some(gv)) => flex_tensor(act::silu_grad(&xv, &gv), x.shape().as_slice()),
-            _ => {
-                let s = Self::sigmoid(x.clone());
-                let one_minus_s = Self::float_add_scalar(Self::float_neg(s.clone()), 1.0.into());
-                let inner = Self::float_add_scalar(Self::float_mul(x, one_minus_s), 1.0.into());
-                Self::float_mul(grad, Self::float_mul(s, inner))
-            }
+            _ => composed_silu_grad::<Self>(x, grad),
         }
     }
 }
@@ -331,6 +522,37 @@ impl<B: Backend + TrainOps, const N: usize> Backward<B, N> for Conv2dBackward<N>
             }
             if let Some(node) = node_bias {
                 grads.register::<B>(node.id, db);
+            }
+        }
+    }
+}
+
+/// Backward step of a group normalisation: checkpointed `x` and `weight`, groups, eps.
+#[derive(Debug)]
+struct GroupNormBackward;
+
+impl<B: Backend + TrainOps> Backward<B, 3> for GroupNormBackward {
+    type State = (
+        burn::backend::autodiff::NodeId,
+        burn::backend::autodiff::NodeId,
+        usize,
+        f64,
+    );
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 3>,
+        grads: &mut Gradients,
+        checkpointer: &mut Checkpointer,
+    ) {
+        let grad = grads.consume::<B>(&ops.node);
+        let (x_id, w_id, groups, eps) = ops.state;
+        let x = checkpointer.retrieve_node_output::<FloatTensor<B>>(x_id);
+        let weight = checkpointer.retrieve_node_output::<FloatTensor<B>>(w_id);
+        let (dx, dw, db) = B::group_norm_grads(x, weight, grad, groups, eps);
+        for (parent, g) in ops.parents.iter().zip([dx, dw, db]) {
+            if let Some(node) = parent {
+                grads.register::<B>(node.id, g);
             }
         }
     }
@@ -405,6 +627,38 @@ impl<B: Backend + TrainOps, C: CheckpointStrategy> TrainOps for Autodiff<B, C> {
                     stride,
                     padding,
                 );
+                prep.finish(
+                    state,
+                    forward(
+                        x.into_primitive(),
+                        weight.into_primitive(),
+                        bias.into_primitive(),
+                    ),
+                )
+            }
+            OpsKind::UnTracked(prep) => prep.finish(forward(
+                x.into_primitive(),
+                weight.into_primitive(),
+                bias.into_primitive(),
+            )),
+        }
+    }
+
+    fn group_norm_train(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        groups: usize,
+        eps: f64,
+    ) -> FloatTensor<Self> {
+        let forward = |x, w, b| B::group_norm_train(x, w, b, groups, eps);
+        match GroupNormBackward
+            .prepare::<C>([x.node(), weight.node(), bias.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(mut prep) => {
+                let state = (prep.checkpoint(&x), prep.checkpoint(&weight), groups, eps);
                 prep.finish(
                     state,
                     forward(
@@ -525,5 +779,91 @@ mod tests {
             burn::tensor::activation::silu(burn::tensor::module::conv2d(x, w, None, options));
         ours.into_data()
             .assert_approx_eq::<f32>(&theirs.into_data(), burn::tensor::Tolerance::absolute(1e-5));
+    }
+
+    /// GroupNorm as the layers computed it before this module, from burn tensor operations.
+    fn reference_group_norm(
+        x: Tensor<4>,
+        w: Tensor<1>,
+        b: Tensor<1>,
+        groups: usize,
+        eps: f64,
+    ) -> Tensor<4> {
+        let shape = x.dims();
+        let grouped: Tensor<3> = x.reshape([shape[0] as i64, groups as i64, -1]);
+        let (var, mean) = grouped.clone().var_mean_bias(2);
+        let normed: Tensor<4> = (grouped - mean).div((var + eps).sqrt()).reshape(shape);
+        let affine = [1, shape[1], 1, 1];
+        normed * w.reshape(affine) + b.reshape(affine)
+    }
+
+    /// Forward values and every gradient of GroupNorm (2 groups) and LayerNorm over `[C, H, W]`
+    /// through [`TrainOps`] equal burn's composition of the same formula.
+    #[test]
+    fn norms_match_burn_with_gradients() {
+        let d = device();
+        let x = Tensor::<4>::random([5, 4, 3, 6], Distribution::Normal(0.5, 2.0), &d);
+        let weights = Tensor::<4>::random([5, 4, 3, 6], Distribution::Normal(0.0, 1.0), &d);
+        let tol = burn::tensor::Tolerance::absolute(1e-4);
+        // GroupNorm: affine per channel.
+        let w = Tensor::<1>::random([4], Distribution::Normal(1.0, 0.5), &d);
+        let b = Tensor::<1>::random([4], Distribution::Normal(0.0, 0.5), &d);
+        let run = |ours: bool| {
+            let (x, w, b) = (
+                x.clone().require_grad(),
+                w.clone().require_grad(),
+                b.clone().require_grad(),
+            );
+            let y = if ours {
+                group_norm(x.clone(), w.clone(), b.clone(), 2, 1e-5)
+            } else {
+                reference_group_norm(x.clone(), w.clone(), b.clone(), 2, 1e-5)
+            };
+            let grads = (y.clone() * weights.clone()).sum().backward();
+            let g = |t: &Tensor<1>| t.grad(&grads).expect("grad").into_data();
+            (
+                y.into_data(),
+                x.grad(&grads).expect("x grad").into_data(),
+                g(&w),
+                g(&b),
+            )
+        };
+        let (ours, theirs) = (run(true), run(false));
+        ours.0.assert_approx_eq::<f32>(&theirs.0, tol);
+        ours.1.assert_approx_eq::<f32>(&theirs.1, tol);
+        ours.2.assert_approx_eq::<f32>(&theirs.2, tol);
+        ours.3.assert_approx_eq::<f32>(&theirs.3, tol);
+        // LayerNorm over [C, H, W]: affine per element.
+        let w = Tensor::<3>::random([4, 3, 6], Distribution::Normal(1.0, 0.5), &d);
+        let b = Tensor::<3>::random([4, 3, 6], Distribution::Normal(0.0, 0.5), &d);
+        let run = |ours: bool| {
+            let (x, w, b) = (
+                x.clone().require_grad(),
+                w.clone().require_grad(),
+                b.clone().require_grad(),
+            );
+            let y = if ours {
+                layer_norm(x.clone(), w.clone(), b.clone(), 1e-5)
+            } else {
+                let flat: Tensor<2> = x.clone().reshape([5, -1]);
+                let (var, mean) = flat.clone().var_mean_bias(1);
+                let normed: Tensor<4> =
+                    (flat - mean).div((var + 1e-5).sqrt()).reshape([5, 4, 3, 6]);
+                normed * w.clone().unsqueeze() + b.clone().unsqueeze()
+            };
+            let grads = (y.clone() * weights.clone()).sum().backward();
+            let g = |t: &Tensor<3>| t.grad(&grads).expect("grad").into_data();
+            (
+                y.into_data(),
+                x.grad(&grads).expect("x grad").into_data(),
+                g(&w),
+                g(&b),
+            )
+        };
+        let (ours, theirs) = (run(true), run(false));
+        ours.0.assert_approx_eq::<f32>(&theirs.0, tol);
+        ours.1.assert_approx_eq::<f32>(&theirs.1, tol);
+        ours.2.assert_approx_eq::<f32>(&theirs.2, tol);
+        ours.3.assert_approx_eq::<f32>(&theirs.3, tol);
     }
 }

@@ -1,0 +1,290 @@
+//! Group normalisation with a per-channel affine (`torch.nn.GroupNorm`; `torch.nn.LayerNorm` over
+//! `[C, H, W]` is the case `groups = 1` with `C·H·W` "channels" of one element each) forward and
+//! backward on contiguous `f32` slices, one pass over the data each.
+//!
+//! burn composes a normalisation from about ten tensor operations (mean, subtract, square, mean,
+//! add, sqrt, divide, multiply, add), each a full pass over the activation on one thread, and its
+//! backward from about twice as many. Here the statistics are accumulated in `f64` and the
+//! backward is the closed form (with `x̂ = (x - μ)·r`, `r = 1/√(σ² + ε)`, `d = dy·w`, per group):
+//!
+//! `dx = r·(d - mean(d) - x̂·mean(d·x̂))`, `dw[c] = Σ dy·x̂`, `db[c] = Σ dy`.
+//!
+//! Samples run in parallel. The affine gradients are sums over the batch, formed per fixed chunk
+//! of samples and added in order, as in [`super::conv`], so they do not depend on the thread
+//! count.
+
+use rayon::prelude::*;
+
+/// The shape of one normalisation: `x` `[batch, channels, spatial]`, `channels` split into
+/// `groups` equal groups, affine parameters `[channels]`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct NormGeom {
+    pub batch: usize,
+    pub channels: usize,
+    pub spatial: usize,
+    pub groups: usize,
+    pub eps: f64,
+}
+
+/// At most this many partial sums of the affine gradients (see [`super::conv`]).
+const AFFINE_GRAD_CHUNKS: usize = 16;
+
+impl NormGeom {
+    fn sample(&self) -> usize {
+        self.channels * self.spatial
+    }
+    fn group_len(&self) -> usize {
+        self.channels / self.groups * self.spatial
+    }
+    pub fn len(&self) -> usize {
+        self.batch * self.sample()
+    }
+}
+
+/// Mean and `1/√(var + ε)` (biased variance) of one group.
+fn stats(x: &[f32], eps: f64) -> (f32, f32) {
+    let n = x.len().max(1) as f64;
+    let mean = x.iter().map(|v| *v as f64).sum::<f64>() / n;
+    let var = x.iter().map(|v| (*v as f64 - mean).powi(2)).sum::<f64>() / n;
+    (mean as f32, (1.0 / (var + eps).sqrt()) as f32)
+}
+
+/// `y = (x - μ)/√(σ² + ε)·w + b` per group.
+pub fn forward(g: &NormGeom, x: &[f32], weight: &[f32], bias: &[f32]) -> Vec<f32> {
+    let mut y = vec![0.0f32; g.len()];
+    let cpg = g.channels / g.groups;
+    y.par_chunks_mut(g.group_len().max(1))
+        .zip(x.par_chunks(g.group_len().max(1)))
+        .enumerate()
+        .for_each(|(row, (yg, xg))| {
+            let (mean, rstd) = stats(xg, g.eps);
+            let c0 = (row % g.groups) * cpg;
+            let (w, b) = (&weight[c0..c0 + cpg], &bias[c0..c0 + cpg]);
+            if g.spatial == 1 {
+                // LayerNorm: an affine value per element.
+                for (((o, v), w), b) in yg.iter_mut().zip(xg).zip(w).zip(b) {
+                    *o = (*v - mean) * rstd * w + b;
+                }
+                return;
+            }
+            for (c, (yc, xc)) in yg
+                .chunks_mut(g.spatial)
+                .zip(xg.chunks(g.spatial))
+                .enumerate()
+            {
+                let (w, b) = (w[c], b[c]);
+                for (o, v) in yc.iter_mut().zip(xc) {
+                    *o = (*v - mean) * rstd * w + b;
+                }
+            }
+        });
+    y
+}
+
+/// `(dx, dw, db)` for [`forward`], given its input and the output gradient.
+pub fn backward(
+    g: &NormGeom,
+    x: &[f32],
+    weight: &[f32],
+    grad: &[f32],
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let mut dx = vec![0.0f32; g.len()];
+    let (cpg, glen, sample) = (g.channels / g.groups, g.group_len(), g.sample());
+    let chunks = g.batch.clamp(1, AFFINE_GRAD_CHUNKS);
+    let per_chunk = g.batch.div_ceil(chunks).max(1);
+    let partials: Vec<(Vec<f32>, Vec<f32>)> = dx
+        .par_chunks_mut((per_chunk * sample).max(1))
+        .enumerate()
+        .map(|(chunk, dx_chunk)| {
+            let mut dw = vec![0.0f32; g.channels];
+            let mut db = vec![0.0f32; g.channels];
+            let first = chunk * per_chunk * sample;
+            for (r, dxg) in dx_chunk.chunks_mut(glen.max(1)).enumerate() {
+                let off = first + r * glen;
+                let (xg, gg) = (&x[off..off + glen], &grad[off..off + glen]);
+                let (mean, rstd) = stats(xg, g.eps);
+                let c0 = ((off / glen) % g.groups) * cpg;
+                // mean(d) and mean(d·x̂) over the group, d = dy·w.
+                let (mut sum_d, mut sum_dx) = (0.0f64, 0.0f64);
+                if g.spatial == 1 {
+                    // LayerNorm: an affine value per element.
+                    let (w, dw, db) = (
+                        &weight[c0..c0 + cpg],
+                        &mut dw[c0..c0 + cpg],
+                        &mut db[c0..c0 + cpg],
+                    );
+                    for ((((v, d), w), dw), db) in xg.iter().zip(gg).zip(w).zip(dw).zip(db) {
+                        let xhat = (*v - mean) * rstd;
+                        *db += *d;
+                        *dw += *d * xhat;
+                        sum_d += (*d * w) as f64;
+                        sum_dx += (*d * w * xhat) as f64;
+                    }
+                    let n = glen.max(1) as f64;
+                    let (mean_d, mean_dx) = ((sum_d / n) as f32, (sum_dx / n) as f32);
+                    for (((o, v), d), w) in dxg.iter_mut().zip(xg).zip(gg).zip(w) {
+                        let xhat = (*v - mean) * rstd;
+                        *o = rstd * (*d * w - mean_d - xhat * mean_dx);
+                    }
+                    continue;
+                }
+                for (c, (xc, gc)) in xg.chunks(g.spatial).zip(gg.chunks(g.spatial)).enumerate() {
+                    let w = weight[c0 + c];
+                    let (mut s_dy, mut s_dyx) = (0.0f32, 0.0f32);
+                    for (v, d) in xc.iter().zip(gc) {
+                        let xhat = (*v - mean) * rstd;
+                        s_dy += *d;
+                        s_dyx += *d * xhat;
+                    }
+                    db[c0 + c] += s_dy;
+                    dw[c0 + c] += s_dyx;
+                    sum_d += (s_dy * w) as f64;
+                    sum_dx += (s_dyx * w) as f64;
+                }
+                let n = glen.max(1) as f64;
+                let (mean_d, mean_dx) = ((sum_d / n) as f32, (sum_dx / n) as f32);
+                for (c, ((dc, xc), gc)) in dxg
+                    .chunks_mut(g.spatial)
+                    .zip(xg.chunks(g.spatial))
+                    .zip(gg.chunks(g.spatial))
+                    .enumerate()
+                {
+                    let w = weight[c0 + c];
+                    for ((o, v), d) in dc.iter_mut().zip(xc).zip(gc) {
+                        let xhat = (*v - mean) * rstd;
+                        *o = rstd * (*d * w - mean_d - xhat * mean_dx);
+                    }
+                }
+            }
+            (dw, db)
+        })
+        .collect();
+    let mut parts = partials.into_iter();
+    let (mut dw, mut db) = parts
+        .next()
+        .unwrap_or_else(|| (vec![0.0; g.channels], vec![0.0; g.channels]));
+    for (pw, pb) in parts {
+        dw.iter_mut().zip(&pw).for_each(|(a, b)| *a += b);
+        db.iter_mut().zip(&pb).for_each(|(a, b)| *a += b);
+    }
+    (dx, dw, db)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        (0..n)
+            .map(|i| {
+                (((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) % 2001) as f32
+                    / 500.0
+                    - 1.5
+            })
+            .collect()
+    }
+
+    /// The loss `Σ y·t` for a fixed `t`, in f64.
+    fn loss(g: &NormGeom, x: &[f32], w: &[f32], b: &[f32], t: &[f32]) -> f64 {
+        forward(g, x, w, b)
+            .iter()
+            .zip(t)
+            .map(|(y, t)| *y as f64 * *t as f64)
+            .sum()
+    }
+
+    /// Every gradient against central finite differences of the forward pass.
+    #[test]
+    fn gradients_match_finite_differences() {
+        for g in [
+            NormGeom {
+                batch: 3,
+                channels: 4,
+                spatial: 5,
+                groups: 2,
+                eps: 1e-5,
+            },
+            NormGeom {
+                batch: 2,
+                channels: 12,
+                spatial: 1,
+                groups: 1,
+                eps: 1e-5,
+            },
+            NormGeom {
+                batch: 19,
+                channels: 2,
+                spatial: 3,
+                groups: 2,
+                eps: 1e-6,
+            },
+        ] {
+            let x = values(g.len(), 1);
+            let w = values(g.channels, 2);
+            let b = values(g.channels, 3);
+            let t = values(g.len(), 4);
+            let (dx, dw, db) = backward(&g, &x, &w, &t);
+            let h = 1e-2f32;
+            let fd = |f: &dyn Fn(f32) -> f64| (f(h) - f(-h)) / (2.0 * h as f64);
+            for i in (0..g.len()).step_by(7) {
+                let num = fd(&|e| {
+                    let mut x = x.clone();
+                    x[i] += e;
+                    loss(&g, &x, &w, &b, &t)
+                });
+                assert!(
+                    (num - dx[i] as f64).abs() < 2e-2 * (1.0 + num.abs()),
+                    "{g:?} dx[{i}]: {} vs {num}",
+                    dx[i]
+                );
+            }
+            for c in 0..g.channels {
+                let num_w = fd(&|e| {
+                    let mut w = w.clone();
+                    w[c] += e;
+                    loss(&g, &x, &w, &b, &t)
+                });
+                let num_b = fd(&|e| {
+                    let mut b = b.clone();
+                    b[c] += e;
+                    loss(&g, &x, &w, &b, &t)
+                });
+                assert!(
+                    (num_w - dw[c] as f64).abs() < 1e-2 * (1.0 + num_w.abs()),
+                    "dw[{c}]: {} vs {num_w}",
+                    dw[c]
+                );
+                assert!(
+                    (num_b - db[c] as f64).abs() < 1e-2 * (1.0 + num_b.abs()),
+                    "db[{c}]: {} vs {num_b}",
+                    db[c]
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn forward_normalises_each_group() {
+        let g = NormGeom {
+            batch: 2,
+            channels: 4,
+            spatial: 6,
+            groups: 2,
+            eps: 0.0,
+        };
+        let x = values(g.len(), 9);
+        let y = forward(&g, &x, &[1.0; 4], &[0.0; 4]);
+        for group in y.chunks(12) {
+            let mean = group.iter().map(|v| *v as f64).sum::<f64>() / 12.0;
+            let var = group
+                .iter()
+                .map(|v| (*v as f64 - mean).powi(2))
+                .sum::<f64>()
+                / 12.0;
+            assert!(
+                mean.abs() < 1e-6 && (var - 1.0).abs() < 1e-5,
+                "mean {mean}, var {var}"
+            );
+        }
+    }
+}
