@@ -154,13 +154,7 @@ impl MaskedConv2d {
             TensorData::new(stack_mask(k, self.vertical, kind), [1, 1, k, k]),
             &w.device(),
         );
-        let options = burn::tensor::ops::ConvOptions::new([1, 1], [k / 2, k / 2], [1, 1], 1);
-        burn::tensor::module::conv2d(
-            x,
-            w * mask,
-            self.conv.bias.as_ref().map(|b| b.val()),
-            options,
-        )
+        crate::kernels::conv2d(x, w * mask, self.conv.bias.as_ref().map(|b| b.val()), 1, k / 2)
     }
 }
 
