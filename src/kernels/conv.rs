@@ -475,15 +475,7 @@ pub fn weight_grad(
             (dw, db)
         })
         .collect();
-    let mut parts = partials.into_iter();
-    let (mut dw, mut db) = parts
-        .next()
-        .unwrap_or_else(|| (vec![0.0; g.weight_len()], vec![0.0; bias_len]));
-    for (pw, pb) in parts {
-        dw.iter_mut().zip(&pw).for_each(|(a, b)| *a += b);
-        db.iter_mut().zip(&pb).for_each(|(a, b)| *a += b);
-    }
-    (dw, db)
+    super::sum_in_order(partials, (g.weight_len(), bias_len))
 }
 
 #[cfg(test)]
@@ -524,13 +516,7 @@ mod tests {
     }
 
     fn values(n: usize, seed: u32) -> Vec<f32> {
-        (0..n)
-            .map(|i| {
-                (((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) % 2001) as f32
-                    / 1000.0
-                    - 1.0
-            })
-            .collect()
+        super::super::test_values(n, seed)
     }
 
     fn close(a: &[f32], b: &[f32], what: &str) {

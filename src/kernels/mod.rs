@@ -203,6 +203,31 @@ fn composed_silu_grad<B: Backend>(x: FloatTensor<B>, grad: FloatTensor<B>) -> Fl
     B::float_mul(grad, B::float_mul(s, inner))
 }
 
+/// Adds per-chunk partial gradients `(a, b)` in chunk order (zeros of `lens` when there are none):
+/// the fixed summation order that makes the kernels' batch sums independent of threading.
+fn sum_in_order(partials: Vec<(Vec<f32>, Vec<f32>)>, lens: (usize, usize)) -> (Vec<f32>, Vec<f32>) {
+    let mut parts = partials.into_iter();
+    let (mut a, mut b) = parts
+        .next()
+        .unwrap_or_else(|| (vec![0.0; lens.0], vec![0.0; lens.1]));
+    for (pa, pb) in parts {
+        a.iter_mut().zip(&pa).for_each(|(x, y)| *x += y);
+        b.iter_mut().zip(&pb).for_each(|(x, y)| *x += y);
+    }
+    (a, b)
+}
+
+/// Deterministic values in `[-1, 1]` for the kernels' tests.
+#[cfg(test)]
+fn test_values(n: usize, seed: u32) -> Vec<f32> {
+    (0..n)
+        .map(|i| {
+            (((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) % 2001) as f32 / 1000.0
+                - 1.0
+        })
+        .collect()
+}
+
 fn conv_options(stride: usize, padding: usize) -> ConvOptions<2> {
     ConvOptions::new([stride, stride], [padding, padding], [1, 1], 1)
 }

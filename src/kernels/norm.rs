@@ -159,14 +159,7 @@ pub fn backward(
             (dw, db)
         })
         .collect();
-    let mut parts = partials.into_iter();
-    let (mut dw, mut db) = parts
-        .next()
-        .unwrap_or_else(|| (vec![0.0; g.channels], vec![0.0; g.channels]));
-    for (pw, pb) in parts {
-        dw.iter_mut().zip(&pw).for_each(|(a, b)| *a += b);
-        db.iter_mut().zip(&pb).for_each(|(a, b)| *a += b);
-    }
+    let (dw, db) = super::sum_in_order(partials, (g.channels, g.channels));
     (dx, dw, db)
 }
 
@@ -174,13 +167,11 @@ pub fn backward(
 mod tests {
     use super::*;
 
+    /// Values in `[-1.5, 2.5]`.
     fn values(n: usize, seed: u32) -> Vec<f32> {
-        (0..n)
-            .map(|i| {
-                (((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) % 2001) as f32
-                    / 500.0
-                    - 1.5
-            })
+        super::super::test_values(n, seed)
+            .iter()
+            .map(|v| 2.0 * v + 0.5)
             .collect()
     }
 

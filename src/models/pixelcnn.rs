@@ -154,7 +154,13 @@ impl MaskedConv2d {
             TensorData::new(stack_mask(k, self.vertical, kind), [1, 1, k, k]),
             &w.device(),
         );
-        crate::kernels::conv2d(x, w * mask, self.conv.bias.as_ref().map(|b| b.val()), 1, k / 2)
+        crate::kernels::conv2d(
+            x,
+            w * mask,
+            self.conv.bias.as_ref().map(|b| b.val()),
+            1,
+            k / 2,
+        )
     }
 }
 
