@@ -320,11 +320,14 @@ fn f32_values(t: &FlexTensor) -> Option<std::borrow::Cow<'_, [f32]>> {
         return None;
     }
     match t.as_slice::<f32>() {
-        Some(s) if t.is_contiguous() => Some(std::borrow::Cow::Borrowed(s)),
-        _ => t
+        Some(s) => Some(std::borrow::Cow::Borrowed(s)),
+        // One copy into a fresh contiguous buffer, then moved out without another.
+        None => t
             .to_contiguous()
-            .as_slice::<f32>()
-            .map(|s| std::borrow::Cow::Owned(s.to_vec())),
+            .into_data()
+            .into_vec::<f32>()
+            .ok()
+            .map(std::borrow::Cow::Owned),
     }
 }
 
