@@ -151,5 +151,6 @@ fn run(args: Args) -> anyhow::Result<()> {
 }
 
 fn main() -> std::process::ExitCode {
+    difftrain::tune_allocator();
     difftrain::exit_code(run(Args::parse()))
 }
