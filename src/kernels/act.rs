@@ -8,7 +8,6 @@
 //! and chosen at run time. The work is split over rayon in fixed-size blocks (element-wise, so the
 //! result does not depend on the split).
 
-use rayon::prelude::*;
 
 /// Elements per rayon task: large enough that scheduling costs nothing, small enough that a
 /// 2-core machine gets both cores on a 64x64x32 activation.
@@ -23,6 +22,7 @@ fn exp(x: f32) -> f32 {
     const C1: f32 = 0.693_359_4;
     const C2: f32 = -2.121_944_4e-4;
     // `max`/`min` (IEEE maxNum/minNum) replace NaN by the bound; `clamp` would keep it.
+    #[allow(clippy::manual_clamp)]
     let x = x.max(-87.3).min(88.7);
     let n = (x * LOG2E + 0.5).floor();
     let r = x - n * C1 - n * C2;
@@ -101,11 +101,10 @@ fn silu_grad_dispatch(x: &[f32], g: &[f32], out: &mut [f32]) {
 
 /// `y = x·σ(x)`.
 pub fn silu(x: &[f32]) -> Vec<f32> {
-    let mut y = vec![0.0f32; x.len()];
-    y.par_chunks_mut(BLOCK)
-        .zip(x.par_chunks(BLOCK))
-        .for_each(|(y, x)| silu_dispatch(x, y));
-    y
+    super::par_new(x.len(), BLOCK, |i, y| {
+        silu_dispatch(&x[i * BLOCK..][..y.len()], y)
+    })
+    .0
 }
 
 /// `dx = g·σ(x)·(1 + x·(1 - σ(x)))`.
@@ -115,11 +114,11 @@ pub fn silu_grad(x: &[f32], grad: &[f32]) -> Vec<f32> {
         grad.len(),
         "silu_grad: x and grad differ in length"
     );
-    let mut out = vec![0.0f32; x.len()];
-    out.par_chunks_mut(BLOCK)
-        .zip(x.par_chunks(BLOCK).zip(grad.par_chunks(BLOCK)))
-        .for_each(|(o, (x, g))| silu_grad_dispatch(x, g, o));
-    out
+    super::par_new(x.len(), BLOCK, |i, o| {
+        let at = i * BLOCK..i * BLOCK + o.len();
+        silu_grad_dispatch(&x[at.clone()], &grad[at], o)
+    })
+    .0
 }
 
 #[cfg(test)]

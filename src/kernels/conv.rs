@@ -395,74 +395,70 @@ fn columns<'a>(g: &Conv2dGeom, xb: &'a [f32], col: &'a mut [f32], padded: &mut [
 /// Forward: `y = conv2d(x, weight) + bias`, `y` `[batch, cout, oh, ow]`.
 pub fn forward(g: &Conv2dGeom, x: &[f32], weight: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
     let (kk, l, n) = (g.rows(), g.cols(), g.gemm_cols());
-    let mut y = vec![0.0f32; g.output_len()];
-    y.par_chunks_mut(g.image_out().max(1))
-        .zip(x.par_chunks(g.image_in().max(1)))
-        .for_each(|(yb, xb)| {
-            with_scratch(g, |col, padded, grid| {
-                let cols = columns(g, xb, col, padded);
-                if g.plan() == Plan::PaddedRows {
-                    matmul(grid, (g.cout, n, kk), false, (weight, kk, 1), (cols, n, 1));
-                    let (oh, ow, wp) = (g.out_h(), g.out_w(), g.padded_w());
-                    for o in 0..g.cout {
-                        let b = bias.map_or(0.0, |b| b[o]);
-                        for oy in 0..oh {
-                            let src = &grid[o * n + oy * wp..][..ow];
-                            for (d, s) in yb[(o * oh + oy) * ow..][..ow].iter_mut().zip(src) {
-                                *d = *s + b;
-                            }
+    let (y, _) = super::par_new(g.output_len(), g.image_out(), |b, yb| {
+        let xb = &x[b * g.image_in()..][..g.image_in()];
+        with_scratch(g, |col, padded, grid| {
+            let cols = columns(g, xb, col, padded);
+            if g.plan() == Plan::PaddedRows {
+                matmul(grid, (g.cout, n, kk), false, (weight, kk, 1), (cols, n, 1));
+                let (oh, ow, wp) = (g.out_h(), g.out_w(), g.padded_w());
+                for o in 0..g.cout {
+                    let b = bias.map_or(0.0, |b| b[o]);
+                    for oy in 0..oh {
+                        let src = &grid[o * n + oy * wp..][..ow];
+                        for (d, s) in yb[(o * oh + oy) * ow..][..ow].iter_mut().zip(src) {
+                            *d = *s + b;
                         }
                     }
-                    return;
                 }
-                if let Some(bias) = bias {
-                    for (row, b) in yb.chunks_mut(l).zip(bias) {
-                        row.fill(*b);
-                    }
+                return;
+            }
+            if let Some(bias) = bias {
+                for (row, b) in yb.chunks_mut(l).zip(bias) {
+                    row.fill(*b);
                 }
-                matmul(
-                    yb,
-                    (g.cout, l, kk),
-                    bias.is_some(),
-                    (weight, kk, 1),
-                    (cols, l, 1),
-                );
-            })
-        });
+            }
+            matmul(
+                yb,
+                (g.cout, l, kk),
+                bias.is_some(),
+                (weight, kk, 1),
+                (cols, l, 1),
+            );
+        })
+    });
     y
 }
 
 /// Input gradient: `dx = col2im(Wᵀ · g)`, `[batch, cin, h, w]`.
 pub fn input_grad(g: &Conv2dGeom, weight: &[f32], grad: &[f32]) -> Vec<f32> {
     let (kk, l, n) = (g.rows(), g.cols(), g.gemm_cols());
-    let mut dx = vec![0.0f32; g.input_len()];
-    dx.par_chunks_mut(g.image_in().max(1))
-        .zip(grad.par_chunks(g.image_out().max(1)))
-        .for_each(|(dxb, gb)| {
-            with_scratch(g, |col, padded, grid| {
-                // Wᵀ is `[kk, cout]`: element (r, o) sits at weight[o·kk + r].
-                let wt = (weight, 1, kk);
-                match g.plan() {
-                    Plan::Pointwise => matmul(dxb, (kk, l, g.cout), false, wt, (gb, l, 1)),
-                    Plan::Strided => {
-                        matmul(col, (kk, l, g.cout), false, wt, (gb, l, 1));
-                        col2im_add(g, col, dxb);
-                    }
-                    Plan::PaddedRows => {
-                        grad_to_grid(g, gb, grid);
-                        matmul(col, (kk, n, g.cout), false, wt, (grid, n, 1));
-                        col2im_rows(g, col, padded);
-                        let (wp, plane) = (g.padded_w(), g.padded_plane());
-                        for c in 0..g.cin {
-                            for y in 0..g.h {
-                                let src = &padded[c * plane + (y + g.pad) * wp + g.pad..][..g.w];
-                                dxb[(c * g.h + y) * g.w..][..g.w].copy_from_slice(src);
-                            }
+    let (dx, _) = super::par_new(g.input_len(), g.image_in(), |b, dxb| {
+        let gb = &grad[b * g.image_out()..][..g.image_out()];
+        with_scratch(g, |col, padded, grid| {
+            // Wᵀ is `[kk, cout]`: element (r, o) sits at weight[o·kk + r].
+            let wt = (weight, 1, kk);
+            match g.plan() {
+                Plan::Pointwise => matmul(dxb, (kk, l, g.cout), false, wt, (gb, l, 1)),
+                Plan::Strided => {
+                    matmul(col, (kk, l, g.cout), false, wt, (gb, l, 1));
+                    col2im_add(g, col, dxb);
+                }
+                Plan::PaddedRows => {
+                    grad_to_grid(g, gb, grid);
+                    matmul(col, (kk, n, g.cout), false, wt, (grid, n, 1));
+                    col2im_rows(g, col, padded);
+                    let (wp, plane) = (g.padded_w(), g.padded_plane());
+                    for c in 0..g.cin {
+                        for y in 0..g.h {
+                            let src = &padded[c * plane + (y + g.pad) * wp + g.pad..][..g.w];
+                            dxb[(c * g.h + y) * g.w..][..g.w].copy_from_slice(src);
                         }
                     }
                 }
-            })
-        });
+            }
+        })
+    });
     dx
 }
 

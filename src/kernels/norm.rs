@@ -13,7 +13,6 @@
 //! of samples and added in order, as in [`super::conv`], so they do not depend on the thread
 //! count.
 
-use rayon::prelude::*;
 
 /// The shape of one normalisation: `x` `[batch, channels, spatial]`, `channels` split into
 /// `groups` equal groups, affine parameters `[channels]`.
@@ -51,34 +50,32 @@ fn stats(x: &[f32], eps: f64) -> (f32, f32) {
 
 /// `y = (x - μ)/√(σ² + ε)·w + b` per group.
 pub fn forward(g: &NormGeom, x: &[f32], weight: &[f32], bias: &[f32]) -> Vec<f32> {
-    let mut y = vec![0.0f32; g.len()];
     let cpg = g.channels / g.groups;
-    y.par_chunks_mut(g.group_len().max(1))
-        .zip(x.par_chunks(g.group_len().max(1)))
-        .enumerate()
-        .for_each(|(row, (yg, xg))| {
-            let (mean, rstd) = stats(xg, g.eps);
-            let c0 = (row % g.groups) * cpg;
-            let (w, b) = (&weight[c0..c0 + cpg], &bias[c0..c0 + cpg]);
-            if g.spatial == 1 {
-                // LayerNorm: an affine value per element.
-                for (((o, v), w), b) in yg.iter_mut().zip(xg).zip(w).zip(b) {
-                    *o = (*v - mean) * rstd * w + b;
-                }
-                return;
+    let glen = g.group_len();
+    super::par_new(g.len(), glen, |row, yg| {
+        let xg = &x[row * glen..][..yg.len()];
+        let (mean, rstd) = stats(xg, g.eps);
+        let c0 = (row % g.groups) * cpg;
+        let (w, b) = (&weight[c0..c0 + cpg], &bias[c0..c0 + cpg]);
+        if g.spatial == 1 {
+            // LayerNorm: an affine value per element.
+            for (((o, v), w), b) in yg.iter_mut().zip(xg).zip(w).zip(b) {
+                *o = (*v - mean) * rstd * w + b;
             }
-            for (c, (yc, xc)) in yg
-                .chunks_mut(g.spatial)
-                .zip(xg.chunks(g.spatial))
-                .enumerate()
-            {
-                let (w, b) = (w[c], b[c]);
-                for (o, v) in yc.iter_mut().zip(xc) {
-                    *o = (*v - mean) * rstd * w + b;
-                }
+            return;
+        }
+        for (c, (yc, xc)) in yg
+            .chunks_mut(g.spatial)
+            .zip(xg.chunks(g.spatial))
+            .enumerate()
+        {
+            let (w, b) = (w[c], b[c]);
+            for (o, v) in yc.iter_mut().zip(xc) {
+                *o = (*v - mean) * rstd * w + b;
             }
-        });
-    y
+        }
+    })
+    .0
 }
 
 /// `(dx, dw, db)` for [`forward`], given its input and the output gradient.
@@ -88,77 +85,72 @@ pub fn backward(
     weight: &[f32],
     grad: &[f32],
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    let mut dx = vec![0.0f32; g.len()];
     let (cpg, glen, sample) = (g.channels / g.groups, g.group_len(), g.sample());
     let chunks = g.batch.clamp(1, AFFINE_GRAD_CHUNKS);
     let per_chunk = g.batch.div_ceil(chunks).max(1);
-    let partials: Vec<(Vec<f32>, Vec<f32>)> = dx
-        .par_chunks_mut((per_chunk * sample).max(1))
-        .enumerate()
-        .map(|(chunk, dx_chunk)| {
-            let mut dw = vec![0.0f32; g.channels];
-            let mut db = vec![0.0f32; g.channels];
-            let first = chunk * per_chunk * sample;
-            for (r, dxg) in dx_chunk.chunks_mut(glen.max(1)).enumerate() {
-                let off = first + r * glen;
-                let (xg, gg) = (&x[off..off + glen], &grad[off..off + glen]);
-                let (mean, rstd) = stats(xg, g.eps);
-                let c0 = ((off / glen) % g.groups) * cpg;
-                // mean(d) and mean(d·x̂) over the group, d = dy·w.
-                let (mut sum_d, mut sum_dx) = (0.0f64, 0.0f64);
-                if g.spatial == 1 {
-                    // LayerNorm: an affine value per element.
-                    let (w, dw, db) = (
-                        &weight[c0..c0 + cpg],
-                        &mut dw[c0..c0 + cpg],
-                        &mut db[c0..c0 + cpg],
-                    );
-                    for ((((v, d), w), dw), db) in xg.iter().zip(gg).zip(w).zip(dw).zip(db) {
-                        let xhat = (*v - mean) * rstd;
-                        *db += *d;
-                        *dw += *d * xhat;
-                        sum_d += (*d * w) as f64;
-                        sum_dx += (*d * w * xhat) as f64;
-                    }
-                    let n = glen.max(1) as f64;
-                    let (mean_d, mean_dx) = ((sum_d / n) as f32, (sum_dx / n) as f32);
-                    for (((o, v), d), w) in dxg.iter_mut().zip(xg).zip(gg).zip(w) {
-                        let xhat = (*v - mean) * rstd;
-                        *o = rstd * (*d * w - mean_d - xhat * mean_dx);
-                    }
-                    continue;
-                }
-                for (c, (xc, gc)) in xg.chunks(g.spatial).zip(gg.chunks(g.spatial)).enumerate() {
-                    let w = weight[c0 + c];
-                    let (mut s_dy, mut s_dyx) = (0.0f32, 0.0f32);
-                    for (v, d) in xc.iter().zip(gc) {
-                        let xhat = (*v - mean) * rstd;
-                        s_dy += *d;
-                        s_dyx += *d * xhat;
-                    }
-                    db[c0 + c] += s_dy;
-                    dw[c0 + c] += s_dyx;
-                    sum_d += (s_dy * w) as f64;
-                    sum_dx += (s_dyx * w) as f64;
+    let (dx, partials) = super::par_new(g.len(), per_chunk * sample, |chunk, dx_chunk| {
+        let mut dw = vec![0.0f32; g.channels];
+        let mut db = vec![0.0f32; g.channels];
+        let first = chunk * per_chunk * sample;
+        for (r, dxg) in dx_chunk.chunks_mut(glen.max(1)).enumerate() {
+            let off = first + r * glen;
+            let (xg, gg) = (&x[off..off + glen], &grad[off..off + glen]);
+            let (mean, rstd) = stats(xg, g.eps);
+            let c0 = ((off / glen) % g.groups) * cpg;
+            // mean(d) and mean(d·x̂) over the group, d = dy·w.
+            let (mut sum_d, mut sum_dx) = (0.0f64, 0.0f64);
+            if g.spatial == 1 {
+                // LayerNorm: an affine value per element.
+                let (w, dw, db) = (
+                    &weight[c0..c0 + cpg],
+                    &mut dw[c0..c0 + cpg],
+                    &mut db[c0..c0 + cpg],
+                );
+                for ((((v, d), w), dw), db) in xg.iter().zip(gg).zip(w).zip(dw).zip(db) {
+                    let xhat = (*v - mean) * rstd;
+                    *db += *d;
+                    *dw += *d * xhat;
+                    sum_d += (*d * w) as f64;
+                    sum_dx += (*d * w * xhat) as f64;
                 }
                 let n = glen.max(1) as f64;
                 let (mean_d, mean_dx) = ((sum_d / n) as f32, (sum_dx / n) as f32);
-                for (c, ((dc, xc), gc)) in dxg
-                    .chunks_mut(g.spatial)
-                    .zip(xg.chunks(g.spatial))
-                    .zip(gg.chunks(g.spatial))
-                    .enumerate()
-                {
-                    let w = weight[c0 + c];
-                    for ((o, v), d) in dc.iter_mut().zip(xc).zip(gc) {
-                        let xhat = (*v - mean) * rstd;
-                        *o = rstd * (*d * w - mean_d - xhat * mean_dx);
-                    }
+                for (((o, v), d), w) in dxg.iter_mut().zip(xg).zip(gg).zip(w) {
+                    let xhat = (*v - mean) * rstd;
+                    *o = rstd * (*d * w - mean_d - xhat * mean_dx);
+                }
+                continue;
+            }
+            for (c, (xc, gc)) in xg.chunks(g.spatial).zip(gg.chunks(g.spatial)).enumerate() {
+                let w = weight[c0 + c];
+                let (mut s_dy, mut s_dyx) = (0.0f32, 0.0f32);
+                for (v, d) in xc.iter().zip(gc) {
+                    let xhat = (*v - mean) * rstd;
+                    s_dy += *d;
+                    s_dyx += *d * xhat;
+                }
+                db[c0 + c] += s_dy;
+                dw[c0 + c] += s_dyx;
+                sum_d += (s_dy * w) as f64;
+                sum_dx += (s_dyx * w) as f64;
+            }
+            let n = glen.max(1) as f64;
+            let (mean_d, mean_dx) = ((sum_d / n) as f32, (sum_dx / n) as f32);
+            for (c, ((dc, xc), gc)) in dxg
+                .chunks_mut(g.spatial)
+                .zip(xg.chunks(g.spatial))
+                .zip(gg.chunks(g.spatial))
+                .enumerate()
+            {
+                let w = weight[c0 + c];
+                for ((o, v), d) in dc.iter_mut().zip(xc).zip(gc) {
+                    let xhat = (*v - mean) * rstd;
+                    *o = rstd * (*d * w - mean_d - xhat * mean_dx);
                 }
             }
-            (dw, db)
-        })
-        .collect();
+        }
+        (dw, db)
+    });
     let (dw, db) = super::sum_in_order(partials, (g.channels, g.channels));
     (dx, dw, db)
 }
