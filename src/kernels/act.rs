@@ -8,7 +8,6 @@
 //! and chosen at run time. The work is split over rayon in fixed-size blocks (element-wise, so the
 //! result does not depend on the split).
 
-
 /// Elements per rayon task: large enough that scheduling costs nothing, small enough that a
 /// 2-core machine gets both cores on a 64x64x32 activation.
 const BLOCK: usize = 1 << 14;
@@ -65,30 +64,6 @@ fn silu_grad_block(x: &[f32], g: &[f32], out: &mut [f32]) {
     for ((o, v), d) in out.iter_mut().zip(x).zip(g) {
         *o = silu_grad_one(*v, *d);
     }
-}
-
-/// Runs `$body` compiled for the best instruction set this CPU has. The code is the same in each
-/// arm; only the vector width differs, and every operation is exactly rounded IEEE arithmetic
-/// (no fused multiply-add is requested), so all arms give identical results.
-macro_rules! multiversion {
-    (($($arg:ident: $ty:ty),*) => $body:expr) => {{
-        #[cfg(target_arch = "x86_64")]
-        {
-            #[target_feature(enable = "avx512f")]
-            unsafe fn avx512($($arg: $ty),*) { $body }
-            #[target_feature(enable = "avx2,fma")]
-            unsafe fn avx2($($arg: $ty),*) { $body }
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                // SAFETY: the feature was detected on this CPU.
-                return unsafe { avx512($($arg),*) };
-            }
-            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-                // SAFETY: the features were detected on this CPU.
-                return unsafe { avx2($($arg),*) };
-            }
-        }
-        $body
-    }};
 }
 
 fn silu_dispatch(x: &[f32], y: &mut [f32]) {

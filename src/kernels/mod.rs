@@ -15,6 +15,30 @@
 //!
 //! Layers call [`conv2d`] and [`silu`]; nothing else in the crate knows this module exists.
 
+/// Runs `$body` compiled for the best instruction set this CPU has. The code is the same in each
+/// arm; only the vector width differs, and every operation is exactly rounded IEEE arithmetic
+/// (no fused multiply-add is requested), so all arms give identical results.
+macro_rules! multiversion {
+    (($($arg:ident: $ty:ty),*) => $body:expr) => {{
+        #[cfg(target_arch = "x86_64")]
+        {
+            #[target_feature(enable = "avx512f")]
+            unsafe fn avx512($($arg: $ty),*) { $body }
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn avx2($($arg: $ty),*) { $body }
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                // SAFETY: the feature was detected on this CPU.
+                return unsafe { avx512($($arg),*) };
+            }
+            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                // SAFETY: the features were detected on this CPU.
+                return unsafe { avx2($($arg),*) };
+            }
+        }
+        $body
+    }};
+}
+
 pub mod act;
 pub mod conv;
 pub mod norm;

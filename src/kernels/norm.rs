@@ -13,7 +13,6 @@
 //! of samples and added in order, as in [`super::conv`], so they do not depend on the thread
 //! count.
 
-
 /// The shape of one normalisation: `x` `[batch, channels, spatial]`, `channels` split into
 /// `groups` equal groups, affine parameters `[channels]`.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -40,12 +39,73 @@ impl NormGeom {
     }
 }
 
-/// Mean and `1/√(var + ε)` (biased variance) of one group.
+/// Independent partial sums per reduction. Every sum below is formed in `LANES` interleaved
+/// accumulators added at the end: a fixed order (so results do not depend on the machine), and
+/// one the compiler can vectorise, which a single running sum is not (it may not reassociate).
+const LANES: usize = 8;
+
+/// `Σ f(a[i], b[i], c[i])` over equal-length slices in `LANES` interleaved `f64` accumulators.
+#[inline(always)]
+fn sum3(a: &[f32], b: &[f32], c: &[f32], f: impl Fn(f32, f32, f32) -> f64) -> f64 {
+    let mut acc = [0.0f64; LANES];
+    let (ca, cb, cc) = (
+        a.chunks_exact(LANES),
+        b.chunks_exact(LANES),
+        c.chunks_exact(LANES),
+    );
+    let tail: f64 = (ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .zip(cc.remainder()))
+    .map(|((a, b), c)| f(*a, *b, *c))
+    .sum();
+    for ((a, b), c) in ca.zip(cb).zip(cc) {
+        for i in 0..LANES {
+            acc[i] += f(a[i], b[i], c[i]);
+        }
+    }
+    acc.iter().sum::<f64>() + tail
+}
+
+/// Mean and `1/√(var + ε)` (biased variance, two passes) of one group.
+#[inline(always)]
 fn stats(x: &[f32], eps: f64) -> (f32, f32) {
     let n = x.len().max(1) as f64;
-    let mean = x.iter().map(|v| *v as f64).sum::<f64>() / n;
-    let var = x.iter().map(|v| (*v as f64 - mean).powi(2)).sum::<f64>() / n;
+    let mean = sum3(x, x, x, |v, _, _| v as f64) / n;
+    let var = sum3(x, x, x, |v, _, _| (v as f64 - mean).powi(2)) / n;
     (mean as f32, (1.0 / (var + eps).sqrt()) as f32)
+}
+
+/// One group of the forward: `w`, `b` are the group's `cpg` affine values, or for LayerNorm
+/// (`spatial == 1`) one per element.
+#[inline(always)]
+fn forward_group(xg: &[f32], yg: &mut [f32], w: &[f32], b: &[f32], spatial: usize, eps: f64) {
+    let (mean, rstd) = stats(xg, eps);
+    if spatial == 1 {
+        for (((o, v), w), b) in yg.iter_mut().zip(xg).zip(w).zip(b) {
+            *o = (*v - mean) * rstd * w + b;
+        }
+        return;
+    }
+    for (c, (yc, xc)) in yg.chunks_mut(spatial).zip(xg.chunks(spatial)).enumerate() {
+        let (w, b) = (w[c], b[c]);
+        for (o, v) in yc.iter_mut().zip(xc) {
+            *o = (*v - mean) * rstd * w + b;
+        }
+    }
+}
+
+fn forward_group_dispatch(
+    xg: &[f32],
+    yg: &mut [f32],
+    w: &[f32],
+    b: &[f32],
+    spatial: usize,
+    eps: f64,
+) {
+    multiversion!((xg: &[f32], yg: &mut [f32], w: &[f32], b: &[f32], spatial: usize, eps: f64)
+        => forward_group(xg, yg, w, b, spatial, eps))
 }
 
 /// `y = (x - μ)/√(σ² + ε)·w + b` per group.
@@ -54,28 +114,84 @@ pub fn forward(g: &NormGeom, x: &[f32], weight: &[f32], bias: &[f32]) -> Vec<f32
     let glen = g.group_len();
     super::par_new(g.len(), glen, |row, yg| {
         let xg = &x[row * glen..][..yg.len()];
-        let (mean, rstd) = stats(xg, g.eps);
         let c0 = (row % g.groups) * cpg;
         let (w, b) = (&weight[c0..c0 + cpg], &bias[c0..c0 + cpg]);
-        if g.spatial == 1 {
-            // LayerNorm: an affine value per element.
-            for (((o, v), w), b) in yg.iter_mut().zip(xg).zip(w).zip(b) {
-                *o = (*v - mean) * rstd * w + b;
-            }
-            return;
-        }
-        for (c, (yc, xc)) in yg
-            .chunks_mut(g.spatial)
-            .zip(xg.chunks(g.spatial))
-            .enumerate()
-        {
-            let (w, b) = (w[c], b[c]);
-            for (o, v) in yc.iter_mut().zip(xc) {
-                *o = (*v - mean) * rstd * w + b;
-            }
-        }
+        forward_group_dispatch(xg, yg, w, b, g.spatial, g.eps);
     })
     .0
+}
+
+/// One group of the backward: writes `dxg` and adds into the group's `dw`, `db` (`cpg` values,
+/// or one per element for LayerNorm), as [`forward_group`] lays them out.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn backward_group(
+    xg: &[f32],
+    gg: &[f32],
+    dxg: &mut [f32],
+    w: &[f32],
+    dw: &mut [f32],
+    db: &mut [f32],
+    spatial: usize,
+    eps: f64,
+) {
+    let (mean, rstd) = stats(xg, eps);
+    let n = xg.len().max(1) as f64;
+    if spatial == 1 {
+        // LayerNorm: an affine value per element.
+        for (((v, d), dw), db) in xg.iter().zip(gg).zip(dw.iter_mut()).zip(db) {
+            let xhat = (*v - mean) * rstd;
+            *db += *d;
+            *dw += *d * xhat;
+        }
+        // mean(d) and mean(d·x̂) over the group, d = dy·w.
+        let sum_d = sum3(gg, w, w, |d, w, _| (d * w) as f64);
+        let sum_dx = sum3(xg, gg, w, |v, d, w| (d * w * ((v - mean) * rstd)) as f64);
+        let (mean_d, mean_dx) = ((sum_d / n) as f32, (sum_dx / n) as f32);
+        for (((o, v), d), w) in dxg.iter_mut().zip(xg).zip(gg).zip(w) {
+            let xhat = (*v - mean) * rstd;
+            *o = rstd * (*d * w - mean_d - xhat * mean_dx);
+        }
+        return;
+    }
+    let (mut sum_d, mut sum_dx) = (0.0f64, 0.0f64);
+    for (c, (xc, gc)) in xg.chunks(spatial).zip(gg.chunks(spatial)).enumerate() {
+        let s_dy = sum3(gc, gc, gc, |d, _, _| d as f64);
+        let s_dyx = sum3(xc, gc, gc, |v, d, _| (d * ((v - mean) * rstd)) as f64);
+        db[c] += s_dy as f32;
+        dw[c] += s_dyx as f32;
+        sum_d += s_dy * w[c] as f64;
+        sum_dx += s_dyx * w[c] as f64;
+    }
+    let (mean_d, mean_dx) = ((sum_d / n) as f32, (sum_dx / n) as f32);
+    for (c, ((dc, xc), gc)) in dxg
+        .chunks_mut(spatial)
+        .zip(xg.chunks(spatial))
+        .zip(gg.chunks(spatial))
+        .enumerate()
+    {
+        let w = w[c];
+        for ((o, v), d) in dc.iter_mut().zip(xc).zip(gc) {
+            let xhat = (*v - mean) * rstd;
+            *o = rstd * (*d * w - mean_d - xhat * mean_dx);
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn backward_group_dispatch(
+    xg: &[f32],
+    gg: &[f32],
+    dxg: &mut [f32],
+    w: &[f32],
+    dw: &mut [f32],
+    db: &mut [f32],
+    spatial: usize,
+    eps: f64,
+) {
+    multiversion!((xg: &[f32], gg: &[f32], dxg: &mut [f32], w: &[f32], dw: &mut [f32],
+        db: &mut [f32], spatial: usize, eps: f64)
+        => backward_group(xg, gg, dxg, w, dw, db, spatial, eps))
 }
 
 /// `(dx, dw, db)` for [`forward`], given its input and the output gradient.
@@ -95,59 +211,17 @@ pub fn backward(
         for (r, dxg) in dx_chunk.chunks_mut(glen.max(1)).enumerate() {
             let off = first + r * glen;
             let (xg, gg) = (&x[off..off + glen], &grad[off..off + glen]);
-            let (mean, rstd) = stats(xg, g.eps);
             let c0 = ((off / glen) % g.groups) * cpg;
-            // mean(d) and mean(d·x̂) over the group, d = dy·w.
-            let (mut sum_d, mut sum_dx) = (0.0f64, 0.0f64);
-            if g.spatial == 1 {
-                // LayerNorm: an affine value per element.
-                let (w, dw, db) = (
-                    &weight[c0..c0 + cpg],
-                    &mut dw[c0..c0 + cpg],
-                    &mut db[c0..c0 + cpg],
-                );
-                for ((((v, d), w), dw), db) in xg.iter().zip(gg).zip(w).zip(dw).zip(db) {
-                    let xhat = (*v - mean) * rstd;
-                    *db += *d;
-                    *dw += *d * xhat;
-                    sum_d += (*d * w) as f64;
-                    sum_dx += (*d * w * xhat) as f64;
-                }
-                let n = glen.max(1) as f64;
-                let (mean_d, mean_dx) = ((sum_d / n) as f32, (sum_dx / n) as f32);
-                for (((o, v), d), w) in dxg.iter_mut().zip(xg).zip(gg).zip(w) {
-                    let xhat = (*v - mean) * rstd;
-                    *o = rstd * (*d * w - mean_d - xhat * mean_dx);
-                }
-                continue;
-            }
-            for (c, (xc, gc)) in xg.chunks(g.spatial).zip(gg.chunks(g.spatial)).enumerate() {
-                let w = weight[c0 + c];
-                let (mut s_dy, mut s_dyx) = (0.0f32, 0.0f32);
-                for (v, d) in xc.iter().zip(gc) {
-                    let xhat = (*v - mean) * rstd;
-                    s_dy += *d;
-                    s_dyx += *d * xhat;
-                }
-                db[c0 + c] += s_dy;
-                dw[c0 + c] += s_dyx;
-                sum_d += (s_dy * w) as f64;
-                sum_dx += (s_dyx * w) as f64;
-            }
-            let n = glen.max(1) as f64;
-            let (mean_d, mean_dx) = ((sum_d / n) as f32, (sum_dx / n) as f32);
-            for (c, ((dc, xc), gc)) in dxg
-                .chunks_mut(g.spatial)
-                .zip(xg.chunks(g.spatial))
-                .zip(gg.chunks(g.spatial))
-                .enumerate()
-            {
-                let w = weight[c0 + c];
-                for ((o, v), d) in dc.iter_mut().zip(xc).zip(gc) {
-                    let xhat = (*v - mean) * rstd;
-                    *o = rstd * (*d * w - mean_d - xhat * mean_dx);
-                }
-            }
+            backward_group_dispatch(
+                xg,
+                gg,
+                dxg,
+                &weight[c0..c0 + cpg],
+                &mut dw[c0..c0 + cpg],
+                &mut db[c0..c0 + cpg],
+                g.spatial,
+                g.eps,
+            );
         }
         (dw, db)
     });
