@@ -163,19 +163,25 @@ impl ConvTranspose2d {
     /// - input `[batch, in_channels, h, w]`
     /// - output `[batch, out_channels, (h - 1) * stride - 2 * padding + k, ...]`
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        let options = burn::tensor::ops::ConvTransposeOptions::new(
-            [self.stride, self.stride],
-            [self.padding, self.padding],
-            [0, 0],
-            [1, 1],
-            1,
-        );
-        burn::tensor::module::conv_transpose2d(
-            x,
-            self.weight.val(),
-            self.bias.as_ref().map(|b| b.val()),
-            options,
-        )
+        match &self.bias {
+            Some(b) => crate::kernels::conv_transpose2d(
+                x,
+                self.weight.val(),
+                b.val(),
+                self.stride,
+                self.padding,
+            ),
+            None => {
+                let options = burn::tensor::ops::ConvTransposeOptions::new(
+                    [self.stride, self.stride],
+                    [self.padding, self.padding],
+                    [0, 0],
+                    [1, 1],
+                    1,
+                );
+                burn::tensor::module::conv_transpose2d(x, self.weight.val(), None, options)
+            }
+        }
     }
 }
 

@@ -634,6 +634,8 @@ mod tests {
             g(2, 9, 5, 3, 3, 1, 1),
             g(2, 8, 6, 10, 3, 1, 0),
             g(3, 8, 7, 2, 5, 1, 2),
+            // More images than WEIGHT_GRAD_CHUNKS: several images per weight-gradient chunk.
+            g(40, 2, 4, 3, 3, 1, 1),
         ]
     }
 

@@ -47,7 +47,7 @@ use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
-use burn::backend::ops::{ConvOptions, ModuleOps};
+use burn::backend::ops::{ConvOptions, ConvTransposeOptions, ModuleOps};
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Dispatch, Flex, TensorMetadata, backend_extension};
 use burn::prelude::*;
@@ -131,6 +131,29 @@ pub trait TrainOps: Backend {
         composed_group_norm_grads::<Self>(x, weight, grad, groups, eps)
     }
 
+    /// `conv_transpose2d(x, weight) + bias` without output padding, `x` `[n, cin, h, w]`,
+    /// `weight` `[cin, cout, k, k]` (PyTorch's layout), `bias` `[cout]`.
+    fn conv_transpose2d_bias_train(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        stride: usize,
+        padding: usize,
+    ) -> FloatTensor<Self> {
+        Self::conv_transpose2d(x, weight, Some(bias), transpose_options(stride, padding))
+    }
+
+    /// The gradients `(dx, dweight, dbias)` of [`TrainOps::conv_transpose2d_bias_train`].
+    fn conv_transpose2d_grads(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        stride: usize,
+        padding: usize,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        composed_conv_transpose2d_grads::<Self>(x, weight, grad, stride, padding)
+    }
+
     /// `x·σ(x)`.
     fn silu_train(x: FloatTensor<Self>) -> FloatTensor<Self> {
         composed_silu::<Self>(x)
@@ -172,6 +195,21 @@ fn composed_conv2d_param_grads<B: Backend>(
     let dw = B::conv2d_weight_backward(x.clone(), weight.clone(), grad.clone(), options);
     let bias = B::float_zeros([weight.shape()[0]].into(), &x.device(), x.dtype().into());
     (dw, B::conv2d_bias_backward(x, bias, grad))
+}
+
+/// burn's operations for [`TrainOps::conv_transpose2d_grads`].
+fn composed_conv_transpose2d_grads<B: Backend>(
+    x: FloatTensor<B>,
+    weight: FloatTensor<B>,
+    grad: FloatTensor<B>,
+    stride: usize,
+    padding: usize,
+) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
+    let options = transpose_options(stride, padding);
+    let dx = B::conv_transpose2d_x_backward(weight.clone(), grad.clone(), options.clone());
+    let dw = B::conv_transpose2d_weight_backward(x.clone(), weight.clone(), grad.clone(), options);
+    let bias = B::float_zeros([weight.shape()[1]].into(), &x.device(), x.dtype().into());
+    (dx, dw, B::conv_transpose2d_bias_backward(x, bias, grad))
 }
 
 /// burn's operations for [`TrainOps::group_norm_train`].
@@ -287,6 +325,32 @@ fn test_values(n: usize, seed: u32) -> Vec<f32> {
 
 fn conv_options(stride: usize, padding: usize) -> ConvOptions<2> {
     ConvOptions::new([stride, stride], [padding, padding], [1, 1], 1)
+}
+
+fn transpose_options(stride: usize, padding: usize) -> ConvTransposeOptions<2> {
+    ConvTransposeOptions::new([stride, stride], [padding, padding], [0, 0], [1, 1], 1)
+}
+
+/// `conv_transpose2d(x, weight) + bias` through [`TrainOps`] (no output padding, no groups).
+///
+/// # Shapes
+/// - `x` `[batch, in_channels, h, w]`, `weight` `[in_channels, out_channels, k, k]`, `bias`
+///   `[out_channels]`
+/// - output `[batch, out_channels, (h - 1)·stride - 2·padding + k, ...]`
+pub fn conv_transpose2d(
+    x: Tensor<4>,
+    weight: Tensor<4>,
+    bias: Tensor<1>,
+    stride: usize,
+    padding: usize,
+) -> Tensor<4> {
+    Tensor::from_dispatch(<Dispatch as TrainOps>::conv_transpose2d_bias_train(
+        x.into_dispatch(),
+        weight.into_dispatch(),
+        bias.into_dispatch(),
+        stride,
+        padding,
+    ))
 }
 
 /// `conv2d(x, weight) + bias` through [`TrainOps`].
@@ -418,6 +482,46 @@ fn geometry(
     })
 }
 
+/// The convolution whose input gradient a transposed convolution of `x` by `weight` is: its
+/// input has the transposed convolution's output shape, its output `x`'s shape.
+fn transpose_geometry(
+    x: &FlexTensor,
+    weight: &FlexTensor,
+    stride: usize,
+    padding: usize,
+) -> Option<Conv2dGeom> {
+    let (xs, ws) = (x.shape(), weight.shape());
+    if xs.num_dims() != 4 || ws.num_dims() != 4 || ws[0] != xs[1] || ws[2] != ws[3] || stride == 0 {
+        return None;
+    }
+    let k = ws[2];
+    let out = |n: usize| ((n.max(1) - 1) * stride + k).checked_sub(2 * padding);
+    let g = Conv2dGeom {
+        batch: xs[0],
+        cin: ws[1],
+        h: out(xs[2])?,
+        w: out(xs[3])?,
+        cout: ws[0],
+        k,
+        stride,
+        pad: padding,
+    };
+    let ok = xs[2] > 0 && xs[3] > 0 && g.h + 2 * padding >= k && g.w + 2 * padding >= k;
+    (ok && g.out_h() == xs[2] && g.out_w() == xs[3]).then_some(g)
+}
+
+/// `Σ_b Σ_p v[b, c, p]` per channel, images in order.
+fn channel_sums(v: &[f32], batch: usize, channels: usize) -> Vec<f32> {
+    let spatial = v.len() / (batch * channels).max(1);
+    let mut out = vec![0.0f32; channels];
+    for image in v.chunks(channels * spatial.max(1)) {
+        for (o, plane) in out.iter_mut().zip(image.chunks(spatial.max(1))) {
+            *o += plane.iter().sum::<f32>();
+        }
+    }
+    out
+}
+
 fn flex_conv2d(
     x: FlexTensor,
     weight: FlexTensor,
@@ -450,6 +554,55 @@ fn norm_geometry(x: &FlexTensor, weight: &FlexTensor, groups: usize, eps: f64) -
 }
 
 impl TrainOps for Flex {
+    fn conv_transpose2d_bias_train(
+        x: FlexTensor,
+        weight: FlexTensor,
+        bias: FlexTensor,
+        stride: usize,
+        padding: usize,
+    ) -> FlexTensor {
+        let fast = transpose_geometry(&x, &weight, stride, padding).and_then(|g| {
+            let (xv, wv, bv) = (f32_values(&x)?, f32_values(&weight)?, f32_values(&bias)?);
+            // A transposed convolution is the input gradient of the convolution `g` (whose
+            // weight `[cout_g, cin_g, k, k]` is exactly this weight) applied to `x`.
+            let mut y = conv::input_grad(&g, &wv, &xv);
+            let plane = g.h * g.w;
+            y.par_chunks_mut(plane.max(1))
+                .enumerate()
+                .for_each(|(i, p)| p.iter_mut().for_each(|v| *v += bv[i % g.cin]));
+            Some(flex_tensor(y, &[g.batch, g.cin, g.h, g.w]))
+        });
+        fast.unwrap_or_else(|| {
+            Flex::conv_transpose2d(x, weight, Some(bias), transpose_options(stride, padding))
+        })
+    }
+
+    fn conv_transpose2d_grads(
+        x: FlexTensor,
+        weight: FlexTensor,
+        grad: FlexTensor,
+        stride: usize,
+        padding: usize,
+    ) -> (FlexTensor, FlexTensor, FlexTensor) {
+        let fast = transpose_geometry(&x, &weight, stride, padding).and_then(|g| {
+            let (xv, wv, gv) = (f32_values(&x)?, f32_values(&weight)?, f32_values(&grad)?);
+            // With `g` as above: dx is `g`'s forward of the output gradient, and dweight is
+            // `g`'s weight gradient with the output gradient as its input and `x` as its
+            // output gradient.
+            let dx = conv::forward(&g, &gv, &wv, None);
+            let (dw, _) = conv::weight_grad(&g, &gv, &xv, false);
+            let db = channel_sums(&gv, g.batch, g.cin);
+            Some((
+                flex_tensor(dx, &[g.batch, g.cout, g.out_h(), g.out_w()]),
+                flex_tensor(dw, &[g.cout, g.cin, g.k, g.k]),
+                flex_tensor(db, &[g.cin]),
+            ))
+        });
+        fast.unwrap_or_else(|| {
+            composed_conv_transpose2d_grads::<Self>(x, weight, grad, stride, padding)
+        })
+    }
+
     fn conv2d_train(
         x: FlexTensor,
         weight: FlexTensor,
@@ -612,6 +765,38 @@ impl<B: Backend + TrainOps, const N: usize> Backward<B, N> for Conv2dBackward<N>
     }
 }
 
+/// Backward step of a transposed convolution with bias: parents `x`, `weight`, `bias`.
+#[derive(Debug)]
+struct ConvTranspose2dBackward;
+
+impl<B: Backend + TrainOps> Backward<B, 3> for ConvTranspose2dBackward {
+    /// Checkpointed `x` and `weight`, stride, padding.
+    type State = (
+        burn::backend::autodiff::NodeId,
+        burn::backend::autodiff::NodeId,
+        usize,
+        usize,
+    );
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 3>,
+        grads: &mut Gradients,
+        checkpointer: &mut Checkpointer,
+    ) {
+        let grad = grads.consume::<B>(&ops.node);
+        let (x_id, w_id, stride, padding) = ops.state;
+        let x = checkpointer.retrieve_node_output::<FloatTensor<B>>(x_id);
+        let weight = checkpointer.retrieve_node_output::<FloatTensor<B>>(w_id);
+        let (dx, dw, db) = B::conv_transpose2d_grads(x, weight, grad, stride, padding);
+        for (parent, g) in ops.parents.iter().zip([dx, dw, db]) {
+            if let Some(node) = parent {
+                grads.register::<B>(node.id, g);
+            }
+        }
+    }
+}
+
 /// Backward step of a group normalisation: checkpointed `x` and `weight`, groups, eps.
 #[derive(Debug)]
 struct GroupNormBackward;
@@ -665,6 +850,43 @@ impl<B: Backend + TrainOps> Backward<B, 1> for SiluBackward {
 }
 
 impl<B: Backend + TrainOps, C: CheckpointStrategy> TrainOps for Autodiff<B, C> {
+    fn conv_transpose2d_bias_train(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+        stride: usize,
+        padding: usize,
+    ) -> FloatTensor<Self> {
+        let forward = |x, w, b| B::conv_transpose2d_bias_train(x, w, b, stride, padding);
+        match ConvTranspose2dBackward
+            .prepare::<C>([x.node(), weight.node(), bias.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(mut prep) => {
+                let state = (
+                    prep.checkpoint(&x),
+                    prep.checkpoint(&weight),
+                    stride,
+                    padding,
+                );
+                prep.finish(
+                    state,
+                    forward(
+                        x.into_primitive(),
+                        weight.into_primitive(),
+                        bias.into_primitive(),
+                    ),
+                )
+            }
+            OpsKind::UnTracked(prep) => prep.finish(forward(
+                x.into_primitive(),
+                weight.into_primitive(),
+                bias.into_primitive(),
+            )),
+        }
+    }
+
     fn conv2d_train(
         x: FloatTensor<Self>,
         weight: FloatTensor<Self>,
@@ -783,6 +1005,57 @@ mod tests {
 
     fn device() -> Device {
         Device::flex().autodiff()
+    }
+
+    /// Forward values and all three gradients of a transposed convolution through [`TrainOps`]
+    /// equal burn's own `conv_transpose2d`, for the up-sampling shapes the models use (k4 s2 p1,
+    /// k3 s2 p0) and a stride-1 case that takes the flipped-convolution input gradient.
+    #[test]
+    fn conv_transpose_matches_burn_with_gradients() {
+        for (cin, cout, k, stride, padding, h) in [
+            (4, 5, 4, 2, 1, 7),
+            (6, 3, 3, 2, 0, 3),
+            (9, 8, 3, 1, 1, 5),
+        ] {
+            let d = device();
+            let x = Tensor::<4>::random([3, cin, h, h + 1], Distribution::Normal(0.0, 1.0), &d);
+            let w = Tensor::<4>::random([cin, cout, k, k], Distribution::Normal(0.0, 0.3), &d);
+            let b = Tensor::<1>::random([cout], Distribution::Normal(0.0, 0.3), &d);
+            let run = |ours: bool| {
+                let (x, w, b) = (
+                    x.clone().require_grad(),
+                    w.clone().require_grad(),
+                    b.clone().require_grad(),
+                );
+                let y = if ours {
+                    conv_transpose2d(x.clone(), w.clone(), b.clone(), stride, padding)
+                } else {
+                    burn::tensor::module::conv_transpose2d(
+                        x.clone(),
+                        w.clone(),
+                        Some(b.clone()),
+                        transpose_options(stride, padding),
+                    )
+                };
+                let shape = y.dims();
+                let t = Tensor::<1, Int>::arange(0..shape.iter().product::<usize>() as i64, &d)
+                    .float()
+                    .reshape(shape)
+                    .sin();
+                let grads = (y.clone() * t).sum().backward();
+                [
+                    y.into_data(),
+                    x.grad(&grads).expect("x grad").into_data(),
+                    w.grad(&grads).expect("w grad").into_data(),
+                    b.grad(&grads).expect("b grad").into_data(),
+                ]
+            };
+            let (ours, theirs) = (run(true), run(false));
+            assert_eq!(ours[0].shape(), theirs[0].shape());
+            for (a, b) in ours.iter().zip(&theirs) {
+                a.assert_approx_eq::<f32>(b, burn::tensor::Tolerance::absolute(2e-4));
+            }
+        }
     }
 
     /// Forward values and all gradients of a conv + SiLU chain through [`TrainOps`] equal burn's
