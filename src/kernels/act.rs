@@ -12,10 +12,11 @@
 /// 2-core machine gets both cores on a 64x64x32 activation.
 const BLOCK: usize = 1 << 14;
 
-/// `e^x` for `x` in `[-87.3, 88.7]` (inputs are clamped there; NaN becomes the lower bound, which
-/// is harmless here because every caller multiplies by `x` again).
+/// `e^x` for `x` in `[-87.3, 88.7]`; below that range (including `-inf`) 0, above it (including
+/// `+inf`) `e^88.7`; NaN stays NaN.
 #[inline(always)]
 fn exp(x: f32) -> f32 {
+    let (underflow, nan) = (x < -87.3, x.is_nan());
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     // ln 2 split in two so that `n·C1` is exact (Cody-Waite reduction).
     const C1: f32 = 0.693_359_4;
@@ -37,7 +38,16 @@ fn exp(x: f32) -> f32 {
     // SAFETY: `x` is finite and in [-87.3, 88.7], so `n` is an integer in [-126, 128].
     let n = unsafe { n.to_int_unchecked::<i32>() };
     let (half, rest) = (n / 2, n - n / 2);
-    y * f32::from_bits(((half + 127) as u32) << 23) * f32::from_bits(((rest + 127) as u32) << 23)
+    let e = y
+        * f32::from_bits(((half + 127) as u32) << 23)
+        * f32::from_bits(((rest + 127) as u32) << 23);
+    if nan {
+        f32::NAN
+    } else if underflow {
+        0.0
+    } else {
+        e
+    }
 }
 
 #[inline(always)]
@@ -96,6 +106,87 @@ pub fn silu_grad(x: &[f32], grad: &[f32]) -> Vec<f32> {
     .0
 }
 
+/// Rows of a softmax per rayon task: about [`BLOCK`] elements.
+fn rows_per_task(len: usize) -> usize {
+    (BLOCK / len.max(1)).max(1)
+}
+
+/// `Σ v` in 16 interleaved lanes (a fixed order the compiler can vectorise).
+#[inline(always)]
+fn lane_sum(v: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 16];
+    let chunks = v.chunks_exact(16);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for c in chunks {
+        for i in 0..16 {
+            acc[i] += c[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+#[inline(always)]
+fn softmax_block(x: &[f32], y: &mut [f32], len: usize) {
+    for (xr, yr) in x.chunks(len).zip(y.chunks_mut(len)) {
+        let max = xr.iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v));
+        for (o, v) in yr.iter_mut().zip(xr) {
+            *o = exp(*v - max);
+        }
+        let inv = 1.0 / lane_sum(yr);
+        for o in yr.iter_mut() {
+            *o *= inv;
+        }
+    }
+}
+
+#[inline(always)]
+fn softmax_grad_block(y: &[f32], g: &[f32], out: &mut [f32], len: usize) {
+    for ((yr, gr), or) in y.chunks(len).zip(g.chunks(len)).zip(out.chunks_mut(len)) {
+        for ((o, y), g) in or.iter_mut().zip(yr).zip(gr) {
+            *o = *y * *g;
+        }
+        let dot = lane_sum(or);
+        for ((o, y), g) in or.iter_mut().zip(yr).zip(gr) {
+            *o = *y * (*g - dot);
+        }
+    }
+}
+
+fn softmax_dispatch(x: &[f32], y: &mut [f32], len: usize) {
+    multiversion!((x: &[f32], y: &mut [f32], len: usize) => softmax_block(x, y, len))
+}
+
+fn softmax_grad_dispatch(y: &[f32], g: &[f32], out: &mut [f32], len: usize) {
+    multiversion!((y: &[f32], g: &[f32], out: &mut [f32], len: usize)
+        => softmax_grad_block(y, g, out, len))
+}
+
+/// Softmax over consecutive rows of `len` elements: `y = exp(x - max) / Σ exp(x - max)`, in one
+/// pass for the maximum and one for exp-and-sum per row (burn's `softmax` is five full-tensor
+/// passes on one thread with libm `expf`).
+pub fn softmax(x: &[f32], len: usize) -> Vec<f32> {
+    let rows = rows_per_task(len);
+    super::par_new(x.len(), rows * len.max(1), |i, y| {
+        softmax_dispatch(&x[i * rows * len..][..y.len()], y, len.max(1))
+    })
+    .0
+}
+
+/// The gradient of [`softmax`] from its output `y`: `dx = y·(g - Σ g·y)` per row.
+pub fn softmax_grad(y: &[f32], grad: &[f32], len: usize) -> Vec<f32> {
+    assert_eq!(
+        y.len(),
+        grad.len(),
+        "softmax_grad: y and grad differ in length"
+    );
+    let rows = rows_per_task(len);
+    super::par_new(y.len(), rows * len.max(1), |i, o| {
+        let at = i * rows * len..i * rows * len + o.len();
+        softmax_grad_dispatch(&y[at.clone()], &grad[at], o, len.max(1))
+    })
+    .0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -148,6 +239,43 @@ mod tests {
         assert!(!y[1].is_finite() && !y[2].is_finite());
         assert!(silu_grad(&[f32::NAN], &[1.0])[0].is_nan());
         assert!(silu_grad(&[1.0], &[f32::NAN])[0].is_nan());
+    }
+
+    #[test]
+    fn softmax_and_its_gradient_match_the_definition() {
+        let len = 37;
+        let x: Vec<f32> = grid().iter().take(len * 5).map(|v| v * 0.3).collect();
+        let g: Vec<f32> = (0..x.len())
+            .map(|i| ((i * 7) % 11) as f32 * 0.1 - 0.5)
+            .collect();
+        let y = softmax(&x, len);
+        let dx = softmax_grad(&y, &g, len);
+        for r in 0..x.len() / len {
+            let row = &x[r * len..(r + 1) * len];
+            let max = row.iter().fold(f64::NEG_INFINITY, |m, v| m.max(*v as f64));
+            let e: Vec<f64> = row.iter().map(|v| (*v as f64 - max).exp()).collect();
+            let sum: f64 = e.iter().sum();
+            let want: Vec<f64> = e.iter().map(|v| v / sum).collect();
+            let dot: f64 = (0..len).map(|i| want[i] * g[r * len + i] as f64).sum();
+            for i in 0..len {
+                let (got_y, got_dx) = (y[r * len + i] as f64, dx[r * len + i] as f64);
+                let want_dx = want[i] * (g[r * len + i] as f64 - dot);
+                assert!(
+                    (got_y - want[i]).abs() < 1e-6,
+                    "y[{r},{i}] = {got_y}, want {}",
+                    want[i]
+                );
+                assert!(
+                    (got_dx - want_dx).abs() < 1e-6,
+                    "dx[{r},{i}] = {got_dx}, want {want_dx}"
+                );
+            }
+        }
+        // A row of -inf except one finite value is one-hot; a NaN makes its row NaN only.
+        let y = softmax(&[f32::NEG_INFINITY, 3.0, f32::NEG_INFINITY], 3);
+        assert_eq!(y, vec![0.0, 1.0, 0.0]);
+        let y = softmax(&[1.0, f32::NAN, 2.0, 1.0, 2.0, 3.0], 3);
+        assert!(y[..3].iter().all(|v| v.is_nan()) && y[3..].iter().all(|v| v.is_finite()));
     }
 
     #[test]

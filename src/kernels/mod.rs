@@ -154,6 +154,17 @@ pub trait TrainOps: Backend {
         composed_conv_transpose2d_grads::<Self>(x, weight, grad, stride, padding)
     }
 
+    /// Softmax over the last dimension.
+    fn softmax_last_train(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        composed_softmax::<Self>(x)
+    }
+
+    /// `y·(grad - Σ grad·y)` over the last dimension: the gradient of
+    /// [`TrainOps::softmax_last_train`] given its output `y`.
+    fn softmax_last_grad(y: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
+        composed_softmax_grad::<Self>(y, grad)
+    }
+
     /// `x·σ(x)`.
     fn silu_train(x: FloatTensor<Self>) -> FloatTensor<Self> {
         composed_silu::<Self>(x)
@@ -256,6 +267,22 @@ fn composed_group_norm_grads<B: Backend>(
 /// burn's operations for [`TrainOps::silu_train`].
 fn composed_silu<B: Backend>(x: FloatTensor<B>) -> FloatTensor<B> {
     B::float_mul(x.clone(), B::sigmoid(x))
+}
+
+/// burn's operations for [`TrainOps::softmax_last_train`].
+fn composed_softmax<B: Backend>(x: FloatTensor<B>) -> FloatTensor<B> {
+    let d = x.shape().num_dims() - 1;
+    let max = B::float_max_dim(x.clone(), d);
+    let e = B::float_exp(B::float_sub(x, max));
+    let sum = B::float_sum_dim(e.clone(), d);
+    B::float_div(e, sum)
+}
+
+/// burn's operations for [`TrainOps::softmax_last_grad`].
+fn composed_softmax_grad<B: Backend>(y: FloatTensor<B>, grad: FloatTensor<B>) -> FloatTensor<B> {
+    let d = y.shape().num_dims() - 1;
+    let dot = B::float_sum_dim(B::float_mul(grad.clone(), y.clone()), d);
+    B::float_mul(y, B::float_sub(grad, dot))
 }
 
 /// burn's operations for [`TrainOps::silu_input_grad`].
@@ -429,6 +456,14 @@ pub fn layer_norm<const D: usize, const N: usize>(
 /// - any; output the same
 pub fn silu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     Tensor::from_dispatch(<Dispatch as TrainOps>::silu_train(x.into_dispatch()))
+}
+
+/// Softmax over the last dimension through [`TrainOps`] (`burn::tensor::activation::softmax(x,
+/// D - 1)`, fused: one pass for the row maxima, one for exp and sum, in parallel over rows).
+pub fn softmax_last<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    Tensor::from_dispatch(<Dispatch as TrainOps>::softmax_last_train(
+        x.into_dispatch(),
+    ))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -704,6 +739,26 @@ impl TrainOps for Flex {
         }
     }
 
+    fn softmax_last_train(x: FlexTensor) -> FlexTensor {
+        let shape = x.shape();
+        let len = shape[shape.num_dims() - 1];
+        match f32_values(&x) {
+            Some(v) if len > 0 => flex_tensor(act::softmax(&v, len), shape.as_slice()),
+            _ => composed_softmax::<Self>(x),
+        }
+    }
+
+    fn softmax_last_grad(y: FlexTensor, grad: FlexTensor) -> FlexTensor {
+        let shape = y.shape();
+        let len = shape[shape.num_dims() - 1];
+        match (f32_values(&y), f32_values(&grad)) {
+            (Some(yv), Some(gv)) if len > 0 => {
+                flex_tensor(act::softmax_grad(&yv, &gv, len), shape.as_slice())
+            }
+            _ => composed_softmax_grad::<Self>(y, grad),
+        }
+    }
+
     fn silu_train(x: FlexTensor) -> FlexTensor {
         match f32_values(&x) {
             Some(v) => flex_tensor(act::silu(&v), x.shape().as_slice()),
@@ -824,6 +879,26 @@ impl<B: Backend + TrainOps> Backward<B, 3> for GroupNormBackward {
             if let Some(node) = parent {
                 grads.register::<B>(node.id, g);
             }
+        }
+    }
+}
+
+/// Backward step of a softmax: its output, kept as state (the gradient needs `y`, not `x`).
+#[derive(Debug)]
+struct SoftmaxBackward;
+
+impl<B: Backend + TrainOps> Backward<B, 1> for SoftmaxBackward {
+    type State = FloatTensor<B>;
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 1>,
+        grads: &mut Gradients,
+        _checkpointer: &mut Checkpointer,
+    ) {
+        let grad = grads.consume::<B>(&ops.node);
+        if let Some(node) = &ops.parents[0] {
+            grads.register::<B>(node.id, B::softmax_last_grad(ops.state, grad));
         }
     }
 }
@@ -983,6 +1058,20 @@ impl<B: Backend + TrainOps, C: CheckpointStrategy> TrainOps for Autodiff<B, C> {
         }
     }
 
+    fn softmax_last_train(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        match SoftmaxBackward
+            .prepare::<C>([x.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let y = B::softmax_last_train(x.into_primitive());
+                prep.finish(y.clone(), y)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::softmax_last_train(x.into_primitive())),
+        }
+    }
+
     fn silu_train(x: FloatTensor<Self>) -> FloatTensor<Self> {
         match SiluBackward
             .prepare::<C>([x.node()])
@@ -1007,16 +1096,41 @@ mod tests {
         Device::flex().autodiff()
     }
 
+    /// Softmax over the last dimension through [`TrainOps`] and its gradient equal burn's
+    /// `softmax(x, D - 1)`.
+    #[test]
+    fn softmax_matches_burn_with_gradient() {
+        let d = device();
+        let x = Tensor::<4>::random([2, 3, 5, 37], Distribution::Normal(0.0, 2.0), &d);
+        let run = |ours: bool| {
+            let x = x.clone().require_grad();
+            let y = if ours {
+                softmax_last(x.clone())
+            } else {
+                burn::tensor::activation::softmax(x.clone(), 3)
+            };
+            let shape = y.dims();
+            let t = Tensor::<1, Int>::arange(0..shape.iter().product::<usize>() as i64, &d)
+                .float()
+                .reshape(shape)
+                .sin();
+            let grads = (y.clone() * t).sum().backward();
+            [y.into_data(), x.grad(&grads).expect("x grad").into_data()]
+        };
+        let (ours, theirs) = (run(true), run(false));
+        for (a, b) in ours.iter().zip(&theirs) {
+            a.assert_approx_eq::<f32>(b, burn::tensor::Tolerance::absolute(1e-6));
+        }
+    }
+
     /// Forward values and all three gradients of a transposed convolution through [`TrainOps`]
     /// equal burn's own `conv_transpose2d`, for the up-sampling shapes the models use (k4 s2 p1,
     /// k3 s2 p0) and a stride-1 case that takes the flipped-convolution input gradient.
     #[test]
     fn conv_transpose_matches_burn_with_gradients() {
-        for (cin, cout, k, stride, padding, h) in [
-            (4, 5, 4, 2, 1, 7),
-            (6, 3, 3, 2, 0, 3),
-            (9, 8, 3, 1, 1, 5),
-        ] {
+        for (cin, cout, k, stride, padding, h) in
+            [(4, 5, 4, 2, 1, 7), (6, 3, 3, 2, 0, 3), (9, 8, 3, 1, 1, 5)]
+        {
             let d = device();
             let x = Tensor::<4>::random([3, cin, h, h + 1], Distribution::Normal(0.0, 1.0), &d);
             let w = Tensor::<4>::random([cin, cout, k, k], Distribution::Normal(0.0, 0.3), &d);

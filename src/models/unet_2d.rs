@@ -8,9 +8,8 @@
 
 use burn::module::Module;
 use burn::prelude::*;
-use burn::tensor::activation::softmax;
 
-use crate::kernels::silu;
+use crate::kernels::{silu, softmax_last};
 use burn::tensor::module::interpolate;
 use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
 use serde::{Deserialize, Serialize};
@@ -356,7 +355,7 @@ impl SpatialAttention {
         let scores = q
             .matmul(k.swap_dims(2, 3))
             .mul_scalar(1.0 / (dh as f64).sqrt());
-        let attn = softmax(scores, 3).matmul(v); // [b, heads, n, dh]
+        let attn = softmax_last(scores).matmul(v); // [b, heads, n, dh]
         let merged: Tensor<3> = attn.swap_dims(1, 2).reshape([b, n, c]);
         let out = self.to_out[0]
             .forward(merged)
