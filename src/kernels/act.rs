@@ -8,6 +8,8 @@
 //! and chosen at run time. The work is split over rayon in fixed-size blocks (element-wise, so the
 //! result does not depend on the split).
 
+use std::mem::MaybeUninit;
+
 /// Elements per rayon task: large enough that scheduling costs nothing, small enough that a
 /// 2-core machine gets both cores on a 64x64x32 activation.
 const BLOCK: usize = 1 << 14;
@@ -63,32 +65,37 @@ fn silu_grad_one(x: f32, g: f32) -> f32 {
 }
 
 #[inline(always)]
-fn silu_block(x: &[f32], y: &mut [f32]) {
+fn silu_block(x: &[f32], y: &mut [MaybeUninit<f32>]) {
     for (o, v) in y.iter_mut().zip(x) {
-        *o = silu_one(*v);
+        o.write(silu_one(*v));
     }
 }
 
 #[inline(always)]
-fn silu_grad_block(x: &[f32], g: &[f32], out: &mut [f32]) {
+fn silu_grad_block(x: &[f32], g: &[f32], out: &mut [MaybeUninit<f32>]) {
     for ((o, v), d) in out.iter_mut().zip(x).zip(g) {
-        *o = silu_grad_one(*v, *d);
+        o.write(silu_grad_one(*v, *d));
     }
 }
 
-fn silu_dispatch(x: &[f32], y: &mut [f32]) {
-    multiversion!((x: &[f32], y: &mut [f32]) => silu_block(x, y))
+fn silu_dispatch(x: &[f32], y: &mut [MaybeUninit<f32>]) {
+    multiversion!((x: &[f32], y: &mut [MaybeUninit<f32>]) => silu_block(x, y))
 }
 
-fn silu_grad_dispatch(x: &[f32], g: &[f32], out: &mut [f32]) {
-    multiversion!((x: &[f32], g: &[f32], out: &mut [f32]) => silu_grad_block(x, g, out))
+fn silu_grad_dispatch(x: &[f32], g: &[f32], out: &mut [MaybeUninit<f32>]) {
+    multiversion!((x: &[f32], g: &[f32], out: &mut [MaybeUninit<f32>])
+        => silu_grad_block(x, g, out))
 }
 
 /// `y = x·σ(x)`.
 pub fn silu(x: &[f32]) -> Vec<f32> {
-    super::par_new(x.len(), BLOCK, |i, y| {
-        silu_dispatch(&x[i * BLOCK..][..y.len()], y)
-    })
+    // SAFETY: `silu_block` writes every element of its output chunk (same length as the input
+    // slice it is zipped with).
+    unsafe {
+        super::par_new_uninit(x.len(), BLOCK, |i, y| {
+            silu_dispatch(&x[i * BLOCK..][..y.len()], y)
+        })
+    }
     .0
 }
 
@@ -99,10 +106,13 @@ pub fn silu_grad(x: &[f32], grad: &[f32]) -> Vec<f32> {
         grad.len(),
         "silu_grad: x and grad differ in length"
     );
-    super::par_new(x.len(), BLOCK, |i, o| {
-        let at = i * BLOCK..i * BLOCK + o.len();
-        silu_grad_dispatch(&x[at.clone()], &grad[at], o)
-    })
+    // SAFETY: `silu_grad_block` writes every element of its output chunk.
+    unsafe {
+        super::par_new_uninit(x.len(), BLOCK, |i, o| {
+            let at = i * BLOCK..i * BLOCK + o.len();
+            silu_grad_dispatch(&x[at.clone()], &grad[at], o)
+        })
+    }
     .0
 }
 
@@ -281,8 +291,9 @@ mod tests {
     #[test]
     fn every_instruction_set_gives_the_same_bits() {
         let x = grid();
-        let mut generic = vec![0.0f32; x.len()];
+        let mut generic = vec![MaybeUninit::new(0.0f32); x.len()];
         silu_block(&x, &mut generic);
+        let generic: Vec<f32> = generic.iter().map(|v| unsafe { v.assume_init() }).collect();
         assert_eq!(silu(&x), generic);
     }
 }

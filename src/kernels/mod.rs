@@ -325,6 +325,30 @@ pub(crate) fn par_new<R: Send>(
     (v, results)
 }
 
+/// [`par_new`] without the zeroing, for kernels that write every output element exactly once
+/// (element-wise activations, normalisations): each task gets its chunk uninitialised. Zeroing
+/// first would be one more full write pass over an output that is often larger than the caches.
+///
+/// # Safety
+/// `f` must write every element of the chunk it is given (a chunk `f` returns from without
+/// writing would be read as uninitialised memory).
+pub(crate) unsafe fn par_new_uninit<R: Send>(
+    len: usize,
+    chunk: usize,
+    f: impl Fn(usize, &mut [std::mem::MaybeUninit<f32>]) -> R + Sync + Send,
+) -> (Vec<f32>, Vec<R>) {
+    let mut v = Vec::<f32>::with_capacity(len);
+    let results = v.spare_capacity_mut()[..len]
+        .par_chunks_mut(chunk.max(1))
+        .enumerate()
+        .map(|(i, c)| f(i, c))
+        .collect();
+    // SAFETY: the chunks cover `0..len` and the caller guarantees `f` wrote each one (a panic
+    // in `f` propagates before this line).
+    unsafe { v.set_len(len) };
+    (v, results)
+}
+
 /// Adds per-chunk partial gradients `(a, b)` in chunk order (zeros of `lens` when there are none):
 /// the fixed summation order that makes the kernels' batch sums independent of threading.
 fn sum_in_order(partials: Vec<(Vec<f32>, Vec<f32>)>, lens: (usize, usize)) -> (Vec<f32>, Vec<f32>) {

@@ -13,6 +13,8 @@
 //! of samples and added in order, as in [`super::conv`], so they do not depend on the thread
 //! count.
 
+use std::mem::MaybeUninit;
+
 /// The shape of one normalisation: `x` `[batch, channels, spatial]`, `channels` split into
 /// `groups` equal groups, affine parameters `[channels]`.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -80,31 +82,39 @@ fn stats(x: &[f32], eps: f64) -> (f32, f32) {
 /// One group of the forward: `w`, `b` are the group's `cpg` affine values, or for LayerNorm
 /// (`spatial == 1`) one per element.
 #[inline(always)]
-fn forward_group(xg: &[f32], yg: &mut [f32], w: &[f32], b: &[f32], spatial: usize, eps: f64) {
+fn forward_group(
+    xg: &[f32],
+    yg: &mut [MaybeUninit<f32>],
+    w: &[f32],
+    b: &[f32],
+    spatial: usize,
+    eps: f64,
+) {
     let (mean, rstd) = stats(xg, eps);
     if spatial == 1 {
         for (((o, v), w), b) in yg.iter_mut().zip(xg).zip(w).zip(b) {
-            *o = (*v - mean) * rstd * w + b;
+            o.write((*v - mean) * rstd * w + b);
         }
         return;
     }
     for (c, (yc, xc)) in yg.chunks_mut(spatial).zip(xg.chunks(spatial)).enumerate() {
         let (w, b) = (w[c], b[c]);
         for (o, v) in yc.iter_mut().zip(xc) {
-            *o = (*v - mean) * rstd * w + b;
+            o.write((*v - mean) * rstd * w + b);
         }
     }
 }
 
 fn forward_group_dispatch(
     xg: &[f32],
-    yg: &mut [f32],
+    yg: &mut [MaybeUninit<f32>],
     w: &[f32],
     b: &[f32],
     spatial: usize,
     eps: f64,
 ) {
-    multiversion!((xg: &[f32], yg: &mut [f32], w: &[f32], b: &[f32], spatial: usize, eps: f64)
+    multiversion!((xg: &[f32], yg: &mut [MaybeUninit<f32>], w: &[f32], b: &[f32], spatial: usize,
+        eps: f64)
         => forward_group(xg, yg, w, b, spatial, eps))
 }
 
@@ -112,12 +122,16 @@ fn forward_group_dispatch(
 pub fn forward(g: &NormGeom, x: &[f32], weight: &[f32], bias: &[f32]) -> Vec<f32> {
     let cpg = g.channels / g.groups;
     let glen = g.group_len();
-    super::par_new(g.len(), glen, |row, yg| {
-        let xg = &x[row * glen..][..yg.len()];
-        let c0 = (row % g.groups) * cpg;
-        let (w, b) = (&weight[c0..c0 + cpg], &bias[c0..c0 + cpg]);
-        forward_group_dispatch(xg, yg, w, b, g.spatial, g.eps);
-    })
+    // SAFETY: `forward_group` writes every element of its group (`spatial`-long channel chunks
+    // covering the group, or one per element for LayerNorm).
+    unsafe {
+        super::par_new_uninit(g.len(), glen, |row, yg| {
+            let xg = &x[row * glen..][..yg.len()];
+            let c0 = (row % g.groups) * cpg;
+            let (w, b) = (&weight[c0..c0 + cpg], &bias[c0..c0 + cpg]);
+            forward_group_dispatch(xg, yg, w, b, g.spatial, g.eps);
+        })
+    }
     .0
 }
 
