@@ -1,19 +1,22 @@
 //! Training kernels that burn's CPU backend lacks, as a burn backend extension.
 //!
 //! Profiling a training step of the small U-Nets (docs/benchmarks.md) put most of the CPU time
-//! in two places that are not model code: the backward pass of every convolution (burn computes
-//! the input gradient with a transposed convolution whose scatter loop is single-threaded, and the
-//! weight gradient as a convolution whose kernel is the whole output gradient), and SiLU (scalar
-//! libm `expf`, then four more element-wise passes in its backward). [`TrainOps`] replaces these
-//! two operations:
+//! in places that are not model code: the backward pass of every convolution (burn computes the
+//! input gradient with a transposed convolution whose scatter loop is single-threaded, and the
+//! weight gradient as a convolution whose kernel is the whole output gradient), SiLU and softmax
+//! (scalar libm `expf`, several single-threaded element-wise passes each way), and
+//! GroupNorm/LayerNorm (about ten single-threaded passes forward, twenty backward).
+//! [`TrainOps`] replaces these operations (convolution, transposed convolution, group norm,
+//! SiLU, softmax over the last dimension):
 //!
-//! - on burn's Flex (CPU) backend with the kernels in [`conv`] and [`act`];
+//! - on burn's Flex (CPU) backend with the kernels in [`conv`], [`norm`] and [`act`];
 //! - under autodiff with a backward step that calls those kernels (one node per operation, so the
 //!   graph also gets smaller);
 //! - on every other backend (CUDA) with the trait's default bodies, which are exactly the burn
 //!   operations the layers called before.
 //!
-//! Layers call [`conv2d`] and [`silu`]; nothing else in the crate knows this module exists.
+//! Layers call [`conv2d`], [`conv_transpose2d`], [`group_norm`], [`layer_norm`], [`silu`] and
+//! [`softmax_last`]; nothing else in the crate knows this module exists.
 
 /// Runs `$body` compiled for the best instruction set this CPU has. The code is the same in each
 /// arm; only the vector width differs, and every operation is exactly rounded IEEE arithmetic
