@@ -46,6 +46,7 @@ pub mod act;
 pub mod conv;
 pub mod norm;
 
+use burn::backend::autodiff::NodeId;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
@@ -812,13 +813,8 @@ impl TrainOps for burn::backend::Cube {}
 struct Conv2dBackward<const N: usize>;
 
 impl<B: Backend + TrainOps, const N: usize> Backward<B, N> for Conv2dBackward<N> {
-    /// Checkpointed `x` and `weight`, stride, padding.
-    type State = (
-        burn::backend::autodiff::NodeId,
-        burn::backend::autodiff::NodeId,
-        usize,
-        usize,
-    );
+    /// Checkpointed `x` and `weight`, (stride, padding).
+    type State = (NodeId, NodeId, (usize, usize));
 
     fn backward(
         self,
@@ -827,7 +823,7 @@ impl<B: Backend + TrainOps, const N: usize> Backward<B, N> for Conv2dBackward<N>
         checkpointer: &mut Checkpointer,
     ) {
         let grad = grads.consume::<B>(&ops.node);
-        let (x_id, w_id, stride, padding) = ops.state;
+        let (x_id, w_id, (stride, padding)) = ops.state;
         let x = checkpointer.retrieve_node_output::<FloatTensor<B>>(x_id);
         let weight = checkpointer.retrieve_node_output::<FloatTensor<B>>(w_id);
         let node_bias = if N == 3 { ops.parents[2].clone() } else { None };
@@ -847,18 +843,26 @@ impl<B: Backend + TrainOps, const N: usize> Backward<B, N> for Conv2dBackward<N>
     }
 }
 
-/// Backward step of a transposed convolution with bias: parents `x`, `weight`, `bias`.
-#[derive(Debug)]
-struct ConvTranspose2dBackward;
+/// The three gradients of an operation on `(x, weight, bias)` from the checkpointed `x` and
+/// `weight`, the output gradient and the operation's parameters.
+type XwbGrads<B, P> = fn(FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, P) -> [FloatTensor<B>; 3];
 
-impl<B: Backend + TrainOps> Backward<B, 3> for ConvTranspose2dBackward {
-    /// Checkpointed `x` and `weight`, stride, padding.
-    type State = (
-        burn::backend::autodiff::NodeId,
-        burn::backend::autodiff::NodeId,
-        usize,
-        usize,
-    );
+/// Backward step of such an operation (group norm, transposed convolution): all three gradients
+/// from one [`XwbGrads`] call.
+struct XwbBackward<B: Backend, P>(XwbGrads<B, P>);
+
+impl<B: Backend, P> std::fmt::Debug for XwbBackward<B, P> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("XwbBackward")
+    }
+}
+
+impl<B, P> Backward<B, 3> for XwbBackward<B, P>
+where
+    B: Backend + TrainOps,
+    P: Clone + Send + std::fmt::Debug + 'static,
+{
+    type State = (NodeId, NodeId, P);
 
     fn backward(
         self,
@@ -867,11 +871,10 @@ impl<B: Backend + TrainOps> Backward<B, 3> for ConvTranspose2dBackward {
         checkpointer: &mut Checkpointer,
     ) {
         let grad = grads.consume::<B>(&ops.node);
-        let (x_id, w_id, stride, padding) = ops.state;
+        let (x_id, w_id, params) = ops.state;
         let x = checkpointer.retrieve_node_output::<FloatTensor<B>>(x_id);
         let weight = checkpointer.retrieve_node_output::<FloatTensor<B>>(w_id);
-        let (dx, dw, db) = B::conv_transpose2d_grads(x, weight, grad, stride, padding);
-        for (parent, g) in ops.parents.iter().zip([dx, dw, db]) {
+        for (parent, g) in ops.parents.iter().zip((self.0)(x, weight, grad, params)) {
             if let Some(node) = parent {
                 grads.register::<B>(node.id, g);
             }
@@ -879,34 +882,44 @@ impl<B: Backend + TrainOps> Backward<B, 3> for ConvTranspose2dBackward {
     }
 }
 
-/// Backward step of a group normalisation: checkpointed `x` and `weight`, groups, eps.
-#[derive(Debug)]
-struct GroupNormBackward;
+/// `(x, weight, bias)` of one operation.
+type Xwb<B> = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>);
 
-impl<B: Backend + TrainOps> Backward<B, 3> for GroupNormBackward {
-    type State = (
-        burn::backend::autodiff::NodeId,
-        burn::backend::autodiff::NodeId,
-        usize,
-        f64,
-    );
-
-    fn backward(
-        self,
-        ops: Ops<Self::State, 3>,
-        grads: &mut Gradients,
-        checkpointer: &mut Checkpointer,
-    ) {
-        let grad = grads.consume::<B>(&ops.node);
-        let (x_id, w_id, groups, eps) = ops.state;
-        let x = checkpointer.retrieve_node_output::<FloatTensor<B>>(x_id);
-        let weight = checkpointer.retrieve_node_output::<FloatTensor<B>>(w_id);
-        let (dx, dw, db) = B::group_norm_grads(x, weight, grad, groups, eps);
-        for (parent, g) in ops.parents.iter().zip([dx, dw, db]) {
-            if let Some(node) = parent {
-                grads.register::<B>(node.id, g);
-            }
+/// Records `forward(x, weight, bias)` on the autodiff graph with `op` as its backward step, `x`
+/// and `weight` checkpointed and `params` kept.
+fn record_xwb<B, C, O, P>(
+    op: O,
+    (x, weight, bias): Xwb<Autodiff<B, C>>,
+    params: P,
+    forward: impl FnOnce(FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) -> FloatTensor<B>,
+) -> FloatTensor<Autodiff<B, C>>
+where
+    B: Backend + TrainOps,
+    C: CheckpointStrategy,
+    O: Backward<B, 3, State = (NodeId, NodeId, P)>,
+    P: Clone + Send + std::fmt::Debug + 'static,
+{
+    match op
+        .prepare::<C>([x.node(), weight.node(), bias.node()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(mut prep) => {
+            let state = (prep.checkpoint(&x), prep.checkpoint(&weight), params);
+            prep.finish(
+                state,
+                forward(
+                    x.into_primitive(),
+                    weight.into_primitive(),
+                    bias.into_primitive(),
+                ),
+            )
         }
+        OpsKind::UnTracked(prep) => prep.finish(forward(
+            x.into_primitive(),
+            weight.into_primitive(),
+            bias.into_primitive(),
+        )),
     }
 }
 
@@ -935,7 +948,7 @@ impl<B: Backend + TrainOps> Backward<B, 1> for SoftmaxBackward {
 struct SiluBackward;
 
 impl<B: Backend + TrainOps> Backward<B, 1> for SiluBackward {
-    type State = burn::backend::autodiff::NodeId;
+    type State = NodeId;
 
     fn backward(
         self,
@@ -959,34 +972,16 @@ impl<B: Backend + TrainOps, C: CheckpointStrategy> TrainOps for Autodiff<B, C> {
         stride: usize,
         padding: usize,
     ) -> FloatTensor<Self> {
-        let forward = |x, w, b| B::conv_transpose2d_bias_train(x, w, b, stride, padding);
-        match ConvTranspose2dBackward
-            .prepare::<C>([x.node(), weight.node(), bias.node()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(mut prep) => {
-                let state = (
-                    prep.checkpoint(&x),
-                    prep.checkpoint(&weight),
-                    stride,
-                    padding,
-                );
-                prep.finish(
-                    state,
-                    forward(
-                        x.into_primitive(),
-                        weight.into_primitive(),
-                        bias.into_primitive(),
-                    ),
-                )
-            }
-            OpsKind::UnTracked(prep) => prep.finish(forward(
-                x.into_primitive(),
-                weight.into_primitive(),
-                bias.into_primitive(),
-            )),
-        }
+        let grads: XwbGrads<B, (usize, usize)> = |x, w, g, (stride, padding)| {
+            let (dx, dw, db) = B::conv_transpose2d_grads(x, w, g, stride, padding);
+            [dx, dw, db]
+        };
+        record_xwb::<B, C, _, _>(
+            XwbBackward(grads),
+            (x, weight, bias),
+            (stride, padding),
+            |x, w, b| B::conv_transpose2d_bias_train(x, w, b, stride, padding),
+        )
     }
 
     fn conv2d_train(
@@ -1005,8 +1000,7 @@ impl<B: Backend + TrainOps, C: CheckpointStrategy> TrainOps for Autodiff<B, C> {
                 let state = (
                     prep.checkpoint(&x),
                     prep.checkpoint(&weight),
-                    stride,
-                    padding,
+                    (stride, padding),
                 );
                 prep.finish(state, forward(x.into_primitive(), weight.into_primitive()))
             }
@@ -1023,34 +1017,12 @@ impl<B: Backend + TrainOps, C: CheckpointStrategy> TrainOps for Autodiff<B, C> {
         stride: usize,
         padding: usize,
     ) -> FloatTensor<Self> {
-        let forward = |x, w, b| B::conv2d_bias_train(x, w, b, stride, padding);
-        match Conv2dBackward::<3>
-            .prepare::<C>([x.node(), weight.node(), bias.node()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(mut prep) => {
-                let state = (
-                    prep.checkpoint(&x),
-                    prep.checkpoint(&weight),
-                    stride,
-                    padding,
-                );
-                prep.finish(
-                    state,
-                    forward(
-                        x.into_primitive(),
-                        weight.into_primitive(),
-                        bias.into_primitive(),
-                    ),
-                )
-            }
-            OpsKind::UnTracked(prep) => prep.finish(forward(
-                x.into_primitive(),
-                weight.into_primitive(),
-                bias.into_primitive(),
-            )),
-        }
+        record_xwb::<B, C, _, _>(
+            Conv2dBackward::<3>,
+            (x, weight, bias),
+            (stride, padding),
+            |x, w, b| B::conv2d_bias_train(x, w, b, stride, padding),
+        )
     }
 
     fn group_norm_train(
@@ -1060,29 +1032,16 @@ impl<B: Backend + TrainOps, C: CheckpointStrategy> TrainOps for Autodiff<B, C> {
         groups: usize,
         eps: f64,
     ) -> FloatTensor<Self> {
-        let forward = |x, w, b| B::group_norm_train(x, w, b, groups, eps);
-        match GroupNormBackward
-            .prepare::<C>([x.node(), weight.node(), bias.node()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(mut prep) => {
-                let state = (prep.checkpoint(&x), prep.checkpoint(&weight), groups, eps);
-                prep.finish(
-                    state,
-                    forward(
-                        x.into_primitive(),
-                        weight.into_primitive(),
-                        bias.into_primitive(),
-                    ),
-                )
-            }
-            OpsKind::UnTracked(prep) => prep.finish(forward(
-                x.into_primitive(),
-                weight.into_primitive(),
-                bias.into_primitive(),
-            )),
-        }
+        let grads: XwbGrads<B, (usize, f64)> = |x, w, g, (groups, eps)| {
+            let (dx, dw, db) = B::group_norm_grads(x, w, g, groups, eps);
+            [dx, dw, db]
+        };
+        record_xwb::<B, C, _, _>(
+            XwbBackward(grads),
+            (x, weight, bias),
+            (groups, eps),
+            |x, w, b| B::group_norm_train(x, w, b, groups, eps),
+        )
     }
 
     fn softmax_last_train(x: FloatTensor<Self>) -> FloatTensor<Self> {
