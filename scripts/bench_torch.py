@@ -21,6 +21,19 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 
 
+def training_flops(forward, x0, steps_t) -> int:
+    """FLOPs of one training step's forward + backward (matmuls, convolutions, attention), counted
+    by PyTorch's FlopCounterMode on one untimed step of this model; the same model on our side
+    does the same arithmetic, so this is the figure both sides' share of peak FLOP/s uses."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    ts = torch.randint(0, steps_t, (x0.shape[0],), device=x0.device)
+    with FlopCounterMode(display=False) as counter:
+        loss = torch.nn.functional.mse_loss(forward(x0, ts), x0)
+        loss.backward()
+    return counter.get_total_flops()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", required=True)
@@ -29,7 +42,13 @@ def main():
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--diffusers-config", help="UNet2DModel config.json from `bench --diffusers-config`")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (PyTorch eager on that device)")
     args = ap.parse_args()
+    device = torch.device(args.device)
+    # float32 on both sides: PyTorch's cuDNN convolutions default to TF32 tensor cores, which
+    # would compare a 10-bit-mantissa product against our f32 one.
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     with open(args.config, "rb") as f:
@@ -56,6 +75,7 @@ def main():
             model = UNet2DModel.from_config(json.load(f))
         forward = lambda x, ts: model(x, ts).sample
     params = sum(p.numel() for p in model.parameters())
+    model.to(device)
     opt = torch.optim.AdamW(
         model.parameters(),
         lr=train.get("learning_rate", 1e-4),
@@ -70,13 +90,14 @@ def main():
         betas = torch.linspace(d.get("beta_start", 1e-4), d.get("beta_end", 0.02), steps_t)
     else:  # squaredcos_cap_v2 / scaled_linear: the schedule does not change the cost of a step
         betas = torch.linspace(1e-4, 0.02, steps_t)
-    abar = torch.cumprod(1 - betas, 0)
-    x0 = torch.rand(batch, channels, res, res) * 2 - 1
+    abar = torch.cumprod(1 - betas, 0).to(device)
+    x0 = (torch.rand(batch, channels, res, res) * 2 - 1).to(device)
+    flops = training_flops(forward, x0, steps_t)
     times = []
     for i in range(args.warmup + args.steps):
         start = time.perf_counter()
         noise = torch.randn_like(x0)
-        ts = torch.randint(0, steps_t, (batch,))
+        ts = torch.randint(0, steps_t, (batch,), device=device)
         a = abar[ts].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         loss = torch.nn.functional.mse_loss(forward(xt, ts), noise)
@@ -103,7 +124,10 @@ def main():
                 "mean_ms": sum(times) / len(times) * 1e3,
                 "images_per_sec": batch / median,
                 "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "peak_device_mib": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
                 "threads": torch.get_num_threads(),
+                "device": str(device),
+                "flops_per_step": flops,
             }
         )
     )
