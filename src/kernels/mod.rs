@@ -309,24 +309,18 @@ pub(crate) fn par_new<R: Send>(
     chunk: usize,
     f: impl Fn(usize, &mut [f32]) -> R + Sync + Send,
 ) -> (Vec<f32>, Vec<R>) {
-    let mut v = Vec::<f32>::with_capacity(len);
-    let results = v.spare_capacity_mut()[..len]
-        .par_chunks_mut(chunk.max(1))
-        .enumerate()
-        .map(|(i, c)| {
-            for e in c.iter_mut() {
-                e.write(0.0);
-            }
-            // SAFETY: every element of `c` was initialised just above, and `MaybeUninit<f32>`
-            // has the layout of `f32`.
-            let c = unsafe { &mut *(c as *mut [std::mem::MaybeUninit<f32>] as *mut [f32]) };
-            f(i, c)
+    let zero_then_f = |i, c: &mut [std::mem::MaybeUninit<f32>]| {
+        for e in c.iter_mut() {
+            e.write(0.0);
+        }
+        // SAFETY: every element of `c` was initialised just above, and `MaybeUninit<f32>` has
+        // the layout of `f32`.
+        f(i, unsafe {
+            &mut *(c as *mut [std::mem::MaybeUninit<f32>] as *mut [f32])
         })
-        .collect();
-    // SAFETY: the chunks cover `0..len` and every one was initialised by its task (a panic in
-    // `f` propagates before this line and the vector is dropped with length 0).
-    unsafe { v.set_len(len) };
-    (v, results)
+    };
+    // SAFETY: `zero_then_f` writes every element of its chunk before anything else.
+    unsafe { par_new_uninit(len, chunk, zero_then_f) }
 }
 
 /// [`par_new`] without the zeroing, for kernels that write every output element exactly once
