@@ -8,15 +8,18 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::data::{ColorMode, CropMode, DataSource, OnBadImage};
+use crate::data::DataConfig;
+use crate::device::{DeviceList, DeviceRequest, DeviceSpec};
+use crate::diffusion::DiffusionConfig;
 use crate::diffusion::sampling::{SamplerKind, TimestepSpacing};
-use crate::diffusion::schedule::{BetaSchedule, PredictionType};
+use crate::models::Architecture;
 use crate::models::pixelcnn::GatedPixelCNNConfig;
 use crate::models::tutorial_unet::TutorialUNetConfig;
 use crate::models::unet_2d::UNet2DConfig;
 use crate::models::vqvae::VQVAEConfig;
-use crate::models::{Architecture, MixedPrecision};
-use crate::train::lr::LrSchedule;
+use crate::optim::ema::EmaConfig;
+use crate::optim::lr::LrSchedule;
+use crate::optim::precision::MixedPrecision;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -70,14 +73,6 @@ pub struct RunConfig {
     pub sync_timeout_secs: f64,
 }
 
-/// `run.devices`: a list of devices or the word `"all"`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(untagged)]
-pub enum DeviceList {
-    Keyword(String),
-    List(Vec<String>),
-}
-
 impl Default for RunConfig {
     fn default() -> Self {
         Self {
@@ -93,44 +88,66 @@ impl Default for RunConfig {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
-pub struct DataConfig {
-    pub source: DataSource,
-    pub path: PathBuf,
-    pub resolution: usize,
-    pub color: ColorMode,
-    pub crop: CropMode,
-    pub random_flip: bool,
-    pub on_bad_image: OnBadImage,
-    /// Threads decoding images in the background.
-    pub num_workers: usize,
-    /// Batches decoded ahead of the compute.
-    pub prefetch_batches: usize,
-}
-
-impl Default for DataConfig {
-    fn default() -> Self {
-        Self {
-            source: DataSource::ImageFolder,
-            path: PathBuf::from("datasets/shapes"),
-            resolution: 32,
-            color: ColorMode::Rgb,
-            crop: CropMode::Center,
-            random_flip: false,
-            on_bad_image: OnBadImage::Warn,
-            num_workers: 2,
-            prefetch_batches: 4,
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
 pub struct ModelConfig {
     pub architecture: Architecture,
     pub unet: UNet2DConfig,
     pub tutorial: TutorialUNetConfig,
     pub vqvae: VQVAEConfig,
     pub pixelcnn: GatedPixelCNNConfig,
+}
+
+impl ModelConfig {
+    /// The architecture's own rules and how it must agree with the data.
+    pub fn problems(&self, data: &DataConfig) -> Vec<String> {
+        let mut p = Vec::new();
+        let (res, ch) = (data.resolution, data.channels());
+        let color = |what: String| {
+            format!(
+                "{what} but data.color = {:?} gives {ch} channels",
+                data.color
+            )
+        };
+        let size = |what: &str, size: usize| {
+            (size != res)
+                .then(|| format!("{what} = {size} but data.resolution = {res}; they must match"))
+        };
+        match self.architecture {
+            Architecture::Unet2d => {
+                let u = &self.unet;
+                p.extend(u.problems());
+                p.extend(size("model.unet.sample_size", u.sample_size));
+                if u.in_channels != ch || u.out_channels != ch {
+                    p.push(color(format!(
+                        "model.unet in_channels/out_channels = {}/{}",
+                        u.in_channels, u.out_channels
+                    )));
+                }
+            }
+            Architecture::TutorialUnet => {
+                let t = &self.tutorial;
+                p.extend(t.problems());
+                p.extend(size("model.tutorial.image_size", t.image_size));
+                if t.in_channels != ch {
+                    p.push(color(format!(
+                        "model.tutorial.in_channels = {}",
+                        t.in_channels
+                    )));
+                }
+            }
+            Architecture::Vqvae => {
+                let v = &self.vqvae;
+                p.extend(v.problems(res));
+                if v.in_channels != ch {
+                    p.push(color(format!(
+                        "model.vqvae.in_channels = {}",
+                        v.in_channels
+                    )));
+                }
+            }
+            Architecture::GatedPixelcnn => p.extend(self.pixelcnn.problems()),
+        }
+        p
+    }
 }
 
 impl Default for ModelConfig {
@@ -141,37 +158,6 @@ impl Default for ModelConfig {
             tutorial: TutorialUNetConfig::default(),
             vqvae: VQVAEConfig::default(),
             pixelcnn: GatedPixelCNNConfig::default(),
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct DiffusionConfig {
-    pub num_train_timesteps: usize,
-    pub beta_schedule: BetaSchedule,
-    pub beta_start: f64,
-    pub beta_end: f64,
-    pub prediction_type: PredictionType,
-    /// Min-SNR-gamma loss weighting; diffusers' recommended value is 5.0.
-    pub snr_gamma: Option<f64>,
-    /// `noise += noise_offset * randn(B, C, 1, 1)`; 0 disables.
-    pub noise_offset: f64,
-    /// Noise the input with `noise + p * randn`, keep `noise` as the target; 0 disables.
-    pub input_perturbation: f64,
-}
-
-impl Default for DiffusionConfig {
-    fn default() -> Self {
-        Self {
-            num_train_timesteps: 1000,
-            beta_schedule: BetaSchedule::Linear,
-            beta_start: 0.0001,
-            beta_end: 0.02,
-            prediction_type: PredictionType::Epsilon,
-            snr_gamma: None,
-            noise_offset: 0.0,
-            input_perturbation: 0.0,
         }
     }
 }
@@ -350,106 +336,6 @@ impl Default for CheckpointConfig {
     }
 }
 
-/// diffusers `EMAModel` settings (defaults of `train_unconditional.py`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct EmaConfig {
-    pub enabled: bool,
-    pub max_decay: f64,
-    pub min_decay: f64,
-    /// Decay is 0 (the shadow copies the weights) until this many optimizer steps have passed.
-    pub update_after_step: u64,
-    /// `1 - (1 + s / inv_gamma)^-power` when true, `(1 + s) / (10 + s)` when false.
-    pub warmup: bool,
-    pub inv_gamma: f64,
-    pub power: f64,
-}
-
-impl Default for EmaConfig {
-    fn default() -> Self {
-        Self {
-            enabled: false,
-            max_decay: 0.9999,
-            min_decay: 0.0,
-            update_after_step: 0,
-            warmup: true,
-            inv_gamma: 1.0,
-            power: 0.75,
-        }
-    }
-}
-
-/// Where a run's tensors live, parsed from `run.device`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DeviceSpec {
-    /// The CPU (Flex); the index only tells data-parallel worker threads apart.
-    Cpu(usize),
-    Cuda(usize),
-}
-
-impl DeviceSpec {
-    pub fn parse(text: &str) -> Result<Self, String> {
-        let index = |prefix: &str| text.strip_prefix(prefix).map(str::parse::<usize>);
-        match text {
-            "cpu" => Ok(Self::Cpu(0)),
-            "cuda" => Ok(Self::Cuda(0)),
-            _ => match (index("cpu:"), index("cuda:")) {
-                (Some(Ok(i)), _) => Ok(Self::Cpu(i)),
-                (_, Some(Ok(i))) => Ok(Self::Cuda(i)),
-                _ => Err(format!(
-                    "{text:?} is not one of \"cpu\", \"cpu:N\", \"cuda\", \"cuda:N\""
-                )),
-            },
-        }
-    }
-
-    pub fn is_cuda(self) -> bool {
-        matches!(self, Self::Cuda(_))
-    }
-}
-
-/// What `run.devices` asks for once parsed; `All` is resolved when the run starts.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum DeviceRequest {
-    List(Vec<DeviceSpec>),
-    AllCuda,
-}
-
-impl Config {
-    /// The devices of the run: `run.devices` when set, else `[run.device]`.
-    pub fn device_request(&self) -> Result<DeviceRequest, String> {
-        let list = match &self.run.devices {
-            None => vec![self.run.device.clone()],
-            Some(DeviceList::Keyword(k)) if k == "all" => return Ok(DeviceRequest::AllCuda),
-            Some(DeviceList::Keyword(k)) if DeviceSpec::parse(k).is_ok() => vec![k.clone()],
-            Some(DeviceList::Keyword(k)) => {
-                return Err(format!(
-                    "run.devices = {k:?}: expected \"all\" or a list such as [\"cuda:0\", \"cuda:1\"]"
-                ));
-            }
-            Some(DeviceList::List(l)) => l.clone(),
-        };
-        if list.is_empty() {
-            return Err("run.devices is empty: list at least one device".into());
-        }
-        let specs = list
-            .iter()
-            .map(|d| DeviceSpec::parse(d).map_err(|e| format!("run.devices: {e}")))
-            .collect::<Result<Vec<_>, _>>()?;
-        if specs.iter().any(|d| d.is_cuda()) && !specs.iter().all(|d| d.is_cuda()) {
-            return Err(format!(
-                "run.devices = {list:?} mixes CPU and CUDA devices; use one kind"
-            ));
-        }
-        for (i, d) in specs.iter().enumerate() {
-            if specs[..i].contains(d) {
-                return Err(format!("run.devices lists {:?} twice", list[i]));
-            }
-        }
-        Ok(DeviceRequest::List(specs))
-    }
-}
-
 fn parse_error(path: &Path, err: toml::de::Error) -> ConfigError {
     ConfigError::Parse {
         path: path.to_path_buf(),
@@ -545,10 +431,12 @@ impl Config {
 
     /// The channel count images have after loading.
     pub fn image_channels(&self) -> usize {
-        match self.data.color {
-            ColorMode::Rgb => 3,
-            ColorMode::Grayscale => 1,
-        }
+        self.data.channels()
+    }
+
+    /// The devices of the run: `run.devices` when set, else `[run.device]`.
+    pub fn device_request(&self) -> Result<DeviceRequest, String> {
+        DeviceRequest::parse(&self.run.device, self.run.devices.as_ref())
     }
 
     /// Rules spanning several fields; every violation, not just the first.
@@ -588,77 +476,9 @@ impl Config {
                 self.run.sync_timeout_secs
             ));
         }
-        let (res, ch) = (self.data.resolution, self.image_channels());
-        if res == 0 {
-            p.push("data.resolution must be positive".into());
-        }
-        if self.data.num_workers == 0 {
-            p.push("data.num_workers must be at least 1".into());
-        }
-        match self.model.architecture {
-            Architecture::Unet2d => {
-                let u = &self.model.unet;
-                p.extend(u.problems());
-                if u.sample_size != res {
-                    p.push(format!(
-                        "model.unet.sample_size = {} but data.resolution = {res}; they must match",
-                        u.sample_size
-                    ));
-                }
-                if u.in_channels != ch || u.out_channels != ch {
-                    p.push(format!(
-                        "model.unet in_channels/out_channels = {}/{} but data.color = {:?} gives {ch} channels",
-                        u.in_channels, u.out_channels, self.data.color
-                    ));
-                }
-            }
-            Architecture::Vqvae => {
-                let v = &self.model.vqvae;
-                p.extend(v.problems(res));
-                if v.in_channels != ch {
-                    p.push(format!(
-                        "model.vqvae.in_channels = {} but data.color = {:?} gives {ch} channels",
-                        v.in_channels, self.data.color
-                    ));
-                }
-            }
-            Architecture::GatedPixelcnn => p.extend(self.model.pixelcnn.problems()),
-            Architecture::TutorialUnet => {
-                let t = &self.model.tutorial;
-                p.extend(t.problems());
-                if t.image_size != res {
-                    p.push(format!("model.tutorial.image_size = {} but data.resolution = {res}; they must match", t.image_size));
-                }
-                if t.in_channels != ch {
-                    p.push(format!(
-                        "model.tutorial.in_channels = {} but data.color = {:?} gives {ch} channels",
-                        t.in_channels, self.data.color
-                    ));
-                }
-            }
-        }
-        let d = &self.diffusion;
-        if d.num_train_timesteps < 2 {
-            p.push("diffusion.num_train_timesteps must be at least 2".into());
-        }
-        if d.beta_schedule != BetaSchedule::SquaredcosCapV2
-            && !(0.0 < d.beta_start && d.beta_start < d.beta_end && d.beta_end < 1.0)
-        {
-            p.push(format!(
-                "diffusion: need 0 < beta_start ({}) < beta_end ({}) < 1",
-                d.beta_start, d.beta_end
-            ));
-        }
-        if let Some(g) = d.snr_gamma
-            && g <= 0.0
-        {
-            p.push(format!(
-                "diffusion.snr_gamma = {g} must be positive (omit it to disable)"
-            ));
-        }
-        if d.noise_offset < 0.0 || d.input_perturbation < 0.0 {
-            p.push("diffusion.noise_offset and diffusion.input_perturbation must be >= 0".into());
-        }
+        p.extend(self.data.problems());
+        p.extend(self.model.problems(&self.data));
+        p.extend(self.diffusion.problems());
         let t = &self.train;
         if t.max_steps == 0 {
             p.push("train.max_steps must be at least 1".into());
@@ -706,10 +526,11 @@ impl Config {
             ));
         }
         let s = &self.sample;
-        if s.num_inference_steps == 0 || s.num_inference_steps > d.num_train_timesteps {
+        let timesteps = self.diffusion.num_train_timesteps;
+        if s.num_inference_steps == 0 || s.num_inference_steps > timesteps {
             p.push(format!(
-                "sample.num_inference_steps = {} must be in 1..={}",
-                s.num_inference_steps, d.num_train_timesteps
+                "sample.num_inference_steps = {} must be in 1..={timesteps}",
+                s.num_inference_steps
             ));
         }
         if s.eta < 0.0 {
@@ -724,16 +545,7 @@ impl Config {
         if self.logging.log_every == 0 {
             p.push("logging.log_every must be at least 1".into());
         }
-        let e = &self.ema;
-        if !(0.0 <= e.min_decay && e.min_decay <= e.max_decay && e.max_decay <= 1.0) {
-            p.push(format!(
-                "ema: need 0 <= min_decay ({}) <= max_decay ({}) <= 1",
-                e.min_decay, e.max_decay
-            ));
-        }
-        if !(e.inv_gamma > 0.0 && e.power > 0.0) {
-            p.push("ema.inv_gamma and ema.power must be positive".into());
-        }
+        p.extend(self.ema.problems());
         p
     }
 

@@ -309,6 +309,22 @@ impl Replica {
     }
 }
 
+/// A torchrun/accelerate-style launch (`WORLD_SIZE` > 1) would start several processes that each
+/// train alone on the whole data: refuse it. burn 0.22.1's collectives only join the devices of
+/// one process (docs/distributed.md, "Several machines").
+pub fn refuse_multi_process_launch() -> Result<(), String> {
+    let world = std::env::var("WORLD_SIZE").ok();
+    match world.as_deref().map(str::parse::<usize>) {
+        Some(Ok(n)) if n > 1 => Err(format!(
+            "WORLD_SIZE={n} is set (a torchrun/accelerate-style multi-process launch), but \
+             difftrain trains data-parallel inside one process: start it once per machine with \
+             run.devices = \"all\" (or a list). Several machines are not supported yet; see \
+             docs/distributed.md"
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// Runs `work` once per device, with that rank's input, on its own thread (NCCL between them
 /// when `nccl`, else the host), rank = position in `devices`, and returns
 /// every rank's result in rank order. A rank that returns an error or panics fails the group,

@@ -1,18 +1,25 @@
 //! difftrain: train diffusion and discrete generative image models on burn.
 //!
-//! Dependencies point one way: `config -> data, models, diffusion -> train -> bin`.
+//! Dependencies point one way, lowest first:
+//! `kernels, io, data, device, distributed, tensorboard -> nn -> models, diffusion, optim ->
+//! config -> checkpoint, train -> pipelines -> bin`.
 //! Models never import the trainer; schedulers never import models (they meet in
 //! [`diffusion::sampling::sample`] through the [`diffusion::sampling::Denoiser`] trait);
-//! only [`io`] maps parameters to file keys.
+//! only [`io`] maps parameters to file keys; only [`distributed`] knows ranks; only
+//! [`pipelines`] maps a model family to its code.
 
+pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod device;
 pub mod diffusion;
 pub mod distributed;
 pub mod io;
 pub mod kernels;
 pub mod models;
 pub mod nn;
+pub mod optim;
+pub mod pipelines;
 pub mod tensorboard;
 pub mod train;
 

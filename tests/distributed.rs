@@ -10,12 +10,14 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use difftrain::config::{Config, DeviceList};
-use difftrain::io;
+use difftrain::config::Config;
+use difftrain::device::DeviceList;
+use difftrain::io::safetensors as io;
 use difftrain::models::Architecture;
-use difftrain::train::lr::LrSchedule;
-use difftrain::train::objectives::VqvaeObjective;
-use difftrain::train::{TrainOptions, train_diffusion, train_with};
+use difftrain::optim::lr::LrSchedule;
+use difftrain::pipelines::ddpm::train as train_diffusion;
+use difftrain::pipelines::vq::train_vqvae;
+use difftrain::train::TrainOptions;
 
 const QUIET: TrainOptions = TrainOptions {
     write_outputs: false,
@@ -63,10 +65,13 @@ fn two_and_four_workers_equal_one_worker_with_one_all_reduce_per_step() {
     assert_eq!(one.summary.world_size, 1);
     assert_eq!(one.summary.all_reduces, 0);
     let one_weights = io::named_tensors(&one.model);
-    let init = io::named_tensors(&difftrain::train::build_model(
-        &base,
-        &burn::prelude::Device::flex(),
-    ));
+    let init = io::named_tensors(
+        &difftrain::train::objectives::diffusion::build_model(
+            &base,
+            &burn::prelude::Device::flex(),
+        )
+        .unwrap(),
+    );
     assert!(
         max_diff(&one_weights, &init) > 1e-4,
         "training moved nothing"
@@ -122,7 +127,7 @@ fn vqvae_replicas_stay_identical_through_code_restarts() {
     c.train.max_steps = 4;
     c.run.devices = cpu_workers(2);
     assert!(c.problems().is_empty(), "{:?}", c.problems());
-    let out = train_with(&c, &QUIET, VqvaeObjective::new(&c)).unwrap();
+    let out = train_vqvae(&c, &QUIET).unwrap();
     // 32 codes, 16 positions per image: the first steps leave codes unused, so restarts ran.
     let d = max_diff(
         &io::named_tensors(&out.model),

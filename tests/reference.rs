@@ -6,7 +6,7 @@ use std::path::Path;
 use burn::prelude::*;
 use difftrain::diffusion::sampling::{self, SamplerKind, SamplerOptions, TimestepSpacing};
 use difftrain::diffusion::schedule::{BetaSchedule, NoiseSchedule, PredictionType};
-use difftrain::io::{self, HostTensor};
+use difftrain::io::safetensors::{self as io, HostTensor};
 use difftrain::models::unet_2d::UNet2DConfig;
 
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");

@@ -13,7 +13,7 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use difftrain::config::Config;
-use difftrain::train::lr::LrSchedule;
+use difftrain::optim::lr::LrSchedule;
 
 /// A tiny run that exercises every piece of resumable state: random flips (augmentation RNG),
 /// noise offset, accumulation, batch split over threads, a warmup LR schedule, EMA with warmup,
@@ -51,8 +51,8 @@ fn read(path: &Path) -> Vec<u8> {
 /// Largest absolute difference between two safetensors files with the same keys.
 fn max_abs_diff(a: &Path, b: &Path) -> f32 {
     let (ta, tb) = (
-        difftrain::io::load_safetensors(a).unwrap(),
-        difftrain::io::load_safetensors(b).unwrap(),
+        difftrain::io::safetensors::load_safetensors(a).unwrap(),
+        difftrain::io::safetensors::load_safetensors(b).unwrap(),
     );
     assert_eq!(ta.keys().collect::<Vec<_>>(), tb.keys().collect::<Vec<_>>());
     ta.iter()
@@ -350,7 +350,7 @@ fn random_kill_trials() {
             .unwrap_or(false);
         during_write += temp_left as usize;
         // Which checkpoint would resume use? Ask the library, as the next run will.
-        let start = difftrain::train::checkpoint::resolve(&out, &difftrain::config::Resume::Latest);
+        let start = difftrain::checkpoint::resolve(&out, &difftrain::config::Resume::Latest);
         let resumed = match start {
             Ok(s) => s.checkpoint.map(|c| c.state.step),
             Err(e) => {

@@ -4,8 +4,10 @@ mod common;
 
 use difftrain::config::Config;
 use difftrain::diffusion::sampling::SamplerKind;
-use difftrain::io;
-use difftrain::train::{TrainOptions, build_model, generate, train_diffusion as train};
+use difftrain::io::safetensors as io;
+use difftrain::pipelines::ddpm::{generate, train};
+use difftrain::train::TrainOptions;
+use difftrain::train::objectives::diffusion::build_model;
 
 const QUIET: TrainOptions = TrainOptions {
     write_outputs: false,
@@ -31,7 +33,7 @@ fn four_micro_batches_of_8_equal_one_batch_of_32() {
     let micro = run(8, 4);
     let init = {
         let c = common::tiny_config(&data, &tmp.path().join("out"));
-        io::named_tensors(&build_model(&c, &burn::prelude::Device::flex()))
+        io::named_tensors(&build_model(&c, &burn::prelude::Device::flex()).unwrap())
     };
     assert_eq!(whole.len(), micro.len());
     let (mut max_diff, mut max_change) = (0f32, 0f32);
@@ -215,7 +217,7 @@ fn batch_split_over_replica_threads_matches_the_unsplit_step() {
     let (split, loss_split) = run(4);
     let init = {
         let c = common::tiny_config(&data, &tmp.path().join("out"));
-        io::named_tensors(&build_model(&c, &burn::prelude::Device::flex()))
+        io::named_tensors(&build_model(&c, &burn::prelude::Device::flex()).unwrap())
     };
     let (mut max_diff, mut max_change) = (0f32, 0f32);
     for (k, a) in &whole {

@@ -8,8 +8,10 @@ use burn::prelude::*;
 use difftrain::config::Config;
 use difftrain::data::{ColorMode, Dataset, Transform};
 use difftrain::models::Architecture;
-use difftrain::train::objectives::{VqvaeObjective, load_stage1, reconstruction_mse};
-use difftrain::train::{TrainOptions, load_run, train_with};
+use difftrain::pipelines::load_run;
+use difftrain::pipelines::vq::{load_stage1, train_vqvae};
+use difftrain::train::TrainOptions;
+use difftrain::train::objectives::vq::reconstruction_mse;
 
 fn shapes() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("datasets/shapes")
@@ -71,7 +73,7 @@ fn short_vqvae_run_reconstructs_the_shipped_shapes() {
         c.model.vqvae.init(&device)
     };
     let before = reconstruction_mse(&untrained, &images, shape, &device);
-    let out = train_with(&c, &opts, VqvaeObjective::new(&c)).unwrap();
+    let out = train_vqvae(&c, &opts).unwrap();
     let after = reconstruction_mse(&out.model, &images, shape, &device);
     // Pixels are in [-1, 1]. Measured on the development machine: untrained 0.467, after 500
     // steps 0.024; the bound leaves room for other CPUs' float rounding.
@@ -149,7 +151,7 @@ fn chained_stages_train_export_and_sample() {
     let cfg = Config::load(&export.join("difftrain.toml"), &[]).unwrap();
     let stage1 = load_stage1(&cfg, Some(&export), &device).unwrap();
     let k = stage1.cfg.model.vqvae.num_embeddings;
-    let (_, prior, _) = load_run(&export, &[], |c| c.model.pixelcnn.init(k, &device)).unwrap();
+    let (_, prior, _) = load_run(&export, &[], |c| Ok(c.model.pixelcnn.init(k, &device))).unwrap();
     let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(1);
     let codes = prior.sample(6, 4, 4, 1.0, &mut rng, &device);
     let values: Vec<i64> = codes

@@ -15,8 +15,12 @@ use burn::optim::GradientsParams;
 use clap::Parser;
 use difftrain::config::Config;
 use difftrain::data::Batch;
+use difftrain::device::parse_device;
 use difftrain::models::Architecture;
-use difftrain::train::{Objective, adamw, grad, make_device, objectives::DiffusionObjective};
+use difftrain::optim::grad;
+use difftrain::train::Objective;
+use difftrain::train::objectives::diffusion::DiffusionObjective;
+use difftrain::train::run::adamw;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -60,12 +64,12 @@ fn run(args: Args) -> anyhow::Result<()> {
         std::fs::write(&path, json)?;
         return Ok(());
     }
-    let device = make_device(&cfg.run.device)?.autodiff();
+    let device = parse_device(&cfg.run.device)?.autodiff();
     let mut objective = DiffusionObjective::new(&cfg);
     difftrain::nn::seed_init(cfg.run.seed);
-    let mut model = objective.build(&device);
+    let mut model = objective.build(&device)?;
     let t = &cfg.train;
-    let mut optim = adamw(&cfg);
+    let mut optim = adamw(t);
     let res = cfg.data.resolution;
     let shape = [t.batch_size, cfg.image_channels(), res, res];
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.run.seed);
@@ -88,9 +92,8 @@ fn run(args: Args) -> anyhow::Result<()> {
     for i in 0..args.warmup + args.steps {
         let start = Instant::now();
         let (t_forward, mut grads) = if args.split > 1 {
-            let (grads, _) = objective
-                .split_grads(&model, &batch, args.split, 1.0, &mut rng, &device)
-                .expect("diffusion objectives split");
+            let (grads, _) =
+                objective.split_grads(&model, &batch, args.split, 1.0, &mut rng, &device);
             (0.0, grads)
         } else {
             let loss = objective.loss(&model, &batch, &mut rng, &device);

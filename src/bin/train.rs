@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Parser;
 use difftrain::config::{Config, Resume};
-use difftrain::train::{TrainOptions, train};
+use difftrain::pipelines;
+use difftrain::train::TrainOptions;
 
 #[derive(Parser)]
 #[command(version, about = "Train a model described by a TOML config")]
@@ -35,7 +36,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         eprintln!("{}: configuration is valid", args.config.display());
         return Ok(());
     }
-    let out = train(&cfg, &TrainOptions::default())
+    let out = pipelines::train(&cfg, &TrainOptions::default())
         .with_context(|| format!("training run {:?} failed", cfg.run.name))?;
     eprintln!(
         "trained steps {}..{} in {:.1} s, final loss {:.4}",

@@ -1,20 +1,25 @@
-//! Model architectures (denoisers, VQ-VAE, PixelCNN prior) and the one place that picks the
-//! float dtype models compute in.
+//! Model architectures, one file per diffusers file (`embeddings`, `resnet`, `attention`,
+//! `unet_2d_blocks`, `unet_2d`) plus the tutorial U-Net, the VQ-VAE and the PixelCNN prior, and
+//! the one place that maps an [`Architecture`] to its [`Family`].
 
+pub mod attention;
+pub mod embeddings;
 pub mod pixelcnn;
+pub mod resnet;
 pub mod tutorial_unet;
 pub mod unet_2d;
+pub mod unet_2d_blocks;
 pub mod vqvae;
 
 use burn::module::Module;
 use burn::prelude::*;
-use burn::tensor::FloatDType;
 use serde::{Deserialize, Serialize};
 
 use crate::diffusion::sampling::Denoiser;
 use tutorial_unet::{TutorialUNet, TutorialUNetConfig};
 use unet_2d::{UNet2DConfig, UNet2DModel};
 
+/// `model.architecture`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Architecture {
@@ -29,29 +34,31 @@ pub enum Architecture {
     GatedPixelcnn,
 }
 
+/// How a model is trained, sampled and exported. Each family has one objective
+/// (`train::objectives`) and one pipeline (`pipelines`); adding an architecture means adding
+/// it here, and the compiler then lists every place that must learn about it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// Denoisers trained with the diffusion loss, sampled with DDPM/DDIM.
+    Diffusion,
+    /// A VQ-VAE: reconstruction + codebook losses; it does not sample on its own.
+    Vqvae,
+    /// A Gated PixelCNN prior over a VQ-VAE's codes.
+    PixelCnn,
+}
+
 impl Architecture {
+    pub fn family(self) -> Family {
+        match self {
+            Self::Unet2d | Self::TutorialUnet => Family::Diffusion,
+            Self::Vqvae => Family::Vqvae,
+            Self::GatedPixelcnn => Family::PixelCnn,
+        }
+    }
+
     /// Denoisers trained with the diffusion loss.
     pub fn is_diffusion(self) -> bool {
-        matches!(self, Self::Unet2d | Self::TutorialUnet)
-    }
-}
-
-/// `train.mixed_precision`, with accelerate's names. Only `no` is built so far; the model
-/// code reads its compute dtype from [`compute_dtype`] so adding the others casts in one place.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum MixedPrecision {
-    No,
-    Fp16,
-    Bf16,
-}
-
-/// The dtype activations are computed in.
-pub fn compute_dtype(precision: MixedPrecision) -> FloatDType {
-    match precision {
-        MixedPrecision::No => FloatDType::F32,
-        MixedPrecision::Fp16 => FloatDType::F16,
-        MixedPrecision::Bf16 => FloatDType::BF16,
+        self.family() == Family::Diffusion
     }
 }
 
@@ -63,16 +70,19 @@ pub enum DenoiserModel {
 }
 
 impl DenoiserModel {
+    /// The denoiser `architecture` names; an error for the architectures that are not one.
     pub fn new(
         architecture: Architecture,
         unet: &UNet2DConfig,
         tutorial: &TutorialUNetConfig,
         device: &Device,
-    ) -> Self {
+    ) -> Result<Self, String> {
         match architecture {
-            Architecture::TutorialUnet => Self::TutorialUnet(tutorial.init(device)),
-            // Callers dispatch on `is_diffusion` first; the U-Net is the diffusion default.
-            _ => Self::Unet2d(unet.init(device)),
+            Architecture::Unet2d => Ok(Self::Unet2d(unet.init(device))),
+            Architecture::TutorialUnet => Ok(Self::TutorialUnet(tutorial.init(device))),
+            Architecture::Vqvae | Architecture::GatedPixelcnn => Err(format!(
+                "model.architecture = {architecture:?} is not a diffusion denoiser"
+            )),
         }
     }
 

@@ -12,7 +12,7 @@ use burn::module::Module;
 use burn::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use super::unet_2d::timestep_embedding;
+use super::embeddings::timestep_embedding;
 use crate::nn::{Conv2d, ConvTranspose2d, LayerNorm, Linear};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -50,11 +50,20 @@ impl Default for VQVAEConfig {
 }
 
 impl VQVAEConfig {
+    /// Image pixels per code-map position along each axis (two stride-2 convolutions).
+    pub const DOWNSAMPLING: usize = 4;
+
+    /// The side of the code map of `resolution`-pixel images.
+    pub fn code_size(resolution: usize) -> usize {
+        resolution / Self::DOWNSAMPLING
+    }
+
     pub fn problems(&self, resolution: usize) -> Vec<String> {
         let mut p = Vec::new();
-        if resolution % 4 != 0 {
+        if resolution % Self::DOWNSAMPLING != 0 {
             p.push(format!(
-                "model.vqvae: data.resolution = {resolution} must be divisible by 4 (two stride-2 convolutions)"
+                "model.vqvae: data.resolution = {resolution} must be divisible by {} (two stride-2 convolutions)",
+                Self::DOWNSAMPLING
             ));
         }
         if self.dim < 2 || self.dim % 2 != 0 {

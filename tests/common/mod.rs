@@ -5,7 +5,8 @@ use std::process::Command;
 
 use difftrain::config::Config;
 use difftrain::data::ColorMode;
-use difftrain::models::unet_2d::{DownBlockType, UNet2DConfig, UpBlockType};
+use difftrain::models::unet_2d::UNet2DConfig;
+use difftrain::models::unet_2d_blocks::{DownBlockType, UpBlockType};
 
 /// Writes `n` grayscale `size`x`size` PNGs; image `i` is a flat field at `value(i)`.
 pub fn write_flat_images(dir: &Path, n: usize, size: u32, value: impl Fn(usize) -> u8) {

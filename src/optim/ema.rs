@@ -10,8 +10,52 @@ use std::collections::HashMap;
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::prelude::*;
+use serde::{Deserialize, Serialize};
 
-use crate::config::EmaConfig;
+/// `[ema]`: diffusers `EMAModel` settings (defaults of `train_unconditional.py`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EmaConfig {
+    pub enabled: bool,
+    pub max_decay: f64,
+    pub min_decay: f64,
+    /// Decay is 0 (the shadow copies the weights) until this many optimizer steps have passed.
+    pub update_after_step: u64,
+    /// `1 - (1 + s / inv_gamma)^-power` when true, `(1 + s) / (10 + s)` when false.
+    pub warmup: bool,
+    pub inv_gamma: f64,
+    pub power: f64,
+}
+
+impl Default for EmaConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            max_decay: 0.9999,
+            min_decay: 0.0,
+            update_after_step: 0,
+            warmup: true,
+            inv_gamma: 1.0,
+            power: 0.75,
+        }
+    }
+}
+
+impl EmaConfig {
+    pub fn problems(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        if !(0.0 <= self.min_decay && self.min_decay <= self.max_decay && self.max_decay <= 1.0) {
+            p.push(format!(
+                "ema: need 0 <= min_decay ({}) <= max_decay ({}) <= 1",
+                self.min_decay, self.max_decay
+            ));
+        }
+        if !(self.inv_gamma > 0.0 && self.power > 0.0) {
+            p.push("ema.inv_gamma and ema.power must be positive".into());
+        }
+        p
+    }
+}
 
 /// `EMAModel.get_decay(optimization_step)`, where `optimization_step` has already been
 /// incremented for the current update (the first update passes 1).

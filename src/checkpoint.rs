@@ -27,8 +27,9 @@ pub const STATE_FILE: &str = "state.json";
 pub const MODEL_FILE: &str = "model.safetensors";
 pub const EMA_FILE: &str = "ema.safetensors";
 pub const OPTIMIZER_FILE: &str = "optimizer.bpk";
-/// Same name as in an export, so `sample --checkpoint` reads both.
-pub const CONFIG_FILE: &str = super::EXPORT_CONFIG;
+/// The resolved run config, in every checkpoint and beside every export (same name in both, so
+/// `sample --checkpoint` reads either).
+pub const CONFIG_FILE: &str = "difftrain.toml";
 /// Version of the checkpoint layout; `read_verified` refuses others.
 pub const FORMAT_VERSION: u32 = 1;
 

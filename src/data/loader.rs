@@ -1,0 +1,285 @@
+//! The background batch loader: per-epoch seeded permutations, `drop_last` batches, decoding
+//! on worker threads, data-parallel shards.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use super::{DataError, Dataset, OnBadImage, Transform};
+
+/// A batch of images on the host, `[batch, channels, res, res]` row-major, in [-1, 1].
+#[derive(Debug, Clone)]
+pub struct Batch {
+    pub images: Vec<f32>,
+    pub shape: [usize; 4],
+    pub captions: Vec<Option<String>>,
+    pub labels: Vec<Option<i64>>,
+    /// Dataset indices, for tests and debugging.
+    pub indices: Vec<usize>,
+    /// With data parallelism a batch is one rank's slice of the global batch: these are its
+    /// first sample's position in the global batch and the global batch size (0 and the batch
+    /// size otherwise). Per-sample randomness is drawn for the global batch, so it is the same
+    /// whatever the number of ranks.
+    pub offset: usize,
+    pub global_size: usize,
+}
+
+/// Where the loader stands: epoch and the next batch within it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct LoaderPosition {
+    pub epoch: u64,
+    pub batch_in_epoch: usize,
+}
+
+/// The deterministic order of one epoch: `drop_last` batches of a seeded permutation.
+pub fn epoch_order(len: usize, seed: u64, epoch: u64) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..len).collect();
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5eed_da7a);
+    rng.set_stream(epoch);
+    order.shuffle(&mut rng);
+    order
+}
+
+/// Streams batches decoded on background threads, in a fixed order from `start` on.
+/// An epoch is `len / batch_size` batches; the remainder of the permutation is dropped, so every
+/// batch has the same shape (PyTorch `drop_last=True`). With data parallelism every rank runs
+/// its own loader over the same global batches and decodes only its `shard` of each (a
+/// contiguous range of slots), so the ranks' shards are disjoint and together are exactly the
+/// single-device batch.
+pub struct Loader {
+    rx: Receiver<Result<(LoaderPosition, Batch), DataError>>,
+    position: LoaderPosition,
+    pub bad_images: Arc<AtomicUsize>,
+    pub batches_per_epoch: usize,
+}
+
+impl Loader {
+    pub fn spawn(
+        dataset: Arc<Dataset>,
+        transform: Transform,
+        batch_size: usize,
+        seed: u64,
+        start: LoaderPosition,
+        num_workers: usize,
+        prefetch: usize,
+        on_bad: OnBadImage,
+        shard: std::ops::Range<usize>,
+    ) -> Result<Self, DataError> {
+        assert!(
+            shard.start < shard.end && shard.end <= batch_size,
+            "bad shard {shard:?}"
+        );
+        let len = dataset.len();
+        if len < batch_size {
+            return Err(DataError::TooSmall {
+                path: dataset.path().to_path_buf(),
+                len,
+                batch: batch_size,
+            });
+        }
+        let batches_per_epoch = len / batch_size;
+        let (tx, rx) = sync_channel(prefetch.max(1));
+        let bad_images = Arc::new(AtomicUsize::new(0));
+        let bad = bad_images.clone();
+        std::thread::Builder::new()
+            .name("difftrain-loader".into())
+            .spawn(move || {
+                produce(
+                    dataset,
+                    transform,
+                    batch_size,
+                    seed,
+                    start,
+                    num_workers.max(1),
+                    on_bad,
+                    bad,
+                    shard,
+                    tx,
+                )
+            })
+            .map_err(|source| DataError::Io {
+                path: PathBuf::from("<loader thread>"),
+                source,
+            })?;
+        Ok(Self {
+            rx,
+            position: start,
+            bad_images,
+            batches_per_epoch,
+        })
+    }
+
+    /// The position of the next batch `next_batch` will return.
+    pub fn position(&self) -> LoaderPosition {
+        self.position
+    }
+
+    pub fn next_batch(&mut self) -> Result<Batch, DataError> {
+        let (pos, batch) = self
+            .rx
+            .recv()
+            .expect("loader thread ended without reporting an error")?;
+        debug_assert_eq!(pos, self.position);
+        self.position = if pos.batch_in_epoch + 1 == self.batches_per_epoch {
+            LoaderPosition {
+                epoch: pos.epoch + 1,
+                batch_in_epoch: 0,
+            }
+        } else {
+            LoaderPosition {
+                epoch: pos.epoch,
+                batch_in_epoch: pos.batch_in_epoch + 1,
+            }
+        };
+        Ok(batch)
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn produce(
+    dataset: Arc<Dataset>,
+    transform: Transform,
+    batch_size: usize,
+    seed: u64,
+    start: LoaderPosition,
+    workers: usize,
+    on_bad: OnBadImage,
+    bad: Arc<AtomicUsize>,
+    shard: std::ops::Range<usize>,
+    tx: SyncSender<Result<(LoaderPosition, Batch), DataError>>,
+) {
+    let len = dataset.len();
+    let per_epoch = len / batch_size;
+    let mut pos = start;
+    loop {
+        let order = epoch_order(len, seed, pos.epoch);
+        while pos.batch_in_epoch < per_epoch {
+            let idx =
+                &order[pos.batch_in_epoch * batch_size..(pos.batch_in_epoch + 1) * batch_size];
+            let result = decode_batch(
+                &dataset,
+                transform,
+                idx,
+                shard.clone(),
+                seed,
+                pos,
+                workers,
+                on_bad,
+                &bad,
+            );
+            if tx.send(result.map(|b| (pos, b))).is_err() {
+                return; // the trainer hung up
+            }
+            pos.batch_in_epoch += 1;
+        }
+        pos = LoaderPosition {
+            epoch: pos.epoch + 1,
+            batch_in_epoch: 0,
+        };
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn decode_batch(
+    dataset: &Dataset,
+    transform: Transform,
+    indices: &[usize],
+    slots: std::ops::Range<usize>,
+    seed: u64,
+    pos: LoaderPosition,
+    workers: usize,
+    on_bad: OnBadImage,
+    bad: &AtomicUsize,
+) -> Result<Batch, DataError> {
+    let decode_one = |slot: usize, index: usize| -> Result<(usize, Vec<f32>), DataError> {
+        // Augmentation randomness depends only on (seed, epoch, slot): thread-independent.
+        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0xa06_0000);
+        rng.set_stream(
+            pos.epoch
+                .wrapping_mul(1 << 32)
+                .wrapping_add((pos.batch_in_epoch * indices.len() + slot) as u64),
+        );
+        let len = dataset.len();
+        for attempt in 0..len {
+            let i = (index + attempt) % len;
+            match dataset.decode(i) {
+                Ok(img) => return Ok((i, transform.apply(img, &mut rng))),
+                Err(e) if on_bad == OnBadImage::Warn => {
+                    eprintln!("warning: {e}; using the next image instead");
+                    bad.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(DataError::NothingDecodes {
+            path: dataset.path().to_path_buf(),
+        })
+    };
+    let mine = &indices[slots.clone()];
+    let chunk = mine.len().div_ceil(workers);
+    let decoded: Vec<Result<(usize, Vec<f32>), DataError>> = std::thread::scope(|s| {
+        let handles: Vec<_> = mine
+            .chunks(chunk)
+            .enumerate()
+            .map(|(c, part)| {
+                let decode_one = &decode_one;
+                let first = slots.start + c * chunk;
+                s.spawn(move || {
+                    part.iter()
+                        .enumerate()
+                        .map(|(j, &index)| decode_one(first + j, index))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("decode thread panicked"))
+            .collect()
+    });
+    let r = transform.resolution;
+    let c = transform.channels();
+    let mut images = Vec::with_capacity(mine.len() * c * r * r);
+    let mut used = Vec::with_capacity(mine.len());
+    for d in decoded {
+        let (i, pixels) = d?;
+        images.extend_from_slice(&pixels);
+        used.push(i);
+    }
+    let captions = used
+        .iter()
+        .map(|&i| dataset.caption(i).map(str::to_string))
+        .collect();
+    let labels = used.iter().map(|&i| dataset.label(i)).collect();
+    Ok(Batch {
+        images,
+        shape: [mine.len(), c, r, r],
+        captions,
+        labels,
+        indices: used,
+        offset: slots.start,
+        global_size: indices.len(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    #[test]
+    fn epochs_are_permutations_that_differ() {
+        let a = epoch_order(100, 7, 0);
+        let b = epoch_order(100, 7, 1);
+        assert_ne!(a, b);
+        assert_eq!(a, epoch_order(100, 7, 0));
+        let set: HashSet<usize> = a.iter().copied().collect();
+        assert_eq!(set.len(), 100);
+    }
+}

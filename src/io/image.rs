@@ -1,0 +1,82 @@
+//! Sample grids as PNG: images `[n, c, h, w]` in [-1, 1] tiled with 2px gaps.
+
+use std::path::Path;
+
+use super::{IoError, write_atomic};
+
+/// Images `[n, c, h, w]` in [-1, 1] (host, row-major) to show as a grid of `columns`.
+#[derive(Debug, Clone)]
+pub struct Grid {
+    pub images: Vec<f32>,
+    pub shape: [usize; 4],
+    pub columns: usize,
+}
+
+impl Grid {
+    /// A near-square grid of `images`.
+    pub fn square(images: Vec<f32>, shape: [usize; 4]) -> Self {
+        Self {
+            images,
+            shape,
+            columns: grid_columns(shape[0]),
+        }
+    }
+}
+
+/// An encoded grid and its size (TensorBoard's image summary needs both).
+pub struct GridPng {
+    pub png: Vec<u8>,
+    pub width: u32,
+    pub height: u32,
+}
+
+/// The column count of a near-square grid of `n` images.
+pub fn grid_columns(n: usize) -> usize {
+    (n as f64).sqrt().ceil() as usize
+}
+
+/// Encodes images `[n, c, h, w]` in [-1, 1] as one RGB PNG grid with `ncol` columns.
+pub fn grid_png(images: &[f32], shape: [usize; 4], ncol: usize) -> Result<GridPng, String> {
+    let [n, c, h, w] = shape;
+    let ncol = ncol.clamp(1, n.max(1));
+    let nrow = n.div_ceil(ncol);
+    let pad = 2;
+    let (gw, gh) = (ncol * (w + pad) + pad, nrow * (h + pad) + pad);
+    let mut grid = ::image::RgbImage::from_pixel(gw as u32, gh as u32, ::image::Rgb([0, 0, 0]));
+    let to_u8 = |v: f32| (((v.clamp(-1.0, 1.0) + 1.0) * 127.5).round()) as u8;
+    for i in 0..n {
+        let (ox, oy) = (pad + (i % ncol) * (w + pad), pad + (i / ncol) * (h + pad));
+        for y in 0..h {
+            for x in 0..w {
+                let px = |ch: usize| to_u8(images[((i * c + ch.min(c - 1)) * h + y) * w + x]);
+                grid.put_pixel(
+                    (ox + x) as u32,
+                    (oy + y) as u32,
+                    ::image::Rgb([px(0), px(1), px(2)]),
+                );
+            }
+        }
+    }
+    let mut png = Vec::new();
+    grid.write_to(
+        &mut std::io::Cursor::new(&mut png),
+        ::image::ImageFormat::Png,
+    )
+    .map_err(|e| e.to_string())?;
+    Ok(GridPng {
+        png,
+        width: gw as u32,
+        height: gh as u32,
+    })
+}
+
+/// Writes a grid as one PNG with 2px gaps.
+pub fn save_grid(grid: &Grid, path: &Path) -> Result<GridPng, IoError> {
+    let grid =
+        grid_png(&grid.images, grid.shape, grid.columns).map_err(|message| IoError::Image {
+            path: path.to_path_buf(),
+            message,
+        })?;
+    write_atomic(path, &grid.png)?;
+    Ok(grid)
+}

@@ -1,0 +1,181 @@
+//! Pipelines in diffusers' sense: each family's whole path from a config or a saved run to
+//! images and files — train it, locate and load a run or an export, generate, export.
+//!
+//! This is the one place that maps a model [`Family`] to its code (exhaustive matches: a new
+//! family is a compile error until it is wired here) and that knows where an export keeps its
+//! weights. The binaries only parse arguments and call into here.
+
+pub mod ddpm;
+pub mod vq;
+
+use std::path::{Path, PathBuf};
+
+use burn::module::Module;
+
+use crate::checkpoint;
+use crate::config::Config;
+use crate::device::parse_device;
+use crate::diffusion::sampling::SamplerKind;
+use crate::io;
+use crate::io::image::Grid;
+use crate::models::{Architecture, Family};
+use crate::train::objectives::diffusion::build_model;
+use crate::train::{RunSummary, TrainError, TrainOptions};
+
+/// Trains the model family `cfg.model.architecture` names.
+pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<RunSummary, TrainError> {
+    Ok(match cfg.model.architecture.family() {
+        Family::Diffusion => ddpm::train(cfg, opts)?.summary,
+        Family::Vqvae => vq::train_vqvae(cfg, opts)?.summary,
+        Family::PixelCnn => vq::train_pixelcnn(cfg, opts)?.summary,
+    })
+}
+
+/// Where an export keeps the weights of `architecture`: `<dir>/<folder><suffix>/<file>`, with
+/// `suffix` "" (the EMA weights when EMA was on) or "_no_ema" (the training weights).
+pub fn weights_file(architecture: Architecture, dir: &Path, suffix: &str) -> PathBuf {
+    let (folder, file) = match architecture {
+        Architecture::Unet2d => ("unet", "diffusion_pytorch_model.safetensors"),
+        Architecture::TutorialUnet => ("tutorial_unet", "model.safetensors"),
+        Architecture::Vqvae => ("vqvae", "model.safetensors"),
+        Architecture::GatedPixelcnn => ("pixelcnn", "model.safetensors"),
+    };
+    dir.join(format!("{folder}{suffix}")).join(file)
+}
+
+/// The folder holding a run's `difftrain.toml`, and the weights file when it is a checkpoint:
+/// `dir` may be a `checkpoint-<N>` directory (its EMA weights when it has them), an export
+/// folder, or a run's output_dir (its `export/`, else the checkpoint `latest` names).
+pub fn locate(dir: &Path) -> Result<(PathBuf, Option<PathBuf>), TrainError> {
+    let from_checkpoint = |ck: &Path| -> Result<(PathBuf, Option<PathBuf>), TrainError> {
+        // Sizes and checksums are verified before the files are trusted.
+        checkpoint::read_verified(ck)?;
+        let ema = ck.join(checkpoint::EMA_FILE);
+        let weights = if ema.is_file() {
+            ema
+        } else {
+            ck.join(checkpoint::MODEL_FILE)
+        };
+        Ok((ck.to_path_buf(), Some(weights)))
+    };
+    if dir.join(checkpoint::STATE_FILE).is_file() {
+        return from_checkpoint(dir);
+    }
+    for candidate in [dir.to_path_buf(), dir.join("export")] {
+        if candidate.join(checkpoint::CONFIG_FILE).is_file() {
+            return Ok((candidate, None));
+        }
+    }
+    if let Some((_, ck)) = checkpoint::read_latest(dir) {
+        return from_checkpoint(&ck);
+    }
+    Err(TrainError::NotARun(dir.to_path_buf()))
+}
+
+/// Loads a run's config and weights from anything [`locate`] accepts.
+pub fn load_run<M: Module>(
+    dir: &Path,
+    overrides: &[String],
+    build: impl FnOnce(&Config) -> Result<M, TrainError>,
+) -> Result<(Config, M, PathBuf), TrainError> {
+    let (root, weights) = locate(dir)?;
+    let cfg = Config::load(&root.join(checkpoint::CONFIG_FILE), overrides)?;
+    let (model, weights) = load_weights(&cfg, &root, weights, build)?;
+    Ok((cfg, model, weights))
+}
+
+/// The weights [`locate`] found under `root` (`weights`, or the export layout of `cfg`), loaded
+/// strictly into the model `build` makes. Returns the file read.
+pub fn load_weights<M: Module>(
+    cfg: &Config,
+    root: &Path,
+    weights: Option<PathBuf>,
+    build: impl FnOnce(&Config) -> Result<M, TrainError>,
+) -> Result<(M, PathBuf), TrainError> {
+    let weights = weights.unwrap_or_else(|| weights_file(cfg.model.architecture, root, ""));
+    let model = io::safetensors::load_file(build(cfg)?, &weights)?;
+    Ok((model, weights))
+}
+
+/// What `sample` asks of a trained run.
+#[derive(Debug, Clone)]
+pub struct SampleRequest {
+    pub num: usize,
+    /// Inference steps (default: the run's `sample.num_inference_steps`).
+    pub steps: Option<usize>,
+    pub sampler: Option<SamplerKind>,
+    pub seed: u64,
+    /// PixelCNN priors: divide logits by this (default: the run's `sample.temperature`).
+    pub temperature: Option<f64>,
+    /// Overrides the device the run used.
+    pub device: Option<String>,
+}
+
+/// Generates `req.num` images from a run, an export or a checkpoint; returns them and the
+/// weights file used.
+pub fn sample(dir: &Path, req: &SampleRequest) -> Result<(Grid, PathBuf), TrainError> {
+    let bad = |msg: String| Err(TrainError::Stage(msg));
+    if req.num == 0 {
+        return bad("--num must be at least 1".into());
+    }
+    let overrides: Vec<String> = req
+        .device
+        .iter()
+        .map(|d| format!("run.device={d}"))
+        .collect();
+    // Located (and a checkpoint verified) once; the config decides how to load the weights.
+    let (root, weights) = locate(dir)?;
+    let cfg = Config::load(&root.join(checkpoint::CONFIG_FILE), &overrides)?;
+    let device = parse_device(&cfg.run.device)?;
+    let res = cfg.data.resolution;
+    match cfg.model.architecture.family() {
+        Family::Diffusion => {
+            let (model, weights) = load_weights(&cfg, &root, weights, |c| build_model(c, &device))?;
+            if let Some(steps) = req.steps
+                && (steps == 0 || steps > cfg.diffusion.num_train_timesteps)
+            {
+                return bad(format!(
+                    "--steps {steps} must be in 1..={}",
+                    cfg.diffusion.num_train_timesteps
+                ));
+            }
+            let (images, shape) = ddpm::generate(
+                &model,
+                &cfg,
+                &device,
+                req.num,
+                req.steps,
+                req.sampler,
+                req.seed,
+            );
+            Ok((Grid::square(images, shape), weights))
+        }
+        Family::PixelCnn => {
+            let stage1 = vq::load_stage1(&cfg, Some(&root), &device)?;
+            let k = stage1.cfg.model.vqvae.num_embeddings;
+            let (prior, weights) = load_weights(&cfg, &root, weights, |c| {
+                Ok(c.model.pixelcnn.init(k, &device))
+            })?;
+            let temperature = req.temperature.unwrap_or(cfg.sample.temperature);
+            if !(temperature > 0.0) {
+                return bad(format!("--temperature {temperature} must be positive"));
+            }
+            let images = vq::sample_images(
+                &prior,
+                &stage1.model,
+                res,
+                req.num,
+                temperature,
+                req.seed,
+                &device,
+            );
+            let shape = [req.num, cfg.image_channels(), res, res];
+            Ok((Grid::square(images, shape), weights))
+        }
+        Family::Vqvae => bad(format!(
+            "{} is a VQ-VAE (stage 1): it reconstructs but does not sample on its own. Train a \
+             PixelCNN prior on it (configs/pixelcnn_quickstart.toml) and sample from that run",
+            dir.display()
+        )),
+    }
+}

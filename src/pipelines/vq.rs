@@ -1,0 +1,274 @@
+//! The discrete family end to end: train the VQ-VAE (stage 1, `input | reconstruction` grids)
+//! and the Gated PixelCNN prior over its codes (stage 2, training stage 1 first when a chained
+//! config asks for it), sample code maps and decode them, and export/read both.
+//!
+//! A PixelCNN export carries a copy of its VQ-VAE (`vqvae/`, `vqvae.toml`) so it samples on its
+//! own.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use burn::module::Module;
+use burn::prelude::*;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+use super::{load_run, locate, weights_file};
+use crate::config::{Config, Resume};
+use crate::data::Dataset;
+use crate::device::parse_device;
+use crate::io;
+use crate::io::image::Grid;
+use crate::models::Architecture;
+use crate::models::pixelcnn::GatedPixelCNN;
+use crate::models::vqvae::{VQVAE, VQVAEConfig};
+use crate::train::objectives::vq::{PixelCnnObjective, VqvaeObjective};
+use crate::train::{Outputs, TrainError, TrainOptions, TrainOutcome, train_with};
+
+/// The file a PixelCNN export stores its VQ-VAE's config in (weights in `vqvae/`).
+pub const STAGE1_CONFIG: &str = "vqvae.toml";
+
+fn host(t: Tensor<4>) -> Vec<f32> {
+    t.into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .expect("f32 after convert")
+}
+
+fn save_weights<M: Module>(model: &M, path: &Path) -> Result<(), TrainError> {
+    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+    io::safetensors::save_module(path, model, None, &meta)?;
+    Ok(())
+}
+
+/// `<dir>/<name>/model.safetensors`, plus `<dir>/<name>_no_ema/` for the training weights.
+fn export_pair<M: Module>(
+    architecture: Architecture,
+    weights: &M,
+    raw: Option<&M>,
+    dir: &Path,
+) -> Result<(), TrainError> {
+    save_weights(weights, &weights_file(architecture, dir, ""))?;
+    if let Some(raw) = raw {
+        save_weights(raw, &weights_file(architecture, dir, "_no_ema"))?;
+    }
+    Ok(())
+}
+
+/// Stage 1: trains the VQ-VAE `cfg` describes.
+pub fn train_vqvae(cfg: &Config, opts: &TrainOptions) -> Result<TrainOutcome<VQVAE>, TrainError> {
+    let outputs = VqvaeOutputs {
+        cfg: cfg.clone(),
+        fixed: None,
+    };
+    train_with(cfg, opts, VqvaeObjective::new(&cfg.model.vqvae), outputs)
+}
+
+/// Reconstruction grids and the `vqvae/` export of a stage-1 run.
+pub struct VqvaeOutputs {
+    cfg: Config,
+    /// A fixed batch (the first images, unflipped) for the reconstruction grid.
+    fixed: Option<(Vec<f32>, [usize; 4])>,
+}
+
+impl Outputs<VQVAE> for VqvaeOutputs {
+    fn prepare(&mut self, dataset: &Dataset) -> Result<(), TrainError> {
+        let d = &self.cfg.data;
+        let transform = crate::data::Transform {
+            random_flip: false,
+            ..d.transform()
+        };
+        let n = self.cfg.sample.num_images.min(dataset.len()).max(1);
+        let mut rng = ChaCha8Rng::seed_from_u64(0);
+        let mut images = Vec::new();
+        for i in 0..n {
+            images.extend(transform.apply(dataset.decode(i)?, &mut rng));
+        }
+        self.fixed = Some((
+            images,
+            [n, transform.channels(), d.resolution, d.resolution],
+        ));
+        Ok(())
+    }
+
+    /// Pairs `input | reconstruction`, four pairs to a row.
+    fn grid(&self, weights: &VQVAE, device: &Device) -> Result<Grid, TrainError> {
+        let Some((images, shape)) = &self.fixed else {
+            return Err(TrainError::Stage(
+                "the VQ-VAE grid needs the reconstruction batch prepare() fixes".into(),
+            ));
+        };
+        let [n, c, h, w] = *shape;
+        let x = Tensor::<4>::from_data(TensorData::new(images.clone(), *shape), device);
+        let (recon, _) = weights.forward(x);
+        let recon = host(recon.clamp(-1.0, 1.0));
+        let per = c * h * w;
+        let mut out = Vec::with_capacity(2 * n * per);
+        for i in 0..n {
+            out.extend_from_slice(&images[i * per..(i + 1) * per]);
+            out.extend_from_slice(&recon[i * per..(i + 1) * per]);
+        }
+        Ok(Grid {
+            images: out,
+            shape: [2 * n, c, h, w],
+            columns: 2 * n.min(4),
+        })
+    }
+
+    fn export(&self, weights: &VQVAE, raw: Option<&VQVAE>, dir: &Path) -> Result<(), TrainError> {
+        export_pair(Architecture::Vqvae, weights, raw, dir)
+    }
+}
+
+/// A trained VQ-VAE with the config it was trained with.
+#[derive(Clone)]
+pub struct Stage1 {
+    pub cfg: Config,
+    pub model: VQVAE,
+    pub weights: PathBuf,
+}
+
+/// Loads the VQ-VAE a PixelCNN run builds on: from `dir` when it is a PixelCNN export that
+/// carries its own copy, else from `cfg.model.pixelcnn.vqvae`.
+pub fn load_stage1(
+    cfg: &Config,
+    dir: Option<&Path>,
+    device: &Device,
+) -> Result<Stage1, TrainError> {
+    let build = |c: &Config| Ok(c.model.vqvae.init(device));
+    let (stage_cfg, model, weights) = match dir.filter(|d| d.join(STAGE1_CONFIG).is_file()) {
+        Some(d) => {
+            let stage_cfg = Config::load(&d.join(STAGE1_CONFIG), &[])?;
+            let weights = weights_file(Architecture::Vqvae, d, "");
+            let model = io::safetensors::load_file(build(&stage_cfg)?, &weights)?;
+            (stage_cfg, model, weights)
+        }
+        None => load_run(&cfg.model.pixelcnn.vqvae, &[], build)?,
+    };
+    if stage_cfg.model.architecture != Architecture::Vqvae {
+        return Err(TrainError::Stage(format!(
+            "model.pixelcnn.vqvae = {}: that run is a {:?}, not a VQ-VAE",
+            cfg.model.pixelcnn.vqvae.display(),
+            stage_cfg.model.architecture
+        )));
+    }
+    Ok(Stage1 {
+        cfg: stage_cfg,
+        model,
+        weights,
+    })
+}
+
+/// Stage 2: trains the PixelCNN prior, first training stage 1 from
+/// `model.pixelcnn.vqvae_config` when that is set and `model.pixelcnn.vqvae` holds no weights
+/// yet, and checks that the two stages' data agree.
+pub fn train_pixelcnn(
+    cfg: &Config,
+    opts: &TrainOptions,
+) -> Result<TrainOutcome<GatedPixelCNN>, TrainError> {
+    let p = &cfg.model.pixelcnn;
+    if let (Err(_), Some(stage_path)) = (locate(&p.vqvae), &p.vqvae_config) {
+        let mut stage_cfg = Config::load(stage_path, &[])?;
+        stage_cfg.checkpoint.resume = Resume::Latest;
+        if !opts.quiet {
+            eprintln!(
+                "stage 1: {} holds no VQ-VAE yet; training it from {}",
+                p.vqvae.display(),
+                stage_path.display()
+            );
+        }
+        super::train(&stage_cfg, opts)?;
+        if !opts.quiet {
+            eprintln!("stage 2: training the PixelCNN prior");
+        }
+    }
+    let device = parse_device(&cfg.run.device)?;
+    let stage1 = load_stage1(cfg, None, &device)?;
+    let (a, b) = (&stage1.cfg.data, &cfg.data);
+    if (a.resolution, a.color) != (b.resolution, b.color) {
+        return Err(TrainError::Stage(format!(
+            "the VQ-VAE at {} was trained on {:?} images at {}px, this config has {:?} at {}px; \
+             data.resolution and data.color must match",
+            cfg.model.pixelcnn.vqvae.display(),
+            a.color,
+            a.resolution,
+            b.color,
+            b.resolution
+        )));
+    }
+    let objective = PixelCnnObjective::new(
+        p,
+        stage1.model.clone(),
+        stage1.cfg.model.vqvae.num_embeddings,
+        cfg.data.resolution,
+        &device,
+    );
+    let outputs = PixelCnnOutputs {
+        cfg: cfg.clone(),
+        stage1,
+    };
+    train_with(cfg, opts, objective, outputs)
+}
+
+/// Samples `num` code maps autoregressively with `temperature` and decodes them.
+pub fn sample_images(
+    prior: &GatedPixelCNN,
+    vqvae: &VQVAE,
+    resolution: usize,
+    num: usize,
+    temperature: f64,
+    seed: u64,
+    device: &Device,
+) -> Vec<f32> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let code_size = VQVAEConfig::code_size(resolution);
+    let codes = prior.sample(num, code_size, code_size, temperature, &mut rng, device);
+    host(vqvae.decode(codes).clamp(-1.0, 1.0))
+}
+
+/// Sample grids and the self-contained export of a stage-2 run.
+pub struct PixelCnnOutputs {
+    cfg: Config,
+    stage1: Stage1,
+}
+
+impl Outputs<GatedPixelCNN> for PixelCnnOutputs {
+    fn grid(&self, weights: &GatedPixelCNN, device: &Device) -> Result<Grid, TrainError> {
+        let s = &self.cfg.sample;
+        let res = self.cfg.data.resolution;
+        let stage1 = self.stage1.model.clone().to_device(device);
+        let images = sample_images(
+            weights,
+            &stage1,
+            res,
+            s.num_images,
+            s.temperature,
+            s.seed,
+            device,
+        );
+        Ok(Grid::square(
+            images,
+            [s.num_images, self.cfg.image_channels(), res, res],
+        ))
+    }
+
+    /// `pixelcnn/` (and `pixelcnn_no_ema/`) plus a copy of the VQ-VAE (`vqvae/`, `vqvae.toml`),
+    /// so the export samples on its own.
+    fn export(
+        &self,
+        weights: &GatedPixelCNN,
+        raw: Option<&GatedPixelCNN>,
+        dir: &Path,
+    ) -> Result<(), TrainError> {
+        export_pair(Architecture::GatedPixelcnn, weights, raw, dir)?;
+        save_weights(
+            &self.stage1.model,
+            &weights_file(Architecture::Vqvae, dir, ""),
+        )?;
+        io::write_atomic(
+            &dir.join(STAGE1_CONFIG),
+            self.stage1.cfg.to_toml().as_bytes(),
+        )?;
+        Ok(())
+    }
+}

@@ -1,0 +1,247 @@
+//! The state of a run between optimizer steps, exactly what a checkpoint stores: fresh from
+//! `run.seed`, rebuilt from a verified checkpoint (refusing config changes that break resume),
+//! and written as one.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use burn::module::Module;
+use burn::optim::AdamWConfig;
+use burn::prelude::*;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+use super::TrainError;
+use super::objective::Objective;
+use crate::checkpoint;
+use crate::config::{Config, TrainConfig};
+use crate::data::LoaderPosition;
+use crate::io;
+use crate::io::safetensors::SafetensorsFile;
+use crate::optim::ema::Ema;
+
+/// The mutable state of a run between optimizer steps.
+pub struct RunState<M> {
+    pub model: M,
+    pub optim: burn::optim::ModuleOptimizer,
+    pub ema: Option<Ema<M>>,
+    pub rng: ChaCha8Rng,
+    pub step: usize,
+    pub position: LoaderPosition,
+    pub skipped: usize,
+    pub last_loss: f64,
+}
+
+/// AdamW with the config's hyperparameters (PyTorch's defaults unless set).
+pub fn adamw(t: &TrainConfig) -> burn::optim::ModuleOptimizer {
+    AdamWConfig::new()
+        .with_beta_1(t.adam_beta1 as f32)
+        .with_beta_2(t.adam_beta2 as f32)
+        .with_epsilon(t.adam_epsilon as f32)
+        .with_weight_decay(t.adam_weight_decay as f32)
+        .init()
+}
+
+fn rng_state(rng: &ChaCha8Rng) -> checkpoint::RngState {
+    checkpoint::RngState {
+        seed: rng.get_seed().iter().map(|b| format!("{b:02x}")).collect(),
+        stream: rng.get_stream(),
+        word_pos: rng.get_word_pos().to_string(),
+    }
+}
+
+fn restore_rng(s: &checkpoint::RngState) -> Option<ChaCha8Rng> {
+    let mut seed = [0u8; 32];
+    if s.seed.len() != 64 {
+        return None;
+    }
+    for (i, b) in seed.iter_mut().enumerate() {
+        *b = u8::from_str_radix(s.seed.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    let mut rng = ChaCha8Rng::from_seed(seed);
+    rng.set_stream(s.stream);
+    rng.set_word_pos(s.word_pos.parse().ok()?);
+    Some(rng)
+}
+
+impl<M: Module> RunState<M> {
+    /// A fresh run: weights from `run.seed`, EMA shadow copied from them.
+    pub fn fresh<O: Objective<Model = M>>(
+        objective: &O,
+        cfg: &Config,
+        device: &Device,
+    ) -> Result<Self, TrainError> {
+        crate::nn::seed_init(cfg.run.seed);
+        let model = io::safetensors::stable_param_ids(objective.build(device)?);
+        let ema = cfg
+            .ema
+            .enabled
+            .then(|| Ema::new(model.valid(), cfg.ema.clone()));
+        Ok(Self {
+            model,
+            optim: adamw(&cfg.train),
+            ema,
+            rng: ChaCha8Rng::seed_from_u64(cfg.run.seed),
+            step: 0,
+            position: LoaderPosition::default(),
+            skipped: 0,
+            last_loss: f64::NAN,
+        })
+    }
+
+    /// Rebuilds the run state from a verified checkpoint, refusing config changes that break
+    /// it.
+    pub fn resumed<O: Objective<Model = M>>(
+        objective: &O,
+        cfg: &Config,
+        ck: &checkpoint::Loaded,
+        dataset_len: usize,
+        device: &Device,
+        quiet: bool,
+    ) -> Result<Self, TrainError> {
+        let dir = &ck.dir;
+        let (breaking, allowed) = checkpoint::compare_configs(&ck.config()?, cfg);
+        if !breaking.is_empty() {
+            return Err(TrainError::Resume {
+                dir: dir.clone(),
+                why: format!(
+                    "the config changed in ways that break resume:\n  {}\n\
+                     Undo these changes, or start a new run in another run.output_dir",
+                    breaking.join("\n  ")
+                ),
+            });
+        }
+        let s = &ck.state;
+        if s.dataset_len != dataset_len {
+            return Err(TrainError::Resume {
+                dir: dir.clone(),
+                why: format!(
+                    "it was trained on {} images, the dataset now has {dataset_len}; the data \
+                     order would differ",
+                    s.dataset_len
+                ),
+            });
+        }
+        if !quiet {
+            for line in &allowed {
+                eprintln!("note: changed since the checkpoint: {line}");
+            }
+        }
+        let mut state = Self::fresh(objective, cfg, device)?;
+        let weights = |name: &str| -> Result<(SafetensorsFile<'_>, PathBuf), TrainError> {
+            let path = dir.join(name);
+            Ok((SafetensorsFile::from_bytes(ck.file(name)?, &path)?, path))
+        };
+        let (file, path) = weights(checkpoint::MODEL_FILE)?;
+        state.model = io::safetensors::load_into(state.model, &file, &path)?;
+        let optim_bytes =
+            burn::tensor::Bytes::from_bytes_vec(ck.file(checkpoint::OPTIMIZER_FILE)?.to_vec());
+        state.optim = state
+            .optim
+            .from_bytes(optim_bytes)
+            .map_err(|e| TrainError::Resume {
+                dir: dir.clone(),
+                why: format!("{} cannot be read: {e:?}", checkpoint::OPTIMIZER_FILE),
+            })?;
+        if let Some(ema) = &mut state.ema {
+            match (
+                ck.files.contains_key(checkpoint::EMA_FILE),
+                s.ema_optimization_step,
+            ) {
+                (true, Some(n)) => {
+                    let (file, path) = weights(checkpoint::EMA_FILE)?;
+                    ema.shadow = io::safetensors::load_into(state.model.valid(), &file, &path)?;
+                    ema.optimization_step = n;
+                }
+                _ => {
+                    ema.shadow = state.model.valid();
+                    eprintln!(
+                        "warning: {} has no EMA weights; EMA starts from the resumed weights",
+                        dir.display()
+                    );
+                }
+            }
+        } else if s.ema_optimization_step.is_some() && !quiet {
+            eprintln!("note: ema.enabled = false: the checkpoint's EMA weights are not used");
+        }
+        state.rng = restore_rng(&s.rng).ok_or_else(|| TrainError::Resume {
+            dir: dir.clone(),
+            why: format!("{}: malformed rng state", checkpoint::STATE_FILE),
+        })?;
+        state.step = s.step;
+        state.position = LoaderPosition {
+            epoch: s.epoch,
+            batch_in_epoch: s.batch_in_epoch,
+        };
+        state.skipped = s.skipped_steps;
+        state.last_loss = s.last_loss;
+        Ok(state)
+    }
+
+    /// Writes `checkpoint-<step>/` from the state between steps, then rotates.
+    pub fn save_checkpoint(
+        &self,
+        cfg: &Config,
+        dataset_len: usize,
+        lr_next: f64,
+        out: &Path,
+    ) -> Result<PathBuf, TrainError> {
+        let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+        let safetensors = |m: &M, name: &str| {
+            io::safetensors::module_bytes(m, &meta).map_err(|message| {
+                TrainError::Io(io::IoError::Format {
+                    path: out.join(name),
+                    message,
+                })
+            })
+        };
+        let mut files = vec![(
+            checkpoint::MODEL_FILE,
+            safetensors(&self.model, checkpoint::MODEL_FILE)?,
+        )];
+        if let Some(ema) = &self.ema {
+            files.push((
+                checkpoint::EMA_FILE,
+                safetensors(&ema.shadow, checkpoint::EMA_FILE)?,
+            ));
+        }
+        let optim = self.optim.into_bytes().map_err(|e| TrainError::Resume {
+            dir: out.to_path_buf(),
+            why: format!("cannot serialise the optimizer state: {e:?}"),
+        })?;
+        files.push((checkpoint::OPTIMIZER_FILE, optim.to_vec()));
+        files.push((checkpoint::CONFIG_FILE, cfg.to_toml().into_bytes()));
+        let (crate_version, git_revision) = checkpoint::provenance();
+        let mut state = checkpoint::TrainState {
+            format_version: checkpoint::FORMAT_VERSION,
+            step: self.step,
+            epoch: self.position.epoch,
+            batch_in_epoch: self.position.batch_in_epoch,
+            data_seed: cfg.run.seed,
+            dataset_len,
+            rng: rng_state(&self.rng),
+            ema_optimization_step: self.ema.as_ref().map(|e| e.optimization_step),
+            skipped_steps: self.skipped,
+            last_loss: self.last_loss,
+            lr_schedule: format!("{:?}", cfg.train.lr_scheduler),
+            lr_next,
+            crate_version,
+            git_revision,
+            saved_unix_time: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            files: Default::default(),
+        };
+        let dir = checkpoint::write(out, &mut state, &files)?;
+        checkpoint::rotate(out, cfg.checkpoint.keep_last, self.step)?;
+        Ok(dir)
+    }
+
+    /// The weights sampling and export use: the EMA shadow when EMA is on.
+    pub fn sampling_weights(&self) -> M {
+        match &self.ema {
+            Some(ema) => ema.shadow.clone(),
+            None => self.model.valid(),
+        }
+    }
+}
