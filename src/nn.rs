@@ -213,6 +213,22 @@ impl Embedding {
         }
     }
 
+    /// Rows drawn from `N(0, 1)`, `torch.nn.Embedding`'s default.
+    pub fn normal(num_embeddings: usize, embedding_dim: usize, device: &Device) -> Self {
+        let values: Vec<f32> = INIT_RNG.with(|r| {
+            (0..num_embeddings * embedding_dim)
+                .map(|_| r.borrow_mut().sample::<f32, _>(rand_distr::StandardNormal))
+                .collect()
+        });
+        let weight = Tensor::from_data(
+            TensorData::new(values, [num_embeddings, embedding_dim]),
+            device,
+        );
+        Self {
+            weight: Param::from_tensor(weight),
+        }
+    }
+
     /// # Shapes
     /// - `indices`: `[n]`, values in `0..num_embeddings`; returns `[n, embedding_dim]`
     pub fn forward(&self, indices: Tensor<1, Int>) -> Tensor<2> {
@@ -270,7 +286,7 @@ impl<const N: usize> LayerNorm<N> {
     }
 
     /// # Shapes
-    /// - input `[batch, ...normalized_shape]` (rank `D = N + 1`), output the same
+    /// - input `[...leading, ...normalized_shape]` (rank `D > N`), output the same
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         crate::kernels::layer_norm(x, self.weight.val(), self.bias.val(), self.eps)
     }

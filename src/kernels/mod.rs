@@ -452,8 +452,8 @@ pub fn group_norm<const D: usize>(
 /// norm with one group whose "channels" are the normalised elements.
 ///
 /// # Shapes
-/// - `x` `[batch, ...normalized_shape]` (rank `D = N + 1`), `weight`/`bias` `normalized_shape`;
-///   output as `x`
+/// - `x` `[...leading, ...normalized_shape]` (rank `D > N`), `weight`/`bias`
+///   `normalized_shape`; output as `x`. Every leading index is one normalised row.
 pub fn layer_norm<const D: usize, const N: usize>(
     x: Tensor<D>,
     weight: Tensor<N>,
@@ -461,7 +461,9 @@ pub fn layer_norm<const D: usize, const N: usize>(
     eps: f64,
 ) -> Tensor<D> {
     let shape = x.dims();
-    let x: Tensor<3> = x.reshape([shape[0], shape[1..].iter().product::<usize>(), 1]);
+    let lead = D - N;
+    let rows = shape[..lead].iter().product::<usize>();
+    let x: Tensor<3> = x.reshape([rows, shape[lead..].iter().product::<usize>(), 1]);
     let y = <Dispatch as TrainOps>::group_norm_train(
         x.into_dispatch(),
         weight.flatten::<1>(0, N - 1).into_dispatch(),

@@ -3,12 +3,15 @@
 //! the one place that maps an [`Architecture`] to its [`Family`].
 
 pub mod attention;
+pub mod config_json;
 pub mod embeddings;
 pub mod pixelcnn;
 pub mod resnet;
+pub mod transformer_2d;
 pub mod tutorial_unet;
 pub mod unet_2d;
 pub mod unet_2d_blocks;
+pub mod unet_2d_condition;
 pub mod vqvae;
 
 use burn::module::Module;

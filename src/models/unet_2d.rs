@@ -10,10 +10,13 @@ use burn::module::Module;
 use burn::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use super::attention::SpatialAttention;
+use super::attention::Attention;
+use super::config_json::ConfigJson;
 use super::embeddings::{TimestepEmbedding, timestep_embedding};
-use super::resnet::{Downsample2D, ResnetBlock2D, Upsample2D};
-use super::unet_2d_blocks::{DownBlock, DownBlockType, UNetMidBlock2D, UpBlock, UpBlockType};
+use super::unet_2d_blocks::{
+    AttentionLayer, DownBlock, DownBlockType, MidBlock, ResnetSpec, UpBlock, UpBlockType,
+    down_block, mid_block, up_block,
+};
 use crate::kernels::silu;
 use crate::nn::{Conv2d, GroupNorm};
 
@@ -152,55 +155,30 @@ impl UNet2DConfig {
 
     /// Reads a diffusers `unet/config.json`, refusing options this implementation lacks.
     pub fn from_diffusers_json(value: &serde_json::Value) -> Result<Self, String> {
-        let obj = value
-            .as_object()
-            .ok_or("config.json is not a JSON object")?;
-        let expect = |key: &str, want: serde_json::Value| -> Result<(), String> {
-            match obj.get(key) {
-                None | Some(serde_json::Value::Null) => Ok(()),
-                Some(v) if *v == want => Ok(()),
-                Some(v) => Err(format!("{key} = {v} is not supported (only {want})")),
-            }
-        };
-        if let Some(class) = obj.get("_class_name").and_then(|v| v.as_str())
-            && class != "UNet2DModel"
-        {
-            return Err(format!(
-                "_class_name is {class:?}, expected \"UNet2DModel\""
-            ));
-        }
-        expect("time_embedding_type", "positional".into())?;
-        expect("resnet_time_scale_shift", "default".into())?;
-        expect("downsample_type", "conv".into())?;
-        expect("upsample_type", "conv".into())?;
-        expect("center_input_sample", false.into())?;
-        expect("act_fn", "silu".into())?;
-        expect("class_embed_type", serde_json::Value::Null)?;
-        expect("mid_block_type", "UNetMidBlock2D".into())?;
-        expect("time_embedding_dim", serde_json::Value::Null)?;
+        let json = ConfigJson::new(value, "UNet2DModel")?;
+        json.expect("time_embedding_type", &["positional".into()])?;
+        json.expect("resnet_time_scale_shift", &["default".into()])?;
+        json.expect("downsample_type", &["conv".into()])?;
+        json.expect("upsample_type", &["conv".into()])?;
+        json.expect("center_input_sample", &[false.into()])?;
+        json.expect("act_fn", &["silu".into()])?;
+        json.expect("class_embed_type", &[])?;
+        json.expect("mid_block_type", &["UNetMidBlock2D".into()])?;
+        json.expect("time_embedding_dim", &[])?;
         let mut c = Self::default();
-        // Each present, non-null key is parsed through serde so errors name the key.
-        macro_rules! take {
-            ($key:literal, $field:ident) => {
-                if let Some(v) = obj.get($key).filter(|v| !v.is_null()) {
-                    c.$field =
-                        serde_json::from_value(v.clone()).map_err(|e| format!("{}: {e}", $key))?;
-                }
-            };
-        }
-        take!("sample_size", sample_size);
-        take!("in_channels", in_channels);
-        take!("out_channels", out_channels);
-        take!("block_out_channels", block_out_channels);
-        take!("down_block_types", down_block_types);
-        take!("up_block_types", up_block_types);
-        take!("layers_per_block", layers_per_block);
-        take!("attention_head_dim", attention_head_dim);
-        take!("norm_num_groups", norm_num_groups);
-        take!("norm_eps", norm_eps);
-        take!("flip_sin_to_cos", flip_sin_to_cos);
-        take!("freq_shift", freq_shift);
-        take!("add_attention", add_attention);
+        json.take("sample_size", &mut c.sample_size)?;
+        json.take("in_channels", &mut c.in_channels)?;
+        json.take("out_channels", &mut c.out_channels)?;
+        json.take("block_out_channels", &mut c.block_out_channels)?;
+        json.take("down_block_types", &mut c.down_block_types)?;
+        json.take("up_block_types", &mut c.up_block_types)?;
+        json.take("layers_per_block", &mut c.layers_per_block)?;
+        json.take("attention_head_dim", &mut c.attention_head_dim)?;
+        json.take("norm_num_groups", &mut c.norm_num_groups)?;
+        json.take("norm_eps", &mut c.norm_eps)?;
+        json.take("flip_sin_to_cos", &mut c.flip_sin_to_cos)?;
+        json.take("freq_shift", &mut c.freq_shift)?;
+        json.take("add_attention", &mut c.add_attention)?;
         Ok(c)
     }
 }
@@ -210,7 +188,7 @@ pub struct UNet2DModel {
     pub conv_in: Conv2d,
     pub time_embedding: TimestepEmbedding,
     pub down_blocks: Vec<DownBlock>,
-    pub mid_block: UNetMidBlock2D,
+    pub mid_block: MidBlock,
     pub up_blocks: Vec<UpBlock>,
     pub conv_norm_out: GroupNorm,
     pub conv_out: Conv2d,
@@ -224,58 +202,48 @@ impl UNet2DModel {
         let ch = &cfg.block_out_channels;
         let temb = ch[0] * 4;
         let (groups, eps) = (cfg.norm_num_groups, cfg.norm_eps);
-        let attn = |c: usize| SpatialAttention::new(c, cfg.attention_head_dim, groups, eps, device);
+        let resnet = ResnetSpec {
+            temb: Some(temb),
+            groups,
+            eps,
+        };
+        let attn = |c: usize| {
+            AttentionLayer::Spatial(Attention::spatial(
+                c,
+                cfg.attention_head_dim,
+                groups,
+                eps,
+                device,
+            ))
+        };
         let levels = ch.len();
 
+        // Built in diffusers' order: down, mid, up, then the stem and head (the init RNG is
+        // drawn in this order, so a seed gives the same weights as before).
         let mut down_blocks = Vec::with_capacity(levels);
         let mut cout = ch[0];
         for (i, kind) in cfg.down_block_types.iter().enumerate() {
             let cin = cout;
             cout = ch[i];
-            let resnets: Vec<_> = (0..cfg.layers_per_block)
-                .map(|j| {
-                    ResnetBlock2D::new(
-                        if j == 0 { cin } else { cout },
-                        cout,
-                        temb,
-                        groups,
-                        eps,
-                        device,
-                    )
-                })
-                .collect();
-            let attentions = match kind {
-                DownBlockType::AttnDownBlock2D => {
-                    (0..cfg.layers_per_block).map(|_| attn(cout)).collect()
-                }
-                DownBlockType::DownBlock2D => vec![],
+            let attention: Option<&dyn Fn(usize) -> AttentionLayer> = match kind {
+                DownBlockType::AttnDownBlock2D => Some(&attn),
+                DownBlockType::DownBlock2D => None,
             };
-            let downsamplers = if i + 1 < levels {
-                vec![Downsample2D {
-                    conv: Conv2d::new(cout, cout, 3, 2, 1, device),
-                }]
-            } else {
-                vec![]
-            };
-            down_blocks.push(DownBlock {
-                resnets,
-                attentions,
-                downsamplers,
-            });
+            let downsample = (i + 1 < levels).then_some(1);
+            down_blocks.push(down_block(
+                cin,
+                cout,
+                cfg.layers_per_block,
+                resnet,
+                attention,
+                downsample,
+                device,
+            ));
         }
-
         let c = ch[levels - 1];
-        let mid_block = UNetMidBlock2D {
-            resnets: vec![
-                ResnetBlock2D::new(c, c, temb, groups, eps, device),
-                ResnetBlock2D::new(c, c, temb, groups, eps, device),
-            ],
-            attentions: if cfg.add_attention {
-                vec![attn(c)]
-            } else {
-                vec![]
-            },
-        };
+        let mid_attention: Option<&dyn Fn(usize) -> AttentionLayer> =
+            cfg.add_attention.then_some(&attn);
+        let mid_block = mid_block(c, resnet, mid_attention, device);
 
         let rev: Vec<usize> = ch.iter().rev().copied().collect();
         let mut up_blocks = Vec::with_capacity(levels);
@@ -284,30 +252,20 @@ impl UNet2DModel {
             let prev_out = out_c;
             out_c = rev[i];
             let in_c = rev[(i + 1).min(levels - 1)];
-            let n = cfg.layers_per_block + 1;
-            let resnets: Vec<_> = (0..n)
-                .map(|j| {
-                    let skip = if j == n - 1 { in_c } else { out_c };
-                    let res_in = if j == 0 { prev_out } else { out_c };
-                    ResnetBlock2D::new(res_in + skip, out_c, temb, groups, eps, device)
-                })
-                .collect();
-            let attentions = match kind {
-                UpBlockType::AttnUpBlock2D => (0..n).map(|_| attn(out_c)).collect(),
-                UpBlockType::UpBlock2D => vec![],
+            let attention: Option<&dyn Fn(usize) -> AttentionLayer> = match kind {
+                UpBlockType::AttnUpBlock2D => Some(&attn),
+                UpBlockType::UpBlock2D => None,
             };
-            let upsamplers = if i + 1 < levels {
-                vec![Upsample2D {
-                    conv: Conv2d::new(out_c, out_c, 3, 1, 1, device),
-                }]
-            } else {
-                vec![]
-            };
-            up_blocks.push(UpBlock {
-                resnets,
-                attentions,
-                upsamplers,
-            });
+            up_blocks.push(up_block(
+                prev_out,
+                out_c,
+                Some(in_c),
+                cfg.layers_per_block + 1,
+                resnet,
+                attention,
+                i + 1 < levels,
+                device,
+            ));
         }
 
         Self {
@@ -337,22 +295,11 @@ impl UNet2DModel {
         let mut x = self.conv_in.forward(x);
         let mut skips = vec![x.clone()];
         for block in &self.down_blocks {
-            x = block.forward(x, temb.clone(), &mut skips);
+            x = block.forward(x, Some(&temb), None, &mut skips);
         }
-        x = self.mid_block.resnets[0].forward(x, temb.clone());
-        for (attn, resnet) in self
-            .mid_block
-            .attentions
-            .iter()
-            .zip(&self.mid_block.resnets[1..])
-        {
-            x = resnet.forward(attn.forward(x), temb.clone());
-        }
-        if self.mid_block.attentions.is_empty() {
-            x = self.mid_block.resnets[1].forward(x, temb.clone());
-        }
+        x = self.mid_block.forward(x, Some(&temb), None);
         for block in &self.up_blocks {
-            x = block.forward(x, temb.clone(), &mut skips);
+            x = block.forward(x, Some(&temb), None, Some(&mut skips));
         }
         self.conv_out.forward(silu(self.conv_norm_out.forward(x)))
     }
