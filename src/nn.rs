@@ -285,6 +285,11 @@ impl<const N: usize> LayerNorm<N> {
         }
     }
 
+    pub fn with_eps(mut self, eps: f64) -> Self {
+        self.eps = eps;
+        self
+    }
+
     /// # Shapes
     /// - input `[...leading, ...normalized_shape]` (rank `D > N`), output the same
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {

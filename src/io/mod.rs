@@ -6,6 +6,7 @@
 //! Stable Diffusion names, PEFT/kohya LoRA names) are translated here and nowhere else.
 
 pub mod image;
+pub mod keys;
 pub mod safetensors;
 
 use std::io::Write;

@@ -3,6 +3,8 @@
 //! the one place that maps an [`Architecture`] to its [`Family`].
 
 pub mod attention;
+pub mod autoencoder_kl;
+pub mod clip;
 pub mod config_json;
 pub mod embeddings;
 pub mod pixelcnn;
@@ -12,6 +14,7 @@ pub mod tutorial_unet;
 pub mod unet_2d;
 pub mod unet_2d_blocks;
 pub mod unet_2d_condition;
+pub mod vae;
 pub mod vqvae;
 
 use burn::module::Module;
