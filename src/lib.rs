@@ -21,6 +21,7 @@ pub mod nn;
 pub mod optim;
 pub mod pipelines;
 pub mod tensorboard;
+pub mod tokenizer;
 pub mod train;
 
 /// Keeps freed memory in the process instead of handing it back to the kernel and faulting it

@@ -1,0 +1,175 @@
+//! The CLIP tokenizer of Stable Diffusion, giving exactly transformers' `CLIPTokenizer` ids.
+//!
+//! Built on the `tokenizers` crate, either from a `tokenizer.json` (what transformers 5's
+//! `save_pretrained` writes) or from `vocab.json` + `merges.txt` (what the SD 1.5 repository
+//! ships), assembled as transformers' `CLIPTokenizer` does (`tokenization_clip.py`): normaliser
+//! NFC + whitespace runs to one space + lowercase; pre-tokeniser CLIP's split regex, then
+//! byte-level; BPE with the `</w>` end-of-word suffix. Encoding for a model is
+//! `tokenizer(text, max_length=77, padding="max_length", truncation=True)`: BOS, the text's
+//! tokens truncated to `max_length - 2`, EOS, then the pad token (`<|endoftext|>` in SD 1.x,
+//! `!` in SD 2.x, read from `special_tokens_map.json` / `tokenizer_config.json`).
+
+use std::path::{Path, PathBuf};
+
+use tokenizers::models::bpe::BPE;
+use tokenizers::normalizers::{Lowercase, NFC, Replace, Sequence as NormSequence};
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::sequence::Sequence as PreSequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TokenizerError {
+    #[error(
+        "{dir} has no tokenizer: expected tokenizer.json, or vocab.json and merges.txt \
+         (the `tokenizer/` folder of a Stable Diffusion model)"
+    )]
+    Missing { dir: PathBuf },
+    #[error("cannot load the tokenizer from {path}: {message}")]
+    Load { path: PathBuf, message: String },
+    #[error("the tokenizer in {dir} has no token {token:?} ({what})")]
+    NoToken {
+        dir: PathBuf,
+        token: String,
+        what: &'static str,
+    },
+    #[error("cannot tokenize {text:?}: {message}")]
+    Encode { text: String, message: String },
+}
+
+const BOS: &str = "<|startoftext|>";
+const EOS: &str = "<|endoftext|>";
+/// CLIP's pre-tokeniser pattern (transformers' `CLIPTokenizer`).
+const PATTERN: &str = r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
+
+/// A loaded CLIP tokenizer and the ids it frames and pads with.
+pub struct ClipTokenizer {
+    tokenizer: Tokenizer,
+    pub bos: u32,
+    pub eos: u32,
+    pub pad: u32,
+    /// `model_max_length` (77 for every Stable Diffusion text encoder).
+    pub max_length: usize,
+}
+
+/// A special token as `special_tokens_map.json` / `tokenizer_config.json` write it: a string or
+/// `{"content": ...}`.
+fn token_text(value: &serde_json::Value) -> Option<String> {
+    match value {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Object(o) => o.get("content")?.as_str().map(str::to_string),
+        _ => None,
+    }
+}
+
+fn read_json(path: &Path) -> Option<serde_json::Value> {
+    serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()
+}
+
+impl ClipTokenizer {
+    /// Loads the tokenizer of a Stable Diffusion `tokenizer/` folder.
+    pub fn from_dir(dir: &Path) -> Result<Self, TokenizerError> {
+        let load = |path: &Path, e: &dyn std::fmt::Display| TokenizerError::Load {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        };
+        let json = dir.join("tokenizer.json");
+        let (vocab, merges) = (dir.join("vocab.json"), dir.join("merges.txt"));
+        let tokenizer = if json.is_file() {
+            Tokenizer::from_file(&json).map_err(|e| load(&json, &e))?
+        } else if vocab.is_file() && merges.is_file() {
+            let to_str = |p: &Path| p.to_string_lossy().into_owned();
+            let bpe = BPE::from_file(&to_str(&vocab), &to_str(&merges))
+                .unk_token(EOS.into())
+                .continuing_subword_prefix(String::new())
+                .end_of_word_suffix("</w>".into())
+                .fuse_unk(false)
+                .build()
+                .map_err(|e| load(&vocab, &e))?;
+            let mut t = Tokenizer::new(bpe);
+            let regex = |p: &str| SplitPattern::Regex(p.into());
+            let replace = Replace::new(regex_replace(r"\s+"), " ").map_err(|e| load(&vocab, &e))?;
+            t.with_normalizer(Some(NormSequence::new(vec![
+                NFC.into(),
+                replace.into(),
+                Lowercase.into(),
+            ])));
+            let split = Split::new(regex(PATTERN), SplitDelimiterBehavior::Removed, true)
+                .map_err(|e| load(&vocab, &e))?;
+            t.with_pre_tokenizer(Some(PreSequence::new(vec![
+                split.into(),
+                ByteLevel::default().add_prefix_space(false).into(),
+            ])));
+            t
+        } else {
+            return Err(TokenizerError::Missing {
+                dir: dir.to_path_buf(),
+            });
+        };
+        // The pad token and length: special_tokens_map.json, else tokenizer_config.json.
+        let config = read_json(&dir.join("tokenizer_config.json"));
+        let special = read_json(&dir.join("special_tokens_map.json"));
+        let pad_text = [&special, &config]
+            .into_iter()
+            .flatten()
+            .find_map(|v| v.get("pad_token").and_then(token_text))
+            .unwrap_or_else(|| EOS.to_string());
+        let max_length = config
+            .as_ref()
+            .and_then(|c| c.get("model_max_length")?.as_u64())
+            .filter(|&n| n > 2 && n < 1 << 20)
+            .unwrap_or(77) as usize;
+        // transformers registers every special token (bos, eos, unk, pad) as an added token,
+        // so each is matched whole in the text before BPE; SD 2.x's pad token "!" therefore
+        // splits a prompt at every "!" (a quirk of theirs that ids must reproduce).
+        let mut tokenizer = tokenizer;
+        tokenizer.add_special_tokens(&[
+            AddedToken::from(BOS, true),
+            AddedToken::from(EOS, true),
+            AddedToken::from(pad_text.clone(), true),
+        ]);
+        let id = |token: &str, what| {
+            tokenizer
+                .token_to_id(token)
+                .ok_or_else(|| TokenizerError::NoToken {
+                    dir: dir.to_path_buf(),
+                    token: token.to_string(),
+                    what,
+                })
+        };
+        Ok(Self {
+            bos: id(BOS, "beginning of text")?,
+            eos: id(EOS, "end of text")?,
+            pad: id(&pad_text, "padding")?,
+            tokenizer,
+            max_length,
+        })
+    }
+
+    /// The text's tokens, without BOS/EOS and untruncated.
+    pub fn tokens(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
+        let encoding = self
+            .tokenizer
+            .encode(text, false)
+            .map_err(|e| TokenizerError::Encode {
+                text: text.to_string(),
+                message: e.to_string(),
+            })?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
+    /// `BOS + tokens[..max_length - 2] + EOS`, padded to `max_length` with the pad token.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
+        let mut ids = Vec::with_capacity(self.max_length);
+        ids.push(self.bos);
+        let tokens = self.tokens(text)?;
+        ids.extend(tokens.iter().take(self.max_length - 2));
+        ids.push(self.eos);
+        ids.resize(self.max_length, self.pad);
+        Ok(ids)
+    }
+}
+
+fn regex_replace(pattern: &str) -> tokenizers::normalizers::replace::ReplacePattern {
+    tokenizers::normalizers::replace::ReplacePattern::Regex(pattern.into())
+}
