@@ -28,6 +28,7 @@ Writes tests/fixtures/sd/:
 Generated with diffusers 0.42.1, transformers 5.24, torch 2.15 on CPU in float32.
 """
 import json
+import math
 import os
 import re
 import shutil
@@ -313,6 +314,7 @@ SD_SCHED = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, be
 
 
 def schedulers():
+    import diffusers.schedulers.scheduling_ddpm as ddpm
     import diffusers.schedulers.scheduling_euler_ancestral_discrete as ea
 
     shape = (1, 4, 4, 4)
@@ -344,7 +346,8 @@ def schedulers():
             noises.append(n.clone())
             return n
 
-        ea.randn_tensor = recording
+        # The stochastic schedulers draw their noise through randn_tensor: record it.
+        ea.randn_tensor = ddpm.randn_tensor = recording
         scales = []
         gen = torch.Generator().manual_seed(5)
         for i, t in enumerate(sched.timesteps):
@@ -353,18 +356,15 @@ def schedulers():
             out = torch.randn(shape)
             tensors[f"{name}.model_output.{i}"] = out
             kwargs = {"generator": gen} if cls in (DDPMScheduler, EulerAncestralDiscreteScheduler) else {}
-            if cls is DDPMScheduler:
-                kwargs = {"generator": gen}
             x = sched.step(out, t, x, **kwargs).prev_sample
             tensors[f"{name}.sample.{i}"] = x.clone()
-        ea.randn_tensor = real
-        if cls is DDPMScheduler:
-            # DDPMScheduler draws its variance noise with the generator; replay to record it.
-            g = torch.Generator().manual_seed(5)
-            noises = [torch.randn(shape, generator=g) for t in sched.timesteps[:-1]]
+        ea.randn_tensor = ddpm.randn_tensor = real
         for i, n in enumerate(noises):
             tensors[f"{name}.noise.{i}"] = n
-        meta[name] = {"config": dict(sched.config), "timesteps": [float(t) for t in sched.timesteps],
+        # JSON has no infinities (DPM-Solver's lambda_min_clipped is -inf): write them as text.
+        config = {k: (str(v) if isinstance(v, float) and not math.isfinite(v) else v)
+                  for k, v in dict(sched.config).items()}
+        meta[name] = {"config": config, "timesteps": [float(t) for t in sched.timesteps],
                       "init_noise_sigma": float(sched.init_noise_sigma), "scales": scales,
                       "noises": len(noises)}
     save_file(tensors, os.path.join(OUT, "schedulers.safetensors"))

@@ -79,9 +79,10 @@ fn samplers_match_diffusers_step_by_step() {
             eta: case["eta"].as_f64().unwrap(),
             clip_sample: case["clip"].as_bool().unwrap().then_some(1.0),
             set_alpha_to_one: true,
+            steps_offset: 0,
         };
         let want_ts: Vec<usize> = serde_json::from_value(case["timesteps"].clone()).unwrap();
-        let ts = sampling::inference_timesteps(1000, opts.num_inference_steps, opts.spacing);
+        let ts = sampling::inference_timesteps(1000, opts.num_inference_steps, opts.spacing, 0);
         assert_eq!(ts, want_ts, "{name}: timesteps");
         let mut x = tensor(&tensors[&format!("{name}.initial")], &device);
         for (i, &t) in ts.iter().enumerate() {
@@ -90,6 +91,7 @@ fn samplers_match_diffusers_step_by_step() {
             x = match opts.kind {
                 SamplerKind::Ddpm => sampling::ddpm_step(&schedule, &opts, out, t, x, noise),
                 SamplerKind::Ddim => sampling::ddim_step(&schedule, &opts, out, t, x, noise),
+                other => panic!("the fixture has only DDPM and DDIM cases, not {other:?}"),
             };
             let want = &tensors[&format!("{name}.sample.{i}")].data;
             let diff = max_abs_diff(&host(x.clone()), want);

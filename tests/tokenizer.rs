@@ -67,7 +67,10 @@ fn long_prompts_keep_bos_and_eos() {
 #[test]
 fn a_folder_without_a_tokenizer_is_named() {
     let tmp = tempfile::tempdir().unwrap();
-    let err = ClipTokenizer::from_dir(tmp.path()).err().unwrap().to_string();
+    let err = ClipTokenizer::from_dir(tmp.path())
+        .err()
+        .unwrap()
+        .to_string();
     assert!(
         err.contains("vocab.json") && err.contains(&tmp.path().display().to_string()),
         "{err}"

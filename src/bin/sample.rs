@@ -41,6 +41,11 @@ struct Args {
 enum Sampler {
     Ddpm,
     Ddim,
+    Euler,
+    #[value(name = "euler_ancestral", alias = "euler-a")]
+    EulerAncestral,
+    #[value(name = "dpmpp_2m", alias = "dpm++2m")]
+    Dpmpp2m,
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
@@ -50,6 +55,9 @@ fn run(args: Args) -> anyhow::Result<()> {
         sampler: args.sampler.map(|s| match s {
             Sampler::Ddpm => SamplerKind::Ddpm,
             Sampler::Ddim => SamplerKind::Ddim,
+            Sampler::Euler => SamplerKind::Euler,
+            Sampler::EulerAncestral => SamplerKind::EulerAncestral,
+            Sampler::Dpmpp2m => SamplerKind::DpmSolverPP2M,
         }),
         seed: args.seed,
         temperature: args.temperature,

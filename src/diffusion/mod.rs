@@ -1,8 +1,10 @@
 //! Noise schedules, the training recipe and samplers (diffusers `schedulers/` and the loss of
 //! its training scripts), and the `[diffusion]` config section they share.
 
+pub mod k_samplers;
 pub mod sampling;
 pub mod schedule;
+pub mod scheduler_config;
 pub mod training;
 
 use serde::{Deserialize, Serialize};

@@ -1,21 +1,25 @@
-//! DDPM (ancestral) and DDIM sampling as plain functions over a [`Denoiser`].
+//! The sampling loop over a [`Denoiser`], and DDPM (ancestral) and DDIM steps as plain
+//! functions; the sigma-space samplers (Euler, Euler ancestral, DPM-Solver++ 2M) are in
+//! [`super::k_samplers`].
 //!
 //! `ddpm_step` mirrors `DDPMScheduler.step` (variance_type `fixed_small`) and `ddim_step`
 //! mirrors `DDIMScheduler.step` (Song et al. 2021, eq. 12) of diffusers 0.42, including
-//! `clip_sample`, `set_alpha_to_one` and the three `timestep_spacing` modes. Per-step scalars are
-//! computed in f64 on the host; the tensors stay on the device. Schedulers never see a model:
-//! they meet it in [`sample`] through the `Denoiser` trait.
+//! `clip_sample`, `set_alpha_to_one`, `steps_offset` and the three `timestep_spacing` modes.
+//! Per-step scalars are computed in f64 on the host; the tensors stay on the device. Schedulers
+//! never see a model: they meet it in [`sample`] through the `Denoiser` trait.
 
 use burn::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use super::k_samplers::{self, KSampler, SigmaSchedule};
 use super::schedule::{NoiseSchedule, PredictionType};
 
-/// The model as the sampling loop sees it: the raw prediction at integer timestep `t`.
+/// The model as the sampling loop sees it: the raw prediction at timestep `t` (an integer
+/// except for Euler's `linspace` spacing, which feeds fractional timesteps as diffusers does).
 pub trait Denoiser {
     /// # Shapes
     /// - `x`: `[batch, channels, height, width]`; returns the same shape.
-    fn predict(&self, x: Tensor<4>, t: usize) -> Tensor<4>;
+    fn predict(&self, x: Tensor<4>, t: f64) -> Tensor<4>;
 }
 
 /// How inference timesteps are picked from the training ones (diffusers `timestep_spacing`).
@@ -27,11 +31,42 @@ pub enum TimestepSpacing {
     Linspace,
 }
 
+/// The samplers, named as diffusers' schedulers: `DDPMScheduler`, `DDIMScheduler`,
+/// `EulerDiscreteScheduler`, `EulerAncestralDiscreteScheduler`, `DPMSolverMultistepScheduler`
+/// (DPM-Solver++ 2M, A1111's "DPM++ 2M").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SamplerKind {
     Ddpm,
     Ddim,
+    Euler,
+    EulerAncestral,
+    #[serde(rename = "dpmpp_2m")]
+    DpmSolverPP2M,
+}
+
+impl SamplerKind {
+    /// The sampler a diffusers scheduler class stands for (`scheduler_config.json`'s
+    /// `_class_name`; PNDM, SD 1.x's default, samples well with DDIM's update).
+    pub fn from_diffusers_class(class: &str) -> Option<Self> {
+        Some(match class {
+            "DDPMScheduler" => Self::Ddpm,
+            "DDIMScheduler" | "PNDMScheduler" => Self::Ddim,
+            "EulerDiscreteScheduler" => Self::Euler,
+            "EulerAncestralDiscreteScheduler" => Self::EulerAncestral,
+            "DPMSolverMultistepScheduler" => Self::DpmSolverPP2M,
+            _ => return None,
+        })
+    }
+
+    fn k_sampler(self) -> Option<KSampler> {
+        match self {
+            Self::Ddpm | Self::Ddim => None,
+            Self::Euler => Some(KSampler::Euler),
+            Self::EulerAncestral => Some(KSampler::EulerAncestral),
+            Self::DpmSolverPP2M => Some(KSampler::DpmSolverPP2M),
+        }
+    }
 }
 
 /// Everything a sampler needs besides the model and the schedule.
@@ -47,15 +82,25 @@ pub struct SamplerOptions {
     pub clip_sample: Option<f64>,
     /// DDIM `set_alpha_to_one`: use alpha_cumprod = 1 for the step past t = 0.
     pub set_alpha_to_one: bool,
+    /// Added to `leading` timesteps (SD's schedulers use 1).
+    pub steps_offset: usize,
 }
 
-/// Descending inference timesteps, as `set_timesteps` computes them (steps_offset 0).
-pub fn inference_timesteps(num_train: usize, steps: usize, spacing: TimestepSpacing) -> Vec<usize> {
+/// Descending inference timesteps of DDPM/DDIM, as `set_timesteps` computes them.
+pub fn inference_timesteps(
+    num_train: usize,
+    steps: usize,
+    spacing: TimestepSpacing,
+    steps_offset: usize,
+) -> Vec<usize> {
     let steps = steps.clamp(1, num_train);
     match spacing {
         TimestepSpacing::Leading => {
             let ratio = num_train / steps;
-            (0..steps).rev().map(|i| i * ratio).collect()
+            (0..steps)
+                .rev()
+                .map(|i| (i * ratio + steps_offset).min(num_train - 1))
+                .collect()
         }
         TimestepSpacing::Trailing => {
             // np.round(np.arange(T, 0, -T / n)) - 1
@@ -83,7 +128,7 @@ pub fn inference_timesteps(num_train: usize, steps: usize, spacing: TimestepSpac
 }
 
 /// NumPy rounds half to even.
-fn round_half_even(x: f64) -> f64 {
+pub(crate) fn round_half_even(x: f64) -> f64 {
     let r = x.round();
     if (x - x.trunc()).abs() == 0.5 && r % 2.0 != 0.0 {
         r - x.signum()
@@ -197,9 +242,23 @@ pub fn ddim_step(
     }
 }
 
-/// Runs the full reverse process from `x_T` (`initial`, already scaled to unit variance).
-/// `randn` draws a standard normal tensor of the sample's shape for each stochastic step.
+/// Runs the full reverse process from unit-variance noise `initial` (scaled by the sampler's
+/// initial sigma here, as diffusers' pipelines do). `randn` draws a standard normal tensor of
+/// the sample's shape for each stochastic step.
 pub fn sample(
+    denoiser: &impl Denoiser,
+    schedule: &NoiseSchedule,
+    opts: &SamplerOptions,
+    initial: Tensor<4>,
+    randn: &mut dyn FnMut() -> Tensor<4>,
+) -> Tensor<4> {
+    match opts.kind.k_sampler() {
+        None => sample_ddpm_ddim(denoiser, schedule, opts, initial, randn),
+        Some(k) => sample_sigmas(denoiser, schedule, opts, k, initial, randn),
+    }
+}
+
+fn sample_ddpm_ddim(
     denoiser: &impl Denoiser,
     schedule: &NoiseSchedule,
     opts: &SamplerOptions,
@@ -210,6 +269,7 @@ pub fn sample(
         schedule.num_train_timesteps(),
         opts.num_inference_steps,
         opts.spacing,
+        opts.steps_offset,
     );
     let opts = SamplerOptions {
         num_inference_steps: timesteps.len(),
@@ -217,15 +277,66 @@ pub fn sample(
     };
     let mut x = initial;
     for &t in &timesteps {
-        let out = denoiser.predict(x.clone(), t);
+        let out = denoiser.predict(x.clone(), t as f64);
         x = match opts.kind {
             SamplerKind::Ddpm => {
                 let z = (t > 0).then(&mut *randn);
                 ddpm_step(schedule, &opts, out, t, x, z)
             }
-            SamplerKind::Ddim => {
+            _ => {
                 let z = (opts.eta > 0.0).then(&mut *randn);
                 ddim_step(schedule, &opts, out, t, x, z)
+            }
+        };
+    }
+    x
+}
+
+/// Euler, Euler ancestral and DPM-Solver++(2M) over their sigma schedule.
+fn sample_sigmas(
+    denoiser: &impl Denoiser,
+    schedule: &NoiseSchedule,
+    opts: &SamplerOptions,
+    kind: KSampler,
+    initial: Tensor<4>,
+    randn: &mut dyn FnMut() -> Tensor<4>,
+) -> Tensor<4> {
+    let s = SigmaSchedule::new(
+        schedule,
+        kind,
+        opts.num_inference_steps,
+        opts.spacing,
+        opts.steps_offset,
+    );
+    let n = s.timesteps.len();
+    let mut x = initial.mul_scalar(s.init_noise_sigma);
+    let mut prev: Option<(Tensor<4>, f64)> = None;
+    for (i, &t) in s.timesteps.iter().enumerate() {
+        let (sigma, sigma_next) = (s.sigmas[i], s.sigmas[i + 1]);
+        x = match kind {
+            KSampler::Euler => {
+                let out = denoiser.predict(x.clone().mul_scalar(k_samplers::input_scale(sigma)), t);
+                k_samplers::euler_step(x, out, sigma, sigma_next, opts.prediction)
+            }
+            KSampler::EulerAncestral => {
+                let out = denoiser.predict(x.clone().mul_scalar(k_samplers::input_scale(sigma)), t);
+                k_samplers::euler_ancestral_step(
+                    x,
+                    out,
+                    sigma,
+                    sigma_next,
+                    opts.prediction,
+                    randn(),
+                )
+            }
+            KSampler::DpmSolverPP2M => {
+                let out = denoiser.predict(x.clone(), t);
+                let x0 = k_samplers::dpm_x0(out, x.clone(), sigma, opts.prediction);
+                // First order at the first step and (final sigma 0) at the last.
+                let history = prev.take().filter(|_| i + 1 < n);
+                let next = k_samplers::dpmpp_2m_step(x, x0.clone(), history, sigma, sigma_next);
+                prev = Some((x0, sigma));
+                next
             }
         };
     }
@@ -240,19 +351,23 @@ mod tests {
     #[test]
     fn spacings_match_numpy() {
         assert_eq!(
-            inference_timesteps(1000, 4, TimestepSpacing::Leading),
+            inference_timesteps(1000, 4, TimestepSpacing::Leading, 0),
             vec![750, 500, 250, 0]
         );
         assert_eq!(
-            inference_timesteps(1000, 4, TimestepSpacing::Trailing),
+            inference_timesteps(1000, 4, TimestepSpacing::Leading, 1),
+            vec![751, 501, 251, 1]
+        );
+        assert_eq!(
+            inference_timesteps(1000, 4, TimestepSpacing::Trailing, 1),
             vec![999, 749, 499, 249]
         );
         assert_eq!(
-            inference_timesteps(1000, 4, TimestepSpacing::Linspace),
+            inference_timesteps(1000, 4, TimestepSpacing::Linspace, 1),
             vec![999, 666, 333, 0]
         );
         assert_eq!(
-            inference_timesteps(10, 3, TimestepSpacing::Trailing),
+            inference_timesteps(10, 3, TimestepSpacing::Trailing, 0),
             vec![9, 6, 2]
         );
     }

@@ -5,6 +5,7 @@
 //! left out, so a model's key is its diffusers key. Later key formats (the original single-file
 //! Stable Diffusion names, PEFT/kohya LoRA names) are translated here and nowhere else.
 
+pub mod config_json;
 pub mod image;
 pub mod keys;
 pub mod safetensors;

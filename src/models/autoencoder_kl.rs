@@ -5,8 +5,8 @@ use burn::module::Module;
 use burn::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use super::config_json::ConfigJson;
 use super::vae::{Decoder, DiagonalGaussian, Encoder, VaeShape};
+use crate::io::config_json::ConfigJson;
 use crate::nn::Conv2d;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

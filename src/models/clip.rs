@@ -8,7 +8,7 @@ use burn::tensor::activation::{gelu, sigmoid};
 use serde::{Deserialize, Serialize};
 
 use super::attention::multi_head_attention;
-use super::config_json::ConfigJson;
+use crate::io::config_json::ConfigJson;
 use crate::nn::{Embedding, LayerNorm, Linear};
 
 /// `hidden_act`.

@@ -5,7 +5,6 @@
 pub mod attention;
 pub mod autoencoder_kl;
 pub mod clip;
-pub mod config_json;
 pub mod embeddings;
 pub mod pixelcnn;
 pub mod resnet;
@@ -103,7 +102,7 @@ impl DenoiserModel {
 }
 
 impl Denoiser for DenoiserModel {
-    fn predict(&self, x: Tensor<4>, t: usize) -> Tensor<4> {
+    fn predict(&self, x: Tensor<4>, t: f64) -> Tensor<4> {
         let [b, ..] = x.dims();
         let timesteps = Tensor::full([b], t as f32, &x.device());
         self.forward(x, timesteps)

@@ -11,12 +11,12 @@ use burn::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::attention::Attention;
-use super::config_json::ConfigJson;
 use super::embeddings::{TimestepEmbedding, timestep_embedding};
 use super::unet_2d_blocks::{
     AttentionLayer, DownBlock, DownBlockType, MidBlock, ResnetSpec, UpBlock, UpBlockType,
     down_block, mid_block, up_block,
 };
+use crate::io::config_json::ConfigJson;
 use crate::kernels::silu;
 use crate::nn::{Conv2d, GroupNorm};
 

@@ -11,12 +11,12 @@ use burn::module::Module;
 use burn::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use super::config_json::ConfigJson;
 use super::embeddings::{TimestepEmbedding, timestep_embedding};
 use super::transformer_2d::{Transformer2DModel, Transformer2DSpec};
 use super::unet_2d_blocks::{
     AttentionLayer, DownBlock, MidBlock, ResnetSpec, UpBlock, down_block, mid_block, up_block,
 };
+use crate::io::config_json::ConfigJson;
 use crate::kernels::silu;
 use crate::nn::{Conv2d, Embedding, GroupNorm};
 

@@ -53,6 +53,7 @@ pub fn generate(
         eta: s.eta,
         clip_sample: s.clip_sample.then_some(s.clip_sample_range),
         set_alpha_to_one: true,
+        steps_offset: 0,
     };
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut randn = move || {
