@@ -261,6 +261,7 @@ mod tests {
         assert_eq!(e.timesteps[..2], [999.0, 888.0]);
         assert_eq!(e.sigmas.len(), 11);
         assert_eq!(e.sigmas[10], 0.0);
-        assert!((e.init_noise_sigma - 14.614_646_911_621_094).abs() < 1e-6);
+        // diffusers computes alphas_cumprod in f32, we in f64: equal to ~1e-6 relative.
+        assert!((e.init_noise_sigma - 14.614_646_911_621_094).abs() < 1e-4);
     }
 }
