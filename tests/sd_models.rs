@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use burn::prelude::*;
-use difftrain::io::keys::{self, Renamed};
+use difftrain::io::keys::{self, View};
 use difftrain::io::safetensors::{self as io, HostTensor};
 use difftrain::models::autoencoder_kl::{AutoencoderKL, AutoencoderKLConfig};
 use difftrain::models::clip::CLIPTextConfig;
@@ -152,7 +152,7 @@ fn vae_with_legacy_attention_names_loads_the_same_weights() {
         legacy.insert(k, v);
     }
     assert!(legacy.contains_key("encoder.mid_block.attentions.0.query.weight"));
-    let view = Renamed::new(&legacy, keys::vae_legacy_attention, |_| false);
+    let view = View::renamed(&legacy, keys::vae_legacy_attention, |_| false);
     let loaded = io::load_into(cfg.init(&device), &view, Path::new("legacy")).unwrap();
     assert_eq!(io::named_tensors(&loaded), io::named_tensors(&vae));
 }
@@ -167,7 +167,7 @@ fn clip_text_model_matches_transformers_with_clip_skip() {
     let path = fixture("tiny_sd/text_encoder/model.fp16.safetensors");
     let file = io::SafetensorsFile::open(&path).unwrap();
     // transformers 5 saves without the `text_model.` level.
-    let view = Renamed::new(&file, keys::clip_text_model_prefix, keys::clip_buffer);
+    let view = View::renamed(&file, keys::clip_text_model_prefix, keys::clip_buffer);
     let model = io::load_into(cfg.init(&device), &view, &path).unwrap();
     let r = reference();
     let ids: Vec<i64> = r["clip.input_ids"].data.iter().map(|&v| v as i64).collect();

@@ -1,6 +1,7 @@
 //! Noise schedules, the training recipe and samplers (diffusers `schedulers/` and the loss of
 //! its training scripts), and the `[diffusion]` config section they share.
 
+pub mod guidance;
 pub mod k_samplers;
 pub mod sampling;
 pub mod schedule;

@@ -1,53 +1,116 @@
 //! Key translation between the layouts checkpoints come in and our module paths (which are
 //! diffusers' / transformers' names): the one place that renames weight keys.
 //!
-//! A [`Renamed`] view presents a [`TensorSource`] under model-side names, so strict loading
-//! reports missing and unexpected keys in the names the model uses.
+//! A [`View`] presents a [`TensorSource`] under model-side names, so strict loading reports
+//! missing and unexpected keys in the names the model uses. An entry may also take rows of a
+//! fused tensor (OpenCLIP's `in_proj_weight`) or reshape one (1x1 convolutions stored for
+//! linear layers), still one tensor at a time.
 
 use std::collections::BTreeMap;
+use std::ops::Range;
 
 use burn::tensor::TensorData;
 
 use super::safetensors::TensorSource;
 
-/// A tensor source seen through a key map: `model key -> source key`. Keys the map leaves out
-/// keep their names; keys listed in `ignored` (buffers such as `position_ids`) disappear.
-pub struct Renamed<'a, S: TensorSource + ?Sized> {
-    source: &'a S,
-    to_source: BTreeMap<String, String>,
+/// Where a model key's tensor comes from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Entry {
+    pub key: String,
+    /// Only these rows (first dimension) of the source tensor.
+    pub rows: Option<Range<usize>>,
+    /// Reshaped to this (same element count) after slicing.
+    pub shape: Option<Vec<usize>>,
 }
 
-impl<'a, S: TensorSource + ?Sized> Renamed<'a, S> {
-    /// Renames every source key `k` for which `rename(k)` is `Some(model_key)`, keeps the
-    /// others, and drops those for which `drop(k)` holds.
-    pub fn new(
+impl Entry {
+    pub fn plain(key: impl Into<String>) -> Self {
+        Self {
+            key: key.into(),
+            rows: None,
+            shape: None,
+        }
+    }
+}
+
+/// A tensor source seen under model-side keys.
+pub struct View<'a, S: TensorSource + ?Sized> {
+    source: &'a S,
+    entries: BTreeMap<String, Entry>,
+}
+
+impl<'a, S: TensorSource + ?Sized> View<'a, S> {
+    /// Every source key `k` under `rename(k)` (its own name when `None`), except those for which
+    /// `drop(k)` holds.
+    pub fn renamed(
         source: &'a S,
         rename: impl Fn(&str) -> Option<String>,
         drop: impl Fn(&str) -> bool,
     ) -> Self {
-        let to_source = source
+        let entries = source
             .keys()
             .into_iter()
             .filter(|k| !drop(k))
-            .map(|k| (rename(&k).unwrap_or_else(|| k.clone()), k))
+            .map(|k| (rename(&k).unwrap_or_else(|| k.clone()), Entry::plain(k)))
             .collect();
-        Self { source, to_source }
+        Self { source, entries }
+    }
+
+    /// Exactly these entries, `model key -> where it comes from`.
+    pub fn from_entries(source: &'a S, entries: BTreeMap<String, Entry>) -> Self {
+        Self { source, entries }
     }
 }
 
-impl<S: TensorSource + ?Sized> TensorSource for Renamed<'_, S> {
+impl<S: TensorSource + ?Sized> TensorSource for View<'_, S> {
     fn keys(&self) -> Vec<String> {
-        self.to_source.keys().cloned().collect()
+        self.entries.keys().cloned().collect()
     }
+
     fn shape(&self, key: &str) -> Option<Vec<usize>> {
-        self.source.shape(self.to_source.get(key)?)
+        let e = self.entries.get(key)?;
+        if let Some(shape) = &e.shape {
+            return Some(shape.clone());
+        }
+        let mut shape = self.source.shape(&e.key)?;
+        if let Some(rows) = &e.rows {
+            shape[0] = rows.len();
+        }
+        Some(shape)
     }
+
     fn read(&self, key: &str) -> Result<TensorData, String> {
-        let source_key = self
-            .to_source
+        let e = self
+            .entries
             .get(key)
             .ok_or_else(|| format!("no tensor {key:?}"))?;
-        self.source.read(source_key)
+        let data = self.source.read(&e.key)?;
+        let data = match &e.rows {
+            None => data,
+            Some(rows) => {
+                let shape = data.shape().to_vec();
+                let per_row: usize = shape[1..].iter().product();
+                let width = data.dtype().size();
+                let bytes = data.as_bytes();
+                let (start, end) = (rows.start * per_row * width, rows.end * per_row * width);
+                if end > bytes.len() {
+                    return Err(format!(
+                        "{}: rows {rows:?} exceed its shape {shape:?}",
+                        e.key
+                    ));
+                }
+                let mut new_shape = shape;
+                new_shape[0] = rows.len();
+                TensorData::from_bytes_vec(bytes[start..end].to_vec(), new_shape, data.dtype())
+            }
+        };
+        Ok(match &e.shape {
+            Some(shape) => {
+                let dtype = data.dtype();
+                TensorData::from_bytes_vec(data.into_bytes().to_vec(), shape.clone(), dtype)
+            }
+            None => data,
+        })
     }
 }
 
@@ -81,6 +144,7 @@ pub fn clip_buffer(key: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::io::safetensors::HostTensor;
 
     #[test]
     fn legacy_vae_names_map_to_diffusers_names() {
@@ -97,5 +161,30 @@ mod tests {
             None
         );
         assert_eq!(vae_legacy_attention("encoder.conv_in.weight"), None);
+    }
+
+    #[test]
+    fn entries_slice_rows_and_reshape() {
+        let fused = HostTensor {
+            shape: vec![6, 2],
+            data: (0..12).map(|v| v as f32).collect(),
+        };
+        let source = BTreeMap::from([("in_proj".to_string(), fused)]);
+        let entries = BTreeMap::from([(
+            "k".to_string(),
+            Entry {
+                key: "in_proj".into(),
+                rows: Some(2..4),
+                shape: Some(vec![2, 2, 1, 1]),
+            },
+        )]);
+        let view = View::from_entries(&source, entries);
+        assert_eq!(view.shape("k"), Some(vec![2, 2, 1, 1]));
+        let k = view.read("k").unwrap();
+        assert_eq!(k.shape().to_vec(), vec![2, 2, 1, 1]);
+        assert_eq!(
+            k.convert::<f32>().try_into_vec::<f32>().unwrap(),
+            vec![4.0, 5.0, 6.0, 7.0]
+        );
     }
 }

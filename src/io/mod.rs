@@ -9,6 +9,7 @@ pub mod config_json;
 pub mod image;
 pub mod keys;
 pub mod safetensors;
+pub mod single_file;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};

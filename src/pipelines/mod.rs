@@ -6,6 +6,8 @@
 //! weights. The binaries only parse arguments and call into here.
 
 pub mod ddpm;
+pub mod stable_diffusion;
+pub mod text_to_image;
 pub mod vq;
 
 use std::path::{Path, PathBuf};

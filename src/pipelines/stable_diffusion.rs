@@ -1,0 +1,381 @@
+//! Loading a Stable Diffusion model, as diffusers' `StableDiffusionPipeline.from_pretrained` /
+//! `from_single_file` do: a diffusers folder (`model_index.json`, `unet/`, `vae/`,
+//! `text_encoder/`, `tokenizer/`, `scheduler/`; f32 or `fp16` variant safetensors) or one
+//! original-layout `.safetensors` file plus a folder for its tokenizer and configs.
+//!
+//! Weights are read tensor by tensor into models built without random draws, so loading holds
+//! about one copy of the weights. Missing parts are reported together, with what to download.
+
+use std::path::{Path, PathBuf};
+
+use burn::module::Module;
+use burn::prelude::*;
+
+use crate::diffusion::scheduler_config::SchedulerConfig;
+use crate::io::keys::{self, View};
+use crate::io::safetensors::{self, SafetensorsFile, TensorSource};
+use crate::io::single_file::{self, UNetLayout};
+use crate::io::{self, IoError};
+use crate::models::autoencoder_kl::{AutoencoderKL, AutoencoderKLConfig};
+use crate::models::clip::{CLIPTextConfig, CLIPTextModel};
+use crate::models::unet_2d_condition::{
+    CondDownBlockType, CondUpBlockType, UNet2DConditionConfig, UNet2DConditionModel,
+};
+use crate::tokenizer::{ClipTokenizer, TokenizerError};
+
+const DOWNLOAD_HINT: &str = "Download a diffusers-format Stable Diffusion model, e.g. the \
+     `stable-diffusion-v1-5/stable-diffusion-v1-5` repository from the Hugging Face Hub \
+     (`huggingface-cli download stable-diffusion-v1-5/stable-diffusion-v1-5 --include '*.json' \
+     '*.txt' '*.safetensors' --exclude '*.ckpt' --local-dir <folder>`), and point at that folder: \
+     it holds model_index.json, unet/, vae/, text_encoder/, tokenizer/ and scheduler/";
+
+#[derive(Debug, thiserror::Error)]
+pub enum PretrainedError {
+    #[error("{path} does not exist. {DOWNLOAD_HINT}")]
+    NotFound { path: PathBuf },
+    #[error(
+        "{dir} is not a complete Stable Diffusion folder; missing:\n  {}\n{DOWNLOAD_HINT}",
+        missing.join("\n  ")
+    )]
+    Incomplete { dir: PathBuf, missing: Vec<String> },
+    #[error(
+        "{path} is a PyTorch pickle; pickles can run code when loaded and are not read. Use the \
+         model's .safetensors files (or convert the pickle with diffusers' scripts)"
+    )]
+    Pickle { path: PathBuf },
+    #[error(
+        "{path} is a single-file checkpoint, which holds no tokenizer and no configs: also give a \
+         diffusers folder of the same model to take them from (`--config-from <folder>` for \
+         `sample`, `model.pretrained_config` in a config). {DOWNLOAD_HINT}"
+    )]
+    NeedConfigFolder { path: PathBuf },
+    #[error("{path} is not a Stable Diffusion single-file checkpoint: {why}")]
+    NotSingleFile { path: PathBuf, why: String },
+    #[error("{path}: {message}")]
+    Config { path: PathBuf, message: String },
+    #[error(transparent)]
+    Io(#[from] IoError),
+    #[error(transparent)]
+    Tokenizer(#[from] TokenizerError),
+}
+
+/// Where a pretrained model comes from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Pretrained {
+    Folder(PathBuf),
+    SingleFile {
+        file: PathBuf,
+        /// A diffusers folder to take the tokenizer, configs and scheduler from.
+        configs: Option<PathBuf>,
+    },
+}
+
+impl Pretrained {
+    /// A folder, or a `.safetensors` file (`configs` names the folder its tokenizer and
+    /// configs come from). Pickles are refused.
+    pub fn detect(path: &Path, configs: Option<&Path>) -> Result<Self, PretrainedError> {
+        if !path.exists() {
+            return Err(PretrainedError::NotFound {
+                path: path.to_path_buf(),
+            });
+        }
+        if path.is_dir() {
+            return Ok(Self::Folder(path.to_path_buf()));
+        }
+        let ext = path
+            .extension()
+            .and_then(|e| e.to_str())
+            .map(str::to_ascii_lowercase);
+        match ext.as_deref() {
+            Some("ckpt" | "pt" | "pth" | "bin") => Err(PretrainedError::Pickle {
+                path: path.to_path_buf(),
+            }),
+            _ => Ok(Self::SingleFile {
+                file: path.to_path_buf(),
+                configs: configs.map(Path::to_path_buf),
+            }),
+        }
+    }
+
+    /// Whether `path` looks like a pretrained Stable Diffusion model rather than a run.
+    pub fn looks_like(path: &Path) -> bool {
+        path.join("model_index.json").is_file()
+            || (path.is_file()
+                && path
+                    .extension()
+                    .is_some_and(|e| e == "safetensors" || e == "ckpt"))
+    }
+}
+
+/// A loaded Stable Diffusion model: the three networks, the tokenizer and the schedule.
+pub struct StableDiffusion {
+    pub unet: UNet2DConditionModel,
+    pub unet_config: UNet2DConditionConfig,
+    pub vae: AutoencoderKL,
+    pub vae_config: AutoencoderKLConfig,
+    pub text_encoder: CLIPTextModel,
+    pub text_config: CLIPTextConfig,
+    pub tokenizer: ClipTokenizer,
+    pub scheduler: SchedulerConfig,
+}
+
+impl StableDiffusion {
+    /// Image pixels per latent position (the VAE's `2^(levels - 1)`).
+    pub fn vae_factor(&self) -> usize {
+        self.vae_config.downsampling()
+    }
+
+    /// diffusers' default image size: the U-Net's `sample_size` times the VAE factor.
+    pub fn default_size(&self) -> usize {
+        self.unet_config.sample_size * self.vae_factor()
+    }
+}
+
+/// The weights file of a component: `<stem>.safetensors`, else `<stem>.fp16.safetensors`.
+fn weights_in(dir: &Path, stem: &str) -> Result<PathBuf, String> {
+    for name in [
+        format!("{stem}.safetensors"),
+        format!("{stem}.fp16.safetensors"),
+    ] {
+        if dir.join(&name).is_file() {
+            return Ok(dir.join(name));
+        }
+    }
+    let pickle = dir.join(format!("{stem}.bin"));
+    Err(if pickle.is_file() {
+        format!(
+            "{} (only {} is there: a PyTorch pickle, not read; get the .safetensors file)",
+            dir.join(format!("{stem}.safetensors")).display(),
+            pickle.display()
+        )
+    } else {
+        format!(
+            "{} (or {stem}.fp16.safetensors)",
+            dir.join(format!("{stem}.safetensors")).display()
+        )
+    })
+}
+
+fn json_config<T>(
+    path: &Path,
+    parse: impl Fn(&serde_json::Value) -> Result<T, String>,
+) -> Result<T, PretrainedError> {
+    let value = io::read_json(path)?;
+    parse(&value).map_err(|message| PretrainedError::Config {
+        path: path.to_path_buf(),
+        message,
+    })
+}
+
+/// The configs, tokenizer and schedule a folder provides.
+struct FolderParts {
+    unet: UNet2DConditionConfig,
+    vae: AutoencoderKLConfig,
+    text: CLIPTextConfig,
+    tokenizer: ClipTokenizer,
+    scheduler: SchedulerConfig,
+}
+
+/// Checks every file a folder needs up front and reports all that are missing.
+fn folder_parts(dir: &Path, need_weights: bool) -> Result<FolderParts, PretrainedError> {
+    let mut missing = Vec::new();
+    let need = |rel: &str, missing: &mut Vec<String>| {
+        if !dir.join(rel).is_file() {
+            missing.push(dir.join(rel).display().to_string());
+        }
+    };
+    for rel in [
+        "unet/config.json",
+        "vae/config.json",
+        "text_encoder/config.json",
+        "scheduler/scheduler_config.json",
+    ] {
+        need(rel, &mut missing);
+    }
+    let tok = dir.join("tokenizer");
+    if !tok.join("tokenizer.json").is_file()
+        && !(tok.join("vocab.json").is_file() && tok.join("merges.txt").is_file())
+    {
+        missing.push(format!(
+            "{} (tokenizer.json, or vocab.json and merges.txt)",
+            tok.display()
+        ));
+    }
+    if need_weights {
+        for (sub, stem) in [
+            ("unet", "diffusion_pytorch_model"),
+            ("vae", "diffusion_pytorch_model"),
+            ("text_encoder", "model"),
+        ] {
+            if let Err(m) = weights_in(&dir.join(sub), stem) {
+                missing.push(m);
+            }
+        }
+    }
+    if !missing.is_empty() {
+        return Err(PretrainedError::Incomplete {
+            dir: dir.to_path_buf(),
+            missing,
+        });
+    }
+    Ok(FolderParts {
+        unet: json_config(
+            &dir.join("unet/config.json"),
+            UNet2DConditionConfig::from_diffusers_json,
+        )?,
+        vae: json_config(
+            &dir.join("vae/config.json"),
+            AutoencoderKLConfig::from_diffusers_json,
+        )?,
+        text: json_config(
+            &dir.join("text_encoder/config.json"),
+            CLIPTextConfig::from_transformers_json,
+        )?,
+        tokenizer: ClipTokenizer::from_dir(&tok)?,
+        scheduler: json_config(
+            &dir.join("scheduler/scheduler_config.json"),
+            SchedulerConfig::from_diffusers_json,
+        )?,
+    })
+}
+
+fn check<T>(path: &Path, problems: Vec<String>, value: T) -> Result<T, PretrainedError> {
+    if problems.is_empty() {
+        Ok(value)
+    } else {
+        Err(PretrainedError::Config {
+            path: path.to_path_buf(),
+            message: problems.join("; "),
+        })
+    }
+}
+
+/// Loads `source` onto `device`.
+pub fn load(source: &Pretrained, device: &Device) -> Result<StableDiffusion, PretrainedError> {
+    match source {
+        Pretrained::Folder(dir) => load_folder(dir, device),
+        Pretrained::SingleFile { file, configs } => {
+            let configs = configs
+                .as_ref()
+                .ok_or_else(|| PretrainedError::NeedConfigFolder { path: file.clone() })?;
+            load_single_file(file, configs, device)
+        }
+    }
+}
+
+fn build<M>(make: impl FnOnce() -> M) -> M {
+    crate::nn::without_init(make)
+}
+
+fn load_folder(dir: &Path, device: &Device) -> Result<StableDiffusion, PretrainedError> {
+    if !dir.exists() {
+        return Err(PretrainedError::NotFound {
+            path: dir.to_path_buf(),
+        });
+    }
+    let parts = folder_parts(dir, true)?;
+    let weights = |sub: &str, stem: &str| -> Result<PathBuf, PretrainedError> {
+        weights_in(&dir.join(sub), stem).map_err(|m| PretrainedError::Incomplete {
+            dir: dir.to_path_buf(),
+            missing: vec![m],
+        })
+    };
+    let unet_path = weights("unet", "diffusion_pytorch_model")?;
+    check(&unet_path, parts.unet.problems("unet"), ())?;
+    let unet = safetensors::load_file(build(|| parts.unet.init(device)), &unet_path)?;
+    let vae_path = weights("vae", "diffusion_pytorch_model")?;
+    check(&vae_path, parts.vae.problems("vae"), ())?;
+    let vae_file = SafetensorsFile::open(&vae_path)?;
+    let vae_view = View::renamed(&vae_file, keys::vae_legacy_attention, |_| false);
+    let vae = safetensors::load_into(build(|| parts.vae.init(device)), &vae_view, &vae_path)?;
+    let te_path = weights("text_encoder", "model")?;
+    check(&te_path, parts.text.problems("text_encoder"), ())?;
+    let te_file = SafetensorsFile::open(&te_path)?;
+    let te_view = View::renamed(&te_file, keys::clip_text_model_prefix, keys::clip_buffer);
+    let text_encoder =
+        safetensors::load_into(build(|| parts.text.init(device)), &te_view, &te_path)?;
+    Ok(StableDiffusion {
+        unet,
+        unet_config: parts.unet,
+        vae,
+        vae_config: parts.vae,
+        text_encoder,
+        text_config: parts.text,
+        tokenizer: parts.tokenizer,
+        scheduler: parts.scheduler,
+    })
+}
+
+fn unet_layout(cfg: &UNet2DConditionConfig) -> UNetLayout {
+    UNetLayout {
+        layers_per_block: cfg.layers_per_block,
+        down_attention: cfg
+            .down_block_types
+            .iter()
+            .map(|t| *t == CondDownBlockType::CrossAttnDownBlock2D)
+            .collect(),
+        up_attention: cfg
+            .up_block_types
+            .iter()
+            .map(|t| *t == CondUpBlockType::CrossAttnUpBlock2D)
+            .collect(),
+        class_embedding: cfg.num_class_embeds.is_some(),
+    }
+}
+
+fn load_single_file(
+    file: &Path,
+    configs: &Path,
+    device: &Device,
+) -> Result<StableDiffusion, PretrainedError> {
+    let parts = folder_parts(configs, false)?;
+    let st = SafetensorsFile::open(file)?;
+    let keys = st.keys();
+    let not_sd = |why: &str| PretrainedError::NotSingleFile {
+        path: file.to_path_buf(),
+        why: why.to_string(),
+    };
+    if !keys.iter().any(|k| k.starts_with(single_file::UNET_PREFIX)) {
+        return Err(not_sd(
+            "it has no model.diffusion_model.* tensors (a diffusers component or a LoRA?)",
+        ));
+    }
+    let text_layout = single_file::text_encoder_layout(&keys)
+        .ok_or_else(|| not_sd("it has no text encoder (cond_stage_model.*)"))?;
+    check(file, parts.unet.problems("unet"), ())?;
+    let unet_view = View::from_entries(
+        &st,
+        single_file::unet_entries(&keys, &unet_layout(&parts.unet)),
+    );
+    let unet = safetensors::load_into(build(|| parts.unet.init(device)), &unet_view, file)?;
+    let levels = parts.vae.block_out_channels.len();
+    let vae_view = View::from_entries(&st, single_file::vae_entries(&keys, levels, &st));
+    let vae = safetensors::load_into(build(|| parts.vae.init(device)), &vae_view, file)?;
+    let te_entries = single_file::text_encoder_entries(
+        &keys,
+        text_layout,
+        parts.text.num_hidden_layers,
+        &st as &dyn TensorSource,
+    );
+    let te_view = View::from_entries(&st, te_entries);
+    let text_encoder = safetensors::load_into(build(|| parts.text.init(device)), &te_view, file)?;
+    Ok(StableDiffusion {
+        unet,
+        unet_config: parts.unet,
+        vae,
+        vae_config: parts.vae,
+        text_encoder,
+        text_config: parts.text,
+        tokenizer: parts.tokenizer,
+        scheduler: parts.scheduler,
+    })
+}
+
+/// Parameters of each network, for messages.
+pub fn parameter_counts(sd: &StableDiffusion) -> [usize; 3] {
+    [
+        sd.unet.num_params(),
+        sd.vae.num_params(),
+        sd.text_encoder.num_params(),
+    ]
+}
