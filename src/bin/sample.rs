@@ -1,7 +1,9 @@
-//! `sample --checkpoint <dir> --num 64 --steps 50 --sampler ddim --seed 0 --out grid.png`
+//! `sample --checkpoint <run | export | checkpoint | SD folder | SD .safetensors> [options]`
 //!
-//! Diffusion runs sample with DDPM/DDIM; PixelCNN priors sample code maps (`--temperature`)
-//! and decode them with their VQ-VAE (`pipelines::sample` decides per family).
+//! Diffusion runs sample with the run's sampler (or `--sampler`); PixelCNN priors sample code
+//! maps (`--temperature`) and decode them with their VQ-VAE; Stable Diffusion models (a
+//! diffusers folder, or a single file with `--config-from <folder>`) generate from `--prompt`
+//! with classifier-free guidance. `pipelines::sample` decides per model.
 
 use std::path::PathBuf;
 
@@ -12,29 +14,60 @@ use difftrain::io;
 use difftrain::pipelines::{self, SampleRequest};
 
 #[derive(Parser)]
-#[command(version, about = "Sample images from trained weights")]
+#[command(
+    version,
+    about = "Sample images from trained weights or a Stable Diffusion model"
+)]
 struct Args {
-    /// A checkpoint directory (EMA weights when it has them), an export folder, or a run's
-    /// output_dir (its export, else its latest checkpoint).
+    /// A run's output_dir (its export, else its latest checkpoint), an export folder, a
+    /// checkpoint directory (EMA weights when it has them), a diffusers Stable Diffusion folder,
+    /// or a single-file Stable Diffusion checkpoint (.safetensors).
     #[arg(long)]
     checkpoint: PathBuf,
-    #[arg(long, default_value_t = 16)]
-    num: usize,
-    /// Inference steps (default: the run's sample.num_inference_steps).
+    /// Number of images (default 16 for runs, 1 for text-to-image).
+    #[arg(long)]
+    num: Option<usize>,
+    /// Inference steps (default: the run's sample.num_inference_steps; 50 for Stable Diffusion).
     #[arg(long)]
     steps: Option<usize>,
     #[arg(long, value_enum)]
     sampler: Option<Sampler>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// A .png path writes one grid; any other path is a folder for one PNG per image.
     #[arg(long, default_value = "grid.png")]
     out: PathBuf,
     /// PixelCNN priors: divide logits by this (default: the run's sample.temperature).
     #[arg(long)]
     temperature: Option<f64>,
-    /// Override the device the run used, e.g. `cpu`.
+    /// Override the device (`cpu`, `cuda:0`, ...).
     #[arg(long)]
     device: Option<String>,
+    /// Text-to-image: the prompt.
+    #[arg(long)]
+    prompt: Option<String>,
+    /// Text-to-image: what to steer away from (the unconditional branch of guidance).
+    #[arg(long)]
+    negative_prompt: Option<String>,
+    /// Classifier-free guidance scale (default 7.5; 1 turns guidance off).
+    #[arg(long)]
+    guidance_scale: Option<f64>,
+    /// A1111/kohya's "clip skip": 1 = the text encoder's last layer, 2 = the one before.
+    #[arg(long)]
+    clip_skip: Option<usize>,
+    /// Image size (default: the U-Net's sample_size times the VAE factor).
+    #[arg(long)]
+    width: Option<usize>,
+    #[arg(long)]
+    height: Option<usize>,
+    /// Initial latents: a safetensors file with one f32 tensor `latents` of shape
+    /// [num, channels, height/f, width/f] (diffusers' `latents=`), to reproduce an image exactly.
+    #[arg(long)]
+    latents: Option<PathBuf>,
+    /// For a single-file checkpoint: the diffusers folder of the same model to take its
+    /// tokenizer, configs and scheduler from.
+    #[arg(long)]
+    config_from: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -62,13 +95,26 @@ fn run(args: Args) -> anyhow::Result<()> {
         seed: args.seed,
         temperature: args.temperature,
         device: args.device,
+        prompt: args.prompt,
+        negative_prompt: args.negative_prompt,
+        guidance_scale: args.guidance_scale,
+        clip_skip: args.clip_skip,
+        width: args.width,
+        height: args.height,
+        latents: args.latents,
+        config_from: args.config_from,
     };
     let (grid, weights) = pipelines::sample(&args.checkpoint, &request)?;
-    io::image::save_grid(&grid, &args.out)
-        .with_context(|| format!("writing {}", args.out.display()))?;
+    let n = grid.shape[0];
+    if args.out.extension().is_some_and(|e| e == "png") {
+        io::image::save_grid(&grid, &args.out)
+            .with_context(|| format!("writing {}", args.out.display()))?;
+    } else {
+        io::image::save_images(&grid, &args.out)
+            .with_context(|| format!("writing into {}", args.out.display()))?;
+    }
     eprintln!(
-        "wrote {} samples from {} to {}",
-        args.num,
+        "wrote {n} samples from {} to {}",
         weights.display(),
         args.out.display()
     );

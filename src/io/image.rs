@@ -80,3 +80,45 @@ pub fn save_grid(grid: &Grid, path: &Path) -> Result<GridPng, IoError> {
     write_atomic(path, &grid.png)?;
     Ok(grid)
 }
+
+/// Writes each image of a grid as its own PNG, `<dir>/<index:04>.png`; returns the paths.
+pub fn save_images(grid: &Grid, dir: &Path) -> Result<Vec<std::path::PathBuf>, IoError> {
+    let [n, c, h, w] = grid.shape;
+    let per = c * h * w;
+    (0..n)
+        .map(|i| {
+            let path = dir.join(format!("{i:04}.png"));
+            let one = Grid {
+                images: grid.images[i * per..(i + 1) * per].to_vec(),
+                shape: [1, c, h, w],
+                columns: 1,
+            };
+            let png = single_png(&one).map_err(|message| IoError::Image {
+                path: path.clone(),
+                message,
+            })?;
+            write_atomic(&path, &png)?;
+            Ok(path)
+        })
+        .collect()
+}
+
+/// One image without the grid's border.
+fn single_png(grid: &Grid) -> Result<Vec<u8>, String> {
+    let [_, c, h, w] = grid.shape;
+    let to_u8 = |v: f32| (((v.clamp(-1.0, 1.0) + 1.0) * 127.5).round()) as u8;
+    let mut img = ::image::RgbImage::new(w as u32, h as u32);
+    for y in 0..h {
+        for x in 0..w {
+            let px = |ch: usize| to_u8(grid.images[(ch.min(c - 1) * h + y) * w + x]);
+            img.put_pixel(x as u32, y as u32, ::image::Rgb([px(0), px(1), px(2)]));
+        }
+    }
+    let mut png = Vec::new();
+    img.write_to(
+        &mut std::io::Cursor::new(&mut png),
+        ::image::ImageFormat::Png,
+    )
+    .map_err(|e| e.to_string())?;
+    Ok(png)
+}

@@ -24,6 +24,23 @@ use crate::models::{Architecture, Family};
 use crate::train::objectives::diffusion::build_model;
 use crate::train::{RunSummary, TrainError, TrainOptions};
 
+/// What can go wrong in a pipeline beyond training itself.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error(transparent)]
+    Train(#[from] TrainError),
+    #[error(transparent)]
+    Pretrained(#[from] stable_diffusion::PretrainedError),
+    #[error(transparent)]
+    Generate(#[from] text_to_image::GenerateError),
+    #[error(transparent)]
+    Io(#[from] crate::io::IoError),
+    #[error(transparent)]
+    Device(#[from] crate::device::DeviceError),
+    #[error("{0}")]
+    Invalid(String),
+}
+
 /// Trains the model family `cfg.model.architecture` names.
 pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<RunSummary, TrainError> {
     Ok(match cfg.model.architecture.family() {
@@ -99,26 +116,48 @@ pub fn load_weights<M: Module>(
     Ok((model, weights))
 }
 
-/// What `sample` asks of a trained run.
-#[derive(Debug, Clone)]
+/// What `sample` asks of a trained run or a pretrained model.
+#[derive(Debug, Clone, Default)]
 pub struct SampleRequest {
-    pub num: usize,
-    /// Inference steps (default: the run's `sample.num_inference_steps`).
+    /// Images (default 16 for runs, 1 for text-to-image).
+    pub num: Option<usize>,
+    /// Inference steps (default: the run's `sample.num_inference_steps`; 50 for pretrained).
     pub steps: Option<usize>,
     pub sampler: Option<SamplerKind>,
     pub seed: u64,
     /// PixelCNN priors: divide logits by this (default: the run's `sample.temperature`).
     pub temperature: Option<f64>,
-    /// Overrides the device the run used.
+    /// Overrides the device the run used (pretrained models: default `cpu`).
     pub device: Option<String>,
+    /// Text-to-image: the prompt, negative prompt, guidance, clip skip, size, initial latents
+    /// (a safetensors file with one f32 tensor `latents`), and the folder a single-file
+    /// checkpoint takes its tokenizer and configs from.
+    pub prompt: Option<String>,
+    pub negative_prompt: Option<String>,
+    pub guidance_scale: Option<f64>,
+    pub clip_skip: Option<usize>,
+    pub width: Option<usize>,
+    pub height: Option<usize>,
+    pub latents: Option<PathBuf>,
+    pub config_from: Option<PathBuf>,
 }
 
-/// Generates `req.num` images from a run, an export or a checkpoint; returns them and the
-/// weights file used.
-pub fn sample(dir: &Path, req: &SampleRequest) -> Result<(Grid, PathBuf), TrainError> {
-    let bad = |msg: String| Err(TrainError::Stage(msg));
-    if req.num == 0 {
+/// Generates images from a run, an export, a checkpoint, or a pretrained Stable Diffusion model
+/// (folder or single file); returns them and a description of the weights used.
+pub fn sample(dir: &Path, req: &SampleRequest) -> Result<(Grid, PathBuf), PipelineError> {
+    if stable_diffusion::Pretrained::looks_like(dir) {
+        return text_to_image::sample_pretrained(dir, req);
+    }
+    let bad = |msg: String| Err(PipelineError::Invalid(msg));
+    let num = req.num.unwrap_or(16);
+    if num == 0 {
         return bad("--num must be at least 1".into());
+    }
+    if req.prompt.is_some() || req.negative_prompt.is_some() {
+        return bad(format!(
+            "{} is not a text-conditioned model: --prompt applies to Stable Diffusion models",
+            dir.display()
+        ));
     }
     let overrides: Vec<String> = req
         .device
@@ -127,7 +166,8 @@ pub fn sample(dir: &Path, req: &SampleRequest) -> Result<(Grid, PathBuf), TrainE
         .collect();
     // Located (and a checkpoint verified) once; the config decides how to load the weights.
     let (root, weights) = locate(dir)?;
-    let cfg = Config::load(&root.join(checkpoint::CONFIG_FILE), &overrides)?;
+    let cfg =
+        Config::load(&root.join(checkpoint::CONFIG_FILE), &overrides).map_err(TrainError::from)?;
     let device = parse_device(&cfg.run.device)?;
     let res = cfg.data.resolution;
     match cfg.model.architecture.family() {
@@ -141,15 +181,8 @@ pub fn sample(dir: &Path, req: &SampleRequest) -> Result<(Grid, PathBuf), TrainE
                     cfg.diffusion.num_train_timesteps
                 ));
             }
-            let (images, shape) = ddpm::generate(
-                &model,
-                &cfg,
-                &device,
-                req.num,
-                req.steps,
-                req.sampler,
-                req.seed,
-            );
+            let (images, shape) =
+                ddpm::generate(&model, &cfg, &device, num, req.steps, req.sampler, req.seed);
             Ok((Grid::square(images, shape), weights))
         }
         Family::PixelCnn => {
@@ -166,12 +199,12 @@ pub fn sample(dir: &Path, req: &SampleRequest) -> Result<(Grid, PathBuf), TrainE
                 &prior,
                 &stage1.model,
                 res,
-                req.num,
+                num,
                 temperature,
                 req.seed,
                 &device,
             );
-            let shape = [req.num, cfg.image_channels(), res, res];
+            let shape = [num, cfg.image_channels(), res, res];
             Ok((Grid::square(images, shape), weights))
         }
         Family::Vqvae => bad(format!(

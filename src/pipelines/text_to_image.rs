@@ -8,9 +8,12 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;
 
-use super::stable_diffusion::StableDiffusion;
+use super::stable_diffusion::{self, Pretrained, StableDiffusion};
+use crate::device::parse_device;
 use crate::diffusion::guidance::Guided;
 use crate::diffusion::sampling::{self, SamplerKind};
+use crate::io::image::Grid;
+use crate::io::safetensors::SafetensorsFile;
 use crate::tokenizer::TokenizerError;
 
 #[derive(Debug, thiserror::Error)]
@@ -134,4 +137,64 @@ pub fn text_to_image(
     Ok(sd
         .vae
         .decode(latents.div_scalar(sd.vae_config.scaling_factor)))
+}
+
+/// `sample` on a pretrained Stable Diffusion folder or single file.
+pub fn sample_pretrained(
+    path: &std::path::Path,
+    req: &super::SampleRequest,
+) -> Result<(Grid, std::path::PathBuf), super::PipelineError> {
+    let device = parse_device(req.device.as_deref().unwrap_or("cpu"))?;
+    let source = Pretrained::detect(path, req.config_from.as_deref())?;
+    let sd = stable_diffusion::load(&source, &device)?;
+    let num = req.num.unwrap_or(1);
+    let size = sd.default_size();
+    let latents = match &req.latents {
+        Some(file) => Some(read_latents(file, &device)?),
+        None => None,
+    };
+    let request = TextToImage {
+        prompt: req.prompt.clone().unwrap_or_default(),
+        negative_prompt: req.negative_prompt.clone().unwrap_or_default(),
+        guidance_scale: req.guidance_scale.unwrap_or(7.5),
+        steps: req.steps.unwrap_or(50),
+        sampler: req.sampler,
+        seed: req.seed,
+        width: req.width.unwrap_or(size),
+        height: req.height.unwrap_or(size),
+        num,
+        latents,
+        clip_skip: req.clip_skip.unwrap_or(1),
+    };
+    let images = text_to_image(&sd, &request, &device)?.clamp(-1.0, 1.0);
+    let shape = images.dims();
+    let pixels = images
+        .into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .expect("f32 after convert");
+    Ok((Grid::square(pixels, shape), path.to_path_buf()))
+}
+
+/// `--latents FILE`: one f32 tensor named `latents` (diffusers' `latents=` argument).
+fn read_latents(
+    path: &std::path::Path,
+    device: &Device,
+) -> Result<Tensor<4>, super::PipelineError> {
+    let file = SafetensorsFile::open(path)?;
+    let data = file.read("latents").map_err(|e| {
+        super::PipelineError::Invalid(format!(
+            "{}: {e}; expected one float tensor named \"latents\" of shape [num, channels, \
+             height / f, width / f]",
+            path.display()
+        ))
+    })?;
+    if data.shape().num_dims() != 4 {
+        return Err(super::PipelineError::Invalid(format!(
+            "{}: \"latents\" has shape {:?}; expected 4 dimensions [num, channels, h, w]",
+            path.display(),
+            data.shape()
+        )));
+    }
+    Ok(Tensor::from_data(data, (device, burn::tensor::DType::F32)))
 }
