@@ -16,6 +16,7 @@ pub mod diffusion;
 pub mod distributed;
 pub mod io;
 pub mod kernels;
+pub mod memory;
 pub mod models;
 pub mod nn;
 pub mod optim;
@@ -34,6 +35,26 @@ pub mod train;
 /// benchmark run; with these settings it is ~47k. The cost is that the process keeps its peak
 /// heap until it exits, which a training run reaches every step anyway.
 pub fn tune_allocator() {
+    tune_glibc();
+}
+
+/// The allocator every binary installs: large blocks cached for reuse ([`memory`]).
+#[macro_export]
+macro_rules! global_allocator {
+    () => {
+        #[global_allocator]
+        static ALLOCATOR: $crate::memory::CachingAllocator =
+            $crate::memory::CachingAllocator::new();
+
+        /// Gives the caching allocator its budget, then tunes glibc ([`$crate::tune_allocator`]).
+        fn tune_allocator() {
+            ALLOCATOR.set_cap($crate::memory::default_cap());
+            $crate::tune_allocator();
+        }
+    };
+}
+
+fn tune_glibc() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
         // glibc's ceiling for M_MMAP_THRESHOLD on 64-bit (HEAP_MAX_SIZE / 2); larger blocks

@@ -121,7 +121,9 @@ fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+difftrain::global_allocator!();
+
 fn main() -> std::process::ExitCode {
-    difftrain::tune_allocator();
+    tune_allocator();
     difftrain::exit_code(run(Args::parse()))
 }

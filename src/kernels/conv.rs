@@ -72,10 +72,22 @@ impl Conv2dGeom {
     pub fn weight_len(&self) -> usize {
         self.cout * self.rows()
     }
+    /// How each per-image GEMM runs: alone when there are at least as many images as threads
+    /// (the images already keep every thread busy), else spread over the threads (batch 1, as
+    /// in Stable Diffusion fine-tuning).
+    fn gemm_par(&self) -> gemm::Parallelism {
+        if self.batch >= rayon::current_num_threads() {
+            gemm::Parallelism::None
+        } else {
+            gemm::Parallelism::Rayon(0)
+        }
+    }
 }
 
 /// `dst (+)= lhs · rhs` with `lhs` `[m, k]` and `rhs` `[k, n]` given as (slice, row stride, column
-/// stride), `dst` row-major `[m, n]`; single-threaded (callers parallelise over images).
+/// stride), `dst` row-major `[m, n]`. Callers parallelise over images; with fewer images than
+/// threads `par` lets gemm split each product over the idle threads (gemm splits the output,
+/// never the k sum, so the result does not depend on the thread count).
 #[allow(clippy::too_many_arguments)]
 fn matmul(
     dst: &mut [f32],
@@ -83,6 +95,7 @@ fn matmul(
     accumulate: bool,
     lhs: (&[f32], usize, usize),
     rhs: (&[f32], usize, usize),
+    par: gemm::Parallelism,
 ) {
     let (lhs, lhs_rs, lhs_cs) = lhs;
     let (rhs, rhs_rs, rhs_cs) = rhs;
@@ -133,7 +146,7 @@ fn matmul(
             false,
             false,
             false,
-            gemm::Parallelism::None,
+            par,
         )
     }
 }
@@ -484,12 +497,20 @@ pub fn forward(g: &Conv2dGeom, x: &[f32], weight: &[f32], bias: Option<&[f32]>) 
                         i > 0,
                         (&per_tap[i * g.cout * ck..], ck, 1),
                         (&col[i * g.padded_w()..], len, 1),
+                        g.gemm_par(),
                     );
                 }
             } else {
                 let cols = columns(g, xb, col, padded);
                 if g.plan() == Plan::PaddedRows {
-                    matmul(grid, (g.cout, n, kk), false, (weight, kk, 1), (cols, n, 1));
+                    matmul(
+                        grid,
+                        (g.cout, n, kk),
+                        false,
+                        (weight, kk, 1),
+                        (cols, n, 1),
+                        g.gemm_par(),
+                    );
                 } else {
                     if let Some(bias) = bias {
                         for (row, b) in yb.chunks_mut(l).zip(bias) {
@@ -502,6 +523,7 @@ pub fn forward(g: &Conv2dGeom, x: &[f32], weight: &[f32], bias: Option<&[f32]>) 
                         bias.is_some(),
                         (weight, kk, 1),
                         (cols, l, 1),
+                        g.gemm_par(),
                     );
                     return;
                 }
@@ -559,14 +581,16 @@ pub fn input_grad(g: &Conv2dGeom, weight: &[f32], grad: &[f32]) -> Vec<f32> {
             // Wᵀ is `[kk, cout]`: element (r, o) sits at weight[o·kk + r].
             let wt = (weight, 1, kk);
             match g.plan() {
-                Plan::Pointwise => matmul(dxb, (kk, l, g.cout), false, wt, (gb, l, 1)),
+                Plan::Pointwise => {
+                    matmul(dxb, (kk, l, g.cout), false, wt, (gb, l, 1), g.gemm_par())
+                }
                 Plan::Strided => {
-                    matmul(col, (kk, l, g.cout), false, wt, (gb, l, 1));
+                    matmul(col, (kk, l, g.cout), false, wt, (gb, l, 1), g.gemm_par());
                     col2im_add(g, col, dxb);
                 }
                 Plan::PaddedRows => {
                     grad_to_grid(g, gb, grid);
-                    matmul(col, (kk, n, g.cout), false, wt, (grid, n, 1));
+                    matmul(col, (kk, n, g.cout), false, wt, (grid, n, 1), g.gemm_par());
                     col2im_rows(g, col, padded);
                     let (wp, plane) = (g.padded_w(), g.padded_plane());
                     for c in 0..g.cin {
@@ -624,16 +648,31 @@ pub fn weight_grad(
                                 true,
                                 (&col[i * g.padded_w()..], len, 1),
                                 (grid, 1, n),
+                                g.gemm_par(),
                             );
                         }
                     } else if g.plan() == Plan::PaddedRows {
                         let cols = columns(g, xb, col, padded);
                         // gᵀ is `[n, cout]`: element (p, o) sits at g[o·n + p].
                         grad_to_grid(g, gb, grid);
-                        matmul(&mut dwt, (kk, g.cout, n), true, (cols, n, 1), (grid, 1, n));
+                        matmul(
+                            &mut dwt,
+                            (kk, g.cout, n),
+                            true,
+                            (cols, n, 1),
+                            (grid, 1, n),
+                            g.gemm_par(),
+                        );
                     } else {
                         let cols = columns(g, xb, col, padded);
-                        matmul(&mut dwt, (kk, g.cout, l), true, (cols, l, 1), (gb, 1, l));
+                        matmul(
+                            &mut dwt,
+                            (kk, g.cout, l),
+                            true,
+                            (cols, l, 1),
+                            (gb, 1, l),
+                            g.gemm_par(),
+                        );
                     }
                     for (d, row) in db.iter_mut().zip(gb.chunks(l)) {
                         *d += row.iter().sum::<f32>();

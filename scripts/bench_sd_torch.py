@@ -1,0 +1,95 @@
+"""The PyTorch side of scripts/bench_sd.sh: the same Stable Diffusion 1.5-architecture
+measurements as `bench_sd`, with diffusers, random weights, eager float32 on the CPU. One JSON line.
+
+    .venv/bin/python scripts/bench_sd_torch.py unet --latent 32 --batch 1 --threads 2
+    .venv/bin/python scripts/bench_sd_torch.py txt2img --size 512 --steps 20 --threads 2
+    .venv/bin/python scripts/bench_sd_torch.py lora --latent 64 --threads 2   # LoRA step (peft)
+"""
+import argparse
+import json
+import os
+import resource
+import time
+
+import torch
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+
+
+def sd15_unet():
+    from diffusers import UNet2DConditionModel
+
+    # runwayml/stable-diffusion-v1-5's unet/config.json (diffusers' defaults + these).
+    return UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
+
+
+def peak_rss_mib():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def unet(args):
+    model = sd15_unet()
+    b, s = args.batch, args.latent
+    x, target = torch.randn(b, 4, s, s), torch.randn(b, 4, s, s)
+    ctx, t = torch.randn(b, 77, 768), torch.full((b,), 500.0)
+    times, fwd = [], 0.0
+    for i in range(args.warmup + args.steps):
+        start = time.perf_counter()
+        loss = torch.nn.functional.mse_loss(model(x, t, ctx).sample, target)
+        loss.item()
+        f = time.perf_counter() - start
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+        if i >= args.warmup:
+            times.append(time.perf_counter() - start)
+            fwd += f
+    times.sort()
+    return {"case": "sd15_unet_fwd_bwd", "params": sum(p.numel() for p in model.parameters()),
+            "latent": s, "batch": b, "steps": args.steps, "median_s": times[len(times) // 2],
+            "forward_share": fwd / sum(times)}
+
+
+def txt2img(args):
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    pipe = StableDiffusionPipeline(
+        vae=AutoencoderKL(block_out_channels=[128, 256, 512, 512], layers_per_block=2, latent_channels=4,
+                          down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+                          sample_size=512),
+        text_encoder=CLIPTextModel(CLIPTextConfig()),
+        tokenizer=CLIPTokenizer.from_pretrained(os.path.join(ROOT, "tests/fixtures/sd/tokenizer")),
+        unet=sd15_unet(),
+        scheduler=DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                clip_sample=False, set_alpha_to_one=False, steps_offset=1),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    start = time.perf_counter()
+    with torch.no_grad():
+        pipe("a photo of a mountain at sunrise", height=args.size, width=args.size,
+             num_inference_steps=args.steps, guidance_scale=7.5, output_type="np",
+             generator=torch.Generator().manual_seed(0))
+    return {"case": "sd15_txt2img", "size": args.size, "steps": args.steps,
+            "seconds": time.perf_counter() - start}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("what", choices=["unet", "txt2img"])
+    ap.add_argument("--latent", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    row = unet(args) if args.what == "unet" else txt2img(args)
+    row.update({"impl": f"pytorch-{torch.__version__}", "peak_rss_mib": peak_rss_mib(),
+                "threads": torch.get_num_threads()})
+    print(json.dumps(row))
+
+
+if __name__ == "__main__":
+    main()
