@@ -109,21 +109,10 @@ unsafe impl GlobalAlloc for CachingAllocator {
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        if layout.size() < LARGE && new_size < LARGE {
-            // SAFETY: a small block from `System`, resized by `System`.
-            return unsafe { System.realloc(ptr, layout, new_size) };
-        }
-        // SAFETY: `new_size` is non-zero and valid for `layout.align()` (the caller's contract).
-        let new_layout = unsafe { Layout::from_size_align_unchecked(new_size, layout.align()) };
-        // SAFETY: as in `alloc`; then the old block's bytes are copied and it is freed.
-        unsafe {
-            let new = self.alloc(new_layout);
-            if !new.is_null() {
-                std::ptr::copy_nonoverlapping(ptr, new, layout.size().min(new_size));
-                self.dealloc(ptr, layout);
-            }
-            new
-        }
+        // Every block, cached or not, came from `System` with its layout, so `System` can resize
+        // it (with `mremap` for large ones, no copy).
+        // SAFETY: forwarded with the caller's pointer, layout and size.
+        unsafe { System.realloc(ptr, layout, new_size) }
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {

@@ -297,3 +297,79 @@ mod tests {
         assert_eq!(silu(&x), generic);
     }
 }
+
+#[inline(always)]
+fn softmax_rows_scaled_block(s: &mut [f32], len: usize, scale: f32, lse: &mut [f32]) {
+    for (row, l) in s.chunks_mut(len).zip(lse.iter_mut()) {
+        let max = row.iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v)) * scale;
+        for v in row.iter_mut() {
+            *v = exp(*v * scale - max);
+        }
+        let sum = lane_sum(row);
+        let inv = 1.0 / sum;
+        for v in row.iter_mut() {
+            *v *= inv;
+        }
+        *l = max + sum.ln();
+    }
+}
+
+/// Rows of `len` raw scores become `softmax(scale · s)` in place; `lse` receives each row's
+/// `log Σ exp(scale · s)` (the attention kernel's state for its backward). `scale > 0`.
+pub(crate) fn softmax_rows_scaled(s: &mut [f32], len: usize, scale: f32, lse: &mut [f32]) {
+    multiversion!((s: &mut [f32], len: usize, scale: f32, lse: &mut [f32])
+        => softmax_rows_scaled_block(s, len, scale, lse))
+}
+
+#[inline(always)]
+fn probabilities_block(s: &mut [f32], len: usize, scale: f32, lse: &[f32]) {
+    for (row, l) in s.chunks_mut(len).zip(lse) {
+        for v in row.iter_mut() {
+            *v = exp(*v * scale - *l);
+        }
+    }
+}
+
+/// Rows of raw scores become the probabilities `exp(scale · s - lse)` the forward computed.
+pub(crate) fn probabilities_from_lse(s: &mut [f32], len: usize, scale: f32, lse: &[f32]) {
+    multiversion!((s: &mut [f32], len: usize, scale: f32, lse: &[f32])
+        => probabilities_block(s, len, scale, lse))
+}
+
+#[inline(always)]
+fn softmax_backward_block(
+    p: &[f32],
+    dp: &mut [f32],
+    grad: &[f32],
+    out: &[f32],
+    len: usize,
+    width: usize,
+    scale: f32,
+) {
+    let rows = dp.chunks_mut(len).zip(p.chunks(len));
+    for ((dpr, pr), (gr, or)) in rows.zip(grad.chunks(width).zip(out.chunks(width))) {
+        let mut dot = [0.0f32; 1];
+        for (g, o) in gr.iter().zip(or) {
+            dot[0] += g * o;
+        }
+        let d = dot[0];
+        for (x, p) in dpr.iter_mut().zip(pr) {
+            *x = p * (*x - d) * scale;
+        }
+    }
+}
+
+/// The scores' gradient of softmax attention, in place of `dp` (rows of `len`):
+/// `scale · P ∘ (dP - rowsum(dO ∘ O))`, with `dO` and `O` rows of `width`.
+pub(crate) fn softmax_backward_rows(
+    p: &[f32],
+    dp: &mut [f32],
+    grad: &[f32],
+    out: &[f32],
+    len: usize,
+    width: usize,
+    scale: f32,
+) {
+    multiversion!((p: &[f32], dp: &mut [f32], grad: &[f32], out: &[f32], len: usize,
+        width: usize, scale: f32) => softmax_backward_block(p, dp, grad, out, len, width, scale))
+}

@@ -21,6 +21,8 @@
 
 use rayon::prelude::*;
 
+use super::matmul;
+
 /// The shape of one convolution: input `[batch, cin, h, w]`, weight `[cout, cin, k, k]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Conv2dGeom {
@@ -81,73 +83,6 @@ impl Conv2dGeom {
         } else {
             gemm::Parallelism::Rayon(0)
         }
-    }
-}
-
-/// `dst (+)= lhs · rhs` with `lhs` `[m, k]` and `rhs` `[k, n]` given as (slice, row stride, column
-/// stride), `dst` row-major `[m, n]`. Callers parallelise over images; with fewer images than
-/// threads `par` lets gemm split each product over the idle threads (gemm splits the output,
-/// never the k sum, so the result does not depend on the thread count).
-#[allow(clippy::too_many_arguments)]
-fn matmul(
-    dst: &mut [f32],
-    (m, n, k): (usize, usize, usize),
-    accumulate: bool,
-    lhs: (&[f32], usize, usize),
-    rhs: (&[f32], usize, usize),
-    par: gemm::Parallelism,
-) {
-    let (lhs, lhs_rs, lhs_cs) = lhs;
-    let (rhs, rhs_rs, rhs_cs) = rhs;
-    // The slices must hold every element the strides reach: this is what makes the call sound.
-    let reach = |rows: usize, cols: usize, rs: usize, cs: usize| {
-        if rows == 0 || cols == 0 {
-            0
-        } else {
-            (rows - 1) * rs + (cols - 1) * cs + 1
-        }
-    };
-    assert!(dst.len() >= m * n, "matmul: dst too small");
-    assert!(
-        lhs.len() >= reach(m, k, lhs_rs, lhs_cs),
-        "matmul: lhs too small"
-    );
-    assert!(
-        rhs.len() >= reach(k, n, rhs_rs, rhs_cs),
-        "matmul: rhs too small"
-    );
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        if !accumulate {
-            dst[..m * n].fill(0.0);
-        }
-        return;
-    }
-    // SAFETY: the asserts above bound every index gemm reads or writes.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            lhs.as_ptr(),
-            lhs_cs as isize,
-            lhs_rs as isize,
-            rhs.as_ptr(),
-            rhs_cs as isize,
-            rhs_rs as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            par,
-        )
     }
 }
 
@@ -301,17 +236,38 @@ struct Scratch {
     grid: Vec<f32>,
 }
 
+/// What scratch buffers are for: the banded forward needs less than the gradients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Purpose {
+    Forward,
+    Gradient,
+}
+
 /// The buffer lengths one image of `g` needs: `(col, padded, grid)`.
-fn scratch_lens(g: &Conv2dGeom) -> (usize, usize, usize) {
+fn scratch_lens(g: &Conv2dGeom, purpose: Purpose) -> (usize, usize, usize) {
     let (kk, n) = (g.rows(), g.gemm_cols());
     match g.plan() {
         Plan::Pointwise => (0, 0, 0),
         Plan::Strided => (kk * n, 0, 0),
-        Plan::PaddedRows => (
-            (kk * n).max(g.cin * g.k * shifted_len(g)),
-            g.padded_len(),
-            g.cout * n,
-        ),
+        Plan::PaddedRows => {
+            // The forward needs one band (see `band_rows`); the gradients the whole image.
+            let (_, nb) = g.band_cols(0, g.band_rows());
+            let band = if g.shifted() {
+                g.cin * g.k * (nb + (g.k - 1) * g.padded_w())
+            } else {
+                kk * nb
+            };
+            let whole = (kk * n).max(g.cin * g.k * shifted_len(g));
+            (
+                if purpose == Purpose::Forward {
+                    band
+                } else {
+                    whole
+                },
+                g.padded_len(),
+                g.cout * if purpose == Purpose::Forward { nb } else { n },
+            )
+        }
     }
 }
 
@@ -348,10 +304,17 @@ impl Conv2dGeom {
 /// The shifted copies of one zero-padded image (see [`Conv2dGeom::shifted`]) into `s`
 /// `[cin·k, shifted_len]`.
 fn shifted_copies(g: &Conv2dGeom, padded: &[f32], s: &mut [f32]) {
-    let (plane, len) = (g.padded_plane(), shifted_len(g));
+    shifted_copies_band(g, padded, s, 0, g.gemm_cols());
+}
+
+/// [`shifted_copies`] for the GEMM columns `start..start + n` (a band of output rows): rows of
+/// `n + (k-1)·wp`.
+fn shifted_copies_band(g: &Conv2dGeom, padded: &[f32], s: &mut [f32], start: usize, n: usize) {
+    let (plane, len) = (g.padded_plane(), n + (g.k - 1) * g.padded_w());
     for c in 0..g.cin {
         for j in 0..g.k {
-            s[(c * g.k + j) * len..][..len].copy_from_slice(&padded[c * plane + j..][..len]);
+            s[(c * g.k + j) * len..][..len]
+                .copy_from_slice(&padded[c * plane + start + j..][..len]);
         }
     }
 }
@@ -365,8 +328,12 @@ thread_local! {
 /// Runs `f` with this thread's scratch buffers cut to the lengths `g` needs: `(col, padded,
 /// grid)`. Contents are whatever the last user left. If the thread's buffers are already in use
 /// (a nested call, which the kernels never make), `f` gets fresh ones.
-fn with_scratch<R>(g: &Conv2dGeom, f: impl FnOnce(&mut [f32], &mut [f32], &mut [f32]) -> R) -> R {
-    let (nc, np, ng) = scratch_lens(g);
+fn with_scratch<R>(
+    g: &Conv2dGeom,
+    purpose: Purpose,
+    f: impl FnOnce(&mut [f32], &mut [f32], &mut [f32]) -> R,
+) -> R {
+    let (nc, np, ng) = scratch_lens(g, purpose);
     let grow = |v: &mut Vec<f32>, n: usize| {
         if v.len() < n {
             v.resize(n, 0.0);
@@ -404,14 +371,45 @@ fn pad_image(g: &Conv2dGeom, x: &[f32], padded: &mut [f32]) {
 
 /// [`Plan::PaddedRows`] im2col: row `(c, i, j)` is the padded image from offset `i·wp + j`.
 fn im2col_rows(g: &Conv2dGeom, padded: &[f32], col: &mut [f32]) {
-    let (wp, plane, n) = (g.padded_w(), g.padded_plane(), g.gemm_cols());
+    im2col_rows_band(g, padded, col, 0, g.gemm_cols());
+}
+
+/// [`im2col_rows`] for the GEMM columns `start..start + n` only.
+fn im2col_rows_band(g: &Conv2dGeom, padded: &[f32], col: &mut [f32], start: usize, n: usize) {
+    let (wp, plane) = (g.padded_w(), g.padded_plane());
     for c in 0..g.cin {
         for i in 0..g.k {
             for j in 0..g.k {
                 let r = (c * g.k + i) * g.k + j;
-                col[r * n..(r + 1) * n].copy_from_slice(&padded[c * plane + i * wp + j..][..n]);
+                col[r * n..(r + 1) * n]
+                    .copy_from_slice(&padded[c * plane + start + i * wp + j..][..n]);
             }
         }
+    }
+}
+
+/// The column matrix of one image is built and multiplied in bands of output rows whenever it
+/// would exceed this many `f32`s (64 MiB): a 512x512 image with 128 channels (the SD VAE's last
+/// level) has a 1.2 GB column matrix. Bands split the GEMM's columns only, so every output
+/// element is the same sum in the same order: results do not depend on the band size.
+const BAND_FLOATS: usize = 16 << 20;
+
+impl Conv2dGeom {
+    /// Output rows per band of the [`Plan::PaddedRows`] forward (all of them for small images).
+    fn band_rows(&self) -> usize {
+        let per_row = if self.shifted() {
+            self.cin * self.k * self.padded_w()
+        } else {
+            self.rows() * self.padded_w()
+        };
+        (BAND_FLOATS / per_row.max(1)).clamp(1, self.out_h())
+    }
+
+    /// The GEMM columns of output rows `y0..y1` on the padded-width grid: their start and count
+    /// (rounded up like [`Conv2dGeom::gemm_cols`]).
+    fn band_cols(&self, y0: usize, y1: usize) -> (usize, usize) {
+        let n = ((y1 - y0 - 1) * self.padded_w() + self.out_w()).next_multiple_of(GEMM_ALIGN);
+        (y0 * self.padded_w(), n)
     }
 }
 
@@ -464,7 +462,7 @@ fn columns<'a>(g: &Conv2dGeom, xb: &'a [f32], col: &'a mut [f32], padded: &mut [
 
 /// Forward: `y = conv2d(x, weight) + bias`, `y` `[batch, cout, oh, ow]`.
 pub fn forward(g: &Conv2dGeom, x: &[f32], weight: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
-    let (kk, l, n) = (g.rows(), g.cols(), g.gemm_cols());
+    let (kk, l) = (g.rows(), g.cols());
     let shifted = g.shifted();
     // For the shifted form: the weight of vertical tap i as `[cout, cin·k]`.
     let per_tap: Vec<f32> = if shifted {
@@ -485,56 +483,62 @@ pub fn forward(g: &Conv2dGeom, x: &[f32], weight: &[f32], bias: Option<&[f32]>) 
     };
     let (y, _) = super::par_new(g.output_len(), g.image_out(), |b, yb| {
         let xb = &x[b * g.image_in()..][..g.image_in()];
-        with_scratch(g, |col, padded, grid| {
-            if shifted {
-                pad_image(g, xb, padded);
-                shifted_copies(g, padded, col);
-                let (len, ck) = (shifted_len(g), g.cin * g.k);
-                for i in 0..g.k {
-                    matmul(
-                        grid,
-                        (g.cout, n, ck),
-                        i > 0,
-                        (&per_tap[i * g.cout * ck..], ck, 1),
-                        (&col[i * g.padded_w()..], len, 1),
-                        g.gemm_par(),
-                    );
-                }
-            } else {
+        with_scratch(g, Purpose::Forward, |col, padded, grid| {
+            if g.plan() != Plan::PaddedRows {
                 let cols = columns(g, xb, col, padded);
-                if g.plan() == Plan::PaddedRows {
+                if let Some(bias) = bias {
+                    for (row, b) in yb.chunks_mut(l).zip(bias) {
+                        row.fill(*b);
+                    }
+                }
+                matmul(
+                    yb,
+                    (g.cout, l, kk),
+                    bias.is_some(),
+                    (weight, kk, 1),
+                    (cols, l, 1),
+                    g.gemm_par(),
+                );
+                return;
+            }
+            pad_image(g, xb, padded);
+            let (oh, ow, wp) = (g.out_h(), g.out_w(), g.padded_w());
+            let rows = g.band_rows();
+            for y0 in (0..oh).step_by(rows) {
+                let y1 = (y0 + rows).min(oh);
+                let (start, nb) = g.band_cols(y0, y1);
+                let grid = &mut grid[..g.cout * nb];
+                if shifted {
+                    shifted_copies_band(g, padded, col, start, nb);
+                    let (len, ck) = (nb + (g.k - 1) * wp, g.cin * g.k);
+                    for i in 0..g.k {
+                        matmul(
+                            grid,
+                            (g.cout, nb, ck),
+                            i > 0,
+                            (&per_tap[i * g.cout * ck..], ck, 1),
+                            (&col[i * wp..], len, 1),
+                            g.gemm_par(),
+                        );
+                    }
+                } else {
+                    im2col_rows_band(g, padded, col, start, nb);
                     matmul(
                         grid,
-                        (g.cout, n, kk),
+                        (g.cout, nb, kk),
                         false,
                         (weight, kk, 1),
-                        (cols, n, 1),
+                        (&col[..kk * nb], nb, 1),
                         g.gemm_par(),
                     );
-                } else {
-                    if let Some(bias) = bias {
-                        for (row, b) in yb.chunks_mut(l).zip(bias) {
-                            row.fill(*b);
-                        }
-                    }
-                    matmul(
-                        yb,
-                        (g.cout, l, kk),
-                        bias.is_some(),
-                        (weight, kk, 1),
-                        (cols, l, 1),
-                        g.gemm_par(),
-                    );
-                    return;
                 }
-            }
-            let (oh, ow, wp) = (g.out_h(), g.out_w(), g.padded_w());
-            for o in 0..g.cout {
-                let b = bias.map_or(0.0, |b| b[o]);
-                for oy in 0..oh {
-                    let src = &grid[o * n + oy * wp..][..ow];
-                    for (d, s) in yb[(o * oh + oy) * ow..][..ow].iter_mut().zip(src) {
-                        *d = *s + b;
+                for o in 0..g.cout {
+                    let b = bias.map_or(0.0, |b| b[o]);
+                    for oy in y0..y1 {
+                        let src = &grid[o * nb + (oy - y0) * wp..][..ow];
+                        for (d, s) in yb[(o * oh + oy) * ow..][..ow].iter_mut().zip(src) {
+                            *d = *s + b;
+                        }
                     }
                 }
             }
@@ -577,7 +581,7 @@ pub fn input_grad(g: &Conv2dGeom, weight: &[f32], grad: &[f32]) -> Vec<f32> {
     let (kk, l, n) = (g.rows(), g.cols(), g.gemm_cols());
     let (dx, _) = super::par_new(g.input_len(), g.image_in(), |b, dxb| {
         let gb = &grad[b * g.image_out()..][..g.image_out()];
-        with_scratch(g, |col, padded, grid| {
+        with_scratch(g, Purpose::Gradient, |col, padded, grid| {
             // Wᵀ is `[kk, cout]`: element (r, o) sits at weight[o·kk + r].
             let wt = (weight, 1, kk);
             match g.plan() {
@@ -632,7 +636,7 @@ pub fn weight_grad(
             // In the shifted form the rows come out ordered (i, c, j) instead of (c, i, j).
             let mut dwt = vec![0.0f32; g.weight_len()];
             let mut db = vec![0.0f32; bias_len];
-            with_scratch(g, |col, padded, grid| {
+            with_scratch(g, Purpose::Gradient, |col, padded, grid| {
                 for b in c * per_chunk..((c + 1) * per_chunk).min(g.batch) {
                     let xb = &x[b * g.image_in()..(b + 1) * g.image_in()];
                     let gb = &grad[b * g.image_out()..(b + 1) * g.image_out()];
@@ -805,6 +809,33 @@ mod tests {
                 &forward(&g, &x, &w, None),
                 &naive_forward(&g, &x, &w, None),
                 "forward",
+            );
+        }
+    }
+
+    /// Images whose shifted copies exceed `BAND_FLOATS` are computed in bands of output rows
+    /// (the last one shorter) and give the direct convolution's numbers.
+    #[test]
+    fn banded_forward_equals_the_direct_convolution() {
+        for (h, batch) in [(400, 1), (347, 2)] {
+            let g = Conv2dGeom {
+                batch,
+                cin: 128,
+                h,
+                w: 256,
+                cout: 3,
+                k: 3,
+                stride: 1,
+                pad: 1,
+            };
+            assert!(g.band_rows() < g.out_h(), "{g:?} must need several bands");
+            let x = values(g.input_len(), 11);
+            let wt = values(g.weight_len(), 12);
+            let b = values(g.cout, 13);
+            close(
+                &forward(&g, &x, &wt, Some(&b)),
+                &naive_forward(&g, &x, &wt, Some(&b)),
+                "banded forward",
             );
         }
     }

@@ -43,6 +43,7 @@ macro_rules! multiversion {
 }
 
 pub mod act;
+pub mod attention;
 pub mod conv;
 pub mod norm;
 
@@ -174,6 +175,40 @@ pub trait TrainOps: Backend {
         composed_silu::<Self>(x)
     }
 
+    /// `softmax(q kᵀ · scale) v` for `q` `[h, n, d]`, `k`, `v` `[h, m, d]`.
+    fn attention_train(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        scale: f64,
+    ) -> FloatTensor<Self> {
+        Self::attention_lse(q, k, v, scale).0
+    }
+
+    /// [`TrainOps::attention_train`] and each row's `log Σ exp(scale · q kᵀ)` `[h, n]`.
+    fn attention_lse(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        scale: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        composed_attention_lse::<Self>(q, k, v, scale)
+    }
+
+    /// The gradients `(dq, dk, dv)` of [`TrainOps::attention_train`] given its output `o`, the
+    /// rows' log-sum-exp and the output gradient.
+    fn attention_grads(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        o: FloatTensor<Self>,
+        lse: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        scale: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        composed_attention_grads::<Self>(q, k, v, o, lse, grad, scale)
+    }
+
     /// `grad·σ(x)·(1 + x·(1 - σ(x)))`, the gradient of [`TrainOps::silu_train`].
     fn silu_input_grad(x: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
         composed_silu_grad::<Self>(x, grad)
@@ -271,6 +306,54 @@ fn composed_group_norm_grads<B: Backend>(
 /// burn's operations for [`TrainOps::silu_train`].
 fn composed_silu<B: Backend>(x: FloatTensor<B>) -> FloatTensor<B> {
     B::float_mul(x.clone(), B::sigmoid(x))
+}
+
+/// `(scale · q kᵀ, its row maxima)` `[h, n, m]`, `[h, n, 1]`.
+fn scaled_scores<B: Backend>(q: FloatTensor<B>, k: FloatTensor<B>, scale: f64) -> FloatTensor<B> {
+    B::float_mul_scalar(
+        B::float_matmul(q, B::float_swap_dims(k, 1, 2)),
+        scale.into(),
+    )
+}
+
+/// burn's operations for [`TrainOps::attention_lse`].
+fn composed_attention_lse<B: Backend>(
+    q: FloatTensor<B>,
+    k: FloatTensor<B>,
+    v: FloatTensor<B>,
+    scale: f64,
+) -> (FloatTensor<B>, FloatTensor<B>) {
+    let s = scaled_scores::<B>(q, k, scale);
+    let max = B::float_max_dim(s.clone(), 2);
+    let e = B::float_exp(B::float_sub(s, max.clone()));
+    let sum = B::float_sum_dim(e.clone(), 2);
+    let o = B::float_matmul(B::float_div(e, sum.clone()), v);
+    let lse = B::float_add(max, B::float_log(sum));
+    let shape = lse.shape();
+    (o, B::float_reshape(lse, [shape[0], shape[1]].into()))
+}
+
+/// burn's operations for [`TrainOps::attention_grads`].
+fn composed_attention_grads<B: Backend>(
+    q: FloatTensor<B>,
+    k: FloatTensor<B>,
+    v: FloatTensor<B>,
+    o: FloatTensor<B>,
+    lse: FloatTensor<B>,
+    grad: FloatTensor<B>,
+    scale: f64,
+) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
+    let s = scaled_scores::<B>(q.clone(), k.clone(), scale);
+    let shape = lse.shape();
+    let lse = B::float_reshape(lse, [shape[0], shape[1], 1].into());
+    let p = B::float_exp(B::float_sub(s, lse));
+    let dv = B::float_matmul(B::float_swap_dims(p.clone(), 1, 2), grad.clone());
+    let dp = B::float_matmul(grad.clone(), B::float_swap_dims(v, 1, 2));
+    let d = B::float_sum_dim(B::float_mul(grad, o), 2);
+    let ds = B::float_mul_scalar(B::float_mul(p, B::float_sub(dp, d)), scale.into());
+    let dq = B::float_matmul(ds.clone(), k);
+    let dk = B::float_matmul(B::float_swap_dims(ds, 1, 2), q);
+    (dq, dk, dv)
 }
 
 /// burn's operations for [`TrainOps::softmax_last_train`].
@@ -474,6 +557,21 @@ pub fn layer_norm<const D: usize, const N: usize>(
     Tensor::<3>::from_dispatch(y).reshape(shape)
 }
 
+/// `softmax(q kᵀ / sqrt(d)) v` through [`TrainOps`], per head, without materialising the scores
+/// of all heads on the CPU ([`attention`]).
+///
+/// # Shapes
+/// - `q` `[h, n, d]`, `k`, `v` `[h, m, d]`; output `[h, n, d]`
+pub fn scaled_dot_product_attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>) -> Tensor<3> {
+    let d = q.dims()[2];
+    Tensor::from_dispatch(<Dispatch as TrainOps>::attention_train(
+        q.into_dispatch(),
+        k.into_dispatch(),
+        v.into_dispatch(),
+        1.0 / (d as f64).sqrt(),
+    ))
+}
+
 /// `x·σ(x)` through [`TrainOps`].
 ///
 /// # Shapes
@@ -492,6 +590,73 @@ pub fn softmax_last<const D: usize>(x: Tensor<D>) -> Tensor<D> {
 
 // ---------------------------------------------------------------------------------------------
 // Flex: the CPU kernels.
+
+/// `dst (+)= lhs · rhs` with `lhs` `[m, k]` and `rhs` `[k, n]` given as (slice, row stride, column
+/// stride), `dst` row-major `[m, n]`. Callers parallelise over images; with fewer images than
+/// threads `par` lets gemm split each product over the idle threads (gemm splits the output,
+/// never the k sum, so the result does not depend on the thread count).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn matmul(
+    dst: &mut [f32],
+    (m, n, k): (usize, usize, usize),
+    accumulate: bool,
+    lhs: (&[f32], usize, usize),
+    rhs: (&[f32], usize, usize),
+    par: gemm::Parallelism,
+) {
+    let (lhs, lhs_rs, lhs_cs) = lhs;
+    let (rhs, rhs_rs, rhs_cs) = rhs;
+    // The slices must hold every element the strides reach: this is what makes the call sound.
+    let reach = |rows: usize, cols: usize, rs: usize, cs: usize| {
+        if rows == 0 || cols == 0 {
+            0
+        } else {
+            (rows - 1) * rs + (cols - 1) * cs + 1
+        }
+    };
+    assert!(dst.len() >= m * n, "matmul: dst too small");
+    assert!(
+        lhs.len() >= reach(m, k, lhs_rs, lhs_cs),
+        "matmul: lhs too small"
+    );
+    assert!(
+        rhs.len() >= reach(k, n, rhs_rs, rhs_cs),
+        "matmul: rhs too small"
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            dst[..m * n].fill(0.0);
+        }
+        return;
+    }
+    // SAFETY: the asserts above bound every index gemm reads or writes.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.as_ptr(),
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs.as_ptr(),
+            rhs_cs as isize,
+            rhs_rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+}
 
 /// The contiguous `f32` values of a Flex tensor, or `None` for another dtype (those keep
 /// burn's path).
@@ -796,6 +961,67 @@ impl TrainOps for Flex {
             _ => composed_silu_grad::<Self>(x, grad),
         }
     }
+
+    fn attention_lse(
+        q: FlexTensor,
+        k: FlexTensor,
+        v: FlexTensor,
+        scale: f64,
+    ) -> (FlexTensor, FlexTensor) {
+        let g = attention_geometry(&q, &k, &v);
+        let fast = g.and_then(|g| {
+            let (qv, kv, vv) = (f32_values(&q)?, f32_values(&k)?, f32_values(&v)?);
+            let (o, lse) = attention::forward(&g, &qv, &kv, &vv, scale as f32);
+            Some((
+                flex_tensor(o, &[g.heads, g.n, g.d]),
+                flex_tensor(lse, &[g.heads, g.n]),
+            ))
+        });
+        fast.unwrap_or_else(|| composed_attention_lse::<Self>(q, k, v, scale))
+    }
+
+    fn attention_grads(
+        q: FlexTensor,
+        k: FlexTensor,
+        v: FlexTensor,
+        o: FlexTensor,
+        lse: FlexTensor,
+        grad: FlexTensor,
+        scale: f64,
+    ) -> (FlexTensor, FlexTensor, FlexTensor) {
+        let g = attention_geometry(&q, &k, &v);
+        let fast = g.and_then(|g| {
+            let (qv, kv, vv) = (f32_values(&q)?, f32_values(&k)?, f32_values(&v)?);
+            let (ov, lv, gv) = (f32_values(&o)?, f32_values(&lse)?, f32_values(&grad)?);
+            let (dq, dk, dv) = attention::backward(&g, &qv, &kv, &vv, &ov, &lv, &gv, scale as f32);
+            Some((
+                flex_tensor(dq, &[g.heads, g.n, g.d]),
+                flex_tensor(dk, &[g.heads, g.m, g.d]),
+                flex_tensor(dv, &[g.heads, g.m, g.d]),
+            ))
+        });
+        fast.unwrap_or_else(|| composed_attention_grads::<Self>(q, k, v, o, lse, grad, scale))
+    }
+}
+
+fn attention_geometry(
+    q: &FlexTensor,
+    k: &FlexTensor,
+    v: &FlexTensor,
+) -> Option<attention::AttnGeom> {
+    let (qs, ks, vs) = (q.shape(), k.shape(), v.shape());
+    let ok = qs.num_dims() == 3
+        && ks.num_dims() == 3
+        && ks.as_slice() == vs.as_slice()
+        && qs[0] == ks[0]
+        && qs[2] == ks[2]
+        && ks[1] > 0;
+    ok.then(|| attention::AttnGeom {
+        heads: qs[0],
+        n: qs[1],
+        m: ks[1],
+        d: qs[2],
+    })
 }
 
 #[cfg(feature = "cuda")]
@@ -939,6 +1165,39 @@ impl<B: Backend + TrainOps> Backward<B, 1> for SoftmaxBackward {
     }
 }
 
+/// Backward step of attention: the inputs, the output and the rows' log-sum-exp (not the
+/// probabilities, which the backward recomputes block by block).
+#[derive(Debug)]
+struct AttentionBackward;
+
+impl<B: Backend + TrainOps> Backward<B, 3> for AttentionBackward {
+    #[allow(clippy::type_complexity)]
+    type State = (
+        FloatTensor<B>,
+        FloatTensor<B>,
+        FloatTensor<B>,
+        FloatTensor<B>,
+        FloatTensor<B>,
+        f64,
+    );
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 3>,
+        grads: &mut Gradients,
+        _checkpointer: &mut Checkpointer,
+    ) {
+        let grad = grads.consume::<B>(&ops.node);
+        let (q, k, v, o, lse, scale) = ops.state;
+        let (dq, dk, dv) = B::attention_grads(q, k, v, o, lse, grad, scale);
+        for (parent, g) in ops.parents.iter().zip([dq, dk, dv]) {
+            if let Some(node) = parent {
+                grads.register::<B>(node.id, g);
+            }
+        }
+    }
+}
+
 /// Backward step of SiLU: the checkpointed input.
 #[derive(Debug)]
 struct SiluBackward;
@@ -1054,6 +1313,31 @@ impl<B: Backend + TrainOps, C: CheckpointStrategy> TrainOps for Autodiff<B, C> {
         }
     }
 
+    fn attention_train(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        scale: f64,
+    ) -> FloatTensor<Self> {
+        match AttentionBackward
+            .prepare::<C>([q.node(), k.node(), v.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let (q, k, v) = (q.into_primitive(), k.into_primitive(), v.into_primitive());
+                let (o, lse) = B::attention_lse(q.clone(), k.clone(), v.clone(), scale);
+                prep.finish((q, k, v, o.clone(), lse, scale), o)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::attention_train(
+                q.into_primitive(),
+                k.into_primitive(),
+                v.into_primitive(),
+                scale,
+            )),
+        }
+    }
+
     fn silu_train(x: FloatTensor<Self>) -> FloatTensor<Self> {
         match SiluBackward
             .prepare::<C>([x.node()])
@@ -1080,6 +1364,49 @@ mod tests {
 
     /// Softmax over the last dimension through [`TrainOps`] and its gradient equal burn's
     /// `softmax(x, D - 1)`.
+    #[test]
+    fn attention_matches_burn_with_gradients() {
+        let d = device();
+        let dist = Distribution::Normal(0.0, 1.0);
+        let (q, k, v) = (
+            Tensor::<3>::random([4, 70, 8], dist, &d),
+            Tensor::<3>::random([4, 13, 8], dist, &d),
+            Tensor::<3>::random([4, 13, 8], dist, &d),
+        );
+        let run = |ours: bool| {
+            let (q, k, v) = (
+                q.clone().require_grad(),
+                k.clone().require_grad(),
+                v.clone().require_grad(),
+            );
+            let y = if ours {
+                scaled_dot_product_attention(q.clone(), k.clone(), v.clone())
+            } else {
+                let s = q
+                    .clone()
+                    .matmul(k.clone().swap_dims(1, 2))
+                    .div_scalar(8f32.sqrt());
+                burn::tensor::activation::softmax(s, 2).matmul(v.clone())
+            };
+            let shape = y.dims();
+            let t = Tensor::<1, Int>::arange(0..shape.iter().product::<usize>() as i64, &d)
+                .float()
+                .reshape(shape)
+                .sin();
+            let grads = (y.clone() * t).sum().backward();
+            [
+                y.into_data(),
+                q.grad(&grads).expect("q grad").into_data(),
+                k.grad(&grads).expect("k grad").into_data(),
+                v.grad(&grads).expect("v grad").into_data(),
+            ]
+        };
+        let (ours, theirs) = (run(true), run(false));
+        for (a, b) in ours.iter().zip(&theirs) {
+            a.assert_approx_eq::<f32>(b, burn::tensor::Tolerance::absolute(2e-5));
+        }
+    }
+
     #[test]
     fn softmax_matches_burn_with_gradient() {
         let d = device();

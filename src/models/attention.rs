@@ -10,7 +10,7 @@ use burn::module::Module;
 use burn::prelude::*;
 use burn::tensor::activation::gelu;
 
-use crate::kernels::softmax_last;
+use crate::kernels::{scaled_dot_product_attention, softmax_last};
 use crate::nn::{GroupNorm, LayerNorm, Linear};
 
 /// Multi-head scaled dot-product attention over `[b, n, heads * d]` projections, with an
@@ -31,10 +31,19 @@ pub fn multi_head_attention(
     let split =
         |t: Tensor<3>, len: usize| -> Tensor<4> { t.reshape([b, len, heads, d]).swap_dims(1, 2) };
     let (q, k, v) = (split(q, n), split(k, m), split(v, m));
+    if !causal {
+        // The fused kernel: one query block's scores at a time (kernels::attention).
+        let flat = |t: Tensor<4>, len: usize| -> Tensor<3> { t.reshape([b * heads, len, d]) };
+        let out = scaled_dot_product_attention(flat(q, n), flat(k, m), flat(v, m));
+        return out
+            .reshape([b, heads, n, d])
+            .swap_dims(1, 2)
+            .reshape([b, n, inner]);
+    }
     let mut scores = q
         .matmul(k.swap_dims(2, 3))
         .mul_scalar(1.0 / (d as f64).sqrt());
-    if causal {
+    {
         // -inf above the diagonal: position i attends to 0..=i (transformers'
         // `_create_4d_causal_attention_mask` uses the dtype's minimum; both give weight 0).
         // burn's `tril_mask` is true outside the lower triangle.
