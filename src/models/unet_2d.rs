@@ -13,8 +13,8 @@ use serde::{Deserialize, Serialize};
 use super::attention::Attention;
 use super::embeddings::{TimestepEmbedding, timestep_embedding};
 use super::unet_2d_blocks::{
-    AttentionLayer, DownBlock, DownBlockType, MidBlock, ResnetSpec, UpBlock, UpBlockType,
-    down_block, mid_block, up_block,
+    AttentionLayer, DownBlock, DownBlockType, MidBlock, ResnetSpec, UNetBlocksSpec, UpBlock,
+    UpBlockType, unet_blocks,
 };
 use crate::io::config_json::ConfigJson;
 use crate::kernels::silu;
@@ -216,57 +216,28 @@ impl UNet2DModel {
                 device,
             ))
         };
-        let levels = ch.len();
-
         // Built in diffusers' order: down, mid, up, then the stem and head (the init RNG is
         // drawn in this order, so a seed gives the same weights as before).
-        let mut down_blocks = Vec::with_capacity(levels);
-        let mut cout = ch[0];
-        for (i, kind) in cfg.down_block_types.iter().enumerate() {
-            let cin = cout;
-            cout = ch[i];
-            let attention: Option<&dyn Fn(usize) -> AttentionLayer> = match kind {
-                DownBlockType::AttnDownBlock2D => Some(&attn),
-                DownBlockType::DownBlock2D => None,
-            };
-            let downsample = (i + 1 < levels).then_some(1);
-            down_blocks.push(down_block(
-                cin,
-                cout,
-                cfg.layers_per_block,
-                resnet,
-                attention,
-                downsample,
-                device,
-            ));
-        }
-        let c = ch[levels - 1];
-        let mid_attention: Option<&dyn Fn(usize) -> AttentionLayer> =
-            cfg.add_attention.then_some(&attn);
-        let mid_block = mid_block(c, resnet, mid_attention, device);
-
-        let rev: Vec<usize> = ch.iter().rev().copied().collect();
-        let mut up_blocks = Vec::with_capacity(levels);
-        let mut out_c = rev[0];
-        for (i, kind) in cfg.up_block_types.iter().enumerate() {
-            let prev_out = out_c;
-            out_c = rev[i];
-            let in_c = rev[(i + 1).min(levels - 1)];
-            let attention: Option<&dyn Fn(usize) -> AttentionLayer> = match kind {
-                UpBlockType::AttnUpBlock2D => Some(&attn),
-                UpBlockType::UpBlock2D => None,
-            };
-            up_blocks.push(up_block(
-                prev_out,
-                out_c,
-                Some(in_c),
-                cfg.layers_per_block + 1,
-                resnet,
-                attention,
-                i + 1 < levels,
-                device,
-            ));
-        }
+        let down: Vec<bool> = cfg
+            .down_block_types
+            .iter()
+            .map(|k| *k == DownBlockType::AttnDownBlock2D)
+            .collect();
+        let up: Vec<bool> = cfg
+            .up_block_types
+            .iter()
+            .map(|k| *k == UpBlockType::AttnUpBlock2D)
+            .collect();
+        let spec = UNetBlocksSpec {
+            channels: ch,
+            layers_per_block: cfg.layers_per_block,
+            downsample_padding: 1,
+            resnet,
+            down_attention: &down,
+            mid_attention: cfg.add_attention,
+            up_attention: &up,
+        };
+        let (down_blocks, mid_block, up_blocks) = unet_blocks(&spec, &|_, c| attn(c), device);
 
         Self {
             conv_in: Conv2d::new(cfg.in_channels, ch[0], 3, 1, 1, device),

@@ -252,3 +252,72 @@ pub fn mid_block(
         attentions: attention.map(|make| make(c)).into_iter().collect(),
     }
 }
+
+/// What a U-Net's blocks are built from (`UNet2DModel` and `UNet2DConditionModel` alike).
+pub struct UNetBlocksSpec<'a> {
+    /// diffusers' `block_out_channels`.
+    pub channels: &'a [usize],
+    pub layers_per_block: usize,
+    pub downsample_padding: usize,
+    pub resnet: ResnetSpec,
+    /// Whether each down level, the mid block, and each up block (diffusers' order) has
+    /// attention after its resnets.
+    pub down_attention: &'a [bool],
+    pub mid_attention: bool,
+    pub up_attention: &'a [bool],
+}
+
+/// The down, mid and up blocks of a U-Net, built in diffusers' order (the init RNG is drawn in
+/// that order). `attention(level, channels)` makes an attention layer for a block at
+/// `level` (up block `i` mirrors level `levels - 1 - i`).
+pub fn unet_blocks(
+    spec: &UNetBlocksSpec,
+    attention: &dyn Fn(usize, usize) -> AttentionLayer,
+    device: &Device,
+) -> (Vec<DownBlock>, MidBlock, Vec<UpBlock>) {
+    let ch = spec.channels;
+    let levels = ch.len();
+    let at = |level: usize| move |c: usize| attention(level, c);
+    let mut down_blocks = Vec::with_capacity(levels);
+    let mut cout = ch[0];
+    for (i, &has) in spec.down_attention.iter().enumerate() {
+        let cin = cout;
+        cout = ch[i];
+        let make = at(i);
+        let make: Option<&dyn Fn(usize) -> AttentionLayer> = has.then_some(&make);
+        let downsample = (i + 1 < levels).then_some(spec.downsample_padding);
+        down_blocks.push(down_block(
+            cin,
+            cout,
+            spec.layers_per_block,
+            spec.resnet,
+            make,
+            downsample,
+            device,
+        ));
+    }
+    let make = at(levels - 1);
+    let make: Option<&dyn Fn(usize) -> AttentionLayer> = spec.mid_attention.then_some(&make);
+    let mid = mid_block(ch[levels - 1], spec.resnet, make, device);
+    let rev: Vec<usize> = ch.iter().rev().copied().collect();
+    let mut up_blocks = Vec::with_capacity(levels);
+    let mut out_c = rev[0];
+    for (i, &has) in spec.up_attention.iter().enumerate() {
+        let prev_out = out_c;
+        out_c = rev[i];
+        let in_c = rev[(i + 1).min(levels - 1)];
+        let make = at(levels - 1 - i);
+        let make: Option<&dyn Fn(usize) -> AttentionLayer> = has.then_some(&make);
+        up_blocks.push(up_block(
+            prev_out,
+            out_c,
+            Some(in_c),
+            spec.layers_per_block + 1,
+            spec.resnet,
+            make,
+            i + 1 < levels,
+            device,
+        ));
+    }
+    (down_blocks, mid, up_blocks)
+}

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use super::embeddings::{TimestepEmbedding, timestep_embedding};
 use super::transformer_2d::{Transformer2DModel, Transformer2DSpec};
 use super::unet_2d_blocks::{
-    AttentionLayer, DownBlock, MidBlock, ResnetSpec, UpBlock, down_block, mid_block, up_block,
+    AttentionLayer, DownBlock, MidBlock, ResnetSpec, UNetBlocksSpec, UpBlock, unet_blocks,
 };
 use crate::io::config_json::ConfigJson;
 use crate::kernels::silu;
@@ -352,7 +352,6 @@ pub struct UNet2DConditionModel {
 impl UNet2DConditionModel {
     pub fn new(cfg: &UNet2DConditionConfig, device: &Device) -> Self {
         let ch = &cfg.block_out_channels;
-        let levels = ch.len();
         let temb = ch[0] * 4;
         let (groups, eps) = (cfg.norm_num_groups, cfg.norm_eps);
         let resnet = ResnetSpec {
@@ -360,22 +359,20 @@ impl UNet2DConditionModel {
             groups,
             eps,
         };
-        let transformer = |level: usize| {
-            move |c: usize| {
-                let heads = cfg.heads(level);
-                AttentionLayer::Transformer(Transformer2DModel::new(
-                    c,
-                    Transformer2DSpec {
-                        heads,
-                        head_dim: c / heads.max(1),
-                        layers: cfg.transformer_layers_per_block.at(level),
-                        cross_attention_dim: cfg.cross_attention_dim,
-                        norm_num_groups: groups,
-                        use_linear_projection: cfg.use_linear_projection,
-                    },
-                    device,
-                ))
-            }
+        let transformer = |level: usize, c: usize| {
+            let heads = cfg.heads(level);
+            AttentionLayer::Transformer(Transformer2DModel::new(
+                c,
+                Transformer2DSpec {
+                    heads,
+                    head_dim: c / heads.max(1),
+                    layers: cfg.transformer_layers_per_block.at(level),
+                    cross_attention_dim: cfg.cross_attention_dim,
+                    norm_num_groups: groups,
+                    use_linear_projection: cfg.use_linear_projection,
+                },
+                device,
+            ))
         };
         let conv_in = Conv2d::new(cfg.in_channels, ch[0], 3, 1, 1, device);
         let time_embedding = TimestepEmbedding::new(ch[0], temb, device);
@@ -389,54 +386,26 @@ impl UNet2DConditionModel {
             )),
         };
 
-        let mut down_blocks = Vec::with_capacity(levels);
-        let mut cout = ch[0];
-        for (i, kind) in cfg.down_block_types.iter().enumerate() {
-            let cin = cout;
-            cout = ch[i];
-            let make = transformer(i);
-            let attention: Option<&dyn Fn(usize) -> AttentionLayer> = match kind {
-                CondDownBlockType::CrossAttnDownBlock2D => Some(&make),
-                CondDownBlockType::DownBlock2D => None,
-            };
-            let downsample = (i + 1 < levels).then_some(cfg.downsample_padding);
-            down_blocks.push(down_block(
-                cin,
-                cout,
-                cfg.layers_per_block,
-                resnet,
-                attention,
-                downsample,
-                device,
-            ));
-        }
-        let mid = transformer(levels - 1);
-        let mid_block = mid_block(ch[levels - 1], resnet, Some(&mid), device);
-
-        let rev: Vec<usize> = ch.iter().rev().copied().collect();
-        let mut up_blocks = Vec::with_capacity(levels);
-        let mut out_c = rev[0];
-        for (i, kind) in cfg.up_block_types.iter().enumerate() {
-            let prev_out = out_c;
-            out_c = rev[i];
-            let in_c = rev[(i + 1).min(levels - 1)];
-            // Up block i mirrors down block levels - 1 - i (reversed per-block settings).
-            let make = transformer(levels - 1 - i);
-            let attention: Option<&dyn Fn(usize) -> AttentionLayer> = match kind {
-                CondUpBlockType::CrossAttnUpBlock2D => Some(&make),
-                CondUpBlockType::UpBlock2D => None,
-            };
-            up_blocks.push(up_block(
-                prev_out,
-                out_c,
-                Some(in_c),
-                cfg.layers_per_block + 1,
-                resnet,
-                attention,
-                i + 1 < levels,
-                device,
-            ));
-        }
+        let down: Vec<bool> = cfg
+            .down_block_types
+            .iter()
+            .map(|k| *k == CondDownBlockType::CrossAttnDownBlock2D)
+            .collect();
+        let up: Vec<bool> = cfg
+            .up_block_types
+            .iter()
+            .map(|k| *k == CondUpBlockType::CrossAttnUpBlock2D)
+            .collect();
+        let spec = UNetBlocksSpec {
+            channels: ch,
+            layers_per_block: cfg.layers_per_block,
+            downsample_padding: cfg.downsample_padding,
+            resnet,
+            down_attention: &down,
+            mid_attention: true,
+            up_attention: &up,
+        };
+        let (down_blocks, mid_block, up_blocks) = unet_blocks(&spec, &transformer, device);
 
         Self {
             conv_in,

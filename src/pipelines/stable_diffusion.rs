@@ -176,6 +176,26 @@ struct FolderParts {
     scheduler: SchedulerConfig,
 }
 
+impl FolderParts {
+    fn assemble(
+        self,
+        unet: UNet2DConditionModel,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+    ) -> StableDiffusion {
+        StableDiffusion {
+            unet,
+            unet_config: self.unet,
+            vae,
+            vae_config: self.vae,
+            text_encoder,
+            text_config: self.text,
+            tokenizer: self.tokenizer,
+            scheduler: self.scheduler,
+        }
+    }
+}
+
 /// Checks every file a folder needs up front and reports all that are missing.
 fn folder_parts(dir: &Path, need_weights: bool) -> Result<FolderParts, PretrainedError> {
     let mut missing = Vec::new();
@@ -294,16 +314,7 @@ fn load_folder(dir: &Path, device: &Device) -> Result<StableDiffusion, Pretraine
     let te_view = View::renamed(&te_file, keys::clip_text_model_prefix, keys::clip_buffer);
     let text_encoder =
         safetensors::load_into(build(|| parts.text.init(device)), &te_view, &te_path)?;
-    Ok(StableDiffusion {
-        unet,
-        unet_config: parts.unet,
-        vae,
-        vae_config: parts.vae,
-        text_encoder,
-        text_config: parts.text,
-        tokenizer: parts.tokenizer,
-        scheduler: parts.scheduler,
-    })
+    Ok(parts.assemble(unet, vae, text_encoder))
 }
 
 fn unet_layout(cfg: &UNet2DConditionConfig) -> UNetLayout {
@@ -359,16 +370,7 @@ fn load_single_file(
     );
     let te_view = View::from_entries(&st, te_entries);
     let text_encoder = safetensors::load_into(build(|| parts.text.init(device)), &te_view, file)?;
-    Ok(StableDiffusion {
-        unet,
-        unet_config: parts.unet,
-        vae,
-        vae_config: parts.vae,
-        text_encoder,
-        text_config: parts.text,
-        tokenizer: parts.tokenizer,
-        scheduler: parts.scheduler,
-    })
+    Ok(parts.assemble(unet, vae, text_encoder))
 }
 
 /// Parameters of each network, for messages.
