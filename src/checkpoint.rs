@@ -97,6 +97,10 @@ pub struct TrainState {
     pub saved_unix_time: u64,
     /// Size and CRC32C of every other file in the checkpoint.
     pub files: BTreeMap<String, FileSum>,
+    /// Hashes of what the run depends on outside the checkpoint (a frozen first stage, a
+    /// pretrained base model), by name; resume refuses a change.
+    #[serde(default)]
+    pub fingerprints: BTreeMap<String, String>,
 }
 
 /// The crate version and git revision this binary was built from.
@@ -523,6 +527,7 @@ mod tests {
             git_revision,
             saved_unix_time: 0,
             files: BTreeMap::new(),
+            fingerprints: BTreeMap::new(),
         }
     }
 

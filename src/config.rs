@@ -12,7 +12,10 @@ use crate::data::DataConfig;
 use crate::device::{DeviceList, DeviceRequest, DeviceSpec};
 use crate::diffusion::DiffusionConfig;
 use crate::diffusion::sampling::{SamplerKind, TimestepSpacing};
-use crate::models::Architecture;
+use crate::models::{Architecture, Family};
+use crate::models::latent_diffusion::{
+    AutoencoderTrainConfig, ConditioningConfig, LatentDiffusionConfig,
+};
 use crate::models::pixelcnn::GatedPixelCNNConfig;
 use crate::models::tutorial_unet::TutorialUNetConfig;
 use crate::models::unet_2d::UNet2DConfig;
@@ -94,6 +97,12 @@ pub struct ModelConfig {
     pub tutorial: TutorialUNetConfig,
     pub vqvae: VQVAEConfig,
     pub pixelcnn: GatedPixelCNNConfig,
+    /// `architecture = "autoencoder_kl"`.
+    pub autoencoder: AutoencoderTrainConfig,
+    /// `architecture = "latent_diffusion"`.
+    pub ldm: LatentDiffusionConfig,
+    /// What latent diffusion is conditioned on (`kind = "none" | "class" | "text"`).
+    pub conditioning: ConditioningConfig,
 }
 
 impl ModelConfig {
@@ -145,6 +154,8 @@ impl ModelConfig {
                 }
             }
             Architecture::GatedPixelcnn => p.extend(self.pixelcnn.problems()),
+            Architecture::AutoencoderKl => p.extend(self.autoencoder.problems(res, ch)),
+            Architecture::LatentDiffusion => p.extend(self.ldm.problems(&self.conditioning)),
         }
         p
     }
@@ -158,6 +169,9 @@ impl Default for ModelConfig {
             tutorial: TutorialUNetConfig::default(),
             vqvae: VQVAEConfig::default(),
             pixelcnn: GatedPixelCNNConfig::default(),
+            autoencoder: AutoencoderTrainConfig::default(),
+            ldm: LatentDiffusionConfig::default(),
+            conditioning: ConditioningConfig::default(),
         }
     }
 }
@@ -233,6 +247,11 @@ pub struct SampleConfig {
     /// PixelCNN: logits are divided by this before sampling each code (1 = the model's
     /// distribution, lower = more conservative).
     pub temperature: f64,
+    /// Latent diffusion: classifier-free guidance scale of the grids (1 = no guidance).
+    pub guidance_scale: f64,
+    /// Latent diffusion with text: the prompts of the grids, one row each (default: the first
+    /// distinct captions of the data).
+    pub prompts: Vec<String>,
 }
 
 impl Default for SampleConfig {
@@ -247,6 +266,8 @@ impl Default for SampleConfig {
             clip_sample_range: 1.0,
             seed: 0,
             temperature: 1.0,
+            guidance_scale: 7.5,
+            prompts: Vec::new(),
         }
     }
 }
@@ -510,9 +531,22 @@ impl Config {
                 t.batch_split, t.batch_size
             ));
         }
-        if t.batch_split > 1 && !self.model.architecture.is_diffusion() {
+        if self.data.cache_latents && self.model.architecture != Architecture::LatentDiffusion {
             p.push(format!(
-                "train.batch_split is built for the diffusion denoisers only, not {:?}",
+                "data.cache_latents applies to latent_diffusion runs (latents of a frozen first \
+                 stage), not {:?}",
+                self.model.architecture
+            ));
+        }
+        if t.batch_split > 1
+            && !matches!(
+                self.model.architecture.family(),
+                Family::Diffusion | Family::LatentDiffusion
+            )
+        {
+            p.push(format!(
+                "train.batch_split is built for the diffusion denoisers and latent diffusion \
+                 only, not {:?}",
                 self.model.architecture
             ));
         }

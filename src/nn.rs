@@ -35,6 +35,14 @@ pub fn without_init<T>(build: impl FnOnce() -> T) -> T {
     out
 }
 
+/// A tensor's values on the host as `f32`, whatever its dtype.
+pub fn to_host<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    t.into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .expect("f32 after convert")
+}
+
 fn skipping_init() -> bool {
     SKIP_INIT.with(|s| s.get())
 }

@@ -68,6 +68,11 @@ fn read_json(path: &Path) -> Option<serde_json::Value> {
 }
 
 impl ClipTokenizer {
+    /// Ids in use (the vocabulary and added tokens): the text encoder's `vocab_size`.
+    pub fn vocab_size(&self) -> usize {
+        self.tokenizer.get_vocab_size(true)
+    }
+
     /// Loads the tokenizer of a Stable Diffusion `tokenizer/` folder.
     pub fn from_dir(dir: &Path) -> Result<Self, TokenizerError> {
         let load = |path: &Path, e: &dyn std::fmt::Display| TokenizerError::Load {
@@ -88,19 +93,8 @@ impl ClipTokenizer {
                 .build()
                 .map_err(|e| load(&vocab, &e))?;
             let mut t = Tokenizer::new(bpe);
-            let regex = |p: &str| SplitPattern::Regex(p.into());
-            let replace = Replace::new(regex_replace(r"\s+"), " ").map_err(|e| load(&vocab, &e))?;
-            t.with_normalizer(Some(NormSequence::new(vec![
-                NFC.into(),
-                replace.into(),
-                Lowercase.into(),
-            ])));
-            let split = Split::new(regex(PATTERN), SplitDelimiterBehavior::Removed, true)
-                .map_err(|e| load(&vocab, &e))?;
-            t.with_pre_tokenizer(Some(PreSequence::new(vec![
-                split.into(),
-                ByteLevel::default().add_prefix_space(false).into(),
-            ])));
+            t.with_normalizer(Some(clip_normalizer().map_err(|e| load(&vocab, &e))?));
+            t.with_pre_tokenizer(Some(clip_pre_tokenizer().map_err(|e| load(&vocab, &e))?));
             t
         } else {
             return Err(TokenizerError::Missing {
@@ -171,6 +165,164 @@ impl ClipTokenizer {
     }
 }
 
-fn regex_replace(pattern: &str) -> tokenizers::normalizers::replace::ReplacePattern {
-    tokenizers::normalizers::replace::ReplacePattern::Regex(pattern.into())
+/// NFC, runs of whitespace to one space, lowercase (transformers' `CLIPTokenizer`).
+fn clip_normalizer() -> tokenizers::Result<NormSequence> {
+    let pattern = tokenizers::normalizers::replace::ReplacePattern::Regex(r"\s+".into());
+    Ok(NormSequence::new(vec![
+        NFC.into(),
+        Replace::new(pattern, " ")?.into(),
+        Lowercase.into(),
+    ]))
+}
+
+/// CLIP's split regex, then byte-level (transformers' `CLIPTokenizer`).
+fn clip_pre_tokenizer() -> tokenizers::Result<PreSequence> {
+    let split = Split::new(
+        SplitPattern::Regex(PATTERN.into()),
+        SplitDelimiterBehavior::Removed,
+        true,
+    )?;
+    Ok(PreSequence::new(vec![
+        split.into(),
+        ByteLevel::default().add_prefix_space(false).into(),
+    ]))
+}
+
+/// GPT-2's / CLIP's reversible byte -> printable character map, in CLIP's vocabulary order.
+fn byte_symbols() -> Vec<char> {
+    let mut bs: Vec<u32> = (b'!' as u32..=b'~' as u32)
+        .chain(0xa1..=0xac)
+        .chain(0xae..=0xff)
+        .collect();
+    let mut cs = bs.clone();
+    let mut n = 0;
+    for b in 0..256u32 {
+        if !bs.contains(&b) {
+            bs.push(b);
+            cs.push(256 + n);
+            n += 1;
+        }
+    }
+    cs.into_iter()
+        .map(|c| char::from_u32(c).expect("valid code points"))
+        .collect()
+}
+
+/// A CLIP BPE vocabulary learned from `texts` (SD 1.x's structure at a small size): the 256
+/// byte symbols, the same with the end-of-word suffix `</w>`, up to `vocab_size - 514` merges
+/// of the most frequent adjacent pair (ties: the lexicographically last pair), then
+/// `<|startoftext|>` and `<|endoftext|>`. Deterministic.
+pub fn learn_bpe(
+    texts: &[&str],
+    vocab_size: usize,
+) -> Result<(Vec<String>, Vec<(String, String)>), TokenizerError> {
+    use std::collections::{BTreeMap, HashMap};
+    use tokenizers::{
+        NormalizedString, Normalizer, OffsetReferential, OffsetType, PreTokenizedString,
+        PreTokenizer,
+    };
+    let fail = |e: tokenizers::Error| TokenizerError::Encode {
+        text: "(the captions)".into(),
+        message: e.to_string(),
+    };
+    let (norm, pre) = (clip_normalizer().map_err(fail)?, clip_pre_tokenizer().map_err(fail)?);
+    let mut words: BTreeMap<Vec<String>, usize> = BTreeMap::new();
+    for text in texts {
+        let mut n = NormalizedString::from(*text);
+        norm.normalize(&mut n).map_err(fail)?;
+        let mut p = PreTokenizedString::from(n);
+        pre.pre_tokenize(&mut p).map_err(fail)?;
+        for (piece, _, _) in p.get_splits(OffsetReferential::Original, OffsetType::Byte) {
+            let chars: Vec<String> = piece.chars().map(String::from).collect();
+            if let Some((last, rest)) = chars.split_last() {
+                let mut symbols = rest.to_vec();
+                symbols.push(format!("{last}</w>"));
+                *words.entry(symbols).or_default() += 1;
+            }
+        }
+    }
+    let base: Vec<String> = byte_symbols().into_iter().map(String::from).collect();
+    let mut vocab: Vec<String> = base.clone();
+    vocab.extend(base.iter().map(|b| format!("{b}</w>")));
+    let mut merges = Vec::new();
+    while vocab.len() + 2 < vocab_size {
+        let mut pairs: HashMap<(&str, &str), usize> = HashMap::new();
+        for (w, c) in &words {
+            for p in w.windows(2) {
+                *pairs.entry((&p[0], &p[1])).or_default() += c;
+            }
+        }
+        let Some((best, _)) = pairs
+            .into_iter()
+            .max_by(|(pa, ca), (pb, cb)| ca.cmp(cb).then(pa.cmp(pb)))
+        else {
+            break;
+        };
+        let best = (best.0.to_string(), best.1.to_string());
+        let joined = format!("{}{}", best.0, best.1);
+        words = words
+            .into_iter()
+            .map(|(w, c)| {
+                let mut out = Vec::with_capacity(w.len());
+                let mut i = 0;
+                while i < w.len() {
+                    if i + 1 < w.len() && w[i] == best.0 && w[i + 1] == best.1 {
+                        out.push(joined.clone());
+                        i += 2;
+                    } else {
+                        out.push(w[i].clone());
+                        i += 1;
+                    }
+                }
+                (out, c)
+            })
+            .fold(BTreeMap::new(), |mut m, (w, c)| {
+                *m.entry(w).or_default() += c;
+                m
+            });
+        vocab.push(joined);
+        merges.push(best);
+    }
+    vocab.push(BOS.into());
+    vocab.push(EOS.into());
+    Ok((vocab, merges))
+}
+
+/// Writes a tokenizer folder as the SD 1.5 repository ships one (vocab.json, merges.txt,
+/// special_tokens_map.json, tokenizer_config.json), which transformers' `CLIPTokenizer` and
+/// [`ClipTokenizer::from_dir`] load.
+pub fn write_tokenizer_dir(
+    dir: &Path,
+    vocab: &[String],
+    merges: &[(String, String)],
+    max_length: usize,
+) -> Result<(), crate::io::IoError> {
+    let ids: serde_json::Map<String, serde_json::Value> = vocab
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), i.into()))
+        .collect();
+    crate::io::write_atomic(
+        &dir.join("vocab.json"),
+        serde_json::to_string(&ids)
+            .expect("strings serialise")
+            .as_bytes(),
+    )?;
+    let mut text = String::from("#version: 0.2\n");
+    for (a, b) in merges {
+        text.push_str(&format!("{a} {b}\n"));
+    }
+    crate::io::write_atomic(&dir.join("merges.txt"), text.as_bytes())?;
+    crate::io::write_json(
+        &dir.join("special_tokens_map.json"),
+        &serde_json::json!({"bos_token": BOS, "eos_token": EOS, "pad_token": EOS, "unk_token": EOS}),
+    )?;
+    crate::io::write_json(
+        &dir.join("tokenizer_config.json"),
+        &serde_json::json!({
+            "tokenizer_class": "CLIPTokenizer", "model_max_length": max_length,
+            "bos_token": BOS, "eos_token": EOS, "pad_token": EOS, "unk_token": EOS,
+            "do_lower_case": true, "add_prefix_space": false, "errors": "replace",
+        }),
+    )
 }

@@ -19,6 +19,7 @@ use difftrain::device::parse_device;
 use difftrain::models::Architecture;
 use difftrain::optim::grad;
 use difftrain::train::Objective;
+use difftrain::train::objective::split_grads;
 use difftrain::train::objectives::diffusion::DiffusionObjective;
 use difftrain::train::run::adamw;
 use rand::{Rng, SeedableRng};
@@ -82,6 +83,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         captions: vec![None; shape[0]],
         labels: vec![None; shape[0]],
         indices: (0..shape[0]).collect(),
+        flipped: vec![false; shape[0]],
         offset: 0,
         global_size: shape[0],
     };
@@ -93,7 +95,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         let start = Instant::now();
         let (t_forward, mut grads) = if args.split > 1 {
             let (grads, _) =
-                objective.split_grads(&model, &batch, args.split, 1.0, &mut rng, &device);
+                split_grads(&objective, &model, &batch, args.split, 1.0, &mut rng, &device);
             (0.0, grads)
         } else {
             let loss = objective.loss(&model, &batch, &mut rng, &device);

@@ -3,7 +3,8 @@
 //! Diffusion runs sample with the run's sampler (or `--sampler`); PixelCNN priors sample code
 //! maps (`--temperature`) and decode them with their VQ-VAE; Stable Diffusion models (a
 //! diffusers folder, or a single file with `--config-from <folder>`) generate from `--prompt`
-//! with classifier-free guidance. `pipelines::sample` decides per model.
+//! with classifier-free guidance, as do text-conditioned latent diffusion runs (`--prompt`) and
+//! class-conditioned ones (`--class`). `pipelines::sample` decides per model.
 
 use std::path::PathBuf;
 
@@ -24,7 +25,7 @@ struct Args {
     /// or a single-file Stable Diffusion checkpoint (.safetensors).
     #[arg(long)]
     checkpoint: PathBuf,
-    /// Number of images (default 16 for runs, 1 for text-to-image).
+    /// Number of images (default 16 for runs, 1 for Stable Diffusion models).
     #[arg(long)]
     num: Option<usize>,
     /// Inference steps (default: the run's sample.num_inference_steps; 50 for Stable Diffusion).
@@ -49,7 +50,8 @@ struct Args {
     /// Text-to-image: what to steer away from (the unconditional branch of guidance).
     #[arg(long)]
     negative_prompt: Option<String>,
-    /// Classifier-free guidance scale (default 7.5; 1 turns guidance off).
+    /// Classifier-free guidance scale (default: the run's sample.guidance_scale, 7.5 for Stable
+    /// Diffusion models; 1 turns guidance off).
     #[arg(long)]
     guidance_scale: Option<f64>,
     /// A1111/kohya's "clip skip": 1 = the text encoder's last layer, 2 = the one before.
@@ -68,6 +70,9 @@ struct Args {
     /// tokenizer, configs and scheduler from.
     #[arg(long)]
     config_from: Option<PathBuf>,
+    /// Class-conditioned latent diffusion: the class to generate (0..num_classes).
+    #[arg(long)]
+    class: Option<usize>,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -103,6 +108,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         height: args.height,
         latents: args.latents,
         config_from: args.config_from,
+        class: args.class,
     };
     let (grid, weights) = pipelines::sample(&args.checkpoint, &request)?;
     let n = grid.shape[0];

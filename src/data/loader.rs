@@ -20,14 +20,35 @@ pub struct Batch {
     pub shape: [usize; 4],
     pub captions: Vec<Option<String>>,
     pub labels: Vec<Option<i64>>,
-    /// Dataset indices, for tests and debugging.
+    /// Dataset indices (latent caches look samples up by them).
     pub indices: Vec<usize>,
+    /// Whether each image was flipped by the transform.
+    pub flipped: Vec<bool>,
     /// With data parallelism a batch is one rank's slice of the global batch: these are its
     /// first sample's position in the global batch and the global batch size (0 and the batch
     /// size otherwise). Per-sample randomness is drawn for the global batch, so it is the same
     /// whatever the number of ranks.
     pub offset: usize,
     pub global_size: usize,
+}
+
+impl Batch {
+    /// Samples `range` of this batch, as a batch at its place in the global batch.
+    pub fn slice(&self, range: std::ops::Range<usize>) -> Batch {
+        let [_, c, h, w] = self.shape;
+        // Batches for a latent cache carry no pixels.
+        let per = if self.images.is_empty() { 0 } else { c * h * w };
+        Batch {
+            images: self.images[range.start * per..range.end * per].to_vec(),
+            shape: [range.len(), c, h, w],
+            captions: self.captions[range.clone()].to_vec(),
+            labels: self.labels[range.clone()].to_vec(),
+            indices: self.indices[range.clone()].to_vec(),
+            flipped: self.flipped[range.clone()].to_vec(),
+            offset: self.offset + range.start,
+            global_size: self.global_size,
+        }
+    }
 }
 
 /// Where the loader stands: epoch and the next batch within it.
@@ -70,6 +91,7 @@ impl Loader {
         prefetch: usize,
         on_bad: OnBadImage,
         shard: std::ops::Range<usize>,
+        decode: bool,
     ) -> Result<Self, DataError> {
         assert!(
             shard.start < shard.end && shard.end <= batch_size,
@@ -100,6 +122,7 @@ impl Loader {
                     on_bad,
                     bad,
                     shard,
+                    decode,
                     tx,
                 )
             })
@@ -152,6 +175,7 @@ fn produce(
     on_bad: OnBadImage,
     bad: Arc<AtomicUsize>,
     shard: std::ops::Range<usize>,
+    decode: bool,
     tx: SyncSender<Result<(LoaderPosition, Batch), DataError>>,
 ) {
     let len = dataset.len();
@@ -172,6 +196,7 @@ fn produce(
                 workers,
                 on_bad,
                 &bad,
+                decode,
             );
             if tx.send(result.map(|b| (pos, b))).is_err() {
                 return; // the trainer hung up
@@ -196,8 +221,10 @@ fn decode_batch(
     workers: usize,
     on_bad: OnBadImage,
     bad: &AtomicUsize,
+    decode: bool,
 ) -> Result<Batch, DataError> {
-    let decode_one = |slot: usize, index: usize| -> Result<(usize, Vec<f32>), DataError> {
+    type Decoded = (usize, Vec<f32>, bool);
+    let decode_one = |slot: usize, index: usize| -> Result<Decoded, DataError> {
         // Augmentation randomness depends only on (seed, epoch, slot): thread-independent.
         let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0xa06_0000);
         rng.set_stream(
@@ -205,11 +232,18 @@ fn decode_batch(
                 .wrapping_mul(1 << 32)
                 .wrapping_add((pos.batch_in_epoch * indices.len() + slot) as u64),
         );
+        if !decode {
+            // Latents come from a cache: only the flip decision is needed (center crop).
+            return Ok((index, Vec::new(), transform.flip_only(&mut rng)));
+        }
         let len = dataset.len();
         for attempt in 0..len {
             let i = (index + attempt) % len;
             match dataset.decode(i) {
-                Ok(img) => return Ok((i, transform.apply(img, &mut rng))),
+                Ok(img) => {
+                    let (pixels, flipped) = transform.apply_flip(img, &mut rng);
+                    return Ok((i, pixels, flipped));
+                }
                 Err(e) if on_bad == OnBadImage::Warn => {
                     eprintln!("warning: {e}; using the next image instead");
                     bad.fetch_add(1, Ordering::Relaxed);
@@ -223,7 +257,7 @@ fn decode_batch(
     };
     let mine = &indices[slots.clone()];
     let chunk = mine.len().div_ceil(workers);
-    let decoded: Vec<Result<(usize, Vec<f32>), DataError>> = std::thread::scope(|s| {
+    let decoded: Vec<Result<Decoded, DataError>> = std::thread::scope(|s| {
         let handles: Vec<_> = mine
             .chunks(chunk)
             .enumerate()
@@ -247,10 +281,12 @@ fn decode_batch(
     let c = transform.channels();
     let mut images = Vec::with_capacity(mine.len() * c * r * r);
     let mut used = Vec::with_capacity(mine.len());
+    let mut flipped = Vec::with_capacity(mine.len());
     for d in decoded {
-        let (i, pixels) = d?;
+        let (i, pixels, flip) = d?;
         images.extend_from_slice(&pixels);
         used.push(i);
+        flipped.push(flip);
     }
     let captions = used
         .iter()
@@ -263,6 +299,7 @@ fn decode_batch(
         captions,
         labels,
         indices: used,
+        flipped,
         offset: slots.start,
         global_size: indices.len(),
     })

@@ -9,6 +9,7 @@
 //! of where it is in the run: background threads cannot change results and resume is exact.
 
 pub mod dataset;
+pub mod latent_cache;
 pub mod loader;
 
 use std::path::PathBuf;
@@ -35,6 +36,10 @@ pub struct DataConfig {
     pub num_workers: usize,
     /// Batches decoded ahead of the compute.
     pub prefetch_batches: usize,
+    /// Latent diffusion: encode the dataset once with the frozen first stage (each image's
+    /// posterior mean and std, both flips) and train from that cache instead of decoding
+    /// images every step. Needs `crop = "center"`.
+    pub cache_latents: bool,
 }
 
 impl DataConfig {
@@ -45,6 +50,13 @@ impl DataConfig {
         }
         if self.num_workers == 0 {
             p.push("data.num_workers must be at least 1".into());
+        }
+        if self.cache_latents && self.crop != CropMode::Center {
+            p.push(
+                "data.cache_latents needs data.crop = \"center\" (a random crop cannot be cached; \
+                 flips can)"
+                    .into(),
+            );
         }
         p
     }
@@ -77,6 +89,7 @@ impl Default for DataConfig {
             on_bad_image: OnBadImage::Warn,
             num_workers: 2,
             prefetch_batches: 4,
+            cache_latents: false,
         }
     }
 }
@@ -170,6 +183,18 @@ impl Transform {
 
     /// Resize (shorter side), crop, flip, and scale to [-1, 1]; returns CHW floats.
     pub fn apply(&self, img: image::DynamicImage, rng: &mut impl Rng) -> Vec<f32> {
+        self.apply_flip(img, rng).0
+    }
+
+    /// The flip decision [`Transform::apply`] makes, drawn from `rng` the same way, without an
+    /// image; only for center crops (a random crop's draws need the image's size).
+    pub fn flip_only(&self, rng: &mut impl Rng) -> bool {
+        debug_assert_eq!(self.crop, CropMode::Center);
+        self.random_flip && rng.random_bool(0.5)
+    }
+
+    /// [`Transform::apply`], also saying whether the image was flipped.
+    pub fn apply_flip(&self, img: image::DynamicImage, rng: &mut impl Rng) -> (Vec<f32>, bool) {
         let r = self.resolution as u32;
         let (w, h) = (img.width(), img.height());
         let scale = r as f64 / w.min(h) as f64;
@@ -204,7 +229,7 @@ impl Transform {
                 }
             }
         }
-        out
+        (out, flip)
     }
 }
 

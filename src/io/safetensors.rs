@@ -92,6 +92,31 @@ pub fn named_tensors<M: Module>(module: &M) -> BTreeMap<String, HostTensor> {
     c.out
 }
 
+#[derive(Default)]
+struct IdCollector {
+    path: PathStack,
+    out: BTreeMap<String, burn::module::ParamId>,
+}
+
+impl ModuleVisitor for IdCollector {
+    fn enter_module(&mut self, name: &str, container: &str) {
+        self.path.enter(name, container);
+    }
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.path.exit();
+    }
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        self.out.insert(self.path.key(), param.id);
+    }
+}
+
+/// The id of every float parameter of `module`, by key (to find a named parameter's gradient).
+pub fn named_param_ids<M: Module>(module: &M) -> BTreeMap<String, burn::module::ParamId> {
+    let mut c = IdCollector::default();
+    module.visit(&mut c);
+    c.out
+}
+
 /// burn's dtype for a safetensors float dtype.
 fn burn_dtype(dtype: Dtype) -> Option<DType> {
     Some(match dtype {

@@ -6,6 +6,7 @@ pub mod attention;
 pub mod autoencoder_kl;
 pub mod clip;
 pub mod embeddings;
+pub mod latent_diffusion;
 pub mod pixelcnn;
 pub mod resnet;
 pub mod transformer_2d;
@@ -37,6 +38,10 @@ pub enum Architecture {
     Vqvae,
     /// Stage 2: a Gated PixelCNN prior over a trained VQ-VAE's code maps.
     GatedPixelcnn,
+    /// Stage 1 of latent diffusion: a KL-regularised autoencoder (diffusers `AutoencoderKL`).
+    AutoencoderKl,
+    /// Stage 2: a conditional U-Net (`UNet2DConditionModel`) on a frozen first stage's latents.
+    LatentDiffusion,
 }
 
 /// How a model is trained, sampled and exported. Each family has one objective
@@ -50,6 +55,10 @@ pub enum Family {
     Vqvae,
     /// A Gated PixelCNN prior over a VQ-VAE's codes.
     PixelCnn,
+    /// An `AutoencoderKL`: reconstruction + KL; it does not sample on its own.
+    Autoencoder,
+    /// A conditional U-Net on latents, sampled with guidance and decoded by its first stage.
+    LatentDiffusion,
 }
 
 impl Architecture {
@@ -58,6 +67,8 @@ impl Architecture {
             Self::Unet2d | Self::TutorialUnet => Family::Diffusion,
             Self::Vqvae => Family::Vqvae,
             Self::GatedPixelcnn => Family::PixelCnn,
+            Self::AutoencoderKl => Family::Autoencoder,
+            Self::LatentDiffusion => Family::LatentDiffusion,
         }
     }
 
@@ -85,7 +96,10 @@ impl DenoiserModel {
         match architecture {
             Architecture::Unet2d => Ok(Self::Unet2d(unet.init(device))),
             Architecture::TutorialUnet => Ok(Self::TutorialUnet(tutorial.init(device))),
-            Architecture::Vqvae | Architecture::GatedPixelcnn => Err(format!(
+            Architecture::Vqvae
+            | Architecture::GatedPixelcnn
+            | Architecture::AutoencoderKl
+            | Architecture::LatentDiffusion => Err(format!(
                 "model.architecture = {architecture:?} is not a diffusion denoiser"
             )),
         }

@@ -6,16 +6,21 @@
 //! weights. The binaries only parse arguments and call into here.
 
 pub mod ddpm;
+pub mod ldm;
 pub mod stable_diffusion;
 pub mod text_to_image;
 pub mod vq;
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use burn::module::Module;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
 
 use crate::checkpoint;
 use crate::config::Config;
+use crate::data::Dataset;
 use crate::device::parse_device;
 use crate::diffusion::sampling::SamplerKind;
 use crate::io;
@@ -41,12 +46,57 @@ pub enum PipelineError {
     Invalid(String),
 }
 
+/// Writes `model`'s weights (PyTorch's names) to `path` with the metadata diffusers expects.
+pub(crate) fn save_weights<M: Module>(model: &M, path: &Path) -> Result<(), TrainError> {
+    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+    io::safetensors::save_module(path, model, None, &meta)?;
+    Ok(())
+}
+
+/// A fixed batch for reconstruction grids: the dataset's first `sample.num_images` images,
+/// transformed without flips.
+pub(crate) fn fixed_batch(
+    cfg: &Config,
+    dataset: &Dataset,
+) -> Result<(Vec<f32>, [usize; 4]), TrainError> {
+    let transform = crate::data::Transform {
+        random_flip: false,
+        ..cfg.data.transform()
+    };
+    let n = cfg.sample.num_images.min(dataset.len()).max(1);
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let mut images = Vec::new();
+    for i in 0..n {
+        images.extend(transform.apply(dataset.decode(i)?, &mut rng));
+    }
+    let r = cfg.data.resolution;
+    Ok((images, [n, transform.channels(), r, r]))
+}
+
+/// `input | reconstruction` pairs, four pairs to a row.
+pub(crate) fn pairs_grid(images: &[f32], shape: [usize; 4], recon: &[f32]) -> Grid {
+    let [n, c, h, w] = shape;
+    let per = c * h * w;
+    let mut out = Vec::with_capacity(2 * n * per);
+    for i in 0..n {
+        out.extend_from_slice(&images[i * per..(i + 1) * per]);
+        out.extend_from_slice(&recon[i * per..(i + 1) * per]);
+    }
+    Grid {
+        images: out,
+        shape: [2 * n, c, h, w],
+        columns: 2 * n.min(4),
+    }
+}
+
 /// Trains the model family `cfg.model.architecture` names.
 pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<RunSummary, TrainError> {
     Ok(match cfg.model.architecture.family() {
         Family::Diffusion => ddpm::train(cfg, opts)?.summary,
         Family::Vqvae => vq::train_vqvae(cfg, opts)?.summary,
         Family::PixelCnn => vq::train_pixelcnn(cfg, opts)?.summary,
+        Family::Autoencoder => ldm::train_autoencoder(cfg, opts)?.summary,
+        Family::LatentDiffusion => ldm::train_ldm(cfg, opts)?.summary,
     })
 }
 
@@ -58,6 +108,8 @@ pub fn weights_file(architecture: Architecture, dir: &Path, suffix: &str) -> Pat
         Architecture::TutorialUnet => ("tutorial_unet", "model.safetensors"),
         Architecture::Vqvae => ("vqvae", "model.safetensors"),
         Architecture::GatedPixelcnn => ("pixelcnn", "model.safetensors"),
+        Architecture::AutoencoderKl => ("vae", "diffusion_pytorch_model.safetensors"),
+        Architecture::LatentDiffusion => ("unet", "diffusion_pytorch_model.safetensors"),
     };
     dir.join(format!("{folder}{suffix}")).join(file)
 }
@@ -140,6 +192,8 @@ pub struct SampleRequest {
     pub height: Option<usize>,
     pub latents: Option<PathBuf>,
     pub config_from: Option<PathBuf>,
+    /// Class-conditioned latent diffusion: the class to generate.
+    pub class: Option<usize>,
 }
 
 /// Generates images from a run, an export, a checkpoint, or a pretrained Stable Diffusion model
@@ -153,12 +207,6 @@ pub fn sample(dir: &Path, req: &SampleRequest) -> Result<(Grid, PathBuf), Pipeli
     if num == 0 {
         return bad("--num must be at least 1".into());
     }
-    if req.prompt.is_some() || req.negative_prompt.is_some() {
-        return bad(format!(
-            "{} is not a text-conditioned model: --prompt applies to Stable Diffusion models",
-            dir.display()
-        ));
-    }
     let overrides: Vec<String> = req
         .device
         .iter()
@@ -170,7 +218,24 @@ pub fn sample(dir: &Path, req: &SampleRequest) -> Result<(Grid, PathBuf), Pipeli
         Config::load(&root.join(checkpoint::CONFIG_FILE), &overrides).map_err(TrainError::from)?;
     let device = parse_device(&cfg.run.device)?;
     let res = cfg.data.resolution;
-    match cfg.model.architecture.family() {
+    let family = cfg.model.architecture.family();
+    if family != Family::LatentDiffusion {
+        if req.prompt.is_some() || req.negative_prompt.is_some() {
+            return bad(format!(
+                "{} is not a text-conditioned model: --prompt applies to Stable Diffusion and \
+                 text-conditioned latent diffusion models",
+                dir.display()
+            ));
+        }
+        if req.class.is_some() {
+            return bad(format!(
+                "{} is not a class-conditioned model: --class applies to class-conditioned \
+                 latent diffusion models",
+                dir.display()
+            ));
+        }
+    }
+    match family {
         Family::Diffusion => {
             let (model, weights) = load_weights(&cfg, &root, weights, |c| build_model(c, &device))?;
             if let Some(steps) = req.steps
@@ -207,6 +272,25 @@ pub fn sample(dir: &Path, req: &SampleRequest) -> Result<(Grid, PathBuf), Pipeli
             let shape = [num, cfg.image_channels(), res, res];
             Ok((Grid::square(images, shape), weights))
         }
+        Family::LatentDiffusion => {
+            if weights.is_none() && root.join("model_index.json").is_file() {
+                // A text-conditioned KL export is a Stable Diffusion folder.
+                let mut req = req.clone();
+                req.num.get_or_insert(num);
+                req.steps.get_or_insert(cfg.sample.num_inference_steps);
+                req.guidance_scale.get_or_insert(cfg.sample.guidance_scale);
+                req.device.get_or_insert(cfg.run.device.clone());
+                return text_to_image::sample_pretrained(&root, &req);
+            }
+            let grid = ldm::sample(&cfg, &root, weights.as_deref(), req, &device)?;
+            Ok((grid, weights.unwrap_or_else(|| weights_file(cfg.model.architecture, &root, ""))))
+        }
+        Family::Autoencoder => bad(format!(
+            "{} is an autoencoder (latent diffusion stage 1): it reconstructs but does not \
+             sample on its own. Train a latent diffusion U-Net on it (configs/ldm_quickstart.toml) \
+             and sample from that run",
+            dir.display()
+        )),
         Family::Vqvae => bad(format!(
             "{} is a VQ-VAE (stage 1): it reconstructs but does not sample on its own. Train a \
              PixelCNN prior on it (configs/pixelcnn_quickstart.toml) and sample from that run",

@@ -294,27 +294,98 @@ fn load_folder(dir: &Path, device: &Device) -> Result<StableDiffusion, Pretraine
         });
     }
     let parts = folder_parts(dir, true)?;
-    let weights = |sub: &str, stem: &str| -> Result<PathBuf, PretrainedError> {
-        weights_in(&dir.join(sub), stem).map_err(|m| PretrainedError::Incomplete {
-            dir: dir.to_path_buf(),
-            missing: vec![m],
-        })
-    };
-    let unet_path = weights("unet", "diffusion_pytorch_model")?;
+    let unet_path = component_weights(dir, "unet", "diffusion_pytorch_model")?;
     check(&unet_path, parts.unet.problems("unet"), ())?;
     let unet = safetensors::load_file(build(|| parts.unet.init(device)), &unet_path)?;
-    let vae_path = weights("vae", "diffusion_pytorch_model")?;
-    check(&vae_path, parts.vae.problems("vae"), ())?;
-    let vae_file = SafetensorsFile::open(&vae_path)?;
-    let vae_view = View::renamed(&vae_file, keys::vae_legacy_attention, |_| false);
-    let vae = safetensors::load_into(build(|| parts.vae.init(device)), &vae_view, &vae_path)?;
-    let te_path = weights("text_encoder", "model")?;
-    check(&te_path, parts.text.problems("text_encoder"), ())?;
-    let te_file = SafetensorsFile::open(&te_path)?;
-    let te_view = View::renamed(&te_file, keys::clip_text_model_prefix, keys::clip_buffer);
-    let text_encoder =
-        safetensors::load_into(build(|| parts.text.init(device)), &te_view, &te_path)?;
+    let (vae, _) = vae_from_folder(dir, &parts.vae, device)?;
+    let (text_encoder, _) = text_encoder_from_folder(dir, &parts.text, device)?;
     Ok(parts.assemble(unet, vae, text_encoder))
+}
+
+/// `<dir>/<sub>/<stem>[.fp16].safetensors`, or an `Incomplete` error naming it.
+fn component_weights(dir: &Path, sub: &str, stem: &str) -> Result<PathBuf, PretrainedError> {
+    weights_in(&dir.join(sub), stem).map_err(|m| PretrainedError::Incomplete {
+        dir: dir.to_path_buf(),
+        missing: vec![m],
+    })
+}
+
+/// A folder's `vae/` weights (old attention names accepted); returns the file read.
+fn vae_from_folder(
+    dir: &Path,
+    cfg: &AutoencoderKLConfig,
+    device: &Device,
+) -> Result<(AutoencoderKL, PathBuf), PretrainedError> {
+    let path = component_weights(dir, "vae", "diffusion_pytorch_model")?;
+    check(&path, cfg.problems("vae"), ())?;
+    let file = SafetensorsFile::open(&path)?;
+    let view = View::renamed(&file, keys::vae_legacy_attention, |_| false);
+    let vae = safetensors::load_into(build(|| cfg.init(device)), &view, &path)?;
+    Ok((vae, path))
+}
+
+/// A folder's `text_encoder/` weights (with or without transformers 4's `text_model.`).
+fn text_encoder_from_folder(
+    dir: &Path,
+    cfg: &CLIPTextConfig,
+    device: &Device,
+) -> Result<(CLIPTextModel, PathBuf), PretrainedError> {
+    let path = component_weights(dir, "text_encoder", "model")?;
+    check(&path, cfg.problems("text_encoder"), ())?;
+    let file = SafetensorsFile::open(&path)?;
+    let view = View::renamed(&file, keys::clip_text_model_prefix, keys::clip_buffer);
+    let te = safetensors::load_into(build(|| cfg.init(device)), &view, &path)?;
+    Ok((te, path))
+}
+
+/// The VAE of a pretrained model, its config and the weights file: a folder's `vae/`, or a
+/// single file's `first_stage_model.*` with `vae/config.json` from its config folder.
+pub fn load_vae(
+    source: &Pretrained,
+    device: &Device,
+) -> Result<(AutoencoderKL, AutoencoderKLConfig, PathBuf), PretrainedError> {
+    let (dir, file) = match source {
+        Pretrained::Folder(dir) => (dir.clone(), None),
+        Pretrained::SingleFile { file, configs } => (
+            configs
+                .clone()
+                .ok_or_else(|| PretrainedError::NeedConfigFolder { path: file.clone() })?,
+            Some(file.clone()),
+        ),
+    };
+    let cfg = json_config(
+        &dir.join("vae/config.json"),
+        AutoencoderKLConfig::from_diffusers_json,
+    )?;
+    match file {
+        None => {
+            let (vae, path) = vae_from_folder(&dir, &cfg, device)?;
+            Ok((vae, cfg, path))
+        }
+        Some(file) => {
+            let st = SafetensorsFile::open(&file)?;
+            let keys = st.keys();
+            let levels = cfg.block_out_channels.len();
+            let view = View::from_entries(&st, single_file::vae_entries(&keys, levels, &st));
+            let vae = safetensors::load_into(build(|| cfg.init(device)), &view, &file)?;
+            Ok((vae, cfg, file))
+        }
+    }
+}
+
+/// The frozen text encoder and tokenizer of a folder (`text_encoder/`, `tokenizer/`), with the
+/// encoder's config and weights file.
+pub fn load_text_encoder(
+    dir: &Path,
+    device: &Device,
+) -> Result<(CLIPTextModel, CLIPTextConfig, ClipTokenizer, PathBuf), PretrainedError> {
+    let cfg = json_config(
+        &dir.join("text_encoder/config.json"),
+        CLIPTextConfig::from_transformers_json,
+    )?;
+    let tokenizer = ClipTokenizer::from_dir(&dir.join("tokenizer"))?;
+    let (te, path) = text_encoder_from_folder(dir, &cfg, device)?;
+    Ok((te, cfg, tokenizer, path))
 }
 
 fn unet_layout(cfg: &UNet2DConditionConfig) -> UNetLayout {

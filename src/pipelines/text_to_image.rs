@@ -12,9 +12,11 @@ use super::stable_diffusion::{self, Pretrained, StableDiffusion};
 use crate::device::parse_device;
 use crate::diffusion::guidance::Guided;
 use crate::diffusion::sampling::{self, SamplerKind};
+use crate::diffusion::scheduler_config::SchedulerConfig;
 use crate::io::image::Grid;
 use crate::io::safetensors::SafetensorsFile;
-use crate::tokenizer::TokenizerError;
+use crate::models::unet_2d_condition::UNet2DConditionModel;
+use crate::tokenizer::{ClipTokenizer, TokenizerError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum GenerateError {
@@ -45,6 +47,23 @@ pub struct TextToImage {
     pub clip_skip: usize,
 }
 
+/// Token ids of `prompts` for `tokenizer`, `[n, max_length]`.
+pub fn token_ids(
+    tokenizer: &ClipTokenizer,
+    prompts: &[&str],
+    device: &Device,
+) -> Result<Tensor<2, Int>, TokenizerError> {
+    let len = tokenizer.max_length;
+    let mut ids = Vec::with_capacity(prompts.len() * len);
+    for p in prompts {
+        ids.extend(tokenizer.encode(p)?.into_iter().map(i64::from));
+    }
+    Ok(Tensor::from_data(
+        TensorData::new(ids, [prompts.len(), len]),
+        device,
+    ))
+}
+
 /// The text embeddings of `prompts`, `[n, max_length, hidden]`.
 pub fn encode_prompts(
     sd: &StableDiffusion,
@@ -52,91 +71,168 @@ pub fn encode_prompts(
     clip_skip: usize,
     device: &Device,
 ) -> Result<Tensor<3>, TokenizerError> {
-    let len = sd.tokenizer.max_length;
-    let mut ids = Vec::with_capacity(prompts.len() * len);
-    for p in prompts {
-        ids.extend(sd.tokenizer.encode(p)?.into_iter().map(i64::from));
-    }
-    let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [prompts.len(), len]), device);
-    Ok(sd.text_encoder.forward(ids, clip_skip))
+    Ok(sd
+        .text_encoder
+        .forward(token_ids(&sd.tokenizer, prompts, device)?, clip_skip))
 }
 
-/// The latent shape of `req`, checked against the model.
-fn latent_shape(sd: &StableDiffusion, req: &TextToImage) -> Result<[usize; 4], GenerateError> {
-    let f = sd.vae_factor();
-    if req.width == 0 || req.height == 0 || req.width % f != 0 || req.height % f != 0 {
+/// What a generation needs of a latent diffusion model, by reference: the U-Net, the decoder of
+/// unscaled latents, the latent geometry, the scale and the schedule.
+pub struct LatentModel<'a> {
+    pub unet: &'a UNet2DConditionModel,
+    pub decode: &'a dyn Fn(Tensor<4>) -> Tensor<4>,
+    pub scale: f64,
+    pub latent_channels: usize,
+    /// Image pixels per latent position.
+    pub factor: usize,
+    pub scheduler: &'a SchedulerConfig,
+}
+
+/// What the U-Net is conditioned on, for the conditional and the unconditional branch.
+pub enum Condition {
+    /// Text embeddings `[1, len, d]` of the prompt and of the negative prompt.
+    Text { cond: Tensor<3>, uncond: Tensor<3> },
+    /// A class and the null class, with a zero cross-attention token of width `context`.
+    Class { class: i64, null: i64, context: usize },
+    /// Nothing: a zero cross-attention token of width `context`, no guidance.
+    None { context: usize },
+}
+
+/// How to generate, whatever the conditioning.
+#[derive(Debug, Clone)]
+pub struct Generation {
+    pub guidance_scale: f64,
+    pub steps: usize,
+    pub sampler: Option<SamplerKind>,
+    pub seed: u64,
+    pub width: usize,
+    pub height: usize,
+    pub num: usize,
+    pub latents: Option<Tensor<4>>,
+}
+
+/// Generates `g.num` images; returns them decoded, `[num, c, height, width]`, about [-1, 1].
+pub fn generate(
+    model: &LatentModel,
+    cond: &Condition,
+    g: &Generation,
+    device: &Device,
+) -> Result<Tensor<4>, GenerateError> {
+    let f = model.factor;
+    if g.width == 0 || g.height == 0 || g.width % f != 0 || g.height % f != 0 {
         return Err(GenerateError::Invalid(format!(
-            "width and height ({} x {}) must be positive multiples of {f} (the VAE's factor)",
-            req.width, req.height
+            "width and height ({} x {}) must be positive multiples of {f} (the first stage's \
+             factor)",
+            g.width, g.height
         )));
     }
-    if req.num == 0 || req.steps == 0 {
+    if g.num == 0 || g.steps == 0 {
         return Err(GenerateError::Invalid(
             "the number of images and of steps must be at least 1".into(),
         ));
     }
-    Ok([
-        req.num,
-        sd.vae_config.latent_channels,
-        req.height / f,
-        req.width / f,
-    ])
-}
-
-/// Generates `req.num` images; returns them decoded, `[num, 3, height, width]`, about [-1, 1].
-pub fn text_to_image(
-    sd: &StableDiffusion,
-    req: &TextToImage,
-    device: &Device,
-) -> Result<Tensor<4>, GenerateError> {
-    let shape = latent_shape(sd, req)?;
-    let n = req.num;
-    let cond = encode_prompts(sd, &[&req.prompt], req.clip_skip, device)?;
-    let uncond = encode_prompts(sd, &[&req.negative_prompt], req.clip_skip, device)?;
-    let [_, len, d] = cond.dims();
-    let repeat = |t: Tensor<3>| t.expand([n, len, d]);
-    let single = repeat(cond.clone());
-    let doubled = Tensor::cat(vec![repeat(uncond), repeat(cond)], 0);
-    let unet = &sd.unet;
+    let n = g.num;
+    let shape = [n, model.latent_channels, g.height / f, g.width / f];
+    let zeros = |d: usize, b: usize| Tensor::<3>::zeros([b, 1, d], device);
+    // (single-branch context, both-branch context, class labels for each)
+    let (single, doubled, labels, scale) = match cond {
+        Condition::Text { cond, uncond } => {
+            let [_, len, d] = cond.dims();
+            let repeat = |t: Tensor<3>| t.expand([n, len, d]);
+            let doubled = Tensor::cat(vec![repeat(uncond.clone()), repeat(cond.clone())], 0);
+            (repeat(cond.clone()), doubled, None, g.guidance_scale)
+        }
+        Condition::Class {
+            class,
+            null,
+            context,
+        } => {
+            let ids = |v: Vec<i64>| {
+                let n = v.len();
+                Tensor::<1, Int>::from_data(TensorData::new(v, [n]), device)
+            };
+            let mut both = vec![*null; n];
+            both.extend(vec![*class; n]);
+            (
+                zeros(*context, n),
+                zeros(*context, 2 * n),
+                Some((ids(vec![*class; n]), ids(both))),
+                g.guidance_scale,
+            )
+        }
+        Condition::None { context } => (zeros(*context, n), zeros(*context, 2 * n), None, 1.0),
+    };
+    let unet = model.unet;
     let guided = Guided {
         predict: |x: Tensor<4>, t: f64, both: bool| {
             let b = x.dims()[0];
             let timesteps = Tensor::<1>::full([b], t as f32, device);
             let context = if both { &doubled } else { &single };
-            unet.forward(x, timesteps, context, None)
+            let labels = labels
+                .as_ref()
+                .map(|(one, two)| if both { two.clone() } else { one.clone() });
+            unet.forward(x, timesteps, context, labels)
         },
-        scale: req.guidance_scale,
+        scale,
     };
-    let mut rng = ChaCha8Rng::seed_from_u64(req.seed);
+    let mut rng = ChaCha8Rng::seed_from_u64(g.seed);
     let mut randn = move || {
         let v: Vec<f32> = (0..shape.iter().product::<usize>())
             .map(|_| rng.sample(StandardNormal))
             .collect();
         Tensor::<4>::from_data(TensorData::new(v, shape), device)
     };
-    let initial = match &req.latents {
+    let initial = match &g.latents {
         Some(l) if l.dims() == shape => l.clone(),
         Some(l) => {
             return Err(GenerateError::Invalid(format!(
                 "the given latents have shape {:?}; this request needs {shape:?} \
                  ([num, latent channels, height / {f}, width / {f}])",
-                l.dims(),
-                f = sd.vae_factor()
+                l.dims()
             )));
         }
         None => randn(),
     };
-    let opts = sd.scheduler.sampler_options(req.sampler, req.steps);
+    let opts = model.scheduler.sampler_options(g.sampler, g.steps);
     let latents = sampling::sample(
         &guided,
-        &sd.scheduler.schedule(),
+        &model.scheduler.schedule(),
         &opts,
         initial,
         &mut randn,
     );
-    Ok(sd
-        .vae
-        .decode(latents.div_scalar(sd.vae_config.scaling_factor)))
+    Ok((model.decode)(latents.div_scalar(model.scale)))
+}
+
+/// Text to image with a Stable Diffusion model; returns `[num, 3, height, width]`, about
+/// [-1, 1].
+pub fn text_to_image(
+    sd: &StableDiffusion,
+    req: &TextToImage,
+    device: &Device,
+) -> Result<Tensor<4>, GenerateError> {
+    let cond = encode_prompts(sd, &[&req.prompt], req.clip_skip, device)?;
+    let uncond = encode_prompts(sd, &[&req.negative_prompt], req.clip_skip, device)?;
+    let decode = |z: Tensor<4>| sd.vae.decode(z);
+    let model = LatentModel {
+        unet: &sd.unet,
+        decode: &decode,
+        scale: sd.vae_config.scaling_factor,
+        latent_channels: sd.vae_config.latent_channels,
+        factor: sd.vae_factor(),
+        scheduler: &sd.scheduler,
+    };
+    let g = Generation {
+        guidance_scale: req.guidance_scale,
+        steps: req.steps,
+        sampler: req.sampler,
+        seed: req.seed,
+        width: req.width,
+        height: req.height,
+        num: req.num,
+        latents: req.latents.clone(),
+    };
+    generate(&model, &Condition::Text { cond, uncond }, &g, device)
 }
 
 /// `sample` on a pretrained Stable Diffusion folder or single file.
@@ -144,6 +240,13 @@ pub fn sample_pretrained(
     path: &std::path::Path,
     req: &super::SampleRequest,
 ) -> Result<(Grid, std::path::PathBuf), super::PipelineError> {
+    if req.class.is_some() {
+        return Err(super::PipelineError::Invalid(format!(
+            "{} is a text-to-image model: --class applies to class-conditioned latent \
+             diffusion models; use --prompt",
+            path.display()
+        )));
+    }
     let device = parse_device(req.device.as_deref().unwrap_or("cpu"))?;
     let source = Pretrained::detect(path, req.config_from.as_deref())?;
     let sd = stable_diffusion::load(&source, &device)?;
@@ -177,7 +280,7 @@ pub fn sample_pretrained(
 }
 
 /// `--latents FILE`: one f32 tensor named `latents` (diffusers' `latents=` argument).
-fn read_latents(
+pub(crate) fn read_latents(
     path: &std::path::Path,
     device: &Device,
 ) -> Result<Tensor<4>, super::PipelineError> {

@@ -5,7 +5,6 @@
 //! A PixelCNN export carries a copy of its VQ-VAE (`vqvae/`, `vqvae.toml`) so it samples on its
 //! own.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use burn::module::Module;
@@ -13,11 +12,12 @@ use burn::prelude::*;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use super::{load_run, locate, weights_file};
+use super::{load_run, locate, save_weights, weights_file};
 use crate::config::{Config, Resume};
 use crate::data::Dataset;
 use crate::device::parse_device;
 use crate::io;
+use crate::nn::to_host;
 use crate::io::image::Grid;
 use crate::models::Architecture;
 use crate::models::pixelcnn::GatedPixelCNN;
@@ -28,18 +28,6 @@ use crate::train::{Outputs, TrainError, TrainOptions, TrainOutcome, train_with};
 /// The file a PixelCNN export stores its VQ-VAE's config in (weights in `vqvae/`).
 pub const STAGE1_CONFIG: &str = "vqvae.toml";
 
-fn host(t: Tensor<4>) -> Vec<f32> {
-    t.into_data()
-        .convert::<f32>()
-        .try_into_vec::<f32>()
-        .expect("f32 after convert")
-}
-
-fn save_weights<M: Module>(model: &M, path: &Path) -> Result<(), TrainError> {
-    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-    io::safetensors::save_module(path, model, None, &meta)?;
-    Ok(())
-}
 
 /// `<dir>/<name>/model.safetensors`, plus `<dir>/<name>_no_ema/` for the training weights.
 fn export_pair<M: Module>(
@@ -73,21 +61,7 @@ pub struct VqvaeOutputs {
 
 impl Outputs<VQVAE> for VqvaeOutputs {
     fn prepare(&mut self, dataset: &Dataset) -> Result<(), TrainError> {
-        let d = &self.cfg.data;
-        let transform = crate::data::Transform {
-            random_flip: false,
-            ..d.transform()
-        };
-        let n = self.cfg.sample.num_images.min(dataset.len()).max(1);
-        let mut rng = ChaCha8Rng::seed_from_u64(0);
-        let mut images = Vec::new();
-        for i in 0..n {
-            images.extend(transform.apply(dataset.decode(i)?, &mut rng));
-        }
-        self.fixed = Some((
-            images,
-            [n, transform.channels(), d.resolution, d.resolution],
-        ));
+        self.fixed = Some(super::fixed_batch(&self.cfg, dataset)?);
         Ok(())
     }
 
@@ -98,21 +72,9 @@ impl Outputs<VQVAE> for VqvaeOutputs {
                 "the VQ-VAE grid needs the reconstruction batch prepare() fixes".into(),
             ));
         };
-        let [n, c, h, w] = *shape;
         let x = Tensor::<4>::from_data(TensorData::new(images.clone(), *shape), device);
         let (recon, _) = weights.forward(x);
-        let recon = host(recon.clamp(-1.0, 1.0));
-        let per = c * h * w;
-        let mut out = Vec::with_capacity(2 * n * per);
-        for i in 0..n {
-            out.extend_from_slice(&images[i * per..(i + 1) * per]);
-            out.extend_from_slice(&recon[i * per..(i + 1) * per]);
-        }
-        Ok(Grid {
-            images: out,
-            shape: [2 * n, c, h, w],
-            columns: 2 * n.min(4),
-        })
+        Ok(super::pairs_grid(images, *shape, &to_host(recon.clamp(-1.0, 1.0))))
     }
 
     fn export(&self, weights: &VQVAE, raw: Option<&VQVAE>, dir: &Path) -> Result<(), TrainError> {
@@ -223,7 +185,7 @@ pub fn sample_images(
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let code_size = VQVAEConfig::code_size(resolution);
     let codes = prior.sample(num, code_size, code_size, temperature, &mut rng, device);
-    host(vqvae.decode(codes).clamp(-1.0, 1.0))
+    to_host(vqvae.decode(codes).clamp(-1.0, 1.0))
 }
 
 /// Sample grids and the self-contained export of a stage-2 run.

@@ -401,6 +401,7 @@ fn run_rank<O: Objective, P: Outputs<O::Model>>(
         cfg.data.prefetch_batches,
         cfg.data.on_bad_image,
         replica.shard(t.batch_size),
+        !cfg.data.cache_latents,
     )?;
     say(&format!(
         "data: {} images from {} ({} batches of {} per epoch)",
@@ -518,7 +519,13 @@ fn run_rank<O: Objective, P: Outputs<O::Model>>(
             }
             if writer.is_some() && saving {
                 replica.doing(&format!("writing checkpoint-{}", st.step));
-                st.save_checkpoint(cfg, ctx.dataset.len(), lr_sched.lr_at(st.step), out)?;
+                st.save_checkpoint(
+                    cfg,
+                    ctx.dataset.len(),
+                    lr_sched.lr_at(st.step),
+                    objective.fingerprints(),
+                    out,
+                )?;
             }
             // The others wait for rank 0's writes (with the timeout), so none runs ahead into
             // the next all-reduce while rank 0 samples or saves.

@@ -68,6 +68,13 @@ pub trait Objective {
 
     /// Receives the rank-order sum of every rank's `local_stats`.
     fn set_global_stats(&mut self, _summed: &[f32], _world: usize) {}
+
+    /// Hashes of what the model depends on but the checkpoint does not hold (a frozen first
+    /// stage, a pretrained base), by name. Checkpoints store them and resume refuses a
+    /// different one, naming both.
+    fn fingerprints(&self) -> Vec<(String, String)> {
+        Vec::new()
+    }
 }
 
 /// Gradients of `scale * loss` for `model`'s parameters, and that scaled loss's value.
@@ -79,6 +86,64 @@ pub fn backward_scaled<M: Module>(
     let loss = loss.mul_scalar(scale);
     let value = loss.clone().into_scalar::<f32>() as f64;
     (GradientsParams::from_grads(loss.backward(), model), value)
+}
+
+/// Gradients of `scale * loss(batch)` computed as `parts` equal slices of the micro-batch on as
+/// many threads (`train.batch_split`), each on a replica of the weights
+/// ([`grad::replicate`](crate::optim::grad::replicate)) with its own clone of the objective and
+/// of the random stream, summed by parameter id. Returns the scaled loss too.
+///
+/// Exact for objectives whose `loss` draws every random number for the global batch in sample
+/// order and keeps its slice (`Batch::offset`/`global_size`, the contract data parallelism
+/// relies on): each slice then uses the numbers of the unsplit loss, and every clone of the
+/// stream ends where the unsplit one would; only the float summation order differs. Statistics
+/// an objective accumulates in `loss` stay in the clones, so families with step statistics do
+/// not split.
+pub fn split_grads<O>(
+    objective: &O,
+    model: &O::Model,
+    batch: &Batch,
+    parts: usize,
+    scale: f64,
+    rng: &mut ChaCha8Rng,
+    device: &Device,
+) -> (GradientsParams, f64)
+where
+    O: Objective + Clone + Send,
+{
+    let b = batch.shape[0];
+    let per = b / parts;
+    let results: Vec<(GradientsParams, f64, ChaCha8Rng)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..parts)
+            .map(|k| {
+                let replica = crate::optim::grad::replicate(model);
+                let slice = batch.slice(k * per..(k + 1) * per);
+                let mut objective = objective.clone();
+                let mut rng = rng.clone();
+                s.spawn(move || {
+                    let loss = objective.loss(&replica, &slice, &mut rng, device);
+                    // mean over the batch = sum over parts of (per / b) * mean over the part
+                    let (grads, value) =
+                        backward_scaled(loss, scale * per as f64 / b as f64, &replica);
+                    (grads, value, rng)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("a batch-split worker panicked"))
+            .collect()
+    });
+    let mut accumulator = burn::optim::GradientsAccumulator::new();
+    let mut total = 0.0;
+    for (k, (grads, value, part_rng)) in results.into_iter().enumerate() {
+        accumulator.accumulate(model, grads);
+        total += value;
+        if k == 0 {
+            *rng = part_rng;
+        }
+    }
+    (accumulator.grads(), total)
 }
 
 /// What a run writes with its weights: sample grids during and after training, and the export

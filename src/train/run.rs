@@ -100,6 +100,23 @@ impl<M: Module> RunState<M> {
         quiet: bool,
     ) -> Result<Self, TrainError> {
         let dir = &ck.dir;
+        let s = &ck.state;
+        // Frozen networks first: a changed one also changes what is derived from it (a latent
+        // scale in the config), and this names the cause.
+        for (name, now) in objective.fingerprints() {
+            if let Some(then) = s.fingerprints.get(&name)
+                && *then != now
+            {
+                return Err(TrainError::Resume {
+                    dir: dir.clone(),
+                    why: format!(
+                        "its {name} has changed since the checkpoint (hash {then} then, {now} now); \
+                         resume with the same {name}, or start a new run in another \
+                         run.output_dir"
+                    ),
+                });
+            }
+        }
         let (breaking, allowed) = checkpoint::compare_configs(&ck.config()?, cfg);
         if !breaking.is_empty() {
             return Err(TrainError::Resume {
@@ -111,7 +128,6 @@ impl<M: Module> RunState<M> {
                 ),
             });
         }
-        let s = &ck.state;
         if s.dataset_len != dataset_len {
             return Err(TrainError::Resume {
                 dir: dir.clone(),
@@ -184,6 +200,7 @@ impl<M: Module> RunState<M> {
         cfg: &Config,
         dataset_len: usize,
         lr_next: f64,
+        fingerprints: Vec<(String, String)>,
         out: &Path,
     ) -> Result<PathBuf, TrainError> {
         let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
@@ -231,6 +248,7 @@ impl<M: Module> RunState<M> {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
             files: Default::default(),
+            fingerprints: fingerprints.into_iter().collect(),
         };
         let dir = checkpoint::write(out, &mut state, &files)?;
         checkpoint::rotate(out, cfg.checkpoint.keep_last, self.step)?;

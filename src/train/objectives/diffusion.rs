@@ -2,7 +2,7 @@
 //! `diffusion::training`, optionally computing each micro-batch in concurrent slices
 //! (`train.batch_split`).
 
-use burn::optim::{GradientsAccumulator, GradientsParams};
+use burn::optim::GradientsParams;
 use burn::prelude::*;
 use burn::tensor::FloatDType;
 use rand_chacha::ChaCha8Rng;
@@ -13,10 +13,9 @@ use crate::diffusion::DiffusionConfig;
 use crate::diffusion::schedule::NoiseSchedule;
 use crate::diffusion::training::{NoiseDraw, diffusion_loss};
 use crate::models::DenoiserModel;
-use crate::optim::grad;
 use crate::optim::precision::compute_dtype;
 use crate::train::TrainError;
-use crate::train::objective::{Objective, backward_scaled};
+use crate::train::objective::{Objective, backward_scaled, split_grads};
 
 /// The denoiser `cfg.model` describes, with weights drawn from `run.seed`.
 pub fn build_model(cfg: &Config, device: &Device) -> Result<DenoiserModel, TrainError> {
@@ -60,57 +59,6 @@ impl DiffusionObjective {
             rng,
         )
     }
-
-    /// Gradients of `scale * loss(batch)` computed as `parts` equal slices on as many threads,
-    /// each on a replica of the weights ([`grad::replicate`]), summed by parameter id. The noise
-    /// is drawn for the whole micro-batch first, in sample order, so the numbers are those of
-    /// the unsplit loss; only the float summation order differs. Returns the loss too.
-    pub fn split_grads(
-        &self,
-        model: &DenoiserModel,
-        batch: &Batch,
-        parts: usize,
-        scale: f64,
-        rng: &mut ChaCha8Rng,
-        device: &Device,
-    ) -> (GradientsParams, f64) {
-        let [b, c, h, w] = batch.shape;
-        let per = b / parts;
-        let pixels = c * h * w;
-        let draw = self.draw(batch, rng);
-        let results: Vec<(GradientsParams, f64)> = std::thread::scope(|s| {
-            let handles: Vec<_> = (0..parts)
-                .map(|k| {
-                    let replica = grad::replicate(model);
-                    let part_draw = draw.slice(k * per..(k + 1) * per, pixels);
-                    let images = &batch.images[k * per * pixels..(k + 1) * per * pixels];
-                    s.spawn(move || {
-                        let loss = diffusion_loss(
-                            images,
-                            [per, c, h, w],
-                            part_draw,
-                            self.dtype,
-                            device,
-                            |x, t| replica.forward(x, t),
-                        );
-                        // mean over the batch = sum over parts of (per / b) * mean over the part
-                        backward_scaled(loss, scale * per as f64 / b as f64, &replica)
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().expect("a batch-split worker panicked"))
-                .collect()
-        });
-        let mut accumulator = GradientsAccumulator::new();
-        let mut total = 0.0;
-        for (grads, value) in results {
-            accumulator.accumulate(model, grads);
-            total += value;
-        }
-        (accumulator.grads(), total)
-    }
 }
 
 impl Objective for DiffusionObjective {
@@ -147,7 +95,7 @@ impl Objective for DiffusionObjective {
         device: &Device,
     ) -> (GradientsParams, f64) {
         if self.batch_split > 1 {
-            self.split_grads(model, batch, self.batch_split, scale, rng, device)
+            split_grads(&*self, model, batch, self.batch_split, scale, rng, device)
         } else {
             backward_scaled(self.loss(model, batch, rng, device), scale, model)
         }
