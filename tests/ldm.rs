@@ -559,3 +559,78 @@ fn text_path_gradients_match_torch() {
     let grads = (out * w).sum().backward();
     check("d context", host(leaf.grad(&grads).unwrap()), "grad.d_context");
 }
+
+/// The two other first stages, each a few steps end to end: a Stable Diffusion folder's VAE
+/// (frozen, its `scaling_factor` used and exported) with that folder's CLIP as a frozen text
+/// encoder, and a VQ-VAE run of the discrete family (`vqvae/` in the export).
+#[test]
+fn stable_diffusion_and_vq_first_stages_train_export_and_sample() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    colour_dataset(&data, 24);
+    let tiny_sd = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sd/tiny_sd");
+
+    // A Stable Diffusion folder: VAE and text encoder frozen (cross_attention_dim 32 = its CLIP).
+    let out = tmp.path().join("on_sd");
+    let mut c = ldm_config(&data, &out, &tiny_sd, &tiny_sd, ConditioningKind::Text);
+    c.model.ldm.first_stage_config = None;
+    c.model.conditioning.pretrained_text_encoder = Some(tiny_sd.clone());
+    c.train.max_steps = 4;
+    let cfg_path = write(&c, &tmp.path().join("on_sd.toml"));
+    let (ok, err) = output(bin("train").arg("--config").arg(&cfg_path));
+    assert!(ok, "{err}");
+    let export = out.join("export");
+    let run = Config::load(&export.join("difftrain.toml"), &[]).unwrap();
+    assert_eq!(run.model.ldm.scale_factor, Some(0.18215));
+    let vae: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(export.join("vae/config.json")).unwrap(),
+    )
+    .unwrap();
+    assert!((vae["scaling_factor"].as_f64().unwrap() - 0.18215).abs() < 1e-9);
+    // The frozen text encoder is exported unchanged (the fixture is float16, the export f32).
+    let ours = io::load_safetensors(&export.join("text_encoder/model.safetensors")).unwrap();
+    let theirs = io::load_safetensors(&tiny_sd.join("text_encoder/model.fp16.safetensors")).unwrap();
+    let strip = |m: BTreeMap<String, HostTensor>| -> BTreeMap<String, HostTensor> {
+        m.into_iter()
+            .map(|(k, v)| (k.trim_start_matches("text_model.").to_string(), v))
+            .collect()
+    };
+    assert_eq!(max_abs_diff(&strip(ours), &strip(theirs)), 0.0);
+    let grid = pipelines::sample(&export, &text_request("a red square")).unwrap();
+    assert_eq!(grid.0.shape, [8, 3, 8, 8]);
+
+    // A VQ-VAE run: diffusion on its pre-quantisation latents (factor 4: 16x16 -> 4x4x16).
+    let vq_out = tmp.path().join("vq");
+    let mut v = vae_config(&data, &vq_out);
+    v.data.resolution = 16;
+    v.model.architecture = Architecture::Vqvae;
+    v.model.vqvae.in_channels = 3;
+    v.model.vqvae.dim = 16;
+    v.model.vqvae.res_dim = 8;
+    v.model.vqvae.embedding_dim = 4;
+    v.model.vqvae.num_embeddings = 16;
+    v.train.max_steps = 6;
+    let vq_cfg = write(&v, &tmp.path().join("vq.toml"));
+    let out = tmp.path().join("on_vq");
+    let mut c = ldm_config(&data, &out, &vq_out, &vq_cfg, ConditioningKind::Class);
+    c.data.resolution = 16;
+    c.train.max_steps = 4;
+    let cfg_path = write(&c, &tmp.path().join("on_vq.toml"));
+    let (ok, err) = output(bin("train").arg("--config").arg(&cfg_path));
+    assert!(ok, "{err}");
+    let export = out.join("export");
+    for f in ["unet/config.json", "vqvae/model.safetensors", "vqvae.toml"] {
+        assert!(export.join(f).is_file(), "missing {f}: {:?}", std::fs::read_dir(&export));
+    }
+    let run = Config::load(&export.join("difftrain.toml"), &[]).unwrap();
+    let scale = run.model.ldm.scale_factor.unwrap();
+    assert!(scale.is_finite() && scale > 0.0, "{scale}");
+    let req = SampleRequest {
+        num: Some(4),
+        class: Some(1),
+        seed: 1,
+        ..SampleRequest::default()
+    };
+    let grid = pipelines::sample(&export, &req).unwrap();
+    assert_eq!(grid.0.shape, [4, 3, 16, 16]);
+}
