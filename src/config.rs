@@ -56,6 +56,8 @@ pub struct Config {
     pub logging: LoggingConfig,
     pub checkpoint: CheckpointConfig,
     pub ema: EmaConfig,
+    /// `architecture = "sd_lora"`: the adapters.
+    pub lora: crate::models::lora::LoraConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -103,6 +105,18 @@ pub struct ModelConfig {
     pub ldm: LatentDiffusionConfig,
     /// What latent diffusion is conditioned on (`kind = "none" | "class" | "text"`).
     pub conditioning: ConditioningConfig,
+    /// `architecture = "sd_lora"`: the Stable Diffusion model to adapt, a diffusers folder or
+    /// a single `.safetensors` file.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pretrained: Option<PathBuf>,
+    /// For a single-file `pretrained`: a diffusers folder of the same model to take the
+    /// tokenizer and configs from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pretrained_config: Option<PathBuf>,
+    /// A config that trains `pretrained` first when it does not exist yet (e.g. the latent
+    /// diffusion quickstart as the base of `configs/mountain_tiny.toml`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pretrained_train_config: Option<PathBuf>,
 }
 
 impl ModelConfig {
@@ -156,6 +170,16 @@ impl ModelConfig {
             Architecture::GatedPixelcnn => p.extend(self.pixelcnn.problems()),
             Architecture::AutoencoderKl => p.extend(self.autoencoder.problems(res, ch)),
             Architecture::LatentDiffusion => p.extend(self.ldm.problems(&self.conditioning)),
+            Architecture::SdLora => {
+                if self.pretrained.is_none() {
+                    p.push(
+                        "model.architecture = \"sd_lora\" needs model.pretrained: a Stable \
+                         Diffusion diffusers folder (e.g. models/stable-diffusion-v1-5) or \
+                         single .safetensors file"
+                            .into(),
+                    );
+                }
+            }
         }
         p
     }
@@ -172,6 +196,9 @@ impl Default for ModelConfig {
             autoencoder: AutoencoderTrainConfig::default(),
             ldm: LatentDiffusionConfig::default(),
             conditioning: ConditioningConfig::default(),
+            pretrained: None,
+            pretrained_config: None,
+            pretrained_train_config: None,
         }
     }
 }
@@ -531,7 +558,15 @@ impl Config {
                 t.batch_split, t.batch_size
             ));
         }
-        if self.data.cache_latents && self.model.architecture != Architecture::LatentDiffusion {
+        if self.model.architecture == Architecture::SdLora {
+            p.extend(self.lora.problems());
+        }
+        if self.data.cache_latents
+            && !matches!(
+                self.model.architecture,
+                Architecture::LatentDiffusion | Architecture::SdLora
+            )
+        {
             p.push(format!(
                 "data.cache_latents applies to latent_diffusion runs (latents of a frozen first \
                  stage), not {:?}",
@@ -541,7 +576,7 @@ impl Config {
         if t.batch_split > 1
             && !matches!(
                 self.model.architecture.family(),
-                Family::Diffusion | Family::LatentDiffusion
+                Family::Diffusion | Family::LatentDiffusion | Family::Lora
             )
         {
             p.push(format!(

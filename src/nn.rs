@@ -63,11 +63,129 @@ fn torch_uniform<const D: usize>(shape: [usize; D], fan_in: usize, device: &Devi
     Tensor::from_data(TensorData::new(values, shape), device)
 }
 
-/// `torch.nn.Linear`: `y = x W^T + b`, weight `[out_features, in_features]`.
+/// `torch.nn.Linear`: `y = x W^T + b`, weight `[out_features, in_features]`, with an optional
+/// low-rank adapter (LoRA): `y = x W^T + b + scale · dropout(x) D^T U^T`.
 #[derive(Module, Debug)]
 pub struct Linear {
     pub weight: Param<Tensor<2>>,
     pub bias: Option<Param<Tensor<1>>>,
+    /// Parameter paths `<layer>.lora.down.weight` / `<layer>.lora.up.weight`: the keys
+    /// diffusers' LoRA scripts write.
+    pub lora: Option<LoraAdapter>,
+}
+
+/// One factor of a LoRA adapter, `weight` in PyTorch's `[out, in]` layout.
+#[derive(Module, Debug)]
+pub struct LoraFactor {
+    pub weight: Param<Tensor<2>>,
+}
+
+/// A LoRA adapter on a [`Linear`]: `down` `[rank, in]`, `up` `[out, rank]`, added as
+/// `scale · up(down(dropout(x)))` with `scale = alpha / rank`. Computed factored (two thin
+/// products, never the dense `up · down`), as PEFT does.
+#[derive(Module, Debug)]
+pub struct LoraAdapter {
+    pub down: LoraFactor,
+    pub up: LoraFactor,
+    pub scale: f64,
+    pub dropout: f64,
+}
+
+thread_local! {
+    /// Random stream for LoRA dropout masks on this thread; `None` (the default, and always
+    /// outside training) means no dropout.
+    static LORA_DROPOUT_RNG: RefCell<Option<ChaCha8Rng>> = const { RefCell::new(None) };
+}
+
+/// Turns LoRA dropout on for this thread, with masks drawn from `seed` in forward order (the
+/// training objective seeds it from the run's stream each step, so resume replays the same
+/// masks), or off with `None`.
+pub fn set_lora_dropout_seed(seed: Option<u64>) {
+    LORA_DROPOUT_RNG.with(|r| *r.borrow_mut() = seed.map(ChaCha8Rng::seed_from_u64));
+}
+
+fn lora_dropout<const D: usize>(x: Tensor<D>, p: f64) -> Tensor<D> {
+    if p <= 0.0 {
+        return x;
+    }
+    let dims = x.dims();
+    let n: usize = dims.iter().product();
+    let keep = (1.0 / (1.0 - p)) as f32;
+    let mask: Option<Vec<f32>> = LORA_DROPOUT_RNG.with(|r| {
+        r.borrow_mut().as_mut().map(|rng| {
+            (0..n)
+                .map(|_| if rng.random::<f64>() < p { 0.0 } else { keep })
+                .collect()
+        })
+    });
+    match mask {
+        Some(m) => {
+            let m = Tensor::<D>::from_data(TensorData::new(m, dims), &x.device()).cast(x.dtype());
+            x * m
+        }
+        None => x,
+    }
+}
+
+impl LoraAdapter {
+    /// A fresh adapter for a `[out, in]` weight: `down` from `init`, `up` zero, so the layer
+    /// starts exactly at its base.
+    pub fn new(
+        in_features: usize,
+        out_features: usize,
+        rank: usize,
+        alpha: f64,
+        dropout: f64,
+        init: LoraInit,
+        device: &Device,
+    ) -> Self {
+        let down = match init {
+            // PEFT's `init_lora_weights="gaussian"` (diffusers' LoRA scripts): N(0, 1/r).
+            LoraInit::Gaussian => {
+                let std = 1.0 / rank as f64;
+                let values: Vec<f32> = INIT_RNG.with(|r| {
+                    let mut r = r.borrow_mut();
+                    (0..rank * in_features)
+                        .map(|_| (r.sample::<f64, _>(rand_distr::StandardNormal) * std) as f32)
+                        .collect()
+                });
+                Tensor::from_data(TensorData::new(values, [rank, in_features]), device)
+            }
+            // kohya / PEFT's default: Kaiming-uniform with a = sqrt(5), as torch.nn.Linear.
+            LoraInit::Kaiming => torch_uniform([rank, in_features], in_features, device),
+        };
+        Self {
+            down: LoraFactor {
+                weight: Param::from_tensor(down),
+            },
+            up: LoraFactor {
+                weight: Param::from_tensor(Tensor::zeros([out_features, rank], device)),
+            },
+            scale: alpha / rank as f64,
+            dropout,
+        }
+    }
+
+    pub fn rank(&self) -> usize {
+        self.down.weight.dims()[0]
+    }
+
+    /// `scale · up · down`, `[out, in]`: the adapter's change to the weight.
+    pub fn delta(&self) -> Tensor<2> {
+        self.up
+            .weight
+            .val()
+            .matmul(self.down.weight.val())
+            .mul_scalar(self.scale)
+    }
+}
+
+/// How a fresh LoRA `down` factor is drawn (`lora.init`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LoraInit {
+    Gaussian,
+    Kaiming,
 }
 
 impl Linear {
@@ -80,6 +198,7 @@ impl Linear {
             )),
             bias: bias
                 .then(|| Param::from_tensor(torch_uniform([out_features], in_features, device))),
+            lora: None,
         }
     }
 
@@ -87,11 +206,29 @@ impl Linear {
     /// - input `[..., in_features]`
     /// - output `[..., out_features]`
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        let y = x.matmul(self.weight.val().transpose().unsqueeze());
-        match &self.bias {
+        let y = x.clone().matmul(self.weight.val().transpose().unsqueeze());
+        let y = match &self.bias {
             Some(b) => y + b.val().unsqueeze(),
             None => y,
+        };
+        match &self.lora {
+            Some(l) => {
+                let h = lora_dropout(x, l.dropout)
+                    .matmul(l.down.weight.val().transpose().unsqueeze());
+                let h = h.matmul(l.up.weight.val().transpose().unsqueeze());
+                y + h.mul_scalar(l.scale)
+            }
+            None => y,
         }
+    }
+
+    /// Folds the adapter into the weight (`W + scale · up · down`) and removes it.
+    pub fn merge_lora(mut self) -> Self {
+        if let Some(l) = self.lora.take() {
+            let w = self.weight.val() + l.delta().cast(self.weight.val().dtype());
+            self.weight = Param::initialized(self.weight.id, w);
+        }
+        self
     }
 }
 

@@ -44,6 +44,7 @@ const PATTERN: &str =
     r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
 
 /// A loaded CLIP tokenizer and the ids it frames and pads with.
+#[derive(Clone)]
 pub struct ClipTokenizer {
     tokenizer: Tokenizer,
     pub bos: u32,

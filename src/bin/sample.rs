@@ -73,6 +73,10 @@ struct Args {
     /// Class-conditioned latent diffusion: the class to generate (0..num_classes).
     #[arg(long)]
     class: Option<usize>,
+    /// Text-to-image: fold a LoRA file in (diffusers, PEFT or kohya layout) at SCALE (default
+    /// 1.0); repeat to mix several.
+    #[arg(long = "lora", value_name = "FILE[:SCALE]")]
+    loras: Vec<String>,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -109,6 +113,11 @@ fn run(args: Args) -> anyhow::Result<()> {
         latents: args.latents,
         config_from: args.config_from,
         class: args.class,
+        loras: args
+            .loras
+            .iter()
+            .map(|a| pipelines::lora::parse_lora_arg(a).map_err(anyhow::Error::msg))
+            .collect::<anyhow::Result<_>>()?,
     };
     let (grid, weights) = pipelines::sample(&args.checkpoint, &request)?;
     let n = grid.shape[0];

@@ -40,6 +40,9 @@ pub struct DataConfig {
     /// posterior mean and std, both flips) and train from that cache instead of decoding
     /// images every step. Needs `crop = "center"`.
     pub cache_latents: bool,
+    /// LoRA with a frozen text encoder: encode each distinct caption once and reuse its
+    /// embedding (diffusers/kohya's `cache_text_encoder_outputs`).
+    pub cache_text_embeddings: bool,
 }
 
 impl DataConfig {
@@ -90,6 +93,7 @@ impl Default for DataConfig {
             num_workers: 2,
             prefetch_batches: 4,
             cache_latents: false,
+            cache_text_embeddings: false,
         }
     }
 }

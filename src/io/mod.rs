@@ -8,6 +8,7 @@
 pub mod config_json;
 pub mod image;
 pub mod keys;
+pub mod lora;
 pub mod safetensors;
 pub mod single_file;
 

@@ -342,6 +342,8 @@ impl TensorSource for BTreeMap<String, HostTensor> {
 
 struct Loader<'a, S: ?Sized> {
     path: PathStack,
+    /// Only parameters whose key passes are loaded (the others keep their values).
+    keep: fn(&str) -> bool,
     source: &'a S,
     used: Vec<String>,
     problems: Vec<String>,
@@ -356,6 +358,9 @@ impl<S: TensorSource + ?Sized> ModuleMapper for Loader<'_, S> {
     }
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
         let key = self.path.key();
+        if !(self.keep)(&key) {
+            return param;
+        }
         let want = param.lazy_shape().dims::<D>().to_vec();
         let Some(shape) = self.source.shape(&key) else {
             self.problems
@@ -394,8 +399,21 @@ pub fn load_into<M: Module, S: TensorSource + ?Sized>(
     source: &S,
     path: &Path,
 ) -> Result<M, IoError> {
+    load_into_where(module, source, path, |_| true)
+}
+
+/// [`load_into`] for the parameters whose key passes `keep` (e.g. only the LoRA adapters of a
+/// model whose base comes from elsewhere): each of them must be in `source`, and `source` must
+/// hold nothing else.
+pub fn load_into_where<M: Module, S: TensorSource + ?Sized>(
+    module: M,
+    source: &S,
+    path: &Path,
+    keep: fn(&str) -> bool,
+) -> Result<M, IoError> {
     let mut loader = Loader {
         path: PathStack::default(),
+        keep,
         source,
         used: Vec::new(),
         problems: Vec::new(),
@@ -541,6 +559,55 @@ pub fn module_bytes<M: Module>(
 ) -> Result<Vec<u8>, String> {
     let mut out = Vec::new();
     write_module(&mut out, module, None, metadata).map_err(|e| e.to_string())?;
+    Ok(out)
+}
+
+#[derive(Default)]
+struct DataCollector {
+    path: PathStack,
+    keep: Option<fn(&str) -> bool>,
+    out: BTreeMap<String, TensorData>,
+}
+
+impl ModuleVisitor for DataCollector {
+    fn enter_module(&mut self, name: &str, container: &str) {
+        self.path.enter(name, container);
+    }
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.path.exit();
+    }
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let key = self.path.key();
+        if self.keep.is_none_or(|keep| keep(&key)) {
+            self.out.insert(key, param.val().into_data());
+        }
+    }
+}
+
+/// The float parameters of `module` whose key passes `keep`, in their own dtype, by key.
+pub fn tensors_where<M: Module>(module: &M, keep: fn(&str) -> bool) -> BTreeMap<String, TensorData> {
+    let mut c = DataCollector {
+        keep: Some(keep),
+        ..DataCollector::default()
+    };
+    module.visit(&mut c);
+    c.out
+}
+
+/// Named tensors as safetensors bytes.
+pub fn tensors_bytes(
+    tensors: &BTreeMap<String, TensorData>,
+    metadata: &HashMap<String, String>,
+) -> Result<Vec<u8>, String> {
+    let mut layout = Vec::with_capacity(tensors.len());
+    for (k, t) in tensors {
+        let dtype = file_dtype(t.dtype()).ok_or_else(|| format!("tensor {k} has dtype {:?}", t.dtype()))?;
+        layout.push((k.clone(), dtype, t.shape().to_vec()));
+    }
+    let mut out = header_bytes(&layout, metadata);
+    for t in tensors.values() {
+        out.extend_from_slice(t.as_bytes());
+    }
     Ok(out)
 }
 

@@ -7,6 +7,7 @@ pub mod autoencoder_kl;
 pub mod clip;
 pub mod embeddings;
 pub mod latent_diffusion;
+pub mod lora;
 pub mod pixelcnn;
 pub mod resnet;
 pub mod transformer_2d;
@@ -42,6 +43,8 @@ pub enum Architecture {
     AutoencoderKl,
     /// Stage 2: a conditional U-Net (`UNet2DConditionModel`) on a frozen first stage's latents.
     LatentDiffusion,
+    /// LoRA fine-tuning of a pretrained Stable Diffusion model's U-Net (and text encoder).
+    SdLora,
 }
 
 /// How a model is trained, sampled and exported. Each family has one objective
@@ -59,6 +62,8 @@ pub enum Family {
     Autoencoder,
     /// A conditional U-Net on latents, sampled with guidance and decoded by its first stage.
     LatentDiffusion,
+    /// Low-rank adapters on a frozen Stable Diffusion model; exports LoRA files.
+    Lora,
 }
 
 impl Architecture {
@@ -69,6 +74,7 @@ impl Architecture {
             Self::GatedPixelcnn => Family::PixelCnn,
             Self::AutoencoderKl => Family::Autoencoder,
             Self::LatentDiffusion => Family::LatentDiffusion,
+            Self::SdLora => Family::Lora,
         }
     }
 
@@ -99,7 +105,8 @@ impl DenoiserModel {
             Architecture::Vqvae
             | Architecture::GatedPixelcnn
             | Architecture::AutoencoderKl
-            | Architecture::LatentDiffusion => Err(format!(
+            | Architecture::LatentDiffusion
+            | Architecture::SdLora => Err(format!(
                 "model.architecture = {architecture:?} is not a diffusion denoiser"
             )),
         }

@@ -72,15 +72,22 @@ pub fn ema_decay(cfg: &EmaConfig, optimization_step: u64) -> f64 {
     decay.min(cfg.max_decay).max(cfg.min_decay)
 }
 
-/// Current values of a module's parameters by id, flattened (a reshape, not a copy).
+/// Current values of a module's parameters by id (only those in `only`, when set),
+/// flattened (a reshape, not a copy).
 #[derive(Default)]
-struct Values(HashMap<ParamId, Tensor<1>>);
+struct Values<'a> {
+    only: Option<&'a std::collections::HashSet<ParamId>>,
+    values: HashMap<ParamId, Tensor<1>>,
+}
 
-impl ModuleVisitor for Values {
+impl ModuleVisitor for Values<'_> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        if self.only.is_some_and(|ids| !ids.contains(&param.id)) {
+            return;
+        }
         let t = param.val();
         let n = t.shape().num_elements();
-        self.0.insert(param.id, t.reshape([n]));
+        self.values.insert(param.id, t.reshape([n]));
     }
 }
 
@@ -106,10 +113,24 @@ impl ModuleMapper for Step {
 /// `EMAModel.step`: moves every shadow parameter towards the parameter with the same id in
 /// `current` (which must be the shadow's structure, off the autodiff graph).
 pub fn ema_update<M: Module>(shadow: M, current: &M, decay: f64) -> M {
-    let mut values = Values::default();
+    ema_update_only(shadow, current, decay, None)
+}
+
+/// [`ema_update`] of the parameters in `only` (all when `None`): a LoRA run averages its
+/// adapters, not the frozen base.
+pub fn ema_update_only<M: Module>(
+    shadow: M,
+    current: &M,
+    decay: f64,
+    only: Option<&std::collections::HashSet<ParamId>>,
+) -> M {
+    let mut values = Values {
+        only,
+        values: HashMap::new(),
+    };
     current.visit(&mut values);
     shadow.map(&mut Step {
-        values: values.0,
+        values: values.values,
         one_minus_decay: 1.0 - decay,
     })
 }
@@ -120,6 +141,8 @@ pub struct Ema<M> {
     /// diffusers' `optimization_step`: updates applied so far.
     pub optimization_step: u64,
     pub cfg: EmaConfig,
+    /// The parameters that train (the others are frozen and need no average), or all.
+    pub trainable: Option<std::collections::HashSet<ParamId>>,
 }
 
 impl<M: Module> Ema<M> {
@@ -129,6 +152,7 @@ impl<M: Module> Ema<M> {
             shadow: weights,
             optimization_step: 0,
             cfg,
+            trainable: None,
         }
     }
 
@@ -137,7 +161,7 @@ impl<M: Module> Ema<M> {
         self.optimization_step += 1;
         let decay = ema_decay(&self.cfg, self.optimization_step);
         let shadow = self.shadow.clone();
-        self.shadow = ema_update(shadow, current, decay);
+        self.shadow = ema_update_only(shadow, current, decay, self.trainable.as_ref());
         decay
     }
 }

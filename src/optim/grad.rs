@@ -1,13 +1,17 @@
 //! Whole-model gradient operations burn does not provide: the global L2 norm over every
 //! parameter and `torch.nn.utils.clip_grad_norm_` (burn's clipping works per tensor).
+//!
+//! Only trainable parameters take part: a frozen parameter (a LoRA run's base model, ~860M
+//! values for Stable Diffusion 1.5) has no gradient, is not packed into the all-reduce and
+//! is not visited by the norm.
 
 use burn::module::{Module, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
 use burn::prelude::*;
 
-/// Every parameter's gradient as one flat vector on `device`, in visiting order (zeros where a
-/// parameter has none), and a presence flag (1 or 0) per parameter: what data-parallel ranks
-/// sum in their one all-reduce per step.
+/// Every trainable parameter's gradient as one flat vector on `device`, in visiting order
+/// (zeros where a parameter has none), and a presence flag (1 or 0) per parameter: what
+/// data-parallel ranks sum in their one all-reduce per step.
 pub fn flatten<M: Module>(
     module: &M,
     grads: &GradientsParams,
@@ -50,14 +54,38 @@ pub fn unflatten<M: Module>(module: &M, flat: Tensor<1>, present: &[bool]) -> Gr
     grads
 }
 
-/// Ids and shapes of a module's float parameters, in visiting order.
+/// Ids and shapes of a module's trainable float parameters (on an autodiff device: those that
+/// require gradients), in visiting order.
 #[derive(Default)]
 struct ParamShapes(Vec<(ParamId, Vec<usize>)>);
 
 impl ModuleVisitor for ParamShapes {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        self.0.push((param.id, param.val().dims().to_vec()));
+        if param.is_require_grad() {
+            self.0.push((param.id, param.lazy_shape().dims::<D>().to_vec()));
+        }
     }
+}
+
+/// The ids of `module`'s trainable parameters (it must be on an autodiff device), or `None`
+/// when every float parameter trains.
+pub fn trainable_ids<M: Module>(module: &M) -> Option<std::collections::HashSet<ParamId>> {
+    #[derive(Default)]
+    struct Ids {
+        all: usize,
+        trainable: std::collections::HashSet<ParamId>,
+    }
+    impl ModuleVisitor for Ids {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            self.all += 1;
+            if param.is_require_grad() {
+                self.trainable.insert(param.id);
+            }
+        }
+    }
+    let mut ids = Ids::default();
+    module.visit(&mut ids);
+    (ids.trainable.len() < ids.all).then_some(ids.trainable)
 }
 
 fn param_shapes<M: Module>(module: &M) -> Vec<(ParamId, Vec<usize>)> {
@@ -114,7 +142,12 @@ struct Replicate;
 
 impl burn::module::ModuleMapper for Replicate {
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-        param.map(|t| t.detach().require_grad())
+        // Frozen parameters stay frozen (a LoRA base must get no gradient).
+        if param.is_require_grad() {
+            param.map(|t| t.detach().require_grad())
+        } else {
+            param.map(|t| t.detach())
+        }
     }
 }
 
@@ -124,6 +157,35 @@ impl burn::module::ModuleMapper for Replicate {
 /// other's tape); replicas keep their graphs apart and their gradients still add up by id.
 pub fn replicate<M: Module>(module: &M) -> M {
     module.clone().map(&mut Replicate)
+}
+
+/// Moves the gradients of the parameters in `ids` out of `grads` into their own set.
+pub fn take<M: Module>(
+    module: &M,
+    grads: &mut GradientsParams,
+    ids: &std::collections::HashSet<ParamId>,
+) -> GradientsParams {
+    let mut out = GradientsParams::new();
+    for (id, dims) in param_shapes(module) {
+        if !ids.contains(&id) {
+            continue;
+        }
+        macro_rules! mv {
+            ($d:literal) => {
+                if let Some(g) = grads.remove::<$d>(id) {
+                    out.register::<$d>(id, g);
+                }
+            };
+        }
+        match dims.len() {
+            1 => mv!(1),
+            2 => mv!(2),
+            3 => mv!(3),
+            4 => mv!(4),
+            _ => {}
+        }
+    }
+    out
 }
 
 /// Multiplies every gradient by `factor`.

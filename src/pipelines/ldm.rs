@@ -399,6 +399,9 @@ pub fn train_ldm(
         text_encoder: text.as_ref().map(|t| t.encoder.clone()),
         cache,
         fingerprints,
+        base_unet: None,
+        lora: None,
+        cache_text: false,
     };
     // The resolved scale and latent size are part of the run's config (and so of every
     // checkpoint and the export): resuming with a first stage that gives another scale is
@@ -585,7 +588,7 @@ impl Outputs<LatentDiffusionModel> for LdmOutputs {
         if let Some(text) = &self.text {
             let te: Option<&CLIPTextModel> = match &text.encoder {
                 TextEncoder::Frozen(te) => Some(te),
-                TextEncoder::Trained(_) => weights.text_encoder.as_ref(),
+                TextEncoder::Trained(_) | TextEncoder::Adapted(_) => weights.text_encoder.as_ref(),
             };
             if let Some(te) = te {
                 save_weights(te, &dir.join("text_encoder/model.safetensors"))?;

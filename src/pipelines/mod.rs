@@ -7,6 +7,7 @@
 
 pub mod ddpm;
 pub mod ldm;
+pub mod lora;
 pub mod stable_diffusion;
 pub mod text_to_image;
 pub mod vq;
@@ -97,6 +98,7 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<RunSummary, TrainError
         Family::PixelCnn => vq::train_pixelcnn(cfg, opts)?.summary,
         Family::Autoencoder => ldm::train_autoencoder(cfg, opts)?.summary,
         Family::LatentDiffusion => ldm::train_ldm(cfg, opts)?.summary,
+        Family::Lora => lora::train_lora(cfg, opts)?.summary,
     })
 }
 
@@ -110,6 +112,7 @@ pub fn weights_file(architecture: Architecture, dir: &Path, suffix: &str) -> Pat
         Architecture::GatedPixelcnn => ("pixelcnn", "model.safetensors"),
         Architecture::AutoencoderKl => ("vae", "diffusion_pytorch_model.safetensors"),
         Architecture::LatentDiffusion => ("unet", "diffusion_pytorch_model.safetensors"),
+        Architecture::SdLora => ("", lora::DIFFUSERS_FILE),
     };
     dir.join(format!("{folder}{suffix}")).join(file)
 }
@@ -194,6 +197,8 @@ pub struct SampleRequest {
     pub config_from: Option<PathBuf>,
     /// Class-conditioned latent diffusion: the class to generate.
     pub class: Option<usize>,
+    /// Text-to-image: LoRA files folded in at these scales (`--lora FILE[:SCALE]`).
+    pub loras: Vec<(PathBuf, f64)>,
 }
 
 /// Generates images from a run, an export, a checkpoint, or a pretrained Stable Diffusion model
@@ -219,7 +224,14 @@ pub fn sample(dir: &Path, req: &SampleRequest) -> Result<(Grid, PathBuf), Pipeli
     let device = parse_device(&cfg.run.device)?;
     let res = cfg.data.resolution;
     let family = cfg.model.architecture.family();
-    if family != Family::LatentDiffusion {
+    if !req.loras.is_empty() && family != Family::Lora && family != Family::LatentDiffusion {
+        return bad(format!(
+            "--lora applies to Stable Diffusion models, LoRA runs and text-conditioned latent \
+             diffusion exports, not {}",
+            dir.display()
+        ));
+    }
+    if !matches!(family, Family::LatentDiffusion | Family::Lora) {
         if req.prompt.is_some() || req.negative_prompt.is_some() {
             return bad(format!(
                 "{} is not a text-conditioned model: --prompt applies to Stable Diffusion and \
@@ -284,6 +296,20 @@ pub fn sample(dir: &Path, req: &SampleRequest) -> Result<(Grid, PathBuf), Pipeli
             }
             let grid = ldm::sample(&cfg, &root, weights.as_deref(), req, &device)?;
             Ok((grid, weights.unwrap_or_else(|| weights_file(cfg.model.architecture, &root, ""))))
+        }
+        Family::Lora => {
+            if req.class.is_some() {
+                return bad(format!("{} is a text-to-image LoRA run: --class does not apply", dir.display()));
+            }
+            let sd = lora::load_adapted(&cfg, &root, weights.as_deref(), &device)?;
+            let mut req = req.clone();
+            req.num.get_or_insert(num);
+            req.steps.get_or_insert(cfg.sample.num_inference_steps);
+            req.guidance_scale.get_or_insert(cfg.sample.guidance_scale);
+            req.width.get_or_insert(res);
+            req.height.get_or_insert(res);
+            let grid = text_to_image::sample_with(sd, &req, &device)?;
+            Ok((grid, weights.unwrap_or_else(|| root.join(lora::DIFFUSERS_FILE))))
         }
         Family::Autoencoder => bad(format!(
             "{} is an autoencoder (latent diffusion stage 1): it reconstructs but does not \

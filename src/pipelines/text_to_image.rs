@@ -249,11 +249,21 @@ pub fn sample_pretrained(
     }
     let device = parse_device(req.device.as_deref().unwrap_or("cpu"))?;
     let source = Pretrained::detect(path, req.config_from.as_deref())?;
-    let sd = stable_diffusion::load(&source, &device)?;
+    let mut sd = stable_diffusion::load(&source, &device)?;
+    super::lora::apply_files(&mut sd, &req.loras)?;
+    Ok((sample_with(sd, req, &device)?, path.to_path_buf()))
+}
+
+/// `sample`'s text-to-image on a loaded model (LoRAs already folded in).
+pub fn sample_with(
+    sd: StableDiffusion,
+    req: &super::SampleRequest,
+    device: &Device,
+) -> Result<Grid, super::PipelineError> {
     let num = req.num.unwrap_or(1);
     let size = sd.default_size();
     let latents = match &req.latents {
-        Some(file) => Some(read_latents(file, &device)?),
+        Some(file) => Some(read_latents(file, device)?),
         None => None,
     };
     let request = TextToImage {
@@ -269,14 +279,14 @@ pub fn sample_pretrained(
         latents,
         clip_skip: req.clip_skip.unwrap_or(1),
     };
-    let images = text_to_image(&sd, &request, &device)?.clamp(-1.0, 1.0);
+    let images = text_to_image(&sd, &request, device)?.clamp(-1.0, 1.0);
     let shape = images.dims();
     let pixels = images
         .into_data()
         .convert::<f32>()
         .try_into_vec::<f32>()
         .expect("f32 after convert");
-    Ok((Grid::square(pixels, shape), path.to_path_buf()))
+    Ok(Grid::square(pixels, shape))
 }
 
 /// `--latents FILE`: one f32 tensor named `latents` (diffusers' `latents=` argument).

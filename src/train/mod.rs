@@ -434,6 +434,14 @@ fn run_rank<O: Objective, P: Outputs<O::Model>>(
     let every = cfg.checkpoint.every_steps;
     let mut window = Window::default();
     let mut ema_decay = 0.0;
+    let lr_group = objective.lr_factor().map(|(keep, factor)| {
+        let ids: std::collections::HashSet<_> = crate::io::safetensors::named_param_ids(&st.model)
+            .into_iter()
+            .filter(|(k, _)| keep(k))
+            .map(|(_, id)| id)
+            .collect();
+        (ids, factor)
+    });
 
     while st.step < t.max_steps {
         let step_start = Instant::now();
@@ -464,7 +472,16 @@ fn run_rank<O: Objective, P: Outputs<O::Model>>(
         let grad_norm = grad::clip_global_norm(&st.model, &mut grads, t.max_grad_norm);
         let apply = check_finite(st.step + 1, loss_sum, grad_norm, t.on_nonfinite)?;
         if apply {
-            st.model = st.optim.step(lr, st.model, grads);
+            match lr_group.as_ref() {
+                // Two steps of the one optimizer over disjoint parameters: AdamW keeps its
+                // moments and step count per parameter, so this is one step at two rates.
+                Some((ids, factor)) => {
+                    let group = grad::take(&st.model, &mut grads, ids);
+                    st.model = st.optim.step(lr, st.model, grads);
+                    st.model = st.optim.step(lr * factor, st.model, group);
+                }
+                None => st.model = st.optim.step(lr, st.model, grads),
+            }
             if let Some(ema) = &mut st.ema {
                 ema_decay = ema.step(&st.model.valid());
             }
@@ -524,6 +541,7 @@ fn run_rank<O: Objective, P: Outputs<O::Model>>(
                     ctx.dataset.len(),
                     lr_sched.lr_at(st.step),
                     objective.fingerprints(),
+                    objective.checkpoint_keys(),
                     out,
                 )?;
             }

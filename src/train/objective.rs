@@ -75,6 +75,18 @@ pub trait Objective {
     fn fingerprints(&self) -> Vec<(String, String)> {
         Vec::new()
     }
+
+    /// The parameters a checkpoint holds, by key (`None`: all). A LoRA run keeps only its
+    /// adapters; `build` brings the frozen base back from where it came from.
+    fn checkpoint_keys(&self) -> Option<fn(&str) -> bool> {
+        None
+    }
+
+    /// Parameters that step with their own learning rate, `factor` times the schedule's
+    /// (a LoRA run's text encoder adapters, `lora.text_encoder_lr`), by key.
+    fn lr_factor(&self) -> Option<(fn(&str) -> bool, f64)> {
+        None
+    }
 }
 
 /// Gradients of `scale * loss` for `model`'s parameters, and that scaled loss's value.

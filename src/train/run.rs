@@ -73,10 +73,11 @@ impl<M: Module> RunState<M> {
     ) -> Result<Self, TrainError> {
         crate::nn::seed_init(cfg.run.seed);
         let model = io::safetensors::stable_param_ids(objective.build(device)?);
-        let ema = cfg
-            .ema
-            .enabled
-            .then(|| Ema::new(model.valid(), cfg.ema.clone()));
+        let ema = cfg.ema.enabled.then(|| {
+            let mut ema = Ema::new(model.valid(), cfg.ema.clone());
+            ema.trainable = crate::optim::grad::trainable_ids(&model);
+            ema
+        });
         Ok(Self {
             model,
             optim: adamw(&cfg.train),
@@ -148,8 +149,9 @@ impl<M: Module> RunState<M> {
             let path = dir.join(name);
             Ok((SafetensorsFile::from_bytes(ck.file(name)?, &path)?, path))
         };
+        let keys = objective.checkpoint_keys().unwrap_or(|_| true);
         let (file, path) = weights(checkpoint::MODEL_FILE)?;
-        state.model = io::safetensors::load_into(state.model, &file, &path)?;
+        state.model = io::safetensors::load_into_where(state.model, &file, &path, keys)?;
         let optim_bytes =
             burn::tensor::Bytes::from_bytes_vec(ck.file(checkpoint::OPTIMIZER_FILE)?.to_vec());
         state.optim = state
@@ -166,7 +168,8 @@ impl<M: Module> RunState<M> {
             ) {
                 (true, Some(n)) => {
                     let (file, path) = weights(checkpoint::EMA_FILE)?;
-                    ema.shadow = io::safetensors::load_into(state.model.valid(), &file, &path)?;
+                    ema.shadow =
+                        io::safetensors::load_into_where(state.model.valid(), &file, &path, keys)?;
                     ema.optimization_step = n;
                 }
                 _ => {
@@ -201,11 +204,19 @@ impl<M: Module> RunState<M> {
         dataset_len: usize,
         lr_next: f64,
         fingerprints: Vec<(String, String)>,
+        keys: Option<fn(&str) -> bool>,
         out: &Path,
     ) -> Result<PathBuf, TrainError> {
         let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
         let safetensors = |m: &M, name: &str| {
-            io::safetensors::module_bytes(m, &meta).map_err(|message| {
+            let bytes = match keys {
+                None => io::safetensors::module_bytes(m, &meta),
+                Some(keep) => io::safetensors::tensors_bytes(
+                    &io::safetensors::tensors_where(m, keep),
+                    &meta,
+                ),
+            };
+            bytes.map_err(|message| {
                 TrainError::Io(io::IoError::Format {
                     path: out.join(name),
                     message,

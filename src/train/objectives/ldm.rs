@@ -30,7 +30,8 @@ use crate::models::latent_diffusion::{
     ConditioningConfig, ConditioningKind, FirstStage, LatentDiffusionConfig, LatentDiffusionModel,
     latent_samples,
 };
-use crate::models::unet_2d_condition::UNet2DConditionConfig;
+use crate::models::lora::{LoraConfig, attach, is_adapter_key};
+use crate::models::unet_2d_condition::{UNet2DConditionConfig, UNet2DConditionModel};
 use crate::optim::precision::{MixedPrecision, compute_dtype};
 use crate::tokenizer::ClipTokenizer;
 use crate::train::TrainError;
@@ -43,6 +44,8 @@ pub enum TextEncoder {
     Trained(CLIPTextConfig),
     /// Frozen, pretrained, on the objective's device.
     Frozen(CLIPTextModel),
+    /// Pretrained and part of the model (LoRA adapters on it train).
+    Adapted(CLIPTextModel),
 }
 
 /// Everything stage 2 needs besides the config.
@@ -58,6 +61,12 @@ pub struct LatentDiffusionParts {
     pub cache: Option<Arc<LatentCache>>,
     /// Hashes of the frozen first stage (and a pretrained text encoder), for resume checks.
     pub fingerprints: Vec<(String, String)>,
+    /// A pretrained U-Net to start from instead of fresh weights (LoRA runs).
+    pub base_unet: Option<UNet2DConditionModel>,
+    /// LoRA: adapters on the base (the rest frozen); checkpoints then hold the adapters only.
+    pub lora: Option<LoraConfig>,
+    /// Keep a frozen text encoder's embedding of each caption after its first use.
+    pub cache_text: bool,
 }
 
 #[derive(Clone)]
@@ -74,6 +83,10 @@ pub struct LatentDiffusionObjective {
     parts: LatentDiffusionParts,
     /// Where the frozen networks live (the rank's device).
     device: Device,
+    /// `train.learning_rate` (the text encoder adapters' rate is relative to it).
+    pub base_lr: f64,
+    /// Frozen-encoder embeddings by caption (`cache_text`), `[len, hidden]` each.
+    text_cache: Arc<std::sync::Mutex<std::collections::HashMap<String, Vec<f32>>>>,
 }
 
 impl LatentDiffusionObjective {
@@ -97,7 +110,21 @@ impl LatentDiffusionObjective {
             batch_split,
             parts,
             device: device.clone(),
+            text_cache: Default::default(),
+            base_lr: 1.0,
         }
+    }
+
+    /// `train.learning_rate`, for a separate text encoder rate.
+    pub fn with_base_lr(mut self, lr: f64) -> Self {
+        self.base_lr = lr;
+        self
+    }
+
+    /// Uses `unet` as the U-Net's config (a pretrained base's own).
+    pub fn with_unet_config(mut self, unet: UNet2DConditionConfig) -> Self {
+        self.unet = unet;
+        self
     }
 
     /// The posteriors `(mean, std)` of the batch's images on the host, `[b, c, h, w]` each.
@@ -182,6 +209,29 @@ impl LatentDiffusionObjective {
                 te.forward(ids, 1)
             }
             (None, Some(TextEncoder::Frozen(te))) => {
+                if self.parts.cache_text {
+                    let mut cache = self.text_cache.lock().expect("text cache lock");
+                    let missing: Vec<usize> =
+                        (0..n).filter(|&i| !cache.contains_key(captions[i])).collect();
+                    if !missing.is_empty() {
+                        let ids: Vec<i64> = missing
+                            .iter()
+                            .flat_map(|&i| ids[i * len..(i + 1) * len].iter().copied())
+                            .collect();
+                        let m = missing.len();
+                        let ids =
+                            Tensor::<2, Int>::from_data(TensorData::new(ids, [m, len]), &self.device);
+                        let out = to_host(te.forward(ids, 1));
+                        let per = out.len() / m;
+                        for (j, &i) in missing.iter().enumerate() {
+                            cache.insert(captions[i].to_string(), out[j * per..(j + 1) * per].to_vec());
+                        }
+                    }
+                    let per = cache[captions[0]].len();
+                    let values: Vec<f32> =
+                        captions.iter().flat_map(|c| cache[*c].iter().copied()).collect();
+                    return Tensor::from_data(TensorData::new(values, [n, len, per / len]), device);
+                }
                 let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [n, len]), &self.device);
                 let out = te.forward(ids, 1);
                 let dims = out.dims();
@@ -198,14 +248,47 @@ impl Objective for LatentDiffusionObjective {
     type Model = LatentDiffusionModel;
 
     fn build(&self, device: &Device) -> Result<LatentDiffusionModel, TrainError> {
-        let text_encoder = match &self.parts.text_encoder {
+        let mut text_encoder = match &self.parts.text_encoder {
             Some(TextEncoder::Trained(cfg)) => Some(cfg.init(device)),
+            Some(TextEncoder::Adapted(te)) => Some(te.clone().to_device(device)),
             _ => None,
         };
-        Ok(LatentDiffusionModel {
-            unet: self.unet.init(device),
-            text_encoder,
-        })
+        let mut unet = match &self.parts.base_unet {
+            Some(u) => u.clone().to_device(device),
+            None => self.unet.init(device),
+        };
+        if let Some(l) = &self.parts.lora {
+            let fail = |m: String| TrainError::Stage(m);
+            unet = attach(unet, l, &l.target_modules, "lora.target_modules", device)
+                .map_err(fail)?
+                .0;
+            if let Some(te) = text_encoder.take() {
+                text_encoder = Some(if l.text_encoder {
+                    attach(
+                        te,
+                        l,
+                        &l.text_encoder_target_modules,
+                        "lora.text_encoder_target_modules",
+                        device,
+                    )
+                    .map_err(fail)?
+                    .0
+                } else {
+                    te.no_grad()
+                });
+            }
+        }
+        Ok(LatentDiffusionModel { unet, text_encoder })
+    }
+
+    fn lr_factor(&self) -> Option<(fn(&str) -> bool, f64)> {
+        let l = self.parts.lora.as_ref().filter(|l| l.text_encoder)?;
+        let factor = l.text_encoder_lr? / self.base_lr;
+        Some((|k: &str| k.starts_with("text_encoder.") && is_adapter_key(k), factor))
+    }
+
+    fn checkpoint_keys(&self) -> Option<fn(&str) -> bool> {
+        self.parts.lora.as_ref().map(|_| is_adapter_key as fn(&str) -> bool)
     }
 
     fn loss(
@@ -227,13 +310,19 @@ impl Objective for LatentDiffusionObjective {
             .iter()
             .map(|&u| (u as f64) < self.cond_drop_prob)
             .collect();
+        // LoRA dropout masks replay on resume: seeded from the run's stream.
+        if self.parts.lora.as_ref().is_some_and(|l| l.dropout > 0.0) {
+            crate::nn::set_lora_dropout_seed(Some(rng.random()));
+        }
         let (context, labels) = self.condition(model, batch, &dropped, device);
         let shape = [b, c, h, w];
         let draw =
             NoiseDraw::for_slice(&self.diffusion, &self.schedule, shape, offset, global, rng);
-        diffusion_loss(&z, shape, draw, self.dtype, device, |x, t| {
+        let loss = diffusion_loss(&z, shape, draw, self.dtype, device, |x, t| {
             model.unet.forward(x, t, &context, labels)
-        })
+        });
+        crate::nn::set_lora_dropout_seed(None);
+        loss
     }
 
     fn grads(
@@ -257,7 +346,9 @@ impl Objective for LatentDiffusionObjective {
 
     fn place(&mut self, device: &Device) {
         self.parts.first_stage = self.parts.first_stage.clone().to_device(device);
-        if let Some(TextEncoder::Frozen(te)) = &mut self.parts.text_encoder {
+        if let Some(TextEncoder::Frozen(te) | TextEncoder::Adapted(te)) =
+            &mut self.parts.text_encoder
+        {
             *te = te.clone().to_device(device);
         }
         self.device = device.clone();

@@ -1,0 +1,60 @@
+//! `merge --base MODEL [--config-from FOLDER] --lora FILE[:SCALE]... --out FOLDER`: folds LoRA
+//! files (diffusers, PEFT or kohya layout) into a Stable Diffusion model at the given scales
+//! and writes the result as a diffusers folder that diffusers, and difftrain's `sample`, load
+//! like the original.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use difftrain::device::parse_device;
+use difftrain::pipelines::lora::{apply_files, parse_lora_arg, write_folder};
+use difftrain::pipelines::stable_diffusion::{self, Pretrained};
+
+#[derive(Parser)]
+#[command(version, about = "Fold LoRA files into a Stable Diffusion model")]
+struct Args {
+    /// The base model: a diffusers folder or a single `.safetensors` file.
+    #[arg(long)]
+    base: PathBuf,
+    /// For a single-file base: a diffusers folder of the same model (tokenizer, configs).
+    #[arg(long)]
+    config_from: Option<PathBuf>,
+    /// A LoRA file and its scale (default 1.0); repeat to fold in several.
+    #[arg(long = "lora", value_name = "FILE[:SCALE]", required = true)]
+    loras: Vec<String>,
+    /// The diffusers folder to write.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    let loras = args
+        .loras
+        .iter()
+        .map(|a| parse_lora_arg(a).map_err(anyhow::Error::msg))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let device = parse_device("cpu")?;
+    let source = Pretrained::detect(&args.base, args.config_from.as_deref())?;
+    let configs = match &source {
+        Pretrained::Folder(d) => d.clone(),
+        Pretrained::SingleFile { configs, file } => configs.clone().with_context(|| {
+            format!("{} is a single file: give --config-from <diffusers folder>", file.display())
+        })?,
+    };
+    let mut sd = stable_diffusion::load(&source, &device)?;
+    apply_files(&mut sd, &loras)?;
+    write_folder(&sd, &configs, &args.out)?;
+    for (file, scale) in &loras {
+        eprintln!("merged {} at scale {scale}", file.display());
+    }
+    eprintln!("wrote {}", args.out.display());
+    Ok(())
+}
+
+difftrain::global_allocator!();
+
+fn main() -> std::process::ExitCode {
+    tune_allocator();
+    difftrain::exit_code(run(Args::parse()))
+}

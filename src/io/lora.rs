@@ -1,0 +1,385 @@
+//! LoRA files as the inference tools write and read them (see `docs/lora.md`):
+//!
+//! - **diffusers** (`pytorch_lora_weights.safetensors`, what `StableDiffusionPipeline.
+//!   save_lora_weights` writes): `unet.<module>.lora.down.weight` `[r, in]` and
+//!   `unet.<module>.lora.up.weight` `[out, r]`, `text_encoder.<module>...` for CLIP. diffusers
+//!   reads no alpha from such a file (it uses scale 1), so `alpha / r` is folded into `up`.
+//! - **kohya** (A1111, ComfyUI, diffusers): `lora_unet_<module with _ for .>.lora_down.weight`,
+//!   `.lora_up.weight`, `.alpha` (0-dim), `lora_te_...` for CLIP, `ss_*` metadata.
+//!
+//! Reading accepts both, PEFT's `lora_A`/`lora_B` spelling (with diffusers'
+//! `lora_adapter_metadata` alpha), raw PEFT `base_model.model.` keys and diffusers' old
+//! attention-processor keys (`attn1.processor.to_q_lora.down.weight`).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use burn::tensor::TensorData;
+use sha2::{Digest, Sha256};
+
+use super::IoError;
+use super::safetensors::{HostTensor, SafetensorsFile, tensors_bytes};
+
+/// Which network a LoRA module belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Component {
+    Unet,
+    TextEncoder,
+}
+
+impl Component {
+    pub fn diffusers_prefix(self) -> &'static str {
+        match self {
+            Self::Unet => "unet",
+            Self::TextEncoder => "text_encoder",
+        }
+    }
+
+    fn kohya_prefix(self) -> &'static str {
+        match self {
+            Self::Unet => "lora_unet_",
+            Self::TextEncoder => "lora_te_",
+        }
+    }
+}
+
+/// One adapted layer: `delta W = scale · up · down`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraModule {
+    pub down: HostTensor,
+    pub up: HostTensor,
+    pub scale: f64,
+}
+
+/// How a layer is named in a file: its module path, or (kohya) the path with every `.`
+/// turned into `_`, resolved against the model's layers when applied.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ModuleName {
+    Path(String),
+    Underscored(String),
+}
+
+impl ModuleName {
+    pub fn underscored(&self) -> String {
+        match self {
+            Self::Path(p) => p.replace('.', "_"),
+            Self::Underscored(u) => u.clone(),
+        }
+    }
+}
+
+/// A LoRA file read into memory.
+#[derive(Debug, Clone)]
+pub struct LoraFile {
+    pub path: PathBuf,
+    pub modules: BTreeMap<(Component, ModuleName), LoraModule>,
+    /// `"diffusers"`, `"peft"` or `"kohya"`.
+    pub format: &'static str,
+}
+
+fn bad(path: &Path, message: String) -> IoError {
+    IoError::Format {
+        path: path.to_path_buf(),
+        message,
+    }
+}
+
+/// Reads a LoRA file in any of the supported layouts.
+pub fn read(path: &Path) -> Result<LoraFile, IoError> {
+    let file = SafetensorsFile::open(path)?;
+    let tensors = file.to_host()?;
+    let meta = file.metadata();
+    if tensors.is_empty() {
+        return Err(bad(path, "holds no tensors".into()));
+    }
+    let kohya = tensors.keys().all(|k| {
+        ["lora_unet_", "lora_te_", "lora_te1_"]
+            .iter()
+            .any(|p| k.starts_with(p))
+    });
+    if kohya {
+        return read_kohya(path, &tensors);
+    }
+    read_diffusers(path, &tensors, &meta)
+}
+
+fn read_kohya(path: &Path, tensors: &BTreeMap<String, HostTensor>) -> Result<LoraFile, IoError> {
+    let mut parts: BTreeMap<(Component, String), [Option<&HostTensor>; 3]> = BTreeMap::new();
+    let mut unknown = Vec::new();
+    for (k, t) in tensors {
+        let (comp, rest) = if let Some(r) = k.strip_prefix("lora_unet_") {
+            (Component::Unet, r)
+        } else if let Some(r) = k.strip_prefix("lora_te1_").or_else(|| k.strip_prefix("lora_te_")) {
+            (Component::TextEncoder, r)
+        } else {
+            unknown.push(k.clone());
+            continue;
+        };
+        let (stem, slot) = if let Some(s) = rest.strip_suffix(".lora_down.weight") {
+            (s, 0)
+        } else if let Some(s) = rest.strip_suffix(".lora_up.weight") {
+            (s, 1)
+        } else if let Some(s) = rest.strip_suffix(".alpha") {
+            (s, 2)
+        } else {
+            unknown.push(k.clone());
+            continue;
+        };
+        parts.entry((comp, stem.to_string())).or_default()[slot] = Some(t);
+    }
+    if !unknown.is_empty() {
+        return Err(bad(
+            path,
+            format!(
+                "kohya LoRA keys difftrain does not read (only `.lora_down.weight`, \
+                 `.lora_up.weight` and `.alpha` of linear layers; LoCon/LyCORIS variants are \
+                 not supported): {}",
+                unknown.iter().take(5).cloned().collect::<Vec<_>>().join(", ")
+            ),
+        ));
+    }
+    let mut modules = BTreeMap::new();
+    for ((comp, stem), [down, up, alpha]) in parts {
+        let (Some(down), Some(up)) = (down, up) else {
+            return Err(bad(path, format!("{stem}: needs both lora_down and lora_up")));
+        };
+        let rank = check_pair(path, &stem, down, up)?;
+        // kohya: scale = alpha / rank; no alpha means alpha = rank (ComfyUI uses 1.0 too).
+        let scale = alpha.map_or(1.0, |a| a.data[0] as f64 / rank as f64);
+        modules.insert(
+            (comp, ModuleName::Underscored(stem)),
+            LoraModule {
+                down: down.clone(),
+                up: up.clone(),
+                scale,
+            },
+        );
+    }
+    Ok(LoraFile {
+        path: path.to_path_buf(),
+        modules,
+        format: "kohya",
+    })
+}
+
+fn check_pair(path: &Path, name: &str, down: &HostTensor, up: &HostTensor) -> Result<usize, IoError> {
+    if down.shape.len() != 2 || up.shape.len() != 2 || down.shape[0] != up.shape[1] {
+        return Err(bad(
+            path,
+            format!(
+                "{name}: down {:?} and up {:?} are not a LoRA pair of a linear layer ([r, in] \
+                 and [out, r])",
+                down.shape, up.shape
+            ),
+        ));
+    }
+    Ok(down.shape[0])
+}
+
+fn read_diffusers(
+    path: &Path,
+    tensors: &BTreeMap<String, HostTensor>,
+    meta: &HashMap<String, String>,
+) -> Result<LoraFile, IoError> {
+    // diffusers' `lora_adapter_metadata`: {"unet.r": .., "unet.lora_alpha": .., ...} (peft's
+    // LoraConfig per component, flattened with the component as prefix).
+    let adapter_meta: Option<serde_json::Value> = meta
+        .get("lora_adapter_metadata")
+        .and_then(|m| serde_json::from_str(m).ok());
+    let meta_scale = |comp: Component| -> Option<f64> {
+        let m = adapter_meta.as_ref()?;
+        let p = comp.diffusers_prefix();
+        let r = m.get(format!("{p}.r"))?.as_f64()?;
+        let a = m.get(format!("{p}.lora_alpha"))?.as_f64()?;
+        Some(a / r)
+    };
+    let mut parts: BTreeMap<(Component, String), [Option<&HostTensor>; 3]> = BTreeMap::new();
+    let mut peft = false;
+    let mut unknown = Vec::new();
+    for (k, t) in tensors {
+        let (comp, rest) = if let Some(r) = k.strip_prefix("unet.") {
+            (Component::Unet, r)
+        } else if let Some(r) = k.strip_prefix("text_encoder.") {
+            (Component::TextEncoder, r)
+        } else if let Some(r) = k.strip_prefix("base_model.model.") {
+            (Component::Unet, r)
+        } else {
+            unknown.push(k.clone());
+            continue;
+        };
+        // diffusers' old attention-processor spelling.
+        let rest = rest
+            .replace(".processor.to_out_lora.", ".to_out.0.lora.")
+            .replace(".processor.to_q_lora.", ".to_q.lora.")
+            .replace(".processor.to_k_lora.", ".to_k.lora.")
+            .replace(".processor.to_v_lora.", ".to_v.lora.");
+        let found = [
+            (".lora.down.weight", 0, false),
+            (".lora.up.weight", 1, false),
+            (".lora_linear_layer.down.weight", 0, false),
+            (".lora_linear_layer.up.weight", 1, false),
+            (".lora_A.weight", 0, true),
+            (".lora_B.weight", 1, true),
+            (".lora_A.default.weight", 0, true),
+            (".lora_B.default.weight", 1, true),
+            (".alpha", 2, false),
+        ]
+        .iter()
+        .find_map(|(suffix, slot, is_peft)| {
+            rest.strip_suffix(suffix).map(|s| (s.to_string(), *slot, *is_peft))
+        });
+        match found {
+            Some((stem, slot, is_peft)) => {
+                peft |= is_peft;
+                // transformers 5 saves CLIPTextModel without its `text_model.` level.
+                let stem = if comp == Component::TextEncoder && !stem.starts_with("text_model.") {
+                    format!("text_model.{stem}")
+                } else {
+                    stem
+                };
+                parts.entry((comp, stem)).or_default()[slot] = Some(t);
+            }
+            None => unknown.push(k.clone()),
+        }
+    }
+    if !unknown.is_empty() {
+        return Err(bad(
+            path,
+            format!(
+                "not a LoRA file difftrain reads: keys {} are neither diffusers/PEFT \
+                 (`unet.<module>.lora.down.weight`, `unet.<module>.lora_A.weight`) nor kohya \
+                 (`lora_unet_<module>.lora_down.weight`)",
+                unknown.iter().take(5).cloned().collect::<Vec<_>>().join(", ")
+            ),
+        ));
+    }
+    let mut modules = BTreeMap::new();
+    for ((comp, stem), [down, up, alpha]) in parts {
+        let (Some(down), Some(up)) = (down, up) else {
+            return Err(bad(path, format!("{stem}: needs both the down (A) and up (B) factor")));
+        };
+        let rank = check_pair(path, &stem, down, up)?;
+        // diffusers' converted kohya files keep `<module>.alpha` (network alphas).
+        let scale = match alpha {
+            Some(a) => a.data[0] as f64 / rank as f64,
+            None => meta_scale(comp).unwrap_or(1.0),
+        };
+        modules.insert(
+            (comp, ModuleName::Path(stem)),
+            LoraModule {
+                down: down.clone(),
+                up: up.clone(),
+                scale,
+            },
+        );
+    }
+    Ok(LoraFile {
+        path: path.to_path_buf(),
+        modules,
+        format: if peft { "peft" } else { "diffusers" },
+    })
+}
+
+fn data(t: &HostTensor) -> TensorData {
+    TensorData::new(t.data.clone(), t.shape.clone())
+}
+
+/// Writes `modules` (module paths) in diffusers' layout, `alpha / r` folded into `up`.
+pub fn write_diffusers(
+    path: &Path,
+    modules: &BTreeMap<(Component, String), LoraModule>,
+) -> Result<(), IoError> {
+    let mut tensors = BTreeMap::new();
+    for ((comp, module), m) in modules {
+        let p = comp.diffusers_prefix();
+        let up = HostTensor {
+            shape: m.up.shape.clone(),
+            data: m.up.data.iter().map(|v| (*v as f64 * m.scale) as f32).collect(),
+        };
+        tensors.insert(format!("{p}.{module}.lora.down.weight"), data(&m.down));
+        tensors.insert(format!("{p}.{module}.lora.up.weight"), data(&up));
+    }
+    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+    write(path, &tensors, &meta)
+}
+
+fn write(
+    path: &Path,
+    tensors: &BTreeMap<String, TensorData>,
+    meta: &HashMap<String, String>,
+) -> Result<(), IoError> {
+    let bytes = tensors_bytes(tensors, meta).map_err(|m| bad(path, m))?;
+    super::write_atomic(path, &bytes)
+}
+
+/// What a kohya file's metadata says about the training.
+pub struct KohyaInfo {
+    pub rank: usize,
+    pub alpha: f64,
+    /// `sd_v1` or `sd_v2`.
+    pub base_model_version: &'static str,
+    pub output_name: String,
+    /// Anything else (`ss_*` training settings).
+    pub extra: Vec<(String, String)>,
+}
+
+/// Writes `modules` in kohya's layout with its `ss_*` metadata and model hashes.
+pub fn write_kohya(
+    path: &Path,
+    modules: &BTreeMap<(Component, String), LoraModule>,
+    info: &KohyaInfo,
+) -> Result<(), IoError> {
+    let mut tensors = BTreeMap::new();
+    for ((comp, module), m) in modules {
+        let stem = format!("{}{}", comp.kohya_prefix(), module.replace('.', "_"));
+        let rank = m.down.shape[0] as f64;
+        tensors.insert(format!("{stem}.lora_down.weight"), data(&m.down));
+        tensors.insert(format!("{stem}.lora_up.weight"), data(&m.up));
+        let alpha = (m.scale * rank) as f32;
+        tensors.insert(format!("{stem}.alpha"), TensorData::new(vec![alpha], Vec::<usize>::new()));
+    }
+    let v2 = info.base_model_version == "sd_v2";
+    let mut ss: HashMap<String, String> = [
+        ("ss_network_module", "networks.lora".to_string()),
+        ("ss_network_dim", info.rank.to_string()),
+        ("ss_network_alpha", format!("{}", info.alpha)),
+        ("ss_base_model_version", info.base_model_version.to_string()),
+        ("ss_v2", if v2 { "True" } else { "False" }.to_string()),
+        ("ss_output_name", info.output_name.clone()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    ss.extend(info.extra.iter().cloned());
+    // kohya's `precalculate_safetensors_hashes`: the file as saved with only `ss_` metadata.
+    let ss_only: HashMap<String, String> =
+        ss.iter().filter(|(k, _)| k.starts_with("ss_")).map(|(k, v)| (k.clone(), v.clone())).collect();
+    let bytes = tensors_bytes(&tensors, &ss_only).map_err(|m| bad(path, m))?;
+    let (model_hash, legacy_hash) = kohya_hashes(&bytes);
+    let mut meta = ss;
+    meta.insert("sshs_model_hash".into(), model_hash);
+    meta.insert("sshs_legacy_hash".into(), legacy_hash);
+    meta.insert(
+        "modelspec.architecture".into(),
+        if v2 { "stable-diffusion-v2-512/lora" } else { "stable-diffusion-v1/lora" }.into(),
+    );
+    meta.insert("modelspec.sai_model_spec".into(), "1.0.0".into());
+    meta.insert("modelspec.implementation".into(), "https://github.com/Stability-AI/generative-models".into());
+    meta.insert("modelspec.title".into(), info.output_name.clone());
+    write(path, &tensors, &meta)
+}
+
+/// kohya's `addnet_hash_safetensors` (sha256 of everything after the header) and
+/// `addnet_hash_legacy` (the first 8 hex digits of sha256 of 64 KiB at offset 1 MiB).
+pub fn kohya_hashes(bytes: &[u8]) -> (String, String) {
+    let n = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")) as usize;
+    let model = hex(&Sha256::digest(&bytes[(8 + n).min(bytes.len())..]));
+    let start = 0x100000.min(bytes.len());
+    let end = (start + 0x10000).min(bytes.len());
+    let legacy = hex(&Sha256::digest(&bytes[start..end]))[..8].to_string();
+    (model, legacy)
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}

@@ -1,0 +1,397 @@
+//! LoRA fine-tuning of Stable Diffusion: files written by diffusers/PEFT and converted to
+//! kohya's layout apply like diffusers applies them (scripts/gen_lora_reference.py); the
+//! factored adapter forward equals it too; a LoRA run on the tiny diffusers fixture trains
+//! adapters only, exports both formats (which fold in identically), resumes bitwise after a
+//! SIGKILL and refuses a changed base; bad targets are named.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use burn::prelude::*;
+use difftrain::config::Config;
+use difftrain::io::lora::{self as lora_io, Component, ModuleName};
+use difftrain::io::safetensors::{HostTensor, load_safetensors};
+use difftrain::models::Architecture;
+use difftrain::models::lora::{LoraConfig, Linears, Targets, attach};
+use difftrain::pipelines::lora::apply_file;
+use difftrain::pipelines::stable_diffusion::{self, Pretrained, StableDiffusion};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+fn tiny_sd(device: &Device) -> StableDiffusion {
+    stable_diffusion::load(&Pretrained::Folder(fixtures().join("sd/tiny_sd")), device).unwrap()
+}
+
+fn tensor<const D: usize>(t: &HostTensor, device: &Device) -> Tensor<D> {
+    Tensor::from_data(TensorData::new(t.data.clone(), t.shape.clone()), device)
+}
+
+fn max_diff<const D: usize>(a: Tensor<D>, b: &HostTensor) -> f32 {
+    let a = difftrain::nn::to_host(a);
+    assert_eq!(a.len(), b.data.len());
+    a.iter().zip(&b.data).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+struct Reference {
+    r: BTreeMap<String, HostTensor>,
+}
+
+impl Reference {
+    fn load() -> Self {
+        Self {
+            r: load_safetensors(&fixtures().join("lora/reference.safetensors")).unwrap(),
+        }
+    }
+    fn ids(&self, device: &Device) -> Tensor<2, Int> {
+        let t = &self.r["ids"];
+        let v: Vec<i64> = t.data.iter().map(|&x| x as i64).collect();
+        Tensor::from_data(TensorData::new(v, t.shape.clone()), device)
+    }
+    /// U-Net output on the fixture's inputs and `context`.
+    fn unet(&self, sd: &StableDiffusion, context: &Tensor<3>, device: &Device) -> Tensor<4> {
+        let x = tensor::<4>(&self.r["x"], device);
+        let t = tensor::<1>(&self.r["t"], device);
+        sd.unet.forward(x, t, context, None)
+    }
+}
+
+#[test]
+fn lora_files_written_by_diffusers_apply_as_diffusers_applies_them() {
+    let device = Device::flex();
+    let reference = Reference::load();
+    let r = &reference.r;
+    // The base first: the fixture's inputs give the fixture's outputs.
+    let sd = tiny_sd(&device);
+    let context = sd.text_encoder.forward(reference.ids(&device), 1);
+    assert!(max_diff(context.clone(), &r["context_base"]) < 1e-4);
+    assert!(max_diff(reference.unet(&sd, &context, &device), &r["out_base"]) < 1e-4);
+    for (file, format) in [("diffusers_lora.safetensors", "diffusers"), ("kohya_lora.safetensors", "kohya")] {
+        let lora = lora_io::read(&fixtures().join("lora").join(file)).unwrap();
+        assert!(lora.format == format || (format == "diffusers" && lora.format == "peft"), "{file}: {}", lora.format);
+        let mut sd = tiny_sd(&device);
+        let n = apply_file(&lora, 1.0, &mut sd.unet, &mut sd.text_encoder).unwrap();
+        assert_eq!(n, lora.modules.len());
+        assert!(lora.modules.keys().any(|(c, _)| *c == Component::TextEncoder), "{file}");
+        let context = sd.text_encoder.forward(reference.ids(&device), 1);
+        let d = max_diff(context.clone(), &r["context_lora"]);
+        assert!(d < 1e-4, "{file}: text encoder differs by {d}");
+        let d = max_diff(reference.unet(&sd, &context, &device), &r["out_lora"]);
+        assert!(d < 1e-4, "{file}: U-Net differs by {d}");
+        // And at half strength (the U-Net's LoRA at 0.5, the text encoder's base context).
+        let mut sd = tiny_sd(&device);
+        let mut te = sd.text_encoder.clone();
+        let half = lora_io::LoraFile {
+            modules: lora
+                .modules
+                .clone()
+                .into_iter()
+                .filter(|((c, _), _)| *c == Component::Unet)
+                .collect(),
+            ..lora.clone()
+        };
+        apply_file(&half, 0.5, &mut sd.unet, &mut te).unwrap();
+        let context = tensor::<3>(&r["context_base"], &device);
+        let d = max_diff(reference.unet(&sd, &context, &device), &r["out_lora_half_unet"]);
+        assert!(d < 1e-4, "{file} at 0.5: U-Net differs by {d}");
+    }
+}
+
+/// The adapters as training computes them (factored, unmerged) give diffusers' output too.
+#[test]
+fn factored_adapters_match_diffusers() {
+    let device = Device::flex();
+    let reference = Reference::load();
+    let lora = lora_io::read(&fixtures().join("lora/diffusers_lora.safetensors")).unwrap();
+    let sd = tiny_sd(&device);
+    let cfg = LoraConfig {
+        rank: 4,
+        ..LoraConfig::default()
+    };
+    let (mut unet, adapted) = attach(sd.unet.clone(), &cfg, &cfg.target_modules, "unet", &device).unwrap();
+    let (mut te, _) = attach(
+        sd.text_encoder.clone(),
+        &cfg,
+        &cfg.text_encoder_target_modules,
+        "te",
+        &device,
+    )
+    .unwrap();
+    let unet_modules = lora.modules.keys().filter(|(c, _)| *c == Component::Unet).count();
+    assert_eq!(adapted.len(), unet_modules);
+    let set = |comp: Component, p: &str, l: &mut difftrain::nn::Linear| {
+        let m = &lora.modules[&(comp, ModuleName::Path(p.to_string()))];
+        let a = l.lora.as_mut().unwrap();
+        a.down.weight = burn::module::Param::from_tensor(tensor::<2>(&m.down, &device));
+        a.up.weight = burn::module::Param::from_tensor(tensor::<2>(&m.up, &device));
+        a.scale = m.scale;
+    };
+    unet.linears("", &mut |p, l| {
+        if l.lora.is_some() {
+            set(Component::Unet, p, l)
+        }
+    });
+    te.linears("", &mut |p, l| {
+        if l.lora.is_some() {
+            set(Component::TextEncoder, p, l)
+        }
+    });
+    let sd = StableDiffusion {
+        unet,
+        text_encoder: te,
+        ..sd
+    };
+    let context = sd.text_encoder.forward(reference.ids(&device), 1);
+    assert!(max_diff(context.clone(), &reference.r["context_lora"]) < 1e-4);
+    let d = max_diff(reference.unet(&sd, &context, &device), &reference.r["out_lora"]);
+    assert!(d < 1e-4, "factored U-Net differs by {d}");
+}
+
+// ------------------------------------------------------------------------------- training
+
+/// Two 32x32 images captioned "mountain" (a sky, a grey triangle, green ground).
+fn mountain_dataset(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut meta = String::new();
+    for i in 0..2u32 {
+        let img = image::RgbImage::from_fn(32, 32, |x, y| {
+            let peak = (16i32 - x as i32).abs() + 6 + i as i32;
+            if y > 24 {
+                image::Rgb([40, 160, 60])
+            } else if y as i32 >= peak {
+                image::Rgb([90, 90, 100])
+            } else {
+                image::Rgb([110, 160, 230])
+            }
+        });
+        img.save(dir.join(format!("{i}.png"))).unwrap();
+        meta.push_str(&format!("{{\"file_name\": \"{i}.png\", \"text\": \"mountain\"}}\n"));
+    }
+    std::fs::write(dir.join("metadata.jsonl"), meta).unwrap();
+}
+
+fn lora_config(base: &Path, data: &Path, out: &Path) -> Config {
+    let mut c = Config::default();
+    c.run.name = "mountain_test".into();
+    c.run.output_dir = Some(out.to_path_buf());
+    c.data.path = data.to_path_buf();
+    c.data.resolution = 32;
+    c.data.color = difftrain::data::ColorMode::Rgb;
+    c.data.random_flip = false;
+    c.model.architecture = Architecture::SdLora;
+    c.model.pretrained = Some(base.to_path_buf());
+    c.lora = LoraConfig {
+        rank: 4,
+        alpha: 8.0,
+        dropout: 0.1,
+        text_encoder: true,
+        text_encoder_lr: Some(5e-4),
+        ..LoraConfig::default()
+    };
+    c.diffusion.noise_offset = 0.1;
+    c.diffusion.snr_gamma = Some(5.0);
+    c.ema.enabled = true;
+    c.train.max_steps = 12;
+    c.train.batch_size = 2;
+    c.train.learning_rate = 1e-3;
+    c.train.max_grad_norm = 1.0;
+    c.checkpoint.every_steps = 4;
+    c.checkpoint.keep_last = 0;
+    c.logging.log_every = 1;
+    c.sample.num_images = 2;
+    c.sample.num_inference_steps = 2;
+    c.sample.prompts = vec!["mountain".into()];
+    c
+}
+
+fn write(c: &Config, path: &Path) -> PathBuf {
+    std::fs::write(path, c.to_toml()).unwrap();
+    path.to_path_buf()
+}
+
+fn train(cfg: &Path, extra: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_train"));
+    cmd.arg("--config").arg(cfg).args(extra);
+    cmd
+}
+
+fn output(cmd: &mut Command) -> (bool, String) {
+    let r = cmd.output().unwrap();
+    (r.status.success(), String::from_utf8_lossy(&r.stderr).into_owned())
+}
+
+fn latest_step(out: &Path) -> Option<usize> {
+    std::fs::read_to_string(out.join("latest"))
+        .ok()?
+        .trim()
+        .strip_prefix("checkpoint-")?
+        .parse()
+        .ok()
+}
+
+fn kill_after_checkpoint(mut child: Child, out: &Path, step: usize) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        if let Some(s) = latest_step(out).filter(|&s| s >= step) {
+            assert!(child.try_wait().unwrap().is_none(), "the run ended before the kill");
+            child.kill().unwrap();
+            child.wait().unwrap();
+            return s;
+        }
+        assert!(Instant::now() < deadline, "no checkpoint-{step} appeared");
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+            panic!("run exited early ({status}):\n{err}");
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dest = to.join(e.file_name());
+        if e.path().is_dir() {
+            copy_dir(&e.path(), &dest);
+        } else {
+            std::fs::copy(e.path(), dest).unwrap();
+        }
+    }
+}
+
+#[test]
+fn lora_run_trains_adapters_exports_both_formats_and_resumes_bitwise_after_sigkill() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    mountain_dataset(&data);
+    let base = tmp.path().join("base");
+    copy_dir(&fixtures().join("sd/tiny_sd"), &base);
+
+    // Uninterrupted.
+    let a_out = tmp.path().join("a");
+    let a = write(&lora_config(&base, &data, &a_out), &tmp.path().join("a.toml"));
+    let (ok, err) = output(&mut train(&a, &[]));
+    assert!(ok, "{err}");
+
+    // The checkpoint holds the adapters (U-Net and text encoder) and nothing else.
+    let ck = load_safetensors(&a_out.join("checkpoint-12/model.safetensors")).unwrap();
+    assert!(ck.keys().all(|k| k.contains(".lora.down.weight") || k.contains(".lora.up.weight")), "{:?}", ck.keys().next());
+    assert!(ck.keys().any(|k| k.starts_with("unet.") && k.ends_with("attn2.to_k.lora.up.weight")));
+    assert!(ck.keys().any(|k| k.starts_with("text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora")));
+    assert!(ck.values().any(|t| t.data.iter().any(|v| *v != 0.0)));
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(a_out.join("checkpoint-12/state.json")).unwrap()).unwrap();
+    assert!(state["fingerprints"]["base model"].is_string(), "{state}");
+
+    // Both exported files fold into the base identically; the kohya one carries its metadata.
+    let export = a_out.join("export");
+    let device = Device::flex();
+    let merged = |file: &str| {
+        let f = lora_io::read(&export.join(file)).unwrap();
+        let mut sd = tiny_sd(&device);
+        apply_file(&f, 1.0, &mut sd.unet, &mut sd.text_encoder).unwrap();
+        (f, difftrain::io::safetensors::named_tensors(&sd.unet), difftrain::io::safetensors::named_tensors(&sd.text_encoder))
+    };
+    let (fd, ud, td) = merged("pytorch_lora_weights.safetensors");
+    let (fk, uk, tk) = merged("mountain_test.safetensors");
+    assert_eq!((fd.format, fk.format), ("diffusers", "kohya"));
+    for (a, b) in [(&ud, &uk), (&td, &tk)] {
+        let d = a
+            .iter()
+            .flat_map(|(k, t)| t.data.iter().zip(&b[k].data).map(|(x, y)| (x - y).abs()))
+            .fold(0.0f32, f32::max);
+        assert!(d < 1e-6, "diffusers and kohya exports fold in differently: {d}");
+    }
+    let base_unet = difftrain::io::safetensors::named_tensors(&tiny_sd(&device).unet);
+    let key = base_unet.keys().find(|k| k.ends_with("attn1.to_q.weight")).unwrap().clone();
+    let moved = base_unet[&key]
+        .data
+        .iter()
+        .zip(&ud[&key].data)
+        .any(|(x, y)| x != y);
+    assert!(moved, "the LoRA changes nothing");
+    let kohya = difftrain::io::safetensors::SafetensorsFile::open(&export.join("mountain_test.safetensors")).unwrap();
+    let meta = kohya.metadata();
+    assert_eq!(meta["ss_network_dim"], "4");
+    assert_eq!(meta["ss_network_alpha"], "8");
+    assert_eq!(meta["ss_base_model_version"], "sd_v1");
+    assert_eq!(meta["sshs_model_hash"].len(), 64);
+    assert!(kohya.keys().iter().any(|k| k.starts_with("lora_te_text_model_encoder_layers_0_self_attn_q_proj")));
+    assert!(kohya.keys().iter().all(|k| k.starts_with("lora_unet_") || k.starts_with("lora_te_")));
+
+    // Sampling the run (its export: base + diffusers file) and the base with `--lora` (the
+    // kohya file) give the same image.
+    let sample = |name: &str, args: &[&str]| {
+        let dir = tmp.path().join(name);
+        let r = Command::new(env!("CARGO_BIN_EXE_sample"))
+            .args(args)
+            .args(["--prompt", "mountain", "--num", "1", "--steps", "3", "--guidance-scale", "7.5"])
+            .args(["--width", "32", "--height", "32", "--sampler", "ddim", "--out"])
+            .arg(&dir)
+            .output()
+            .unwrap();
+        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+        image::open(dir.join("0000.png")).unwrap().to_rgb8().into_raw()
+    };
+    let kohya_arg = format!("{}:1.0", export.join("mountain_test.safetensors").display());
+    let from_base = sample("base", &["--checkpoint", base.to_str().unwrap(), "--lora", &kohya_arg]);
+    let from_run = sample("run", &["--checkpoint", a_out.to_str().unwrap()]);
+    let plain = sample("plain", &["--checkpoint", base.to_str().unwrap()]);
+    let diff = |a: &[u8], b: &[u8]| a.iter().zip(b).map(|(x, y)| x.abs_diff(*y)).max().unwrap();
+    assert!(diff(&from_base, &from_run) <= 1, "{}", diff(&from_base, &from_run));
+    assert!(diff(&from_base, &plain) > 1, "--lora changed nothing");
+
+    // Interrupted: killed after checkpoint-4, resumed to 12: bitwise identical.
+    let b_out = tmp.path().join("b");
+    let b = write(&lora_config(&base, &data, &b_out), &tmp.path().join("b.toml"));
+    let child = train(&b, &["--set", "train.max_steps=1000"])
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let killed_at = kill_after_checkpoint(child, &b_out, 4);
+    assert!(killed_at < 12, "killed too late: {killed_at}");
+    let (ok, err) = output(&mut train(&b, &["--resume", "latest"]));
+    assert!(ok, "{err}");
+    // (The optimizer file is a serialised map whose order may differ; its moments enter the
+    // weights, which are compared.)
+    for f in ["model.safetensors", "ema.safetensors"] {
+        let same = std::fs::read(a_out.join("checkpoint-12").join(f)).unwrap()
+            == std::fs::read(b_out.join("checkpoint-12").join(f)).unwrap();
+        assert!(same, "{f} differs after SIGKILL + resume (killed at {killed_at})");
+    }
+
+    // A different base is refused, naming both hashes.
+    let vae = base.join("vae/diffusion_pytorch_model.fp16.safetensors");
+    let mut bytes = std::fs::read(&vae).unwrap();
+    let n = bytes.len();
+    bytes[n - 3] ^= 1;
+    std::fs::write(&vae, bytes).unwrap();
+    let (ok, err) = output(&mut train(&b, &["--resume", "latest", "--set", "train.max_steps=16"]));
+    assert!(!ok && err.contains("base model has changed") && err.contains("hash"), "{err}");
+}
+
+#[test]
+fn lora_targets_that_match_nothing_are_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    mountain_dataset(&data);
+    let mut c = lora_config(&fixtures().join("sd/tiny_sd"), &data, &tmp.path().join("out"));
+    c.lora.target_modules = Targets::Names(vec!["to_q".into(), "to_z".into()]);
+    let (ok, err) = output(&mut train(&write(&c, &tmp.path().join("c.toml")), &[]));
+    assert!(!ok && err.contains("[\"to_z\"] match no layer") && err.contains("to_out.0"), "{err}");
+    c.lora.target_modules = Targets::Regex(r".*\.attn3\.to_q".into());
+    let (ok, err) = output(&mut train(&write(&c, &tmp.path().join("c.toml")), &[]));
+    assert!(!ok && err.contains("matches no layer"), "{err}");
+    // No base model at all: the error says what to download and where it goes.
+    c.lora.target_modules = LoraConfig::default().target_modules;
+    c.model.pretrained = Some(tmp.path().join("models/stable-diffusion-v1-5"));
+    let (ok, err) = output(&mut train(&write(&c, &tmp.path().join("c.toml")), &[]));
+    assert!(!ok && err.contains("stable-diffusion-v1-5") && err.contains("model_index.json"), "{err}");
+}
