@@ -324,6 +324,9 @@ fn lora_run_trains_adapters_exports_both_formats_and_resumes_bitwise_after_sigki
     assert_eq!(meta["sshs_model_hash"].len(), 64);
     assert!(kohya.keys().iter().any(|k| k.starts_with("lora_te_text_model_encoder_layers_0_self_attn_q_proj")));
     assert!(kohya.keys().iter().all(|k| k.starts_with("lora_unet_") || k.starts_with("lora_te_")));
+    // diffusers only infers its own text encoder spelling (scripts/check_lora_export.py).
+    let dk = difftrain::io::safetensors::SafetensorsFile::open(&export.join("pytorch_lora_weights.safetensors")).unwrap();
+    assert!(dk.keys().iter().any(|k| k.starts_with("text_encoder.text_model.") && k.ends_with(".lora_linear_layer.down.weight")));
 
     // Sampling the run (its export: base + diffusers file) and the base with `--lora` (the
     // kohya file) give the same image.

@@ -4,6 +4,9 @@
 //!   save_lora_weights` writes): `unet.<module>.lora.down.weight` `[r, in]` and
 //!   `unet.<module>.lora.up.weight` `[out, r]`, `text_encoder.<module>...` for CLIP. diffusers
 //!   reads no alpha from such a file (it uses scale 1), so `alpha / r` is folded into `up`.
+//!   The text encoder's factors are `text_encoder.<module>.lora_linear_layer.{down,up}.weight`,
+//!   the spelling diffusers' own `save_lora_weights` uses (its loader does not infer the format
+//!   of `text_encoder.*.lora.down.weight`).
 //! - **kohya** (A1111, ComfyUI, diffusers): `lora_unet_<module with _ for .>.lora_down.weight`,
 //!   `.lora_up.weight`, `.alpha` (0-dim), `lora_te_...` for CLIP, `ss_*` metadata.
 //!
@@ -296,8 +299,13 @@ pub fn write_diffusers(
             shape: m.up.shape.clone(),
             data: m.up.data.iter().map(|v| (*v as f64 * m.scale) as f32).collect(),
         };
-        tensors.insert(format!("{p}.{module}.lora.down.weight"), data(&m.down));
-        tensors.insert(format!("{p}.{module}.lora.up.weight"), data(&up));
+        // diffusers writes (and reads back) a text encoder's factors as `lora_linear_layer`.
+        let factor = match comp {
+            Component::Unet => "lora",
+            Component::TextEncoder => "lora_linear_layer",
+        };
+        tensors.insert(format!("{p}.{module}.{factor}.down.weight"), data(&m.down));
+        tensors.insert(format!("{p}.{module}.{factor}.up.weight"), data(&up));
     }
     let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
     write(path, &tensors, &meta)
