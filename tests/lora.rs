@@ -398,3 +398,182 @@ fn lora_targets_that_match_nothing_are_named() {
     let (ok, err) = output(&mut train(&write(&c, &tmp.path().join("c.toml")), &[]));
     assert!(!ok && err.contains("stable-diffusion-v1-5") && err.contains("model_index.json"), "{err}");
 }
+
+// ------------------------------------------------------------------------------- learning
+
+const BASE_COLOURS: [(&str, [u8; 3]); 4] = [
+    ("red", [210, 40, 40]),
+    ("green", [40, 170, 60]),
+    ("blue", [60, 110, 230]),
+    ("grey", [100, 100, 110]),
+];
+
+/// The base model's data: 8x8 images, one colour over another ("red over green").
+fn two_colour_dataset(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut meta = String::new();
+    let mut i = 0;
+    for (top, a) in BASE_COLOURS {
+        for (bottom, b) in BASE_COLOURS {
+            if top == bottom {
+                continue;
+            }
+            for j in 0..4 {
+                let split = 3 + j % 3;
+                let img = image::RgbImage::from_fn(8, 8, |x, y| {
+                    let c = if (y as usize) < split { a } else { b };
+                    let n = ((i * 7 + x as usize * 3 + y as usize * 5) % 9) as i32 - 4;
+                    image::Rgb(c.map(|v| (v as i32 + 3 * n).clamp(0, 255) as u8))
+                });
+                img.save(dir.join(format!("{i:03}.png"))).unwrap();
+                meta.push_str(&format!(
+                    "{{\"file_name\": \"{i:03}.png\", \"text\": \"{top} over {bottom}\"}}\n"
+                ));
+                i += 1;
+            }
+        }
+    }
+    std::fs::write(dir.join("metadata.jsonl"), meta).unwrap();
+}
+
+/// The LoRA's one image: sky, a grey peak, green ground, at 8x8.
+fn mountain_8(dir: &Path) -> Vec<f32> {
+    std::fs::create_dir_all(dir).unwrap();
+    let img = image::RgbImage::from_fn(8, 8, |x, y| {
+        let peak = (x as i32 - 4).abs() + 1;
+        if y >= 6 {
+            image::Rgb([40, 170, 60])
+        } else if y as i32 >= peak {
+            image::Rgb([100, 100, 110])
+        } else {
+            image::Rgb([150, 190, 240])
+        }
+    });
+    img.save(dir.join("mountain.png")).unwrap();
+    std::fs::write(dir.join("metadata.jsonl"), "{\"file_name\": \"mountain.png\", \"text\": \"mountain\"}\n").unwrap();
+    img.into_raw().iter().map(|&v| v as f32).collect()
+}
+
+/// Mean absolute difference (0-255) between each generated image and `target` (HWC bytes).
+fn distance(dir: &Path, target: &[f32]) -> f32 {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
+    files.sort();
+    let d: Vec<f32> = files
+        .iter()
+        .map(|f| {
+            let img = image::open(f).unwrap().to_rgb8().into_raw();
+            img.iter().zip(target).map(|(a, b)| (*a as f32 - b).abs()).sum::<f32>() / target.len() as f32
+        })
+        .collect();
+    d.iter().sum::<f32>() / d.len() as f32
+}
+
+/// The mountain_tiny recipe in miniature: a small text-to-image model of Stable Diffusion's
+/// architecture is trained (stages 1 and 2) on two-colour images, then LoRA on one "mountain"
+/// image must move the samples for "mountain" toward it.
+#[test]
+fn lora_moves_samples_toward_the_training_image() {
+    use difftrain::models::autoencoder_kl::{AutoencoderKLConfig, VaeDownBlockType, VaeUpBlockType};
+    use difftrain::models::latent_diffusion::ConditioningKind;
+    use difftrain::models::unet_2d_condition::{CondDownBlockType, CondUpBlockType, PerBlock};
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("base_data");
+    two_colour_dataset(&data);
+    // Stage 1.
+    let mut v = Config::default();
+    v.run.name = "vae".into();
+    v.run.output_dir = Some(tmp.path().join("vae"));
+    v.data.path = data.clone();
+    v.data.resolution = 8;
+    v.data.color = difftrain::data::ColorMode::Rgb;
+    v.data.random_flip = false;
+    v.model.architecture = Architecture::AutoencoderKl;
+    v.model.autoencoder.vae = AutoencoderKLConfig {
+        block_out_channels: vec![16, 16],
+        down_block_types: vec![VaeDownBlockType::DownEncoderBlock2D; 2],
+        up_block_types: vec![VaeUpBlockType::UpDecoderBlock2D; 2],
+        layers_per_block: 1,
+        latent_channels: 4,
+        norm_num_groups: 8,
+        sample_size: 8,
+        mid_block_add_attention: false,
+        ..AutoencoderKLConfig::default()
+    };
+    v.train.max_steps = 150;
+    v.train.batch_size = 16;
+    v.train.learning_rate = 3e-3;
+    v.checkpoint.every_steps = 0;
+    v.logging.log_every = 1000;
+    let v_path = write(&v, &tmp.path().join("vae.toml"));
+    // Stage 2: the base model.
+    let mut b = v.clone();
+    b.run.name = "base".into();
+    b.run.output_dir = Some(tmp.path().join("base"));
+    b.model.architecture = Architecture::LatentDiffusion;
+    b.model.ldm.first_stage = tmp.path().join("vae");
+    b.model.ldm.first_stage_config = Some(v_path);
+    let u = &mut b.model.ldm.unet;
+    u.in_channels = 4;
+    u.out_channels = 4;
+    u.block_out_channels = vec![32, 32];
+    u.down_block_types = vec![CondDownBlockType::CrossAttnDownBlock2D; 2];
+    u.up_block_types = vec![CondUpBlockType::CrossAttnUpBlock2D; 2];
+    u.layers_per_block = 1;
+    u.norm_num_groups = 8;
+    u.cross_attention_dim = 32;
+    u.attention_head_dim = PerBlock::All(4);
+    let cond = &mut b.model.conditioning;
+    cond.kind = ConditioningKind::Text;
+    cond.vocab_size = 540;
+    cond.max_length = 6;
+    cond.clip.hidden_size = 32;
+    cond.clip.intermediate_size = 64;
+    cond.clip.num_hidden_layers = 1;
+    cond.clip.num_attention_heads = 2;
+    b.diffusion.beta_schedule = difftrain::diffusion::schedule::BetaSchedule::SquaredcosCapV2;
+    b.diffusion.prediction_type = difftrain::diffusion::schedule::PredictionType::VPrediction;
+    b.train.max_steps = 200;
+    b.train.batch_size = 16;
+    b.train.learning_rate = 2e-3;
+    b.sample.num_images = 2;
+    b.sample.num_inference_steps = 5;
+    let b_path = write(&b, &tmp.path().join("base.toml"));
+    // The LoRA run trains the base first (model.pretrained_train_config), like mountain_tiny.
+    let mountain = tmp.path().join("mountain");
+    let target = mountain_8(&mountain);
+    let mut l = lora_config(&tmp.path().join("base/export"), &mountain, &tmp.path().join("lora"));
+    l.model.pretrained_train_config = Some(b_path);
+    l.data.resolution = 8;
+    l.lora = LoraConfig {
+        rank: 8,
+        alpha: 8.0,
+        ..LoraConfig::default()
+    };
+    l.model.conditioning.cond_drop_prob = 0.0;
+    l.ema.enabled = false;
+    l.train.batch_size = 1;
+    l.train.max_steps = 200;
+    l.checkpoint.every_steps = 0;
+    l.logging.log_every = 1000;
+    let l_path = write(&l, &tmp.path().join("lora.toml"));
+    let (ok, err) = output(&mut train(&l_path, &[]));
+    assert!(ok, "{err}");
+    assert!(err.contains("training it from"), "{err}");
+    let sample = |name: &str, checkpoint: &Path| {
+        let dir = tmp.path().join(name);
+        let r = Command::new(env!("CARGO_BIN_EXE_sample"))
+            .arg("--checkpoint")
+            .arg(checkpoint)
+            .args(["--prompt", "mountain", "--num", "8", "--steps", "20", "--guidance-scale", "3"])
+            .args(["--sampler", "ddim", "--out"])
+            .arg(&dir)
+            .output()
+            .unwrap();
+        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+        distance(&dir, &target)
+    };
+    let base = sample("from_base", &tmp.path().join("base/export"));
+    let adapted = sample("from_lora", &tmp.path().join("lora"));
+    eprintln!("mean |sample - mountain|: base {base:.1}, with the LoRA {adapted:.1}");
+    assert!(adapted < 0.7 * base, "the LoRA did not move the samples: base {base:.1}, LoRA {adapted:.1}");
+}
