@@ -7,6 +7,8 @@
 #   PYTHON=.venv/bin/python THREADS=2 WARMUP=3 STEPS=10 SPLIT=1 scripts/bench.sh
 #   DEVICE=cuda PEAK_TFLOPS=67 scripts/bench.sh   # burn-cuda against PyTorch eager on the GPU
 #   BENCH_BIN=path/to/bench PYTHON=python3 DEVICE=cuda scripts/bench.sh   # prebuilt binary
+#   SD=1 scripts/bench.sh            # then the Stable Diffusion 1.5 cases (scripts/bench_sd.sh:
+#                                    # U-Net step, text to image, loading, LoRA step at 256/512)
 #
 # DEVICE=cuda builds `bench` with the `cuda` feature and runs both sides on the GPU. Both sides
 # report achieved TFLOP/s from the model's training FLOPs per step (counted by PyTorch's
@@ -88,3 +90,7 @@ for r in rows:
     print(f"{r['case']}: {flops / 1e9:.1f} GFLOP per step (forward + backward, PyTorch's FlopCounterMode); "
           f"ours {rate(o['median_ms']):.3f} TFLOP/s{share(o['median_ms'])}, torch {rate(t['median_ms']):.3f} TFLOP/s{share(t['median_ms'])}")
 PY
+
+if [ "${SD:-0}" = 1 ]; then
+  scripts/bench_sd.sh
+fi

@@ -4,6 +4,8 @@
 #   unet:    the U-Net's forward + backward at 32x32 latents, batch 1 (what fine-tuning costs)
 #   txt2img: text to image, 512x512, 20 DDIM steps, guidance 7.5 (U-Net, VAE decoder, CLIP)
 #   load:    loading a 4 GB SD 1.5 folder: peak resident memory against the weights' size
+#   lora256, lora512: a LoRA training step (rank 8 on to_q/to_k/to_v/to_out.0, base frozen,
+#            AdamW on the adapters; PyTorch side: diffusers + peft) at 256 and 512 px, batch 1
 #
 #   scripts/bench_sd.sh                      # all
 #   CASES="unet" THREADS=2 scripts/bench_sd.sh
@@ -16,7 +18,7 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/difftrain-target}"
 PYTHON="${PYTHON:-.venv/bin/python}"
 THREADS="${THREADS:-$(nproc)}"
 OUT="${OUT:-bench-results.jsonl}"
-CASES="${CASES:-unet txt2img load}"
+CASES="${CASES:-unet txt2img load lora256 lora512}"
 export RAYON_NUM_THREADS="$THREADS"
 cargo build --release --quiet --bin bench_sd
 BENCH="$CARGO_TARGET_DIR/release/bench_sd"
@@ -31,6 +33,11 @@ for case in $CASES; do
     txt2img)
       ours=$("$BENCH" txt2img --size 512 --steps 20)
       theirs=$("$PYTHON" scripts/bench_sd_torch.py txt2img --size 512 --steps 20 --threads "$THREADS")
+      ;;
+    lora256|lora512)
+      latent=$(( ${case#lora} / 8 ))
+      ours=$("$BENCH" lora --latent "$latent" --warmup 1 --steps 3)
+      theirs=$("$PYTHON" scripts/bench_sd_torch.py lora --latent "$latent" --warmup 1 --steps 3 --threads "$THREADS")
       ;;
     load)
       dir=$(mktemp -d)

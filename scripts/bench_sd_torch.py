@@ -49,6 +49,36 @@ def unet(args):
             "forward_share": fwd / sum(times)}
 
 
+def lora(args):
+    """diffusers' train_text_to_image_lora.py step: the U-Net frozen, a PEFT LoRA (rank 8,
+    alpha 8, gaussian init) on to_q/to_k/to_v/to_out.0, MSE, backward, AdamW on the adapters."""
+    import transformers.integrations.peft as tp
+    from peft import LoraConfig
+
+    tp.check_peft_version = lambda min_version: None  # peft 0.21.2 is the newest on PyPI
+    model = sd15_unet()
+    model.requires_grad_(False)
+    model.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, init_lora_weights="gaussian",
+                                 target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    b, s = args.batch, args.latent
+    x, target = torch.randn(b, 4, s, s), torch.randn(b, 4, s, s)
+    ctx, t = torch.randn(b, 77, 768), torch.full((b,), 500.0)
+    times = []
+    for i in range(args.warmup + args.steps):
+        start = time.perf_counter()
+        loss = torch.nn.functional.mse_loss(model(x, t, ctx).sample, target)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i >= args.warmup:
+            times.append(time.perf_counter() - start)
+    times.sort()
+    return {"case": "sd15_lora_step", "trainable": sum(p.numel() for p in params),
+            "latent": s, "batch": b, "steps": args.steps, "median_s": times[len(times) // 2]}
+
+
 def txt2img(args):
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -76,7 +106,8 @@ def txt2img(args):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["unet", "txt2img"])
+    ap.add_argument("what", choices=["unet", "txt2img", "lora"])
+    ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--latent", type=int, default=32)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--size", type=int, default=512)
@@ -86,7 +117,7 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    row = unet(args) if args.what == "unet" else txt2img(args)
+    row = {"unet": unet, "txt2img": txt2img, "lora": lora}[args.what](args)
     row.update({"impl": f"pytorch-{torch.__version__}", "peak_rss_mib": peak_rss_mib(),
                 "threads": torch.get_num_threads()})
     print(json.dumps(row))

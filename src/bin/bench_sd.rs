@@ -49,6 +49,18 @@ enum What {
         #[arg(long, default_value_t = 3)]
         steps: usize,
     },
+    /// A LoRA training step (rank `--rank`, alpha = rank, on to_q/to_k/to_v/to_out.0; base
+    /// frozen; forward, backward, AdamW on the adapters).
+    Lora {
+        #[arg(long, default_value_t = 64)]
+        latent: usize,
+        #[arg(long, default_value_t = 8)]
+        rank: usize,
+        #[arg(long, default_value_t = 1)]
+        warmup: usize,
+        #[arg(long, default_value_t = 3)]
+        steps: usize,
+    },
     Txt2img {
         #[arg(long, default_value_t = 512)]
         size: usize,
@@ -138,6 +150,56 @@ fn run(args: Args) -> anyhow::Result<()> {
                     "latent": latent, "batch": batch, "steps": steps,
                     "median_s": times[times.len() / 2],
                     "forward_share": phases[0] / (phases[0] + phases[1]),
+                    "peak_rss_mib": peak_rss_mib(), "threads": threads(),
+                })
+            );
+        }
+        What::Lora {
+            latent,
+            rank,
+            warmup,
+            steps,
+        } => {
+            use burn::optim::GradientsParams;
+            use difftrain::models::lora::{LoraConfig, attach};
+            let cfg = UNet2DConditionConfig::sd15();
+            difftrain::nn::seed_init(0);
+            let train = device.clone().autodiff();
+            let lora = LoraConfig {
+                rank,
+                alpha: rank as f64,
+                ..LoraConfig::default()
+            };
+            let (mut unet, _) = attach(cfg.init(&train), &lora, &lora.target_modules, "lora", &train)
+                .map_err(anyhow::Error::msg)?;
+            let trainable = difftrain::io::safetensors::tensors_where(&unet, difftrain::models::lora::is_adapter_key)
+                .values()
+                .map(|t| t.num_elements())
+                .sum::<usize>();
+            let mut optim = burn::optim::AdamWConfig::new().init();
+            let x = randn([1, 4, latent, latent], &mut rng, &train);
+            let target = randn([1, 4, latent, latent], &mut rng, &train);
+            let ctx = randn([1, 77, 768], &mut rng, &train);
+            let t = Tensor::<1>::from_data(TensorData::new(vec![500.0f32], [1]), &train);
+            let mut times = Vec::new();
+            for i in 0..warmup + steps {
+                let start = Instant::now();
+                let out = unet.forward(x.clone(), t.clone(), &ctx, None);
+                let loss = (out - target.clone()).square().mean();
+                let grads = GradientsParams::from_grads(loss.backward(), &unet);
+                unet = optim.step(1e-4, unet, grads);
+                let _ = unet.conv_in.weight.val().into_data();
+                if i >= warmup {
+                    times.push(start.elapsed().as_secs_f64());
+                }
+            }
+            times.sort_by(f64::total_cmp);
+            println!(
+                "{}",
+                serde_json::json!({
+                    "impl": "burn-flex", "case": "sd15_lora_step", "trainable": trainable,
+                    "latent": latent, "batch": 1, "steps": steps,
+                    "median_s": times[times.len() / 2],
                     "peak_rss_mib": peak_rss_mib(), "threads": threads(),
                 })
             );

@@ -556,7 +556,15 @@ pub fn forward(g: &Conv2dGeom, x: &[f32], weight: &[f32], bias: Option<&[f32]>) 
 /// (that GEMM's column count) is at least [`ADJOINT_MIN_CIN`]: with fewer, the micro-kernel's
 /// 6-column tiles run mostly empty and the scatter form is faster.
 pub fn input_grad(g: &Conv2dGeom, weight: &[f32], grad: &[f32]) -> Vec<f32> {
-    if g.plan() == Plan::PaddedRows && g.pad < g.k && g.cin >= ADJOINT_MIN_CIN {
+    // The adjoint needs the weight flipped and transposed (a pass over `cout·cin·k²` values
+    // every call); the column path scatters `cin·k²` values per output position of each
+    // image instead. Deep, small levels (SD's 1280-channel 4x4..8x8 maps) have far more
+    // weight than positions, so they take the column path.
+    if g.plan() == Plan::PaddedRows
+        && g.pad < g.k
+        && g.cin >= ADJOINT_MIN_CIN
+        && g.cout <= g.batch * g.gemm_cols()
+    {
         let adjoint = Conv2dGeom {
             cin: g.cout,
             h: g.out_h(),
@@ -784,6 +792,8 @@ mod tests {
             g(2, 9, 5, 3, 3, 1, 1),
             g(2, 8, 6, 10, 3, 1, 0),
             g(3, 8, 7, 2, 5, 1, 2),
+            // cin >= ADJOINT_MIN_CIN but more output channels than positions: the column path.
+            g(1, 9, 2, 40, 3, 1, 1),
             // More images than WEIGHT_GRAD_CHUNKS: several images per weight-gradient chunk.
             g(40, 2, 4, 3, 3, 1, 1),
             // GEMM width >= SHIFTED_MIN_COLS: the shifted form (k = 3 and 5, pad 0 and 1), and
