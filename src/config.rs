@@ -231,6 +231,9 @@ pub struct TrainConfig {
     /// Global-norm clipping like `torch.nn.utils.clip_grad_norm_`; `0` disables.
     pub max_grad_norm: f64,
     pub on_nonfinite: OnNonFinite,
+    /// With `on_nonfinite = "skip"`: stop with an error after this many consecutive skipped
+    /// steps (0 = never).
+    pub max_consecutive_skips: usize,
     pub mixed_precision: MixedPrecision,
     /// Compute each micro-batch as this many equal slices on as many threads, each on a replica
     /// of the weights (diffusion denoisers). Same numbers as 1 up to float summation order;
@@ -253,6 +256,7 @@ impl Default for TrainConfig {
             adam_weight_decay: 1e-2,
             max_grad_norm: 1.0,
             on_nonfinite: OnNonFinite::Error,
+            max_consecutive_skips: 20,
             mixed_precision: MixedPrecision::No,
             batch_split: 1,
         }
@@ -434,7 +438,10 @@ impl Config {
             path: path.to_path_buf(),
             source,
         })?;
-        let config = Self::parse(path, &text, overrides)?;
+        let mut config = Self::parse(path, &text, overrides)?;
+        for note in config.adjust() {
+            eprintln!("note: {note}");
+        }
         let problems = config.problems();
         if problems.is_empty() {
             Ok(config)
@@ -487,6 +494,22 @@ impl Config {
         DeviceRequest::parse(&self.run.device, self.run.devices.as_ref())
     }
 
+    /// Settings that are adjusted rather than refused, with what was done. A warmup longer
+    /// than the run (a common quick try: `--set train.max_steps=30` on a config with 40 warmup
+    /// steps) is clamped to the run.
+    pub fn adjust(&mut self) -> Vec<String> {
+        let mut notes = Vec::new();
+        let t = &mut self.train;
+        if t.lr_warmup_steps > t.max_steps {
+            notes.push(format!(
+                "train.lr_warmup_steps = {} exceeds train.max_steps = {}; warming up over all {} steps",
+                t.lr_warmup_steps, t.max_steps, t.max_steps
+            ));
+            t.lr_warmup_steps = t.max_steps;
+        }
+        notes
+    }
+
     /// Rules spanning several fields; every violation, not just the first.
     pub fn problems(&self) -> Vec<String> {
         let mut p = Vec::new();
@@ -518,9 +541,9 @@ impl Config {
             }
             Ok(_) => {}
         }
-        if !(self.run.sync_timeout_secs > 0.0) {
+        if !(self.run.sync_timeout_secs > 0.0 && self.run.sync_timeout_secs.is_finite()) {
             p.push(format!(
-                "run.sync_timeout_secs = {} must be positive",
+                "run.sync_timeout_secs = {} must be a positive finite number",
                 self.run.sync_timeout_secs
             ));
         }
@@ -539,15 +562,12 @@ impl Config {
         }
         if !(t.learning_rate > 0.0 && t.learning_rate.is_finite()) {
             p.push(format!(
-                "train.learning_rate = {} must be positive",
+                "train.learning_rate = {} must be a positive finite number",
                 t.learning_rate
             ));
         }
-        if t.lr_warmup_steps > t.max_steps {
-            p.push(format!(
-                "train.lr_warmup_steps = {} exceeds train.max_steps = {}",
-                t.lr_warmup_steps, t.max_steps
-            ));
+        if self.sample.num_images == 0 {
+            p.push("sample.num_images must be at least 1 (the grids written during and after training)".into());
         }
         if !(0.0..1.0).contains(&t.adam_beta1) || !(0.0..1.0).contains(&t.adam_beta2) {
             p.push("train.adam_beta1 and train.adam_beta2 must be in [0, 1)".into());
@@ -607,7 +627,7 @@ impl Config {
         }
         if !(s.temperature > 0.0) {
             p.push(format!(
-                "sample.temperature = {} must be positive",
+                "sample.temperature = {} must be a positive finite number",
                 s.temperature
             ));
         }

@@ -21,6 +21,7 @@ pub mod models;
 pub mod nn;
 pub mod optim;
 pub mod pipelines;
+pub mod signals;
 pub mod tensorboard;
 pub mod tokenizer;
 pub mod train;
@@ -74,6 +75,14 @@ pub fn exit_code(result: anyhow::Result<()>) -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
+            // A run stopped by SIGINT/SIGTERM after writing its checkpoint: 128 + the signal,
+            // as a shell reports a process the signal ended.
+            if let Some(train::TrainError::Interrupted { signal, .. }) =
+                e.chain().find_map(|c| c.downcast_ref::<train::TrainError>())
+            {
+                eprintln!("{e:#}");
+                return std::process::ExitCode::from((128 + *signal) as u8);
+            }
             eprintln!("error: {e:#}");
             std::process::ExitCode::FAILURE
         }

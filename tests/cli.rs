@@ -103,7 +103,8 @@ fn train_then_sample_from_the_export() {
 fn check_prints_resolved_config_and_overrides_apply() {
     let tmp = tempfile::tempdir().unwrap();
     let cfg = tmp.path().join("c.toml");
-    write_config(&cfg, Path::new("unused"), &tmp.path().join("run"), "");
+    // (`--check` also checks that data.path exists.)
+    write_config(&cfg, tmp.path(), &tmp.path().join("run"), "");
     let (ok, stdout, stderr) = run_train(&cfg, &["--check", "--set", "train.max_steps=42"]);
     assert!(ok, "{stderr}");
     assert!(

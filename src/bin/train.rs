@@ -31,6 +31,17 @@ fn run(args: Args) -> anyhow::Result<()> {
     if let Some(r) = args.resume {
         cfg.checkpoint.resume = Resume::from(r);
     }
+    // Before any compute (and before writing anything): a multi-process launch is refused, the
+    // output folder must be writable and the data must exist.
+    difftrain::distributed::refuse_multi_process_launch().map_err(anyhow::Error::msg)?;
+    difftrain::io::ensure_writable_dir(&cfg.output_dir())
+        .with_context(|| format!("run.output_dir = {}", cfg.output_dir().display()))?;
+    if !cfg.data.path.exists() {
+        anyhow::bail!(
+            "data.path = {} does not exist (see datasets/README.md)",
+            cfg.data.path.display()
+        );
+    }
     if args.check {
         print!("{}", cfg.to_toml());
         eprintln!("{}: configuration is valid", args.config.display());
@@ -61,5 +72,6 @@ difftrain::global_allocator!();
 
 fn main() -> std::process::ExitCode {
     tune_allocator();
+    difftrain::signals::install();
     difftrain::exit_code(run(Args::parse()))
 }

@@ -78,6 +78,20 @@ pub fn write_atomic_with(
 }
 
 /// Writes `path` atomically (see [`write_atomic_with`]).
+/// Creates `dir` if needed and proves it writable with a probe file (removed again), so a run
+/// finds an unwritable output folder before it computes anything.
+pub fn ensure_writable_dir(dir: &Path) -> Result<(), IoError> {
+    let fail = |source| IoError::Write {
+        path: dir.to_path_buf(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(fail)?;
+    let probe = dir.join(format!(".write-test-{}", std::process::id()));
+    std::fs::write(&probe, b"").map_err(fail)?;
+    std::fs::remove_file(&probe).map_err(fail)?;
+    Ok(())
+}
+
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), IoError> {
     write_atomic_with(path, |w| w.write_all(bytes))
 }

@@ -135,10 +135,37 @@ pub fn locate(dir: &Path) -> Result<(PathBuf, Option<PathBuf>), TrainError> {
     if dir.join(checkpoint::STATE_FILE).is_file() {
         return from_checkpoint(dir);
     }
-    for candidate in [dir.to_path_buf(), dir.join("export")] {
-        if candidate.join(checkpoint::CONFIG_FILE).is_file() {
-            return Ok((candidate, None));
+    if dir.join(checkpoint::CONFIG_FILE).is_file() {
+        return Ok((dir.to_path_buf(), None));
+    }
+    let export = dir.join("export");
+    if export.join(checkpoint::CONFIG_FILE).is_file() {
+        // A run's newest weights: its export, unless a later checkpoint exists (a run continued
+        // past its export and stopped) or the export cannot be read.
+        if let Some((step, ck)) = checkpoint::read_latest(dir) {
+            let export_step = std::fs::read_to_string(export.join(crate::train::EXPORT_STEP_FILE))
+                .ok()
+                .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+                .and_then(|v| v["step"].as_u64());
+            let newer = match export_step {
+                Some(e) => step as u64 > e,
+                // An export from before export.json: compare modification times.
+                None => {
+                    let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+                    mtime(&ck.join(checkpoint::STATE_FILE)) > mtime(&export.join(checkpoint::CONFIG_FILE))
+                }
+            };
+            if newer {
+                eprintln!(
+                    "note: {} is newer than {}{}; using it",
+                    ck.display(),
+                    export.display(),
+                    export_step.map(|e| format!(" (step {e})")).unwrap_or_default()
+                );
+                return from_checkpoint(&ck);
+            }
         }
+        return Ok((export, None));
     }
     if let Some((_, ck)) = checkpoint::read_latest(dir) {
         return from_checkpoint(&ck);

@@ -74,7 +74,30 @@ pub enum TrainError {
     Sync(#[from] crate::distributed::SyncError),
     #[error("{0}")]
     Rank(String),
+    #[error(
+        "stopped by {} after step {step}{}; continue with `--resume latest`",
+        crate::signals::name(*signal),
+        checkpoint.as_ref().map(|c| format!(" ({} written)", c.display())).unwrap_or_default()
+    )]
+    Interrupted {
+        signal: i32,
+        step: usize,
+        checkpoint: Option<PathBuf>,
+    },
+    #[error(
+        "{skipped} consecutive steps up to step {step} had a non-finite loss or gradient and were \
+         skipped (train.max_consecutive_skips = {limit}); the run is diverging. Lower \
+         train.learning_rate, or resume from an earlier checkpoint"
+    )]
+    TooManySkips {
+        skipped: usize,
+        step: usize,
+        limit: usize,
+    },
 }
+
+/// `export/export.json`: `{"step": N}`, the optimizer step the export's weights are from.
+pub const EXPORT_STEP_FILE: &str = "export.json";
 
 pub struct TrainOptions {
     /// Write checkpoints, logs, samples and the export (tests that only compare weights turn
@@ -205,6 +228,13 @@ where
     let (devices, nccl) = run_devices(cfg)?;
     let out = cfg.output_dir();
 
+    // One run per output folder, and a writable one, before anything is computed.
+    let _lock = if opts.write_outputs {
+        io::ensure_writable_dir(&out)?;
+        Some(checkpoint::RunLock::acquire(&out)?)
+    } else {
+        None
+    };
     // Where the run starts: fresh, or a verified checkpoint.
     let start = checkpoint::resolve(&out, &cfg.checkpoint.resume)?;
     start.notes.iter().for_each(|n| eprintln!("{n}"));
@@ -331,11 +361,13 @@ fn all_reduce_step<O: Objective>(
     loss: f64,
     step: usize,
     device: &Device,
-) -> Result<(GradientsParams, f64), TrainError> {
+) -> Result<(GradientsParams, f64, Option<i32>), TrainError> {
     let world = replica.world_size();
     let (flat, present) = grad::flatten(model, &grads, device);
     let n_grads = flat.dims()[0];
-    let mut extra = vec![loss as f32];
+    // A stop request (SIGINT/SIGTERM) seen by any rank: the largest signal number wins.
+    let signal = crate::signals::requested().unwrap_or(0) as f32;
+    let mut extra = vec![signal, loss as f32];
     extra.extend(&present);
     extra.extend(objective.local_stats(replica.is_main()));
     let n_extra = extra.len();
@@ -354,14 +386,17 @@ fn all_reduce_step<O: Objective>(
         .convert::<f32>()
         .try_into_vec::<f32>()
         .expect("f32 after convert");
-    let (loss_sum, rest) = extra.split_first().expect("the loss is packed first");
+    let (signal_sum, extra) = extra.split_first().expect("the stop flag is packed first");
+    let (loss_sum, rest) = extra.split_first().expect("the loss is packed next");
     let (present, stats) = rest.split_at(present.len());
     let present: Vec<bool> = present.iter().map(|&p| p > 0.0).collect();
     objective.set_global_stats(stats, world);
     let mean = summed.slice(0..n_grads).mul_scalar(1.0 / world as f64);
+    let stop = (*signal_sum > 0.0).then(|| crate::signals::requested().unwrap_or(15));
     Ok((
         grad::unflatten(model, mean, &present),
         *loss_sum as f64 / world as f64,
+        stop,
     ))
 }
 
@@ -434,6 +469,7 @@ fn run_rank<O: Objective, P: Outputs<O::Model>>(
     let every = cfg.checkpoint.every_steps;
     let mut window = Window::default();
     let mut ema_decay = 0.0;
+    let mut consecutive_skips = 0usize;
     let lr_group = objective.lr_factor().map(|(keep, factor)| {
         let ids: std::collections::HashSet<_> = crate::io::safetensors::named_param_ids(&st.model)
             .into_iter()
@@ -458,8 +494,9 @@ fn run_rank<O: Objective, P: Outputs<O::Model>>(
             accumulator.accumulate(&st.model, grads);
         }
         let mut grads = accumulator.grads();
+        let mut stop_signal = None;
         if world > 1 {
-            (grads, loss_sum) = all_reduce_step(
+            (grads, loss_sum, stop_signal) = all_reduce_step(
                 &mut replica,
                 &mut objective,
                 &st.model,
@@ -485,8 +522,17 @@ fn run_rank<O: Objective, P: Outputs<O::Model>>(
             if let Some(ema) = &mut st.ema {
                 ema_decay = ema.step(&st.model.valid());
             }
+            consecutive_skips = 0;
         } else {
             st.skipped += 1;
+            consecutive_skips += 1;
+            if t.max_consecutive_skips > 0 && consecutive_skips > t.max_consecutive_skips {
+                return Err(TrainError::TooManySkips {
+                    skipped: consecutive_skips,
+                    step: st.step + 1,
+                    limit: t.max_consecutive_skips,
+                });
+            }
         }
         st.model = objective.after_step(st.model, &mut st.rng);
         st.step += 1;
@@ -513,6 +559,7 @@ fn run_rank<O: Objective, P: Outputs<O::Model>>(
             ev.scalar("train/loss", window.loss / window.steps as f64, s)?;
             ev.scalar("train/lr", lr, s)?;
             ev.scalar("train/grad_norm", grad_norm, s)?;
+            ev.scalar("train/skipped_steps", st.skipped as f64, s)?;
             ev.scalar(
                 "train/images_per_sec",
                 window.images / window.seconds.max(1e-9),
@@ -551,6 +598,40 @@ fn run_rank<O: Objective, P: Outputs<O::Model>>(
                 .barrier(&format!("the barrier after step {}'s writes", st.step))
                 .map_err(TrainError::Sync)?;
         }
+        // SIGINT/SIGTERM: every rank stops after the same step (the request travels in the
+        // all-reduce), rank 0 writes a checkpoint unless this step just wrote one.
+        let signal = if world > 1 { stop_signal } else { crate::signals::requested() };
+        if let Some(signal) = signal
+            && st.step < t.max_steps
+        {
+            progress.finish();
+            let mut written = None;
+            if ctx.opts.write_outputs && writer.is_some() {
+                written = Some(if saving {
+                    out.join(format!("checkpoint-{}", st.step))
+                } else {
+                    st.save_checkpoint(
+                        cfg,
+                        ctx.dataset.len(),
+                        lr_sched.lr_at(st.step),
+                        objective.fingerprints(),
+                        objective.checkpoint_keys(),
+                        out,
+                    )?
+                });
+            }
+            // (TensorBoard records are flushed as they are written.)
+            if world > 1 {
+                replica
+                    .barrier(&format!("the barrier after the checkpoint for {}", crate::signals::name(signal)))
+                    .map_err(TrainError::Sync)?;
+            }
+            return Err(TrainError::Interrupted {
+                signal,
+                step: st.step,
+                checkpoint: written,
+            });
+        }
     }
     progress.finish();
     let bad_images = loader.bad_images.load(std::sync::atomic::Ordering::Relaxed);
@@ -570,6 +651,8 @@ fn run_rank<O: Objective, P: Outputs<O::Model>>(
                 None => w.export(&raw, None, &dir)?,
             }
             io::write_atomic(&dir.join(checkpoint::CONFIG_FILE), cfg.to_toml().as_bytes())?;
+            // The step the export holds, so `sample` can tell it from newer checkpoints.
+            io::write_json(&dir.join(EXPORT_STEP_FILE), &serde_json::json!({ "step": st.step }))?;
             export_dir = Some(dir);
         }
     }
