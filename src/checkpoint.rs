@@ -122,6 +122,11 @@ pub fn checkpoint_name(step: usize) -> String {
     format!("checkpoint-{step}")
 }
 
+/// The step of a `checkpoint-<N>` directory.
+pub fn parse_step_of(dir: &Path) -> Option<usize> {
+    parse_step(dir.file_name()?.to_str()?)
+}
+
 fn parse_step(name: &str) -> Option<usize> {
     name.strip_prefix("checkpoint-")?.parse().ok()
 }
@@ -176,12 +181,17 @@ pub fn remove_stale(out_dir: &Path) -> Vec<PathBuf> {
         .filter(|e| {
             e.file_name()
                 .to_str()
-                .is_some_and(|n| n.starts_with(".checkpoint-"))
+                // A killed writer's temporary checkpoint directory or `latest` pointer.
+                .is_some_and(|n| n.starts_with(".checkpoint-") || n.starts_with(".latest.tmp-"))
         })
         .map(|e| e.path())
         .collect();
     for p in &stale {
-        let _ = std::fs::remove_dir_all(p);
+        if p.is_dir() {
+            let _ = std::fs::remove_dir_all(p);
+        } else {
+            let _ = std::fs::remove_file(p);
+        }
     }
     stale
 }
@@ -403,8 +413,11 @@ pub fn resolve(out_dir: &Path, resume: &Resume) -> Result<Start, CheckpointError
                                 format!("{}/{LATEST} is missing or unreadable", out_dir.display())
                             }
                         };
+                        // With `latest` unreadable nothing says which came last: this is the
+                        // newest complete one.
+                        let which = if named.is_some() { "previous" } else { "newest" };
                         notes.push(format!(
-                            "warning: {why}; resuming from the previous complete checkpoint {} \
+                            "warning: {why}; resuming from the {which} complete checkpoint {} \
                              (work after step {} is redone)",
                             path.display(),
                             c.state.step

@@ -424,10 +424,17 @@ fn apply_override(root: &mut toml::Table, assignment: &str) -> Result<(), Config
             .as_table_mut()
             .ok_or_else(|| err(format!("{part:?} is a value, not a section")))?;
     }
-    table.insert(
-        parts[parts.len() - 1].to_string(),
-        parse_override_value(value.trim()),
-    );
+    let value = value.trim();
+    // A value that starts like a TOML string or array must be one: `run.name="abc` (a lost
+    // closing quote) is an error, not the literal `"abc`.
+    if value.starts_with(['"', '\'', '['])
+        && toml::from_str::<toml::Table>(&format!("v = {value}")).is_err()
+    {
+        return Err(err(format!(
+            "{value} is not a valid TOML value (an unclosed quote or bracket?)"
+        )));
+    }
+    table.insert(parts[parts.len() - 1].to_string(), parse_override_value(value));
     Ok(())
 }
 
@@ -442,7 +449,14 @@ impl Config {
         for note in config.adjust() {
             eprintln!("note: {note}");
         }
-        let problems = config.problems();
+        let mut problems = config.problems();
+        if !problems.is_empty() && !overrides.is_empty() {
+            // The file is not to blame for values given on the command line.
+            problems.push(format!(
+                "(the values above include the command line's --set {})",
+                overrides.join(", --set ")
+            ));
+        }
         if problems.is_empty() {
             Ok(config)
         } else {
@@ -508,6 +522,21 @@ impl Config {
             t.lr_warmup_steps = t.max_steps;
         }
         notes
+    }
+
+    /// A lower bound of the memory one training step needs: the micro-batch at the data
+    /// resolution through the first level of the model (kept for the backward pass), in bytes.
+    /// Catches sizes that cannot fit before anything is allocated.
+    pub fn step_memory_lower_bound(&self) -> u64 {
+        let res = self.data.resolution as u64;
+        let per_device_batch = self.train.batch_size as u64;
+        let width = match self.model.architecture {
+            crate::models::Architecture::Unet2d => {
+                self.model.unet.block_out_channels.first().copied().unwrap_or(32) as u64 * 4
+            }
+            _ => 3,
+        };
+        per_device_batch * res * res * (self.data.channels() as u64 + width) * 4
     }
 
     /// Rules spanning several fields; every violation, not just the first.

@@ -124,6 +124,32 @@ unsafe impl GlobalAlloc for CachingAllocator {
     }
 }
 
+/// Physical memory in bytes (Linux `MemTotal`), if known.
+pub fn total_memory() -> Option<u64> {
+    let kib = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        m.lines()
+            .find(|l| l.starts_with("MemTotal:"))?
+            .split_whitespace()
+            .nth(1)?
+            .parse::<u64>()
+            .ok()
+    })?;
+    Some(kib << 10)
+}
+
+/// Refuses `need` bytes for `what` when they exceed this machine's physical memory, rather than
+/// aborting inside an allocation later.
+pub fn check_fits(need: u64, what: &str) -> Result<(), String> {
+    match total_memory() {
+        Some(total) if need > total => Err(format!(
+            "{what} needs at least {:.1} GB of memory; this machine has {:.1} GB",
+            need as f64 / 1e9,
+            total as f64 / 1e9
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// The cache budget for this machine: a quarter of physical memory, at most 8 GiB
 /// (`DIFFTRAIN_ALLOC_CACHE_MB` overrides; 0 turns caching off).
 pub fn default_cap() -> usize {

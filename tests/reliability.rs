@@ -189,3 +189,147 @@ fn small_config_annoyances() {
     let (ok, err) = run(&path, &["--set", "train.learning_rate=inf", "--check"]);
     assert!(!ok && err.contains("positive finite"), "{err}");
 }
+
+/// 3. A symlink loop multiplied the dataset (41x for `ln -s . loop`), two links to each other
+///    hung start-up, and a FIFO named `x.png` blocked it: each real directory is read once and
+///    only regular files are images.
+#[test]
+fn symlink_loops_and_fifos_in_the_data_folder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    common::write_flat_images(&data, 4, 8, |i| (i * 50) as u8);
+    std::os::unix::fs::symlink(".", data.join("loop")).unwrap();
+    std::os::unix::fs::symlink("b", data.join("a")).unwrap();
+    std::os::unix::fs::symlink("a", data.join("b")).unwrap();
+    std::fs::create_dir(data.join("sub")).unwrap();
+    std::os::unix::fs::symlink("..", data.join("sub/up")).unwrap();
+    let fifo = std::ffi::CString::new(data.join("x.png").to_str().unwrap()).unwrap();
+    // SAFETY: creating a FIFO at a path we own.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+    let ds = difftrain::data::Dataset::open(
+        difftrain::data::DataSource::ImageFolder,
+        &data,
+        difftrain::data::OnBadImage::Warn,
+    )
+    .unwrap();
+    assert_eq!(ds.len(), 4);
+    // And through the binary, which warns about what it skipped.
+    let (mut c, path) = config(tmp.path(), "a");
+    c.train.max_steps = 1;
+    write(&c, &path);
+    let (ok, err) = run(&path, &[]);
+    assert!(ok && err.contains("not a regular file") && err.contains("already read"), "{err}");
+}
+
+/// 9. A checkpoint whose files pass their checksums but do not decode stopped `--resume latest`
+///    with a debug-format error; a corrupt `export/` failed `sample`. Both fall back now.
+#[test]
+fn undecodable_checkpoints_and_exports_fall_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (c, path) = config(tmp.path(), "a");
+    let (ok, err) = run(&path, &[]);
+    assert!(ok, "{err}");
+    let out = c.output_dir();
+    // checkpoint-12's optimizer state replaced by garbage with a matching checksum.
+    let ck = out.join("checkpoint-12");
+    let garbage = vec![0x42u8; 100];
+    std::fs::write(ck.join("optimizer.bpk"), &garbage).unwrap();
+    let mut state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(ck.join("state.json")).unwrap()).unwrap();
+    state["files"]["optimizer.bpk"] =
+        serde_json::json!({"bytes": 100, "crc32c": crc32c::crc32c(&garbage)});
+    std::fs::write(ck.join("state.json"), serde_json::to_vec(&state).unwrap()).unwrap();
+    let (ok, err) = run(&path, &["--resume", "latest", "--set", "train.max_steps=14"]);
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("does not decode") && err.contains("resuming from the older") && err.contains("checkpoint-8"),
+        "{err}"
+    );
+    // A truncated export: sample uses the newest checkpoint instead.
+    let weights = out.join("export/unet/diffusion_pytorch_model.safetensors");
+    let bytes = std::fs::read(&weights).unwrap();
+    std::fs::write(&weights, &bytes[..bytes.len() / 2]).unwrap();
+    let r = Command::new(env!("CARGO_BIN_EXE_sample"))
+        .arg("--checkpoint")
+        .arg(&out)
+        .args(["--num", "2", "--steps", "2", "--out"])
+        .arg(tmp.path().join("s.png"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(r.status.success() && err.contains("using") && err.contains("checkpoint-14"), "{err}");
+}
+
+/// 8. Impossible sizes aborted inside an allocation: a resolution that cannot fit is refused
+///    by `--check`; `sample` generates in batches and refuses an output that cannot fit.
+///    Also 10: `--out x.jpg` wrote PNG bytes under a .jpg name.
+#[test]
+fn impossible_sizes_are_refused_and_sample_runs_in_batches() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (c, path) = config(tmp.path(), "a");
+    let (ok, err) = run(&path, &["--set", "data.resolution=100000", "--set", "model.unet.sample_size=100000", "--check"]);
+    assert!(!ok && err.contains("needs at least") && err.contains("GB of memory"), "{err}");
+    let (ok, err) = run(&path, &["--set", "train.max_steps=2"]);
+    assert!(ok, "{err}");
+    let sample = |args: &[&str]| {
+        let r = Command::new(env!("CARGO_BIN_EXE_sample"))
+            .arg("--checkpoint")
+            .arg(c.output_dir())
+            .args(["--steps", "2"])
+            .args(args)
+            .output()
+            .unwrap();
+        (r.status.success(), String::from_utf8_lossy(&r.stderr).into_owned())
+    };
+    let (ok, err) = sample(&["--num", "100000000000", "--out", tmp.path().join("g.png").to_str().unwrap()]);
+    assert!(!ok && err.contains("needs at least") && err.contains("--num 100000000000"), "{err}");
+    // 5 images in batches of 2: batch i uses seed + i, so image 2 is the first of seed 1.
+    let dir = tmp.path().join("batched");
+    let (ok, err) = sample(&["--num", "5", "--batch-size", "2", "--seed", "0", "--out", dir.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 5);
+    let one = tmp.path().join("one");
+    let (ok, err) = sample(&["--num", "1", "--seed", "1", "--out", one.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    assert_eq!(std::fs::read(dir.join("0002.png")).unwrap(), std::fs::read(one.join("0000.png")).unwrap());
+    let (ok, err) = sample(&["--num", "1", "--out", tmp.path().join("x.jpg").to_str().unwrap()]);
+    assert!(!ok && err.contains("PNG only"), "{err}");
+}
+
+/// 10. `--set` values: an unclosed quote is an error, not a literal; problems caused by a
+///     `--set` say so instead of blaming only the file; a killed `latest` pointer's temporary
+///     file is cleaned up.
+#[test]
+fn set_values_and_leftover_temporaries() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (c, path) = config(tmp.path(), "a");
+    let (ok, err) = run(&path, &["--set", "run.name=\"abc", "--check"]);
+    assert!(!ok && err.contains("not a valid TOML value"), "{err}");
+    let (ok, err) = run(&path, &["--set", "train.batch_size=0", "--check"]);
+    assert!(!ok && err.contains("--set train.batch_size=0"), "{err}");
+    std::fs::create_dir_all(c.output_dir()).unwrap();
+    let leftover = c.output_dir().join(".latest.tmp-99999");
+    std::fs::write(&leftover, b"checkpoint-4").unwrap();
+    let (ok, err) = run(&path, &["--set", "train.max_steps=1"]);
+    assert!(ok, "{err}");
+    assert!(!leftover.exists());
+}
+
+/// 10. A corrupt image was reported again every epoch: now once (and counted at the end).
+#[test]
+fn a_corrupt_image_is_reported_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (c, path) = config(tmp.path(), "a");
+    // Header intact (it passes the start-up check), pixel data cut off.
+    let img = c.data.path.join("00003.png");
+    let files: Vec<_> = std::fs::read_dir(&c.data.path).unwrap().map(|e| e.unwrap().path()).collect();
+    let victim = if img.exists() { img } else { files[3].clone() };
+    let bytes = std::fs::read(&victim).unwrap();
+    std::fs::write(&victim, &bytes[..bytes.len() - 20]).unwrap();
+    let (ok, err) = run(&path, &["--set", "train.max_steps=12"]);
+    assert!(ok, "{err}");
+    let name = victim.file_name().unwrap().to_str().unwrap();
+    let reports = err.lines().filter(|l| l.contains(name) && l.contains("warning")).count();
+    assert_eq!(reports, 1, "{err}");
+    assert!(err.contains("image decode(s) failed during training"), "{err}");
+}

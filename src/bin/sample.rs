@@ -77,6 +77,10 @@ struct Args {
     /// 1.0); repeat to mix several.
     #[arg(long = "lora", value_name = "FILE[:SCALE]")]
     loras: Vec<String>,
+    /// Images generated at once (default 64); `--num` above it runs in batches, batch i seeded
+    /// with `--seed` + i.
+    #[arg(long)]
+    batch_size: Option<usize>,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -113,12 +117,25 @@ fn run(args: Args) -> anyhow::Result<()> {
         latents: args.latents,
         config_from: args.config_from,
         class: args.class,
+        batch_size: args.batch_size,
         loras: args
             .loras
             .iter()
             .map(|a| pipelines::lora::parse_lora_arg(a).map_err(anyhow::Error::msg))
             .collect::<anyhow::Result<_>>()?,
     };
+    // Refused before generating: a grid is PNG, anything else is a folder of PNGs.
+    let ext = args.out.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase);
+    if let Some(e) = ext.as_deref()
+        && e != "png"
+        && ["jpg", "jpeg", "webp", "gif", "bmp", "tif", "tiff"].contains(&e)
+    {
+        anyhow::bail!(
+            "--out {}: sample writes PNG only; name a .png file for a grid, or a folder for one \
+             PNG per image",
+            args.out.display()
+        );
+    }
     let (grid, weights) = pipelines::sample(&args.checkpoint, &request)?;
     let n = grid.shape[0];
     if args.out.extension().is_some_and(|e| e == "png") {

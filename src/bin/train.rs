@@ -42,6 +42,14 @@ fn run(args: Args) -> anyhow::Result<()> {
             cfg.data.path.display()
         );
     }
+    difftrain::memory::check_fits(
+        cfg.step_memory_lower_bound(),
+        &format!(
+            "a training step at data.resolution = {} with train.batch_size = {}",
+            cfg.data.resolution, cfg.train.batch_size
+        ),
+    )
+    .map_err(anyhow::Error::msg)?;
     if args.check {
         print!("{}", cfg.to_toml());
         eprintln!("{}: configuration is valid", args.config.display());

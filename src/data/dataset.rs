@@ -41,6 +41,18 @@ struct MetadataLine {
     label: Option<i64>,
 }
 
+/// A file's identity (device, inode) on Unix; its canonical path elsewhere.
+#[cfg(unix)]
+fn file_id(meta: &std::fs::Metadata) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    (meta.dev(), meta.ino())
+}
+
+#[cfg(not(unix))]
+fn file_id(meta: &std::fs::Metadata) -> (u64, u64) {
+    (meta.len(), 0)
+}
+
 fn is_image(path: &Path) -> bool {
     matches!(
         path.extension()
@@ -142,9 +154,24 @@ impl Dataset {
                 });
             }
         } else {
+            // Each real directory once (by device and inode: a symlink loop such as
+            // `ln -s . loop` would otherwise multiply the dataset or never end), and only
+            // regular files (a FIFO named `x.png` would block the header check forever).
             let mut paths = Vec::new();
             let mut stack = vec![root.to_path_buf()];
+            let mut seen = std::collections::HashSet::new();
+            let mut skipped_entries: Vec<String> = Vec::new();
             while let Some(dir) = stack.pop() {
+                let id = std::fs::metadata(&dir).map(|m| file_id(&m)).map_err(|source| {
+                    DataError::Io {
+                        path: dir.clone(),
+                        source,
+                    }
+                })?;
+                if !seen.insert(id) {
+                    skipped_entries.push(format!("{} (a directory already read)", dir.display()));
+                    continue;
+                }
                 let entries = std::fs::read_dir(&dir).map_err(|source| DataError::Io {
                     path: dir.clone(),
                     source,
@@ -156,12 +183,32 @@ impl Dataset {
                             source,
                         })?
                         .path();
-                    if p.is_dir() {
+                    // Follows symlinks; a dangling one is skipped.
+                    let Ok(meta) = std::fs::metadata(&p) else {
+                        if is_image(&p) {
+                            skipped_entries.push(format!("{} (a broken link)", p.display()));
+                        }
+                        continue;
+                    };
+                    if meta.is_dir() {
                         stack.push(p);
                     } else if is_image(&p) {
-                        paths.push(p);
+                        if meta.is_file() {
+                            paths.push(p);
+                        } else {
+                            skipped_entries.push(format!("{} (not a regular file)", p.display()));
+                        }
                     }
                 }
+            }
+            if !skipped_entries.is_empty() {
+                eprintln!(
+                    "warning: {} skipped {} entr{}: {}",
+                    root.display(),
+                    skipped_entries.len(),
+                    if skipped_entries.len() == 1 { "y" } else { "ies" },
+                    skipped_entries.iter().take(5).cloned().collect::<Vec<_>>().join(", ")
+                );
             }
             paths.sort();
             items = paths

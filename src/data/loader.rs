@@ -13,6 +13,10 @@ use serde::{Deserialize, Serialize};
 
 use super::{DataError, Dataset, OnBadImage, Transform};
 
+/// Images already warned about (by dataset path and index), so each is reported once.
+static WARNED: std::sync::LazyLock<std::sync::Mutex<std::collections::HashSet<std::path::PathBuf>>> =
+    std::sync::LazyLock::new(Default::default);
+
 /// A batch of images on the host, `[batch, channels, res, res]` row-major, in [-1, 1].
 #[derive(Debug, Clone)]
 pub struct Batch {
@@ -245,7 +249,15 @@ fn decode_batch(
                     return Ok((i, pixels, flipped));
                 }
                 Err(e) if on_bad == OnBadImage::Warn => {
-                    eprintln!("warning: {e}; using the next image instead");
+                    // Once per file (a bad image fails again every epoch); the end-of-run
+                    // summary gives the total count.
+                    let first = WARNED
+                        .lock()
+                        .map(|mut w| w.insert(dataset.path().join(i.to_string())))
+                        .unwrap_or(true);
+                    if first {
+                        eprintln!("warning: {e}; using the next image instead (warned once per file)");
+                    }
                     bad.fetch_add(1, Ordering::Relaxed);
                 }
                 Err(e) => return Err(e),

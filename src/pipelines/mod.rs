@@ -226,11 +226,77 @@ pub struct SampleRequest {
     pub class: Option<usize>,
     /// Text-to-image: LoRA files folded in at these scales (`--lora FILE[:SCALE]`).
     pub loras: Vec<(PathBuf, f64)>,
+    /// Images generated at once (default [`DEFAULT_SAMPLE_BATCH`]); more are made in batches.
+    pub batch_size: Option<usize>,
 }
 
 /// Generates images from a run, an export, a checkpoint, or a pretrained Stable Diffusion model
-/// (folder or single file); returns them and a description of the weights used.
+/// (folder or single file); returns them and a description of the weights used. A run whose
+/// `export/` cannot be read falls back to its newest checkpoint, with a warning.
 pub fn sample(dir: &Path, req: &SampleRequest) -> Result<(Grid, PathBuf), PipelineError> {
+    let batch = req.batch_size.unwrap_or(DEFAULT_SAMPLE_BATCH).max(1);
+    match req.num {
+        Some(num) if num > batch && req.latents.is_none() => {
+            // In batches of `batch` (batch i seeded with seed + i), after checking that all
+            // the images fit in memory.
+            let mut images = Vec::new();
+            let (mut shape, mut weights, mut done) = ([0usize; 4], PathBuf::new(), 0);
+            let mut i = 0u64;
+            while done < num {
+                let n = batch.min(num - done);
+                let r = SampleRequest {
+                    num: Some(n),
+                    seed: req.seed.wrapping_add(i),
+                    ..req.clone()
+                };
+                let (grid, w) = sample_one(dir, &r)?;
+                if done == 0 {
+                    let per = grid.images.len() / n.max(1);
+                    crate::memory::check_fits(
+                        (num * per * 4) as u64,
+                        &format!("--num {num} images of {:?}", &grid.shape[1..]),
+                    )
+                    .map_err(PipelineError::Invalid)?;
+                    images.reserve(num * per);
+                    shape = grid.shape;
+                    weights = w;
+                }
+                images.extend(grid.images);
+                done += n;
+                i += 1;
+            }
+            shape[0] = num;
+            Ok((Grid::square(images, shape), weights))
+        }
+        _ => sample_one(dir, req),
+    }
+}
+
+/// `sample`'s default `--batch-size`.
+pub const DEFAULT_SAMPLE_BATCH: usize = 64;
+
+fn sample_one(dir: &Path, req: &SampleRequest) -> Result<(Grid, PathBuf), PipelineError> {
+    let result = sample_from(dir, req);
+    let unreadable = matches!(
+        &result,
+        Err(PipelineError::Io(_))
+            | Err(PipelineError::Train(TrainError::Io(_) | TrainError::Config(_)))
+            | Err(PipelineError::Pretrained(_))
+    );
+    if unreadable
+        && dir.join("export").is_dir()
+        && let Some((_, ck)) = checkpoint::read_latest(dir)
+        && checkpoint::read_verified(&ck).is_ok()
+    {
+        if let Err(e) = &result {
+            eprintln!("warning: {}: {e}; using {} instead", dir.join("export").display(), ck.display());
+        }
+        return sample_from(&ck, req);
+    }
+    result
+}
+
+fn sample_from(dir: &Path, req: &SampleRequest) -> Result<(Grid, PathBuf), PipelineError> {
     if stable_diffusion::Pretrained::looks_like(dir) {
         return text_to_image::sample_pretrained(dir, req);
     }

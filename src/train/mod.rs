@@ -54,6 +54,8 @@ pub enum TrainError {
     Checkpoint(#[from] checkpoint::CheckpointError),
     #[error("cannot resume from {dir}: {why}")]
     Resume { dir: PathBuf, why: String },
+    #[error("cannot resume from {dir}: {why}")]
+    Undecodable { dir: PathBuf, why: String },
     #[error(
         "{dir} already holds checkpoints (newest: {newest}) and checkpoint.resume = \"none\". \
          Continue them with `--resume latest` (or checkpoint.resume = \"latest\"), or choose \
@@ -259,18 +261,51 @@ where
     // One state per replica, built here one after the other (weight init draws from a
     // thread-local RNG seeded from run.seed, so every replica starts from the same weights).
     let mut states = Vec::with_capacity(devices.len());
+    let mut start = start;
     for (rank, device) in devices.iter().enumerate() {
         let train_device = device.clone().autodiff();
         let st = match &start.checkpoint {
             Some(ck) => {
-                let st = RunState::resumed(
+                let mut resumed = RunState::resumed(
                     &objective,
                     cfg,
                     ck,
                     dataset.len(),
                     &train_device,
                     opts.quiet || rank > 0,
-                )?;
+                );
+                // A checkpoint that passed its checksums but does not decode: with `latest`,
+                // fall back to the newest older one that does, as for any other corruption.
+                while let Err(TrainError::Undecodable { dir, why }) = &resumed {
+                    if cfg.checkpoint.resume != crate::config::Resume::Latest || rank > 0 {
+                        break;
+                    }
+                    let step = checkpoint::parse_step_of(dir).unwrap_or(0);
+                    let older = checkpoint::list(&out)
+                        .into_iter()
+                        .rev()
+                        .filter(|(s, _)| *s < step)
+                        .find_map(|(_, p)| checkpoint::read_verified(&p).ok());
+                    let Some(older) = older else { break };
+                    eprintln!(
+                        "warning: cannot resume from {}: {why}; resuming from the older {} \
+                         (work after step {} is redone)",
+                        dir.display(),
+                        older.dir.display(),
+                        checkpoint::parse_step_of(&older.dir).unwrap_or(0)
+                    );
+                    resumed = RunState::resumed(
+                        &objective,
+                        cfg,
+                        &older,
+                        dataset.len(),
+                        &train_device,
+                        opts.quiet,
+                    );
+                    start.checkpoint = Some(older);
+                }
+                let ck = start.checkpoint.as_ref().expect("resuming from a checkpoint");
+                let st = resumed?;
                 if rank == 0 && !opts.quiet {
                     eprintln!(
                         "resuming from {} (step {}, epoch {}, batch {} of the epoch)",

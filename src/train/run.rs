@@ -149,27 +149,36 @@ impl<M: Module> RunState<M> {
             let path = dir.join(name);
             Ok((SafetensorsFile::from_bytes(ck.file(name)?, &path)?, path))
         };
+        // From here on a failure is a checkpoint whose files pass their checksums but do not
+        // decode: `Undecodable`, which `--resume latest` answers with an older checkpoint.
+        let undecodable = |why: String| TrainError::Undecodable {
+            dir: dir.clone(),
+            why,
+        };
         let keys = objective.checkpoint_keys().unwrap_or(|_| true);
-        let (file, path) = weights(checkpoint::MODEL_FILE)?;
-        state.model = io::safetensors::load_into_where(state.model, &file, &path, keys)?;
+        let (file, path) = weights(checkpoint::MODEL_FILE).map_err(|e| undecodable(e.to_string()))?;
+        state.model = io::safetensors::load_into_where(state.model, &file, &path, keys)
+            .map_err(|e| undecodable(e.to_string()))?;
         let optim_bytes =
             burn::tensor::Bytes::from_bytes_vec(ck.file(checkpoint::OPTIMIZER_FILE)?.to_vec());
-        state.optim = state
-            .optim
-            .from_bytes(optim_bytes)
-            .map_err(|e| TrainError::Resume {
-                dir: dir.clone(),
-                why: format!("{} cannot be read: {e:?}", checkpoint::OPTIMIZER_FILE),
-            })?;
+        state.optim = state.optim.from_bytes(optim_bytes).map_err(|e| {
+            undecodable(format!(
+                "{} does not decode as the optimizer state of this model ({})",
+                checkpoint::OPTIMIZER_FILE,
+                format!("{e:?}").chars().take(200).collect::<String>()
+            ))
+        })?;
         if let Some(ema) = &mut state.ema {
             match (
                 ck.files.contains_key(checkpoint::EMA_FILE),
                 s.ema_optimization_step,
             ) {
                 (true, Some(n)) => {
-                    let (file, path) = weights(checkpoint::EMA_FILE)?;
+                    let (file, path) =
+                        weights(checkpoint::EMA_FILE).map_err(|e| undecodable(e.to_string()))?;
                     ema.shadow =
-                        io::safetensors::load_into_where(state.model.valid(), &file, &path, keys)?;
+                        io::safetensors::load_into_where(state.model.valid(), &file, &path, keys)
+                            .map_err(|e| undecodable(e.to_string()))?;
                     ema.optimization_step = n;
                 }
                 _ => {
@@ -183,10 +192,8 @@ impl<M: Module> RunState<M> {
         } else if s.ema_optimization_step.is_some() && !quiet {
             eprintln!("note: ema.enabled = false: the checkpoint's EMA weights are not used");
         }
-        state.rng = restore_rng(&s.rng).ok_or_else(|| TrainError::Resume {
-            dir: dir.clone(),
-            why: format!("{}: malformed rng state", checkpoint::STATE_FILE),
-        })?;
+        state.rng = restore_rng(&s.rng)
+            .ok_or_else(|| undecodable(format!("{}: malformed rng state", checkpoint::STATE_FILE)))?;
         state.step = s.step;
         state.position = LoaderPosition {
             epoch: s.epoch,
