@@ -55,8 +55,11 @@ fn run(args: Args) -> anyhow::Result<()> {
         eprintln!("{}: configuration is valid", args.config.display());
         return Ok(());
     }
-    let out = pipelines::train(&cfg, &TrainOptions::default())
-        .with_context(|| format!("training run {:?} failed", cfg.run.name))?;
+    let out = match pipelines::train(&cfg, &TrainOptions::default()) {
+        // Stopped by a signal after writing its checkpoint: not a failure of the run.
+        Err(e @ difftrain::train::TrainError::Interrupted { .. }) => return Err(e.into()),
+        r => r.with_context(|| format!("training run {:?} failed", cfg.run.name))?,
+    };
     eprintln!(
         "trained steps {}..{} in {:.1} s, final loss {:.4}",
         out.first_step, out.steps, out.seconds, out.last_loss
