@@ -116,10 +116,39 @@ pub fn make_device(spec: DeviceSpec) -> Result<Device, DeviceError> {
     match spec {
         DeviceSpec::Cpu(_) => Ok(Device::flex()),
         #[cfg(feature = "cuda")]
-        DeviceSpec::Cuda(i) => Ok(Device::cuda(i)),
+        DeviceSpec::Cuda(i) => {
+            check_cuda(i)?;
+            Ok(Device::cuda(i))
+        }
         #[cfg(not(feature = "cuda"))]
         DeviceSpec::Cuda(i) => Err(DeviceError::NoCuda(format!("cuda:{i}"))),
     }
+}
+
+/// That `cuda:i` exists, asked of the driver before burn touches it (burn and cudarc panic
+/// without a driver or with a bad index): a clear error instead.
+#[cfg(feature = "cuda")]
+fn check_cuda(i: usize) -> Result<(), DeviceError> {
+    // SAFETY: only tries to dlopen the CUDA driver library.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Err(DeviceError::Invalid(format!(
+            "cuda:{i}: the CUDA driver library (libcuda.so.1) cannot be loaded on this machine: \
+             is an NVIDIA driver installed (nvidia-smi)? Use run.device = \"cpu\" otherwise"
+        )));
+    }
+    let count = cudarc::driver::CudaContext::device_count().map_err(|e| {
+        DeviceError::Invalid(format!(
+            "cuda:{i}: the CUDA driver is installed but does not initialise ({e:?}); check \
+             nvidia-smi and CUDA_VISIBLE_DEVICES"
+        ))
+    })? as usize;
+    if i >= count {
+        return Err(DeviceError::Invalid(format!(
+            "cuda:{i}: this machine has {count} visible CUDA device(s){}",
+            if count > 0 { format!(", cuda:0..cuda:{}", count - 1) } else { String::new() }
+        )));
+    }
+    Ok(())
 }
 
 /// Parses `run.device` (or a `--device` override) and makes its burn device.

@@ -71,6 +71,39 @@ fn tune_glibc() {
 }
 
 /// What every binary's `main` does with its result: print the error chain once, exit 1.
+/// Runs a binary's body turning a panic (burn and cubecl panic on device errors such as a GPU
+/// running out of memory) into an error that says what happened and what to do, without a stack
+/// trace (set `RUST_BACKTRACE=1` to keep Rust's report).
+pub fn run_guarded(body: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<()> {
+    static WHERE: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+    if std::env::var_os("RUST_BACKTRACE").is_none() {
+        std::panic::set_hook(Box::new(|info| {
+            if let Ok(mut w) = WHERE.lock() {
+                *w = info.location().map(|l| format!("{}:{}", l.file(), l.line()));
+            }
+        }));
+    }
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)) {
+        Ok(result) => result,
+        Err(payload) => {
+            let msg = payload
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "unknown panic".into());
+            let at = WHERE.lock().ok().and_then(|w| w.clone()).unwrap_or_default();
+            let lower = msg.to_lowercase();
+            if lower.contains("out of memory") || lower.contains("outofmemory") {
+                anyhow::bail!(
+                    "the device ran out of memory ({msg}). Lower train.batch_size (keeping the \
+                     effective batch with train.gradient_accumulation_steps) or data.resolution"
+                );
+            }
+            anyhow::bail!("internal error: {msg} (at {at}). Please report it with the command and the config")
+        }
+    }
+}
+
 pub fn exit_code(result: anyhow::Result<()>) -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -275,3 +275,20 @@ fn bench_prints_one_json_line_per_run() {
     let unet: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     assert_eq!(unet["_class_name"], "UNet2DModel");
 }
+
+/// `--check` makes the run's devices: a CUDA device is a clear error here (a CPU build, or no
+/// driver in a CUDA build), never a panic at the first tensor.
+#[test]
+fn check_reports_an_unusable_cuda_device() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tmp.path().join("c.toml");
+    write_config(&cfg, tmp.path(), &tmp.path().join("run"), "");
+    let (ok, _, stderr) = run_train(&cfg, &["--check", "--set", "run.device=\"cuda:3\""]);
+    assert!(!ok, "{stderr}");
+    assert!(
+        stderr.contains("cuda:3")
+            && (stderr.contains("--features cuda") || stderr.contains("cannot be loaded")),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

@@ -42,6 +42,13 @@ fn run(args: Args) -> anyhow::Result<()> {
             cfg.data.path.display()
         );
     }
+    // The devices exist (a clear error without a GPU, a driver or with a bad index).
+    let (devices, _) = cfg
+        .device_request()
+        .map_err(anyhow::Error::msg)?
+        .resolve()
+        .map_err(anyhow::Error::msg)?;
+    drop(devices);
     difftrain::memory::check_fits(
         cfg.step_memory_lower_bound(),
         &format!(
@@ -84,5 +91,6 @@ difftrain::global_allocator!();
 fn main() -> std::process::ExitCode {
     tune_allocator();
     difftrain::signals::install();
-    difftrain::exit_code(run(Args::parse()))
+    let args = Args::parse();
+    difftrain::exit_code(difftrain::run_guarded(|| run(args)))
 }
