@@ -296,6 +296,47 @@ fn text_side(cfg: &Config, dataset: &Dataset, device: &Device) -> Result<Text, T
     })
 }
 
+/// `data.cache_latents`: the dataset's posterior moments under the frozen `first` stage (whose
+/// weights hash to `first_fingerprint`), loaded or built once; `None` when caching is off.
+pub(crate) fn latent_cache(
+    cfg: &Config,
+    first: &FirstStage,
+    first_fingerprint: &str,
+    dataset: &Dataset,
+    device: &Device,
+    quiet: bool,
+) -> Result<Option<Arc<LatentCache>>, TrainError> {
+    if !cfg.data.cache_latents {
+        return Ok(None);
+    }
+    let key = fingerprint(&[
+        first_fingerprint.as_bytes(),
+        format!("{:?}", cfg.data.transform()).as_bytes(),
+        dataset.path().to_string_lossy().as_bytes(),
+    ]);
+    let mut encode = |pixels: &[f32], shape: [usize; 4]| {
+        let x = Tensor::<4>::from_data(TensorData::new(pixels.to_vec(), shape), device);
+        let (mean, std) = first.moments(x);
+        let dims = mean.dims();
+        let std = std.map(to_host).unwrap_or_else(|| vec![0.0; dims.iter().product()]);
+        (to_host(mean), std, [dims[1], dims[2], dims[3]])
+    };
+    let (cache, built) = LatentCache::load_or_build(
+        &cfg.output_dir(),
+        &key,
+        dataset,
+        cfg.data.transform(),
+        cfg.train.batch_size.max(1),
+        &mut encode,
+    )?;
+    if !quiet {
+        let dir = LatentCache::dir(&cfg.output_dir(), &key);
+        let what = if built { "built" } else { "reused" };
+        eprintln!("latent cache {what}: {} ({} images)", dir.display(), cache.len);
+    }
+    Ok(Some(Arc::new(cache)))
+}
+
 /// Stage 2: trains the conditional latent U-Net, first training stage 1 from
 /// `model.ldm.first_stage_config` when that is set and `first_stage` holds no weights yet.
 pub fn train_ldm(
@@ -356,39 +397,7 @@ pub fn train_ldm(
         _ => None,
     };
     let lat = [first.latent_channels, res / first.factor, res / first.factor];
-    let cache = if cfg.data.cache_latents {
-        let key = fingerprint(&[
-            first.fingerprint.as_bytes(),
-            format!("{:?}", cfg.data.transform()).as_bytes(),
-            dataset.path().to_string_lossy().as_bytes(),
-        ]);
-        let mut encode = |pixels: &[f32], shape: [usize; 4]| {
-            let x = Tensor::<4>::from_data(TensorData::new(pixels.to_vec(), shape), &device);
-            let (mean, std) = first.model.moments(x);
-            let dims = mean.dims();
-            let std = match std {
-                Some(s) => to_host(s),
-                None => vec![0.0; dims.iter().product()],
-            };
-            (to_host(mean), std, [dims[1], dims[2], dims[3]])
-        };
-        let (cache, built) = LatentCache::load_or_build(
-            &cfg.output_dir(),
-            &key,
-            &dataset,
-            cfg.data.transform(),
-            cfg.train.batch_size.max(1),
-            &mut encode,
-        )?;
-        if !opts.quiet {
-            let dir = LatentCache::dir(&cfg.output_dir(), &key);
-            let what = if built { "built" } else { "reused" };
-            eprintln!("latent cache {what}: {} ({} images)", dir.display(), cache.len);
-        }
-        Some(Arc::new(cache))
-    } else {
-        None
-    };
+    let cache = latent_cache(cfg, &first.model, &first.fingerprint, &dataset, &device, opts.quiet)?;
     let mut fingerprints = vec![("first stage".to_string(), first.fingerprint.clone())];
     fingerprints.extend(text.as_ref().and_then(|t| t.fingerprint.clone()));
     let parts = LatentDiffusionParts {

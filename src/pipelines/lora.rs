@@ -19,7 +19,6 @@ use super::stable_diffusion::{self, Pretrained, StableDiffusion};
 use super::text_to_image::{TextToImage, text_to_image};
 use crate::config::{Config, Resume};
 use crate::data::Dataset;
-use crate::data::latent_cache::LatentCache;
 use crate::device::parse_device;
 use crate::io::image::Grid;
 use crate::io::lora::{self as lora_io, Component, KohyaInfo, LoraFile, LoraModule, ModuleName};
@@ -168,31 +167,7 @@ pub fn train_lora(
     let scale = sd.vae_config.scaling_factor;
     let first = FirstStage::Kl(sd.vae.clone());
     let lat = [sd.vae_config.latent_channels, res / factor, res / factor];
-    let cache = if cfg.data.cache_latents {
-        let key = crate::data::latent_cache::fingerprint(&[
-            fingerprint.as_bytes(),
-            format!("{:?}", cfg.data.transform()).as_bytes(),
-            dataset.path().to_string_lossy().as_bytes(),
-        ]);
-        let mut encode = |pixels: &[f32], shape: [usize; 4]| {
-            let x = Tensor::<4>::from_data(TensorData::new(pixels.to_vec(), shape), &device);
-            let (mean, std) = first.moments(x);
-            let dims = mean.dims();
-            let std = std.map(to_host).unwrap_or_else(|| vec![0.0; dims.iter().product()]);
-            (to_host(mean), std, [dims[1], dims[2], dims[3]])
-        };
-        let (cache, _) = LatentCache::load_or_build(
-            &cfg.output_dir(),
-            &key,
-            &dataset,
-            cfg.data.transform(),
-            cfg.train.batch_size.max(1),
-            &mut encode,
-        )?;
-        Some(Arc::new(cache))
-    } else {
-        None
-    };
+    let cache = super::ldm::latent_cache(cfg, &first, &fingerprint, &dataset, &device, opts.quiet)?;
     let text_encoder = if l.text_encoder {
         TextEncoder::Adapted(sd.text_encoder.clone())
     } else {
