@@ -99,7 +99,8 @@ pub fn run_guarded(body: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<
                      effective batch with train.gradient_accumulation_steps) or data.resolution"
                 );
             }
-            anyhow::bail!("internal error: {msg} (at {at}). Please report it with the command and the config")
+            let at = if at.is_empty() { String::new() } else { format!(" (at {at})") };
+            anyhow::bail!("internal error: {msg}{at}. Please report it with the command and the config")
         }
     }
 }

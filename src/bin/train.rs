@@ -31,6 +31,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     if let Some(r) = args.resume {
         cfg.checkpoint.resume = Resume::from(r);
     }
+    difftrain::device::pin_default_device(&cfg.run.device);
     // Before any compute (and before writing anything): a multi-process launch is refused, the
     // output folder must be writable and the data must exist.
     difftrain::distributed::refuse_multi_process_launch().map_err(anyhow::Error::msg)?;
