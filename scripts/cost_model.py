@@ -23,7 +23,16 @@ data-parallel ranks:
     T_N          = T_compute(N) + T_ring(N)               no overlap of communication/compute
     efficiency   = T_1 / (N T_N)
 
-which is what difftrain does: src/distributed.rs sums the gradients once per optimizer step
+With `--processes` (a multi-process launch, one process per GPU, across machines), the gradients
+also cross the host twice per step, because burn does not expose a tensor's device buffer to
+the cudarc NCCL communicator that joins processes (src/distributed/nccl.rs):
+
+    T_host       = 2 x 4P / HOST_COPY_BW                  device -> host, host -> device
+    T_N          = T_compute(N) + T_host + T_ring(N)
+
+and InfiniBand joins the interconnects (machines talk over the network, not NVLink).
+
+This is what difftrain does: src/distributed/ sums the gradients once per optimizer step
 (after all accumulation micro-steps, like DDP's `no_sync`), and src/train/mod.rs only starts
 that all-reduce after the last backward, so nothing overlaps. `busbw` is the nccl-tests "bus
 bandwidth", defined so that the 2(N-1)/N ring factor turns it into time.
@@ -92,7 +101,13 @@ class Interconnect:
 NVLINK = Interconnect("NVLink", busbw=360e9, alpha=5e-6)
 #: The same GPUs over PCIe (no NVLink), nccl-tests order of magnitude.
 PCIE = Interconnect("PCIe", busbw=20e9, alpha=10e-6)
+#: Between machines, one 400 Gb/s InfiniBand NIC per GPU (nccl-tests order of magnitude).
+INFINIBAND = Interconnect("InfiniBand", busbw=45e9, alpha=15e-6)
 INTERCONNECTS = (NVLINK, PCIE)
+#: `--processes`: host <-> device copy bandwidth of the gradient buffer (pageable memory over
+#: PCIe Gen5 x16, order of magnitude), paid twice per optimizer step.
+HOST_COPY_BW = 25e9
+HOST_COPIES = False
 
 #: A stand-in dataset for configs whose data is not on this machine (MNIST is not shipped).
 #: The parameter count does not depend on the data; resolution and color are kept.
@@ -119,8 +134,13 @@ def efficiency(flops: float, payload_bytes: float, n: int, link: Interconnect) -
     """T_1 / (N T_N) with T_N = F/(N R) + T_ring(N)."""
     r = compute_rate()
     t1 = flops / r
-    tn = flops / (n * r) + ring_allreduce_seconds(payload_bytes, n, link)
+    tn = flops / (n * r) + ring_allreduce_seconds(payload_bytes, n, link) + host_copy_seconds(payload_bytes, n)
     return t1 / (n * tn)
+
+
+def host_copy_seconds(payload_bytes: float, n: int) -> float:
+    """`--processes`: the gradients' trip device -> host -> device around the NCCL call."""
+    return 2 * payload_bytes / HOST_COPY_BW if HOST_COPIES and n > 1 else 0.0
 
 
 # --- Our parameter counts: the train binary ----------------------------------------------------
@@ -142,10 +162,20 @@ def set_args(overrides: dict) -> list[str]:
 
 
 def resolved_config(path: Path) -> dict:
-    """The config with every default filled in, as `train --check` prints it."""
-    out = subprocess.run(
-        [BIN_DIR / "train", "--config", path, "--check"], cwd=REPO, capture_output=True, text=True
+    """The config with every default filled in, as `train --check` prints it. `--check` refuses
+    a missing data.path (MNIST is not shipped): then it checks against a stand-in folder and the
+    config keeps its own path."""
+    run = lambda extra: subprocess.run(
+        [BIN_DIR / "train", "--config", path, "--check", *extra], cwd=REPO, capture_output=True, text=True
     )
+    out = run([])
+    if out.returncode != 0 and "does not exist" in out.stderr:
+        data = tomllib.loads(path.read_text()).get("data", {}).get("path")
+        out = run(set_args({"data.path": str(FALLBACK_DATA)}))
+        if out.returncode == 0 and data is not None:
+            cfg = tomllib.loads(out.stdout)
+            cfg["data"]["path"] = data
+            return cfg
     if out.returncode != 0:
         raise SystemExit(f"train --check {path} failed:\n{out.stderr}")
     return tomllib.loads(out.stdout)
@@ -476,6 +506,9 @@ def stage1_config(cfg: dict, configs: list[Path]) -> Path:
         return REPO / p["vqvae_config"]
     want = Path(p["vqvae"])
     for c in configs:
+        # Only VQ-VAE configs are candidates (others may need a CUDA build to resolve).
+        if tomllib.loads(c.read_text()).get("model", {}).get("architecture") != "vqvae":
+            continue
         other = resolved_config(c)
         if other["model"]["architecture"] == "vqvae" and output_dir(other) == want:
             return c
@@ -524,7 +557,9 @@ def assumptions() -> str:
         f"- gradients: fp32 ({GRAD_BYTES} B x P), all-reduced once per optimizer step with a ring, not overlapped",
         "  with compute: T_ring(N) = 2(N-1)/N x 4P / busbw + 2(N-1) x alpha.",
         f"- interconnects (nccl-tests order of magnitude): {links}.",
-        "- efficiency(N) = T_1 / (N x T_N), T_1 = F/R, T_N = F/(N R) + T_ring(N).",
+        "- efficiency(N) = T_1 / (N x T_N), T_1 = F/R, T_N = F/(N R) + T_ring(N)"
+        + (f" + T_host, T_host = 2 x 4P / {HOST_COPY_BW / 1e9:g} GB/s (one process per GPU: the gradients"
+           " cross the host around the NCCL call)." if HOST_COPIES else "."),
     ])
 
 
@@ -556,10 +591,11 @@ def flag_line(r: Row) -> str:
     f, grad_bytes = r.cost.flops, GRAD_BYTES * r.params_ours
     parts = []
     for link in INTERCONNECTS:
-        over = [n for n in WORLD_SIZES if ring_allreduce_seconds(grad_bytes, n, link) > f / (n * compute_rate())]
+        comm = lambda n: ring_allreduce_seconds(grad_bytes, n, link) + host_copy_seconds(grad_bytes, n)
+        over = [n for n in WORLD_SIZES if comm(n) > f / (n * compute_rate())]
         if over:
             n = over[0]
-            parts.append(f"{link.name}: comm > compute from N={n} ({ms(ring_allreduce_seconds(grad_bytes, n, link))} ms "
+            parts.append(f"{link.name}: comm > compute from N={n} ({ms(comm(n))} ms "
                          f"vs {ms(f / (n * compute_rate()))} ms)")
         else:
             parts.append(f"{link.name}: comm <= compute up to N={WORLD_SIZES[-1]}")
@@ -587,7 +623,13 @@ def main():
     ap.add_argument("configs", nargs="*", type=Path, help="default: configs/*.toml")
     ap.add_argument("--fp32", action="store_true",
                     help=f"compute at the FP32 peak ({FP32_PEAK_FLOPS:.3g} FLOP/s) instead of BF16")
+    ap.add_argument("--processes", action="store_true",
+                    help="a multi-process launch (one process per GPU, several machines): add the host "
+                         "copies of the gradients and an InfiniBand interconnect")
     args = ap.parse_args()
+    if args.processes:
+        global HOST_COPIES, INTERCONNECTS
+        HOST_COPIES, INTERCONNECTS = True, (NVLINK, PCIE, INFINIBAND)
     if args.fp32:
         global PEAK_FLOPS, PEAK_LABEL
         PEAK_FLOPS, PEAK_LABEL = FP32_PEAK_FLOPS, "FP32 without tensor cores, H100/H200 SXM"

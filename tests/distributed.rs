@@ -289,26 +289,3 @@ fn a_failing_rank_stops_the_others_with_its_error() {
     assert!(err.contains("0003.png"), "{err}");
     assert!(!err.contains("waited"), "{err}");
 }
-
-#[test]
-fn a_multi_process_launch_is_refused_not_run_n_times() {
-    let tmp = tempfile::tempdir().unwrap();
-    let c = dp_config(tmp.path());
-    let path = write_config(&c, &tmp.path().join("c.toml"));
-    let r = train_cmd(&path, &[])
-        .env("WORLD_SIZE", "2")
-        .env("RANK", "1")
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&r.stderr);
-    assert!(!r.status.success());
-    assert!(
-        err.contains("WORLD_SIZE=2 is set") && err.contains("docs/distributed.md"),
-        "{err}"
-    );
-    assert!(
-        !c.output_dir().exists(),
-        "it wrote {}",
-        c.output_dir().display()
-    );
-}

@@ -32,9 +32,15 @@ fn run(args: Args) -> anyhow::Result<()> {
         cfg.checkpoint.resume = Resume::from(r);
     }
     difftrain::device::pin_default_device(&cfg.run.device);
-    // Before any compute (and before writing anything): a multi-process launch is refused, the
-    // output folder must be writable and the data must exist.
-    difftrain::distributed::refuse_multi_process_launch().map_err(anyhow::Error::msg)?;
+    // A torchrun/SLURM launch: this process is one rank, on cuda:LOCAL_RANK (or the CPU).
+    let launch = difftrain::distributed::launch::from_env(|k| std::env::var(k).ok())
+        .map_err(anyhow::Error::msg)?;
+    let device = match &launch {
+        Some(l) => l.device_for(&cfg).map_err(anyhow::Error::msg)?,
+        None => cfg.run.device.clone(),
+    };
+    // Before any compute (and before writing anything): the output folder must be writable
+    // and the data must exist.
     difftrain::io::ensure_writable_dir(&cfg.output_dir())
         .with_context(|| format!("run.output_dir = {}", cfg.output_dir().display()))?;
     if !cfg.data.path.exists() {
@@ -44,8 +50,11 @@ fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     // The devices exist (a clear error without a GPU, a driver or with a bad index).
-    let (devices, _) = cfg
-        .device_request()
+    let request = match &launch {
+        Some(_) => difftrain::device::DeviceRequest::parse(&device, None),
+        None => cfg.device_request(),
+    };
+    let (devices, _) = request
         .map_err(anyhow::Error::msg)?
         .resolve()
         .map_err(anyhow::Error::msg)?;
@@ -60,8 +69,20 @@ fn run(args: Args) -> anyhow::Result<()> {
     .map_err(anyhow::Error::msg)?;
     if args.check {
         print!("{}", cfg.to_toml());
+        if let Some(l) = &launch {
+            eprintln!(
+                "launch ({}): rank {} of {}, device {device}, rank 0 at {}",
+                l.source, l.rank, l.world, l.master
+            );
+        }
         eprintln!("{}: configuration is valid", args.config.display());
         return Ok(());
+    }
+    if let Some(l) = &launch {
+        let group = difftrain::distributed::launch::join(l, &cfg).map_err(anyhow::Error::msg)?;
+        if l.rank == 0 {
+            eprintln!("launch ({}): {} processes met at {}", l.source, group.world(), l.master);
+        }
     }
     let out = match pipelines::train(&cfg, &TrainOptions::default()) {
         // Stopped by a signal after writing its checkpoint: not a failure of the run.

@@ -28,7 +28,7 @@ use crate::io;
 use crate::nn::to_host;
 use crate::io::image::Grid;
 use crate::models::Architecture;
-use crate::models::autoencoder_kl::{AutoencoderKL, AutoencoderKLConfig};
+use crate::models::autoencoder_kl::AutoencoderKLConfig;
 use crate::models::clip::{CLIPTextConfig, CLIPTextModel};
 use crate::models::latent_diffusion::{
     ConditioningKind, FirstStage, LatentDiffusionConfig, LatentDiffusionModel, latent_samples,
@@ -36,71 +36,12 @@ use crate::models::latent_diffusion::{
 };
 use crate::models::vqvae::VQVAEConfig;
 use crate::tokenizer::{ClipTokenizer, learn_bpe, write_tokenizer_dir};
-use crate::train::objectives::autoencoder::AutoencoderObjective;
 use crate::train::objectives::ldm::{LatentDiffusionObjective, LatentDiffusionParts, TextEncoder};
 use crate::train::{Outputs, TrainError, TrainOptions, TrainOutcome, train_with};
 
 
 fn stage_error(message: String) -> TrainError {
     TrainError::Stage(message)
-}
-
-// ------------------------------------------------------------------------------- stage 1
-
-/// Stage 1: trains the `AutoencoderKL` `cfg` describes.
-pub fn train_autoencoder(
-    cfg: &Config,
-    opts: &TrainOptions,
-) -> Result<TrainOutcome<AutoencoderKL>, TrainError> {
-    let outputs = AutoencoderOutputs {
-        cfg: cfg.clone(),
-        fixed: None,
-    };
-    train_with(
-        cfg,
-        opts,
-        AutoencoderObjective::new(&cfg.model.autoencoder),
-        outputs,
-    )
-}
-
-/// Reconstruction grids and the diffusers `vae/` export of a stage-1 run.
-struct AutoencoderOutputs {
-    cfg: Config,
-    fixed: Option<(Vec<f32>, [usize; 4])>,
-}
-
-impl Outputs<AutoencoderKL> for AutoencoderOutputs {
-    fn prepare(&mut self, dataset: &Dataset) -> Result<(), TrainError> {
-        self.fixed = Some(super::fixed_batch(&self.cfg, dataset)?);
-        Ok(())
-    }
-
-    /// `input | reconstruction` (decoded from the posterior mean).
-    fn grid(&self, weights: &AutoencoderKL, device: &Device) -> Result<Grid, TrainError> {
-        let (images, shape) = self
-            .fixed
-            .as_ref()
-            .ok_or_else(|| stage_error("the reconstruction batch was not prepared".into()))?;
-        let x = Tensor::<4>::from_data(TensorData::new(images.clone(), *shape), device);
-        let recon = to_host(weights.decode(weights.encode(x).mode()).clamp(-1.0, 1.0));
-        Ok(super::pairs_grid(images, *shape, &recon))
-    }
-
-    /// `vae/` (and `vae_no_ema/`): a diffusers `AutoencoderKL` folder.
-    fn export(
-        &self,
-        weights: &AutoencoderKL,
-        raw: Option<&AutoencoderKL>,
-        dir: &Path,
-    ) -> Result<(), TrainError> {
-        let json = self.cfg.model.autoencoder.vae.to_diffusers_json();
-        for (m, sub) in std::iter::once((weights, "vae")).chain(raw.map(|r| (r, "vae_no_ema"))) {
-            save_weights(m, &weights_file(Architecture::AutoencoderKl, dir, &sub[3..]))?;
-            io::write_json(&dir.join(sub).join("config.json"), &json)?;
-        }
-        Ok(())
-    }
 }
 
 // ------------------------------------------------------------------------------- first stage
@@ -321,6 +262,13 @@ pub(crate) fn latent_cache(
         let std = std.map(to_host).unwrap_or_else(|| vec![0.0; dims.iter().product()]);
         (to_host(mean), std, [dims[1], dims[2], dims[3]])
     };
+    // In a multi-process launch rank 0 builds it and the others then load it (accelerate's
+    // `main_process_first`).
+    let process = crate::distributed::launch::current();
+    const BUILT: &str = "the latent cache (rank 0 builds it)";
+    if let Some(p) = process.as_ref().filter(|p| p.rank() > 0) {
+        p.barrier(BUILT)?;
+    }
     let (cache, built) = LatentCache::load_or_build(
         &cfg.output_dir(),
         &key,
@@ -329,6 +277,9 @@ pub(crate) fn latent_cache(
         cfg.train.batch_size.max(1),
         &mut encode,
     )?;
+    if let Some(p) = process.as_ref().filter(|p| p.rank() == 0) {
+        p.barrier(BUILT)?;
+    }
     if !quiet {
         let dir = LatentCache::dir(&cfg.output_dir(), &key);
         let what = if built { "built" } else { "reused" };

@@ -5,6 +5,7 @@
 //! family is a compile error until it is wired here) and that knows where an export keeps its
 //! weights. The binaries only parse arguments and call into here.
 
+pub mod autoencoder;
 pub mod ddpm;
 pub mod ldm;
 pub mod lora;
@@ -92,11 +93,26 @@ pub(crate) fn pairs_grid(images: &[f32], shape: [usize; 4], recon: &[f32]) -> Gr
 
 /// Trains the model family `cfg.model.architecture` names.
 pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<RunSummary, TrainError> {
+    // In a multi-process launch: this process's device, and the others learn of a failure
+    // here (e.g. while rank 0 builds a cache they wait for) instead of timing out.
+    let cfg = &crate::distributed::launch::adapt(cfg)
+        .map_err(|e| TrainError::Device(crate::device::DeviceError::Invalid(e)))?;
+    let result = train_family(cfg, opts);
+    if let (Err(e), Some(p)) = (&result, crate::distributed::launch::current())
+        && !matches!(e, TrainError::Interrupted { .. })
+        && !matches!(e, TrainError::Sync(s) if s.is_secondary())
+    {
+        p.fail(&e.to_string());
+    }
+    result
+}
+
+fn train_family(cfg: &Config, opts: &TrainOptions) -> Result<RunSummary, TrainError> {
     Ok(match cfg.model.architecture.family() {
         Family::Diffusion => ddpm::train(cfg, opts)?.summary,
         Family::Vqvae => vq::train_vqvae(cfg, opts)?.summary,
         Family::PixelCnn => vq::train_pixelcnn(cfg, opts)?.summary,
-        Family::Autoencoder => ldm::train_autoencoder(cfg, opts)?.summary,
+        Family::Autoencoder => autoencoder::train_autoencoder(cfg, opts)?.summary,
         Family::LatentDiffusion => ldm::train_ldm(cfg, opts)?.summary,
         Family::Lora => lora::train_lora(cfg, opts)?.summary,
     })

@@ -168,8 +168,6 @@ pub fn check_finite(
 /// The devices of the run, resolved (`run.devices = "all"` asks CUDA how many there are), and
 /// whether they are CUDA devices (so the ranks meet over NCCL).
 pub fn run_devices(cfg: &Config) -> Result<(Vec<Device>, bool), TrainError> {
-    distributed::refuse_multi_process_launch()
-        .map_err(|e| TrainError::Device(DeviceError::Invalid(e)))?;
     let request = cfg
         .device_request()
         .map_err(|e| TrainError::Device(DeviceError::Invalid(e)))?;
@@ -215,11 +213,44 @@ struct RunContext<'a> {
 /// The shared training loop. Resolves where to start and opens the data once, builds one
 /// replica per device of `run.devices`, then runs [`run_rank`] for each (on its own thread when
 /// there are several) and returns rank 0's outcome. Rank 0 alone holds `outputs`.
+///
+/// In a multi-process launch (`distributed::launch`) this process is one rank: rank 0 locks
+/// the output folder and settles where the run starts before the others look, every rank
+/// checks at a barrier that all start from the same step, and all wait at the end for rank
+/// 0's final writes (the next stage of a chained config reads them).
 pub fn train_with<O, P>(
     cfg: &Config,
     opts: &TrainOptions,
     objective: O,
+    outputs: P,
+) -> Result<TrainOutcome<O::Model>, TrainError>
+where
+    O: Objective + Clone + Send,
+    O::Model: Send,
+    P: Outputs<O::Model> + Send,
+{
+    let Some(process) = distributed::launch::current() else {
+        return train_ranks(cfg, opts, objective, outputs, None);
+    };
+    let result = train_ranks(cfg, opts, objective, outputs, Some(process.clone()));
+    match &result {
+        Ok(_) => process
+            .barrier("the end of the run (rank 0 writes the final samples and export)")
+            .map_err(TrainError::Sync)?,
+        // Every rank stops after the same step; the others learned of nothing else.
+        Err(TrainError::Interrupted { .. }) => {}
+        Err(TrainError::Sync(e)) if e.is_secondary() => {}
+        Err(e) => process.fail(&e.to_string()),
+    }
+    result
+}
+
+fn train_ranks<O, P>(
+    cfg: &Config,
+    opts: &TrainOptions,
+    objective: O,
     mut outputs: P,
+    process: Option<Arc<distributed::ProcessGroup>>,
 ) -> Result<TrainOutcome<O::Model>, TrainError>
 where
     O: Objective + Clone + Send,
@@ -229,18 +260,34 @@ where
     let started = Instant::now();
     let (devices, nccl) = run_devices(cfg)?;
     let out = cfg.output_dir();
+    // This process's first global rank (0 unless it is a later process of a launch).
+    let first_rank = process.as_ref().map_or(0, |p| p.rank());
+    let writes = opts.write_outputs && first_rank == 0;
+    let barrier = |what: &str| -> Result<(), TrainError> {
+        match &process {
+            Some(p) => p.barrier(what).map_err(TrainError::Sync),
+            None => Ok(()),
+        }
+    };
 
     // One run per output folder, and a writable one, before anything is computed.
-    let _lock = if opts.write_outputs {
+    let _lock = if writes {
         io::ensure_writable_dir(&out)?;
         Some(checkpoint::RunLock::acquire(&out)?)
     } else {
         None
     };
+    // The other processes look once rank 0 has locked and tidied the folder.
+    const SETTLED: &str = "the start (rank 0 locks the output folder and picks the checkpoint)";
+    if first_rank > 0 {
+        barrier(SETTLED)?;
+    }
     // Where the run starts: fresh, or a verified checkpoint.
     let start = checkpoint::resolve(&out, &cfg.checkpoint.resume)?;
-    start.notes.iter().for_each(|n| eprintln!("{n}"));
-    if opts.write_outputs {
+    if first_rank == 0 {
+        start.notes.iter().for_each(|n| eprintln!("{n}"));
+    }
+    if writes {
         checkpoint::remove_stale(&out);
         if start.checkpoint.is_none()
             && let Some((_, existing)) = checkpoint::list(&out).pop()
@@ -251,12 +298,17 @@ where
             });
         }
     }
+    if first_rank == 0 && process.is_some() {
+        barrier(SETTLED)?;
+    }
     let dataset = Arc::new(Dataset::open(
         cfg.data.source,
         &cfg.data.path,
         cfg.data.on_bad_image,
     )?);
-    outputs.prepare(&dataset)?;
+    if first_rank == 0 {
+        outputs.prepare(&dataset)?;
+    }
 
     // One state per replica, built here one after the other (weight init draws from a
     // thread-local RNG seeded from run.seed, so every replica starts from the same weights).
@@ -272,7 +324,7 @@ where
                     ck,
                     dataset.len(),
                     &train_device,
-                    opts.quiet || rank > 0,
+                    opts.quiet || first_rank + rank > 0,
                 );
                 // A checkpoint that passed its checksums but does not decode: with `latest`,
                 // fall back to the newest older one that does, as for any other corruption.
@@ -306,7 +358,7 @@ where
                 }
                 let ck = start.checkpoint.as_ref().expect("resuming from a checkpoint");
                 let st = resumed?;
-                if rank == 0 && !opts.quiet {
+                if first_rank + rank == 0 && !opts.quiet {
                     eprintln!(
                         "resuming from {} (step {}, epoch {}, batch {} of the epoch)",
                         ck.dir.display(),
@@ -328,6 +380,36 @@ where
         dataset,
         started,
     };
+    if let Some(p) = process.clone() {
+        let st = states.pop().expect("one state per process");
+        // Every process resumes from the same step (they read the same folder), or none starts.
+        barrier(&format!("the start of training at step {}", st.step))?;
+        if first_rank == 0 && !opts.quiet {
+            eprintln!(
+                "data parallel: {} processes ({}), {} images per process per micro-batch",
+                p.world(),
+                if nccl { "NCCL" } else { "CPU, gradients over TCP: a test engine" },
+                cfg.train.batch_size / p.world()
+            );
+        }
+        let cuda = crate::device::DeviceSpec::parse(&cfg.run.device)
+            .ok()
+            .and_then(|d| match d {
+                crate::device::DeviceSpec::Cuda(i) => Some(i),
+                crate::device::DeviceSpec::Cpu(_) => None,
+            });
+        let mut objective = objective;
+        objective.place(&devices[0]);
+        let outputs = (first_rank == 0).then_some(outputs);
+        return run_rank(
+            &ctx,
+            distributed::Replica::process(p, cuda),
+            objective,
+            outputs,
+            st,
+            &devices[0],
+        );
+    }
     if devices.len() == 1 {
         let st = states.pop().expect("one state");
         let mut objective = objective;

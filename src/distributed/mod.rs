@@ -9,6 +9,18 @@
 //! threads (Flex has no collectives). Both sit behind the same host-side [`Group`], which gives
 //! every rank a barrier with a timeout and turns one rank's failure into a clear error on the
 //! others instead of a hang (NCCL itself would wait forever).
+//!
+//! Across processes (torchrun / SLURM launches, [`launch`]) a [`ProcessGroup`] plays the
+//! [`Group`]'s part over TCP connections to rank 0 ([`process`]), and the gradients go through
+//! NCCL between processes ([`nccl`]) on CUDA, or through those connections on the CPU.
+
+pub mod launch;
+pub mod nccl;
+pub mod process;
+mod wire;
+
+pub use launch::LaunchEnv;
+pub use process::ProcessGroup;
 
 use std::any::Any;
 use std::ops::Range;
@@ -206,17 +218,36 @@ impl Group {
 /// How a replica's gradients travel.
 #[derive(Clone)]
 enum Engine {
-    /// Through host memory: the CPU worker threads.
+    /// Through the host meeting point: CPU worker threads (shared memory) or CPU processes
+    /// (the connections to rank 0, a test engine).
     Host,
     /// NCCL through burn's `all_reduce` over these devices (all ranks' devices, in rank order).
     Nccl(Vec<Device>),
+    /// NCCL between processes, through the host (`nccl`): this process's CUDA ordinal.
+    NcclProcess(usize),
+}
+
+/// Where the ranks meet on the host: threads of this process, or processes.
+#[derive(Clone)]
+enum Meet {
+    Threads(Arc<Group>),
+    Processes(Arc<ProcessGroup>),
+}
+
+impl Meet {
+    fn all_reduce(&self, rank: usize, what: &str, data: Vec<f32>) -> Result<Vec<f32>, SyncError> {
+        match self {
+            Meet::Threads(g) => g.all_reduce(rank, what, data).map(|s| s.to_vec()),
+            Meet::Processes(p) => p.all_reduce(what, data),
+        }
+    }
 }
 
 /// One rank's handle on the data-parallel group; the only thing the trainer sees of it.
 pub struct Replica {
     rank: usize,
     world: usize,
-    group: Option<Arc<Group>>,
+    group: Option<Meet>,
     engine: Engine,
     /// Gradient all-reduces this rank has taken part in.
     all_reduces: usize,
@@ -258,10 +289,28 @@ impl Replica {
         self.rank * per..(self.rank + 1) * per
     }
 
+    /// The replica of this process in a multi-process launch: NCCL between the processes when
+    /// it trains on CUDA device `cuda_ordinal`, the connections to rank 0 on the CPU.
+    pub fn process(group: Arc<ProcessGroup>, cuda_ordinal: Option<usize>) -> Self {
+        let engine = match cuda_ordinal {
+            Some(ordinal) => Engine::NcclProcess(ordinal),
+            None => Engine::Host,
+        };
+        Self {
+            rank: group.rank(),
+            world: group.world(),
+            group: Some(Meet::Processes(group)),
+            engine,
+            all_reduces: 0,
+        }
+    }
+
     /// Says what this rank is about to do (shown by a rank that times out waiting for it).
     pub fn doing(&self, what: &str) {
-        if let Some(g) = &self.group {
-            g.doing(self.rank, what);
+        match &self.group {
+            Some(Meet::Threads(g)) => g.doing(self.rank, what),
+            Some(Meet::Processes(p)) => p.doing(what),
+            None => {}
         }
     }
 
@@ -281,10 +330,30 @@ impl Replica {
                     .try_to_vec::<f32>()
                     .expect("f32 after convert");
                 let sum = group.all_reduce(self.rank, what, data)?;
-                Ok(Tensor::from_data(
-                    TensorData::new(sum.to_vec(), [n]),
-                    &device,
-                ))
+                Ok(Tensor::from_data(TensorData::new(sum, [n]), &device))
+            }
+            Engine::NcclProcess(ordinal) => {
+                let ordinal = *ordinal;
+                self.barrier(what)?;
+                let device = flat.device();
+                let n = flat.dims()[0];
+                let data = flat
+                    .into_data()
+                    .convert::<f32>()
+                    .try_to_vec::<f32>()
+                    .expect("f32 after convert");
+                let Some(Meet::Processes(p)) = &self.group else {
+                    unreachable!("NCCL between processes has a process group")
+                };
+                let sum = nccl::all_reduce_sum(ordinal, self.rank, self.world, p.nccl_id(), &data)
+                    .map_err(|message| {
+                        p.fail(&message);
+                        SyncError::PeerFailed {
+                            rank: self.rank,
+                            message,
+                        }
+                    })?;
+                Ok(Tensor::from_data(TensorData::new(sum, [n]), &device))
             }
             Engine::Nccl(devices) => {
                 // Meet on the host first: NCCL has no timeout and would wait forever for a
@@ -307,21 +376,13 @@ impl Replica {
             None => Ok(()),
         }
     }
-}
 
-/// A torchrun/accelerate-style launch (`WORLD_SIZE` > 1) would start several processes that each
-/// train alone on the whole data: refuse it. burn 0.22.1's collectives only join the devices of
-/// one process (docs/distributed.md, "Several machines").
-pub fn refuse_multi_process_launch() -> Result<(), String> {
-    let world = std::env::var("WORLD_SIZE").ok();
-    match world.as_deref().map(str::parse::<usize>) {
-        Some(Ok(n)) if n > 1 => Err(format!(
-            "WORLD_SIZE={n} is set (a torchrun/accelerate-style multi-process launch), but \
-             difftrain trains data-parallel inside one process: start it once per machine with \
-             run.devices = \"all\" (or a list). Several machines are not supported yet; see \
-             docs/distributed.md"
-        )),
-        _ => Ok(()),
+    /// Reports this rank's failure to the other processes of a launch (in-process ranks learn
+    /// of it through [`run_ranks`]).
+    pub fn fail(&self, message: &str) {
+        if let Some(Meet::Processes(p)) = &self.group {
+            p.fail(message);
+        }
     }
 }
 
@@ -353,7 +414,7 @@ pub fn run_ranks<I: Send, T: Send, E: Send + std::fmt::Display>(
                 let replica = Replica {
                     rank,
                     world,
-                    group: Some(group.clone()),
+                    group: Some(Meet::Threads(group.clone())),
                     engine: engine.clone(),
                     all_reduces: 0,
                 };

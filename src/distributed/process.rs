@@ -1,0 +1,784 @@
+//! Data parallelism across processes: the connections between the processes of one launch.
+//!
+//! Rank 0 listens on `MASTER_ADDR:MASTER_PORT`; every other process connects to it once, at
+//! start-up (the rendezvous, [`ProcessGroup::rendezvous`]), and keeps that connection for the
+//! whole run, every training stage of it included. The topology is a star: each collective is
+//! each rank sending its contribution to rank 0, and rank 0 answering with the sum (summed in rank
+//! order, so the result is bitwise what the in-process [`super::Group`] computes). Barriers,
+//! failures ("rank R failed: ...") and what rank 0 is doing (for timeout messages) travel over
+//! the same connections. A reader thread per connection turns every message, and the connection
+//! closing, into an event, so a process that dies is noticed at the next collective, not after
+//! a timeout.
+//!
+//! On CUDA only barriers cross these connections; the gradients go through NCCL
+//! (`super::nccl`). On the CPU the gradients themselves travel here: a test engine (loopback
+//! only) that exercises the whole multi-process path in CI.
+
+use std::io::{BufReader, BufWriter, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use super::SyncError;
+use super::wire::{Msg, decode, encode, send};
+
+/// What a reader thread reports about one peer.
+enum Event {
+    Msg(Msg),
+    /// The connection ended: the peer exited (or was killed), or the network failed.
+    Closed(String),
+}
+
+/// The reader thread of the connection to `peer`: every message becomes an event.
+fn spawn_reader(peer: usize, stream: TcpStream, events: Sender<(usize, Event)>) {
+    std::thread::Builder::new()
+        .name(format!("difftrain-link-{peer}"))
+        .spawn(move || {
+            let mut r = BufReader::with_capacity(1 << 20, stream);
+            loop {
+                match decode(&mut r) {
+                    Ok(m) => {
+                        if events.send((peer, Event::Msg(m))).is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        let why = if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                            "its connection closed: the process exited or was killed".to_string()
+                        } else {
+                            format!("its connection failed: {e}")
+                        };
+                        let _ = events.send((peer, Event::Closed(why)));
+                        return;
+                    }
+                }
+            }
+        })
+        .expect("cannot spawn a connection reader thread");
+}
+
+/// What one rank was last seen doing.
+#[derive(Clone)]
+struct Seen {
+    what: String,
+    since: Instant,
+}
+
+struct Inner {
+    /// Writers to the peers this process talks to: every other rank on rank 0, rank 0 elsewhere.
+    links: Vec<Option<BufWriter<TcpStream>>>,
+    events: Receiver<(usize, Event)>,
+    seen: Vec<Seen>,
+    failed: Option<SyncError>,
+}
+
+/// This process's place in a multi-process launch, and its connections.
+pub struct ProcessGroup {
+    rank: usize,
+    world: usize,
+    timeout: Duration,
+    nccl_id: Vec<u8>,
+    inner: Mutex<Inner>,
+}
+
+/// Who this process is and where rank 0 listens.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rendezvous {
+    pub rank: usize,
+    pub world: usize,
+    /// `host:port` of rank 0.
+    pub master: String,
+    /// How long to wait for the others, here and at every collective.
+    pub timeout: Duration,
+}
+
+impl ProcessGroup {
+    /// Meets the other processes: rank 0 accepts `world - 1` connections and checks that every
+    /// process runs the same version on the same resolved `config` (refusing the launch by
+    /// rank and key otherwise), then sends each the NCCL id `mint_nccl_id` gives (CUDA runs).
+    pub fn rendezvous(
+        rv: &Rendezvous,
+        config: &str,
+        mint_nccl_id: impl FnOnce() -> Result<Vec<u8>, String>,
+    ) -> Result<Arc<Self>, String> {
+        let deadline = Instant::now() + rv.timeout;
+        let (tx, rx) = channel();
+        let mut links: Vec<Option<BufWriter<TcpStream>>> = (0..rv.world).map(|_| None).collect();
+        let version = env!("CARGO_PKG_VERSION").to_string();
+        let nccl_id = if rv.rank == 0 {
+            let listener = listen(&rv.master)?;
+            let mut hellos: Vec<(usize, String, String, BufReader<TcpStream>)> = Vec::new();
+            let mut problems = Vec::new();
+            while hellos.len() + problems.len() < rv.world - 1 {
+                let stream = accept_until(&listener, deadline).map_err(|e| {
+                    let joined: Vec<String> = hellos.iter().map(|h| h.0.to_string()).collect();
+                    format!(
+                        "rank 0 waited {:.0} s at {} for the other {} process(es) to join; \
+                         joined so far: [{}] ({e}). Start every rank with the same MASTER_ADDR, \
+                         MASTER_PORT and WORLD_SIZE, or raise run.sync_timeout_secs",
+                        rv.timeout.as_secs_f64(),
+                        rv.master,
+                        rv.world - 1,
+                        joined.join(", ")
+                    )
+                })?;
+                let mut reader = BufReader::new(stream.try_clone().map_err(|e| e.to_string())?);
+                stream
+                    .set_read_timeout(Some(rv.timeout))
+                    .map_err(|e| e.to_string())?;
+                match decode(&mut reader) {
+                    Ok(Msg::Hello {
+                        rank,
+                        world,
+                        version: v,
+                        config: c,
+                    }) => {
+                        let rank = rank as usize;
+                        if world as usize != rv.world {
+                            problems.push(format!(
+                                "rank {rank} has WORLD_SIZE={world}, rank 0 has {}",
+                                rv.world
+                            ));
+                        } else if rank == 0 || rank >= rv.world {
+                            problems.push(format!(
+                                "a process joined with RANK={rank}; expected 1..{}",
+                                rv.world - 1
+                            ));
+                        } else if links[rank].is_some() {
+                            problems.push(format!("two processes joined with RANK={rank}"));
+                        }
+                        let ok = problems.is_empty() || rank < rv.world && links[rank].is_none();
+                        if ok && rank > 0 && rank < rv.world {
+                            links[rank] = Some(BufWriter::new(stream));
+                            hellos.push((rank, v, c, reader));
+                        } else {
+                            let mut w = BufWriter::new(stream);
+                            let _ = send(
+                                &mut w,
+                                &Msg::Refuse {
+                                    message: problems.last().cloned().unwrap_or_default(),
+                                },
+                            );
+                        }
+                    }
+                    Ok(other) => {
+                        problems.push(format!("a process sent {other:?} instead of a greeting"))
+                    }
+                    Err(e) => problems.push(format!(
+                        "a connection to rank 0 failed before greeting: {e}"
+                    )),
+                }
+            }
+            for (rank, v, c, _) in &hellos {
+                if *v != version {
+                    problems.push(format!(
+                        "rank {rank} runs difftrain {v}, rank 0 runs {version}"
+                    ));
+                } else if *c != config {
+                    problems.push(format!(
+                        "rank {rank}'s resolved config differs from rank 0's: {}",
+                        config_diff(config, c)
+                    ));
+                }
+            }
+            if !problems.is_empty() {
+                let message = format!(
+                    "launch refused at the rendezvous: {}. Start every process with the same \
+                     binary, config and --set options",
+                    problems.join("; ")
+                );
+                for w in links.iter_mut().flatten() {
+                    let _ = send(
+                        w,
+                        &Msg::Refuse {
+                            message: message.clone(),
+                        },
+                    );
+                }
+                return Err(message);
+            }
+            let id = match mint_nccl_id() {
+                Ok(id) => id,
+                Err(e) => {
+                    for w in links.iter_mut().flatten() {
+                        let _ = send(w, &Msg::Refuse { message: e.clone() });
+                    }
+                    return Err(e);
+                }
+            };
+            for w in links.iter_mut().flatten() {
+                send(
+                    w,
+                    &Msg::Welcome {
+                        nccl_id: id.clone(),
+                    },
+                )
+                .map_err(|e| format!("rank 0 could not answer a process at the rendezvous: {e}"))?;
+            }
+            for (rank, _, _, reader) in hellos {
+                let stream = reader.into_inner();
+                stream.set_read_timeout(None).map_err(|e| e.to_string())?;
+                spawn_reader(rank, stream, tx.clone());
+            }
+            id
+        } else {
+            let stream = connect_until(&rv.master, deadline).map_err(|e| {
+                format!(
+                    "rank {} could not reach rank 0 at {} within {:.0} s ({e}); is rank 0 \
+                     running, and MASTER_ADDR/MASTER_PORT the same everywhere?",
+                    rv.rank,
+                    rv.master,
+                    rv.timeout.as_secs_f64()
+                )
+            })?;
+            let mut w = BufWriter::new(stream.try_clone().map_err(|e| e.to_string())?);
+            send(
+                &mut w,
+                &Msg::Hello {
+                    rank: rv.rank as u32,
+                    world: rv.world as u32,
+                    version,
+                    config: config.to_string(),
+                },
+            )
+            .map_err(|e| format!("rank {} could not greet rank 0: {e}", rv.rank))?;
+            stream
+                .set_read_timeout(Some(rv.timeout))
+                .map_err(|e| e.to_string())?;
+            let mut reader = BufReader::new(stream);
+            let id = match decode(&mut reader) {
+                Ok(Msg::Welcome { nccl_id }) => nccl_id,
+                Ok(Msg::Refuse { message }) => return Err(message),
+                Ok(other) => return Err(format!("rank 0 answered {other:?} at the rendezvous")),
+                Err(e) => {
+                    return Err(format!(
+                        "rank {} lost rank 0 at the rendezvous: {e}",
+                        rv.rank
+                    ));
+                }
+            };
+            let stream = reader.into_inner();
+            stream.set_read_timeout(None).map_err(|e| e.to_string())?;
+            links[0] = Some(w);
+            spawn_reader(0, stream, tx.clone());
+            id
+        };
+        let now = Instant::now();
+        Ok(Arc::new(Self {
+            rank: rv.rank,
+            world: rv.world,
+            timeout: rv.timeout,
+            nccl_id,
+            inner: Mutex::new(Inner {
+                links,
+                events: rx,
+                seen: vec![
+                    Seen {
+                        what: "training".into(),
+                        since: now,
+                    };
+                    rv.world
+                ],
+                failed: None,
+            }),
+        }))
+    }
+
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    pub fn world(&self) -> usize {
+        self.world
+    }
+
+    /// The NCCL unique id rank 0 minted (empty on the CPU).
+    pub fn nccl_id(&self) -> &[u8] {
+        &self.nccl_id
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Tells the others what this process is doing (rank 0's writes; shown by a rank that
+    /// times out waiting for it).
+    pub fn doing(&self, what: &str) {
+        let mut inner = self.lock();
+        for w in inner.links.iter_mut().flatten() {
+            let _ = send(w, &Msg::Doing { what: what.into() });
+        }
+    }
+
+    /// Reports this process's failure to the others (rank 0 passes it on), so they stop at
+    /// their next collective with it instead of waiting for a timeout.
+    pub fn fail(&self, message: &str) {
+        let mut inner = self.lock();
+        let msg = Msg::Fail {
+            rank: self.rank as u32,
+            message: message.into(),
+        };
+        for w in inner.links.iter_mut().flatten() {
+            let _ = send(w, &msg);
+        }
+    }
+
+    /// Waits until every process reaches the barrier `what`.
+    pub fn barrier(&self, what: &str) -> Result<(), SyncError> {
+        self.all_reduce(what, Vec::new()).map(|_| ())
+    }
+
+    /// Sums `data` over the processes in rank order (every rank gets the sum) once every rank
+    /// has arrived at the same `what`; an empty `data` is a barrier.
+    pub fn all_reduce(&self, what: &str, data: Vec<f32>) -> Result<Vec<f32>, SyncError> {
+        let mut inner = self.lock();
+        if let Some(e) = &inner.failed {
+            return Err(e.clone());
+        }
+        let result = if self.rank == 0 {
+            self.gather_and_answer(&mut inner, what, data)
+        } else {
+            self.contribute(&mut inner, what, data)
+        };
+        if let Err(e) = &result {
+            inner.failed = Some(e.clone());
+        }
+        result
+    }
+
+    /// Rank 0: collects every rank's contribution, sums in rank order, answers everyone.
+    fn gather_and_answer(
+        &self,
+        inner: &mut Inner,
+        what: &str,
+        data: Vec<f32>,
+    ) -> Result<Vec<f32>, SyncError> {
+        let mut arrived: Vec<Option<(String, Vec<f32>)>> = (0..self.world).map(|_| None).collect();
+        arrived[0] = Some((what.to_string(), data));
+        let deadline = Instant::now() + self.timeout;
+        while arrived.iter().any(Option::is_none) {
+            let wait = deadline.saturating_duration_since(Instant::now());
+            let err = match inner.events.recv_timeout(wait) {
+                Ok((r, Event::Msg(Msg::Contribute { what, data }))) if arrived[r].is_none() => {
+                    arrived[r] = Some((what, data));
+                    inner.seen[r] = Seen {
+                        what: "waiting at a collective".into(),
+                        since: Instant::now(),
+                    };
+                    continue;
+                }
+                Ok((r, Event::Msg(Msg::Contribute { what: other, .. }))) => SyncError::OutOfStep(
+                    format!("rank {r} sent a second contribution ({other}) before rank 0 answered"),
+                ),
+                Ok((r, Event::Msg(Msg::Doing { what }))) => {
+                    inner.seen[r] = Seen {
+                        what,
+                        since: Instant::now(),
+                    };
+                    continue;
+                }
+                Ok((_, Event::Msg(Msg::Fail { rank, message }))) => SyncError::PeerFailed {
+                    rank: rank as usize,
+                    message,
+                },
+                Ok((r, Event::Msg(other))) => {
+                    SyncError::OutOfStep(format!("rank {r} sent {other:?} during {what}"))
+                }
+                Ok((r, Event::Closed(why))) => SyncError::PeerFailed {
+                    rank: r,
+                    message: format!(
+                        "{why} (last seen {}, {:.0} s ago)",
+                        inner.seen[r].what,
+                        inner.seen[r].since.elapsed().as_secs_f64()
+                    ),
+                },
+                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => {
+                    let missing: Vec<String> = (0..self.world)
+                        .filter(|&r| arrived[r].is_none())
+                        .map(|r| {
+                            let s = &inner.seen[r];
+                            format!(
+                                "rank {r} (last seen {}, {:.0} s ago)",
+                                s.what,
+                                s.since.elapsed().as_secs_f64()
+                            )
+                        })
+                        .collect();
+                    SyncError::Timeout {
+                        waiting: 0,
+                        what: what.to_string(),
+                        missing: missing.join(", "),
+                        seconds: self.timeout.as_secs_f64(),
+                    }
+                }
+            };
+            self.tell_all(inner, &err);
+            return Err(err);
+        }
+        let parts: Vec<(String, Vec<f32>)> = arrived.into_iter().map(Option::unwrap).collect();
+        if let Some((r, (other, _))) = parts
+            .iter()
+            .enumerate()
+            .find(|(_, p)| p.0 != what || p.1.len() != parts[0].1.len())
+        {
+            let err = SyncError::OutOfStep(format!(
+                "rank 0 is at {what} ({} values), rank {r} at {other} ({} values)",
+                parts[0].1.len(),
+                parts[r].1.len()
+            ));
+            self.tell_all(inner, &err);
+            return Err(err);
+        }
+        // The same order and operations as the in-process Group: bitwise the same sum.
+        let mut parts = parts.into_iter().map(|p| p.1);
+        let mut sum = parts.next().expect("rank 0's part");
+        for p in parts {
+            sum.iter_mut().zip(&p).for_each(|(s, v)| *s += v);
+        }
+        let answer = encode(&Msg::Sum { data: sum.clone() });
+        for (r, w) in inner.links.iter_mut().enumerate() {
+            if let Some(w) = w
+                && let Err(e) = w.write_all(&answer).and_then(|_| w.flush())
+            {
+                let err = SyncError::PeerFailed {
+                    rank: r,
+                    message: format!("rank 0 could not send it the result of {what}: {e}"),
+                };
+                self.tell_all(inner, &err);
+                return Err(err);
+            }
+        }
+        Ok(sum)
+    }
+
+    /// Rank 0 passes a failure on to everyone, who stop at their collective with it.
+    fn tell_all(&self, inner: &mut Inner, err: &SyncError) {
+        let (rank, message) = match err {
+            SyncError::PeerFailed { rank, message } => (*rank, message.clone()),
+            other => (self.rank, other.to_string()),
+        };
+        let msg = Msg::Fail {
+            rank: rank as u32,
+            message,
+        };
+        for w in inner.links.iter_mut().flatten() {
+            let _ = send(w, &msg);
+        }
+    }
+
+    /// Ranks 1..: sends this rank's contribution and waits for rank 0's sum.
+    fn contribute(
+        &self,
+        inner: &mut Inner,
+        what: &str,
+        data: Vec<f32>,
+    ) -> Result<Vec<f32>, SyncError> {
+        let lost = |e: std::io::Error| SyncError::PeerFailed {
+            rank: 0,
+            message: format!("the connection to rank 0 failed: {e}"),
+        };
+        let w = inner.links[0]
+            .as_mut()
+            .expect("ranks 1.. hold a link to rank 0");
+        send(
+            w,
+            &Msg::Contribute {
+                what: what.to_string(),
+                data,
+            },
+        )
+        .map_err(lost)?;
+        let deadline = Instant::now() + self.timeout;
+        loop {
+            let wait = deadline.saturating_duration_since(Instant::now());
+            let err = match inner.events.recv_timeout(wait) {
+                Ok((_, Event::Msg(Msg::Sum { data }))) => return Ok(data),
+                Ok((r, Event::Msg(Msg::Doing { what }))) => {
+                    inner.seen[r] = Seen {
+                        what,
+                        since: Instant::now(),
+                    };
+                    continue;
+                }
+                Ok((_, Event::Msg(Msg::Fail { rank, message }))) => SyncError::PeerFailed {
+                    rank: rank as usize,
+                    message,
+                },
+                Ok((r, Event::Msg(other))) => {
+                    SyncError::OutOfStep(format!("rank {r} sent {other:?} during {what}"))
+                }
+                Ok((r, Event::Closed(why))) => SyncError::PeerFailed {
+                    rank: r,
+                    message: format!(
+                        "{why} (last seen {}, {:.0} s ago)",
+                        inner.seen[r].what,
+                        inner.seen[r].since.elapsed().as_secs_f64()
+                    ),
+                },
+                Err(_) => {
+                    let s = &inner.seen[0];
+                    SyncError::Timeout {
+                        waiting: self.rank,
+                        what: what.to_string(),
+                        missing: format!(
+                            "rank 0 (last seen {}, {:.0} s ago)",
+                            s.what,
+                            s.since.elapsed().as_secs_f64()
+                        ),
+                        seconds: self.timeout.as_secs_f64(),
+                    }
+                }
+            };
+            if !err.is_secondary() {
+                // Rank 0 passes it on to the others.
+                let msg = Msg::Fail {
+                    rank: self.rank as u32,
+                    message: err.to_string(),
+                };
+                if let Some(w) = inner.links[0].as_mut() {
+                    let _ = send(w, &msg);
+                }
+            }
+            return Err(err);
+        }
+    }
+}
+
+/// The keys whose lines differ between two resolved configs (at most five).
+fn config_diff(ours: &str, theirs: &str) -> String {
+    let a: std::collections::BTreeSet<&str> = ours.lines().collect();
+    let b: std::collections::BTreeSet<&str> = theirs.lines().collect();
+    let mut lines: Vec<String> = b
+        .difference(&a)
+        .map(|l| format!("{:?}", l.trim()))
+        .take(5)
+        .collect();
+    if lines.is_empty() {
+        lines = a
+            .difference(&b)
+            .map(|l| format!("missing {:?}", l.trim()))
+            .take(5)
+            .collect();
+    }
+    if lines.is_empty() {
+        "the same lines in another order".into()
+    } else {
+        lines.join(", ")
+    }
+}
+
+/// Rank 0's listening socket on `master`'s port: on loopback when `master` is a loopback
+/// address, else on every interface (as torchrun does: `MASTER_ADDR` is how the others reach
+/// this machine, which may not be an address it can bind).
+fn listen(master: &str) -> Result<TcpListener, String> {
+    let addr = resolve(master)?;
+    let bind: SocketAddr = if addr.ip().is_loopback() {
+        addr
+    } else if addr.is_ipv4() {
+        SocketAddr::from(([0, 0, 0, 0], addr.port()))
+    } else {
+        SocketAddr::from(([0u16; 8], addr.port()))
+    };
+    let listener = TcpListener::bind(bind).map_err(|e| {
+        format!("rank 0 cannot listen on {bind} (MASTER_ADDR/MASTER_PORT {master}): {e}")
+    })?;
+    listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+    Ok(listener)
+}
+
+fn resolve(master: &str) -> Result<SocketAddr, String> {
+    master
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve MASTER_ADDR:MASTER_PORT = {master}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("MASTER_ADDR:MASTER_PORT = {master} resolves to no address"))
+}
+
+fn accept_until(listener: &TcpListener, deadline: Instant) -> Result<TcpStream, String> {
+    loop {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                stream.set_nonblocking(false).map_err(|e| e.to_string())?;
+                stream.set_nodelay(true).map_err(|e| e.to_string())?;
+                return Ok(stream);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if Instant::now() >= deadline {
+                    return Err("timed out".into());
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+}
+
+fn connect_until(master: &str, deadline: Instant) -> Result<TcpStream, String> {
+    let mut last = String::from("timed out");
+    while Instant::now() < deadline {
+        // Resolved again each try: a DNS name may appear only once rank 0's machine is up.
+        if let Ok(addr) = resolve(master) {
+            let wait = deadline
+                .saturating_duration_since(Instant::now())
+                .min(Duration::from_secs(5))
+                .max(Duration::from_millis(1));
+            match TcpStream::connect_timeout(&addr, wait) {
+                Ok(s) => {
+                    s.set_nodelay(true).map_err(|e| e.to_string())?;
+                    return Ok(s);
+                }
+                Err(e) => last = e.to_string(),
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Err(last)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn free_port() -> u16 {
+        TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    }
+
+    fn launch(
+        world: usize,
+        configs: Vec<String>,
+        timeout: Duration,
+    ) -> Vec<Result<Arc<ProcessGroup>, String>> {
+        let master = format!("127.0.0.1:{}", free_port());
+        std::thread::scope(|s| {
+            let handles: Vec<_> = (0..world)
+                .map(|rank| {
+                    let rv = Rendezvous {
+                        rank,
+                        world,
+                        master: master.clone(),
+                        timeout,
+                    };
+                    let config = configs[rank].clone();
+                    s.spawn(move || ProcessGroup::rendezvous(&rv, &config, || Ok(vec![7; 128])))
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    }
+
+    #[test]
+    fn three_processes_sum_in_rank_order_and_share_the_nccl_id() {
+        let groups: Vec<_> = launch(3, vec!["cfg".into(); 3], Duration::from_secs(20))
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+        for g in &groups {
+            assert_eq!(g.nccl_id(), &[7u8; 128][..]);
+        }
+        let sums: Vec<Vec<Vec<f32>>> = std::thread::scope(|s| {
+            let hs: Vec<_> = groups
+                .iter()
+                .map(|g| {
+                    s.spawn(move || {
+                        (0..20)
+                            .map(|round| {
+                                let data = vec![0.1 * g.rank() as f32 + round as f32, 1e-8, 1.0];
+                                g.all_reduce(&format!("round {round}"), data).unwrap()
+                            })
+                            .collect()
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for (round, expect) in (0..20)
+            .map(|r| {
+                let mut s = vec![r as f32, 1e-8, 1.0];
+                for k in 1..3 {
+                    let p = [0.1 * k as f32 + r as f32, 1e-8, 1.0];
+                    s.iter_mut().zip(p).for_each(|(a, b)| *a += b);
+                }
+                s
+            })
+            .enumerate()
+        {
+            for per_rank in &sums {
+                assert_eq!(per_rank[round], expect);
+            }
+        }
+    }
+
+    #[test]
+    fn a_different_config_is_refused_by_rank_and_key() {
+        let cfg = |lr: &str| format!("[train]\nbatch_size = 16\nlearning_rate = {lr}\n");
+        let results = launch(
+            3,
+            vec![cfg("0.002"), cfg("0.002"), cfg("0.001")],
+            Duration::from_secs(20),
+        );
+        for r in results {
+            let e = r.err().expect("every process refuses the launch");
+            assert!(
+                e.contains("rank 2's resolved config differs from rank 0's")
+                    && e.contains("learning_rate = 0.001"),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_process_that_exits_is_named_by_the_others() {
+        let mut groups: Vec<_> = launch(3, vec!["cfg".into(); 3], Duration::from_secs(20))
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+        // Rank 1 goes away (its connection closes, as when the process is killed).
+        let gone = groups.remove(1);
+        gone.doing("step 5");
+        for w in gone.lock().links.iter().flatten() {
+            w.get_ref().shutdown(std::net::Shutdown::Both).unwrap();
+        }
+        drop(gone);
+        let started = Instant::now();
+        let errors: Vec<SyncError> = std::thread::scope(|s| {
+            let hs: Vec<_> = groups
+                .iter()
+                .map(|g| {
+                    s.spawn(move || g.barrier("the barrier after step 6's writes").unwrap_err())
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert!(started.elapsed() < Duration::from_secs(10));
+        for e in errors {
+            let t = e.to_string();
+            assert!(
+                t.starts_with("data-parallel rank 1 failed: its connection closed"),
+                "{t}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_silent_rank_times_out_with_what_rank_0_was_doing() {
+        let groups: Vec<_> = launch(2, vec!["cfg".into(); 2], Duration::from_millis(400))
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+        groups[0].doing("writing checkpoint-40");
+        std::thread::sleep(Duration::from_millis(50));
+        let e = groups[1]
+            .barrier("the barrier after step 40's writes")
+            .unwrap_err();
+        let t = e.to_string();
+        assert!(
+            t.contains("rank 1 waited 0 s at the barrier after step 40's writes for rank 0 (last seen writing checkpoint-40"),
+            "{t}"
+        );
+    }
+}
