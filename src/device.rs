@@ -180,12 +180,14 @@ fn all_cuda_devices() -> Result<Vec<DeviceSpec>, DeviceError> {
     Err(DeviceError::NoCuda("all (run.devices)".into()))
 }
 
-/// Makes burn's default device agree with a CPU run. burn places some state it loads itself
-/// (the optimizer record on resume) on `Device::default()`, which is CUDA in a `cuda` build even
-/// when the run is on the CPU (and panics without a driver). `BURN_DEVICE` is burn's override;
-/// call this before any thread starts.
-pub fn pin_default_device(run_device: &str) {
-    if run_device.starts_with("cpu") && std::env::var_os("BURN_DEVICE").is_none() {
+/// Makes burn's default device agree with a CPU run (`run.device` or every device of
+/// `run.devices` on the CPU). burn places some state it loads itself (the optimizer record on
+/// resume) on `Device::default()`, which is CUDA in a `cuda` build even when the run is on the
+/// CPU (and panics without a driver). `BURN_DEVICE` is burn's override; call this before any
+/// thread starts.
+pub fn pin_default_device(request: &DeviceRequest) {
+    let cpu = matches!(request, DeviceRequest::List(specs) if specs.iter().all(|s| !s.is_cuda()));
+    if cpu && std::env::var_os("BURN_DEVICE").is_none() {
         // SAFETY: called at start-up, before the binary starts any thread.
         unsafe { std::env::set_var("BURN_DEVICE", "flex") };
     }

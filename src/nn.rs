@@ -91,17 +91,32 @@ pub struct LoraAdapter {
     pub dropout: f64,
 }
 
-thread_local! {
-    /// Random stream for LoRA dropout masks on this thread; `None` (the default, and always
-    /// outside training) means no dropout.
-    static LORA_DROPOUT_RNG: RefCell<Option<ChaCha8Rng>> = const { RefCell::new(None) };
+/// Where this thread's LoRA dropout masks come from: one ChaCha stream per adapted-layer call
+/// (in forward order) under the step's `seed`, read from the position of sample `offset` of the
+/// global batch. A sample's mask therefore depends on the step, the layer and its place in the
+/// global batch, not on how the batch is split over ranks or threads.
+struct DropoutStream {
+    seed: u64,
+    offset: usize,
+    calls: u64,
 }
 
-/// Turns LoRA dropout on for this thread, with masks drawn from `seed` in forward order (the
-/// training objective seeds it from the run's stream each step, so resume replays the same
-/// masks), or off with `None`.
-pub fn set_lora_dropout_seed(seed: Option<u64>) {
-    LORA_DROPOUT_RNG.with(|r| *r.borrow_mut() = seed.map(ChaCha8Rng::seed_from_u64));
+thread_local! {
+    /// `None` (the default, and always outside training) means no dropout.
+    static LORA_DROPOUT: RefCell<Option<DropoutStream>> = const { RefCell::new(None) };
+}
+
+/// Turns LoRA dropout on for this thread, for a slice of the global batch starting at sample
+/// `offset`, with masks drawn under `seed` (the training objective draws it from the run's
+/// stream each step, so resume replays the same masks); or off with `None`.
+pub fn set_lora_dropout_seed(seed: Option<(u64, usize)>) {
+    LORA_DROPOUT.with(|r| {
+        *r.borrow_mut() = seed.map(|(seed, offset)| DropoutStream {
+            seed,
+            offset,
+            calls: 0,
+        })
+    });
 }
 
 fn lora_dropout<const D: usize>(x: Tensor<D>, p: f64) -> Tensor<D> {
@@ -110,9 +125,16 @@ fn lora_dropout<const D: usize>(x: Tensor<D>, p: f64) -> Tensor<D> {
     }
     let dims = x.dims();
     let n: usize = dims.iter().product();
+    // Values per sample (dimension 0 is the batch everywhere adapters run).
+    let per = n / dims[0].max(1);
     let keep = (1.0 / (1.0 - p)) as f32;
-    let mask: Option<Vec<f32>> = LORA_DROPOUT_RNG.with(|r| {
-        r.borrow_mut().as_mut().map(|rng| {
+    let mask: Option<Vec<f32>> = LORA_DROPOUT.with(|r| {
+        r.borrow_mut().as_mut().map(|s| {
+            let mut rng = ChaCha8Rng::seed_from_u64(s.seed);
+            rng.set_stream(s.calls);
+            s.calls += 1;
+            // Each f64 draw takes two 32-bit words: skip the samples before this slice.
+            rng.set_word_pos(2 * (s.offset * per) as u128);
             (0..n)
                 .map(|_| if rng.random::<f64>() < p { 0.0 } else { keep })
                 .collect()
@@ -471,6 +493,29 @@ impl<const N: usize> LayerNorm<N> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lora_dropout_masks_follow_the_sample_not_the_split() {
+        let device = Device::flex();
+        let x = Tensor::<3>::ones([4, 3, 5], &device);
+        let masks = |offset: usize, rows: std::ops::Range<usize>| {
+            set_lora_dropout_seed(Some((7, offset)));
+            let first = to_host(lora_dropout(x.clone().slice(rows.clone()), 0.5));
+            let second = to_host(lora_dropout(x.clone().slice(rows), 0.5));
+            set_lora_dropout_seed(None);
+            (first, second)
+        };
+        let (full, full_next) = masks(0, 0..4);
+        let (tail, tail_next) = masks(2, 2..4);
+        assert_eq!(tail, full[2 * 15..]);
+        assert_eq!(tail_next, full_next[2 * 15..]);
+        // Another layer call gets another mask; about half is dropped.
+        assert_ne!(full, full_next);
+        let dropped = full.iter().filter(|v| **v == 0.0).count();
+        assert!((15..45).contains(&dropped), "{dropped} of 60 dropped");
+        // Off: the identity.
+        assert_eq!(to_host(lora_dropout(x.clone(), 0.5)), vec![1.0; 60]);
+    }
     use burn::tensor::Distribution;
 
     #[test]

@@ -2,7 +2,10 @@
 //! CompVis/diffusers on fixtures (scripts/gen_ldm_reference.py); both stages chained on a tiny
 //! dataset where the caption (or class) decides the colour, with guided samples that follow it
 //! (and fail to without conditioning); cached = uncached latents; bitwise resume of each stage;
-//! stage 2 refusing a first stage that changed; the export and `sample` on it.
+//! stage 2 refusing a first stage that changed; the export and `sample` on it; both stages
+//! data-parallel on worker threads and on processes.
+
+mod common;
 
 
 use std::collections::BTreeMap;
@@ -634,3 +637,65 @@ fn stable_diffusion_and_vq_first_stages_train_export_and_sample() {
     let grid = pipelines::sample(&export, &req).unwrap();
     assert_eq!(grid.0.shape, [4, 3, 16, 16]);
 }
+
+/// The shared machinery's data parallelism on both stages: 2 worker threads against 1 device,
+/// and 2 processes (a torchrun-style launch, rank 0 building the latent cache first) against
+/// 2 worker threads, bitwise.
+#[test]
+fn both_stages_train_data_parallel_on_threads_and_processes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    colour_dataset(&data, 24);
+    let threads = || Some(difftrain::device::DeviceList::List(vec!["cpu:0".into(), "cpu:1".into()]));
+    let run = |c: &Config, name: &str, world: usize| -> PathBuf {
+        let path = write(c, &tmp.path().join(format!("{name}.toml")));
+        let outs = if world == 1 {
+            vec![bin("train").arg("--config").arg(&path).output().unwrap()]
+        } else {
+            common::finish(common::launch(&path, world, &[], |_| Vec::new()))
+        };
+        for (rank, o) in outs.iter().enumerate() {
+            assert!(o.status.success(), "{name} rank {rank}: {}", String::from_utf8_lossy(&o.stderr));
+        }
+        c.output_dir()
+    };
+    // Stage 1 (AutoencoderKL): threads vs processes.
+    let stage1 = |name: &str| {
+        let mut c = vae_config(&data, &tmp.path().join(name));
+        c.train.max_steps = 4;
+        c.checkpoint.every_steps = 4;
+        c.sample.num_images = 1;
+        c
+    };
+    let mut s1_threads = stage1("s1_threads");
+    s1_threads.run.devices = threads();
+    let a = run(&s1_threads, "s1_threads", 1);
+    let b = run(&stage1("s1_procs"), "s1_procs", 2);
+    let d = max_abs_diff(&final_weights(&a, 4), &final_weights(&b, 4));
+    assert_eq!(d, 0.0, "stage 1: 2 processes vs 2 threads differ by {d:e}");
+
+    // Stage 2 (text-conditioned latent U-Net on that VAE, latents cached): 1 device, threads,
+    // processes.
+    let s1_cfg = write(&s1_threads, &tmp.path().join("s1.toml"));
+    let stage2 = |name: &str| {
+        let mut c = ldm_config(&data, &tmp.path().join(name), &a, &s1_cfg, ConditioningKind::Text);
+        c.data.cache_latents = true;
+        c.train.max_steps = 4;
+        c.checkpoint.every_steps = 4;
+        c.sample.num_images = 1;
+        c
+    };
+    let one = run(&stage2("s2_one"), "s2_one", 1);
+    let mut s2_threads = stage2("s2_threads");
+    s2_threads.run.devices = threads();
+    let t = run(&s2_threads, "s2_threads", 1);
+    let p = run(&stage2("s2_procs"), "s2_procs", 2);
+    let d = max_abs_diff(&final_weights(&t, 4), &final_weights(&one, 4));
+    assert!(d < 1e-4, "stage 2: 2 threads vs 1 device differ by {d:e}");
+    let d = max_abs_diff(&final_weights(&p, 4), &final_weights(&t, 4));
+    assert_eq!(d, 0.0, "stage 2: 2 processes vs 2 threads differ by {d:e}");
+    // One cache, built by rank 0.
+    let caches = std::fs::read_dir(p.join("latent_cache")).unwrap().count();
+    assert_eq!(caches, 1);
+}
+

@@ -4,6 +4,8 @@
 //! adapters only, exports both formats (which fold in identically), resumes bitwise after a
 //! SIGKILL and refuses a changed base; bad targets are named.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -576,4 +578,51 @@ fn lora_moves_samples_toward_the_training_image() {
     let adapted = sample("from_lora", &tmp.path().join("lora"));
     eprintln!("mean |sample - mountain|: base {base:.1}, with the LoRA {adapted:.1}");
     assert!(adapted < 0.7 * base, "the LoRA did not move the samples: base {base:.1}, LoRA {adapted:.1}");
+}
+
+/// LoRA under data parallelism: 2 worker threads equal 1 device (float summation order aside:
+/// only the adapters cross ranks) and 2 processes (a torchrun-style launch) equal 2 threads
+/// bitwise.
+#[test]
+fn lora_trains_data_parallel_on_threads_and_processes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    mountain_dataset(&data);
+    let base = tmp.path().join("base");
+    copy_dir(&fixtures().join("sd/tiny_sd"), &base);
+    let run = |name: &str, devices: usize, processes: usize| -> PathBuf {
+        let out = tmp.path().join(name);
+        let mut c = lora_config(&base, &data, &out);
+        c.train.max_steps = 4;
+        c.sample.num_images = 1;
+        if devices > 1 {
+            c.run.devices = Some(difftrain::device::DeviceList::List(
+                (0..devices).map(|i| format!("cpu:{i}")).collect(),
+            ));
+        }
+        let path = write(&c, &tmp.path().join(format!("{name}.toml")));
+        let outs = if processes == 1 {
+            vec![train(&path, &[]).output().unwrap()]
+        } else {
+            common::finish(common::launch(&path, processes, &[], |_| Vec::new()))
+        };
+        for (rank, o) in outs.iter().enumerate() {
+            assert!(o.status.success(), "{name} rank {rank}: {}", String::from_utf8_lossy(&o.stderr));
+        }
+        out
+    };
+    let weights = |out: &Path| load_safetensors(&out.join("checkpoint-4/model.safetensors")).unwrap();
+    let diff = |a: &BTreeMap<String, HostTensor>, b: &BTreeMap<String, HostTensor>| {
+        assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+        a.iter()
+            .flat_map(|(k, t)| t.data.iter().zip(&b[k].data).map(|(x, y)| (x - y).abs()))
+            .fold(0.0f32, f32::max)
+    };
+    let one = weights(&run("one", 1, 1));
+    let threads = weights(&run("threads", 2, 1));
+    let procs = weights(&run("procs", 1, 2));
+    let d = diff(&threads, &one);
+    assert!(d < 1e-4, "2 threads vs 1 device: {d:e}");
+    let d = diff(&procs, &threads);
+    assert_eq!(d, 0.0, "2 processes vs 2 threads: {d:e}");
 }

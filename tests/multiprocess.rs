@@ -5,10 +5,10 @@
 
 mod common;
 
-use common::{latest_step, train_cmd};
+use common::{finish, free_port, latest_step, launch, train_cmd};
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Output, Stdio};
+use std::process::Output;
 use std::time::{Duration, Instant};
 
 use difftrain::config::Config;
@@ -48,48 +48,6 @@ fn config(tmp: &Path, name: &str, world: usize) -> Config {
 fn write(c: &Config, path: PathBuf) -> PathBuf {
     std::fs::write(&path, c.to_toml()).unwrap();
     path
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Starts `world` processes of `train --config path extra` as torchrun would.
-fn launch(
-    path: &Path,
-    world: usize,
-    extra: &[&str],
-    per_rank: impl Fn(usize) -> Vec<String>,
-) -> Vec<Child> {
-    let port = free_port().to_string();
-    (0..world)
-        .map(|rank| {
-            let more = per_rank(rank);
-            let mut args: Vec<&str> = extra.to_vec();
-            args.extend(more.iter().map(String::as_str));
-            train_cmd(path, &args)
-                .env("WORLD_SIZE", world.to_string())
-                .env("RANK", rank.to_string())
-                .env("LOCAL_RANK", rank.to_string())
-                .env("MASTER_ADDR", "127.0.0.1")
-                .env("MASTER_PORT", &port)
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap()
-        })
-        .collect()
-}
-
-fn finish(children: Vec<Child>) -> Vec<Output> {
-    children
-        .into_iter()
-        .map(|c| c.wait_with_output().unwrap())
-        .collect()
 }
 
 fn stderr(o: &Output) -> String {

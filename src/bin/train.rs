@@ -31,7 +31,6 @@ fn run(args: Args) -> anyhow::Result<()> {
     if let Some(r) = args.resume {
         cfg.checkpoint.resume = Resume::from(r);
     }
-    difftrain::device::pin_default_device(&cfg.run.device);
     // A torchrun/SLURM launch: this process is one rank, on cuda:LOCAL_RANK (or the CPU).
     let launch = difftrain::distributed::launch::from_env(|k| std::env::var(k).ok())
         .map_err(anyhow::Error::msg)?;
@@ -54,10 +53,9 @@ fn run(args: Args) -> anyhow::Result<()> {
         Some(_) => difftrain::device::DeviceRequest::parse(&device, None),
         None => cfg.device_request(),
     };
-    let (devices, _) = request
-        .map_err(anyhow::Error::msg)?
-        .resolve()
-        .map_err(anyhow::Error::msg)?;
+    let request = request.map_err(anyhow::Error::msg)?;
+    difftrain::device::pin_default_device(&request);
+    let (devices, _) = request.resolve().map_err(anyhow::Error::msg)?;
     drop(devices);
     difftrain::memory::check_fits(
         cfg.step_memory_lower_bound(),

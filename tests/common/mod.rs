@@ -1,7 +1,7 @@
 //! Helpers shared by the integration tests: tiny datasets and tiny configs.
 
 use std::path::Path;
-use std::process::Command;
+use std::process::{Child, Command, Output, Stdio};
 
 use difftrain::config::Config;
 use difftrain::data::ColorMode;
@@ -9,6 +9,7 @@ use difftrain::models::unet_2d::UNet2DConfig;
 use difftrain::models::unet_2d_blocks::{DownBlockType, UpBlockType};
 
 /// Writes `n` grayscale `size`x`size` PNGs; image `i` is a flat field at `value(i)`.
+#[allow(dead_code)]
 pub fn write_flat_images(dir: &Path, n: usize, size: u32, value: impl Fn(usize) -> u8) {
     std::fs::create_dir_all(dir).unwrap();
     for i in 0..n {
@@ -68,3 +69,50 @@ pub fn latest_step(out: &Path) -> Option<usize> {
     let text = std::fs::read_to_string(out.join("latest")).ok()?;
     text.trim().strip_prefix("checkpoint-")?.parse().ok()
 }
+
+/// A free TCP port on loopback (for a launch's MASTER_PORT).
+#[allow(dead_code)]
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[allow(dead_code)]
+/// Starts `world` processes of `train --config path extra` as torchrun would.
+pub fn launch(
+    path: &Path,
+    world: usize,
+    extra: &[&str],
+    per_rank: impl Fn(usize) -> Vec<String>,
+) -> Vec<Child> {
+    let port = free_port().to_string();
+    (0..world)
+        .map(|rank| {
+            let more = per_rank(rank);
+            let mut args: Vec<&str> = extra.to_vec();
+            args.extend(more.iter().map(String::as_str));
+            train_cmd(path, &args)
+                .env("WORLD_SIZE", world.to_string())
+                .env("RANK", rank.to_string())
+                .env("LOCAL_RANK", rank.to_string())
+                .env("MASTER_ADDR", "127.0.0.1")
+                .env("MASTER_PORT", &port)
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect()
+}
+
+#[allow(dead_code)]
+pub fn finish(children: Vec<Child>) -> Vec<Output> {
+    children
+        .into_iter()
+        .map(|c| c.wait_with_output().unwrap())
+        .collect()
+}
+

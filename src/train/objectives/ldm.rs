@@ -310,9 +310,10 @@ impl Objective for LatentDiffusionObjective {
             .iter()
             .map(|&u| (u as f64) < self.cond_drop_prob)
             .collect();
-        // LoRA dropout masks replay on resume: seeded from the run's stream.
+        // LoRA dropout masks replay on resume (seeded from the run's stream) and do not depend
+        // on the split of the global batch (each sample's mask is found by its position).
         if self.parts.lora.as_ref().is_some_and(|l| l.dropout > 0.0) {
-            crate::nn::set_lora_dropout_seed(Some(rng.random()));
+            crate::nn::set_lora_dropout_seed(Some((rng.random(), offset)));
         }
         let (context, labels) = self.condition(model, batch, &dropped, device);
         let shape = [b, c, h, w];
