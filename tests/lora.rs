@@ -626,3 +626,66 @@ fn lora_trains_data_parallel_on_threads_and_processes() {
     let d = diff(&procs, &threads);
     assert_eq!(d, 0.0, "2 processes vs 2 threads: {d:e}");
 }
+
+/// `merge` writes a diffusers folder, or one original-layout file with exactly the keys and
+/// shapes diffusers' own conversion gave the fixture's single file, which loads back to the same
+/// merged weights.
+#[test]
+fn merge_writes_a_folder_or_an_original_layout_single_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = fixtures().join("sd/tiny_sd");
+    let lora = format!("{}:0.7", fixtures().join("lora/kohya_lora.safetensors").display());
+    let merge = |out: &Path| {
+        let o = Command::new(env!("CARGO_BIN_EXE_merge"))
+            .arg("--base")
+            .arg(&base)
+            .args(["--lora", &lora, "--out"])
+            .arg(out)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    let folder = tmp.path().join("merged");
+    let file = tmp.path().join("merged.safetensors");
+    merge(&folder);
+    merge(&file);
+
+    // The keys and shapes of diffusers' conversion (scripts/gen_sd_reference.py), but
+    // position_ids (a buffer, not a weight).
+    let theirs = difftrain::io::safetensors::SafetensorsFile::open(&fixtures().join("sd/tiny_sd.safetensors")).unwrap();
+    let ours = difftrain::io::safetensors::SafetensorsFile::open(&file).unwrap();
+    let shapes = |f: &difftrain::io::safetensors::SafetensorsFile| -> BTreeMap<String, Vec<usize>> {
+        f.keys()
+            .into_iter()
+            .filter(|k| !k.ends_with("position_ids"))
+            .map(|k| {
+                let s = f.shape(&k).unwrap();
+                (k, s)
+            })
+            .collect()
+    };
+    let (a, b) = (shapes(&ours), shapes(&theirs));
+    let only_ours: Vec<_> = a.keys().filter(|k| !b.contains_key(*k)).collect();
+    let only_theirs: Vec<_> = b.keys().filter(|k| !a.contains_key(*k)).collect();
+    assert!(only_ours.is_empty() && only_theirs.is_empty(), "ours only: {only_ours:?}\ntheirs only: {only_theirs:?}");
+    assert_eq!(a, b, "shapes differ");
+
+    // Both load back to the same merged weights, which differ from the base.
+    let device = Device::flex();
+    let from_folder = stable_diffusion::load(&Pretrained::detect(&folder, None).unwrap(), &device).unwrap();
+    let from_file = stable_diffusion::load(&Pretrained::detect(&file, Some(&base)).unwrap(), &device).unwrap();
+    use difftrain::io::safetensors::named_tensors as named;
+    for (x, y) in [
+        (named(&from_folder.unet), named(&from_file.unet)),
+        (named(&from_folder.vae), named(&from_file.vae)),
+        (named(&from_folder.text_encoder), named(&from_file.text_encoder)),
+    ] {
+        assert_eq!(x.keys().collect::<Vec<_>>(), y.keys().collect::<Vec<_>>());
+        for (k, t) in &x {
+            assert_eq!(t.data, y[k].data, "{k}");
+        }
+    }
+    let base_unet = named(&tiny_sd(&device).unet);
+    let merged_unet = named(&from_file.unet);
+    assert!(base_unet.iter().any(|(k, t)| t.data != merged_unet[k].data), "the merge changed nothing");
+}

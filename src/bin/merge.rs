@@ -1,7 +1,8 @@
-//! `merge --base MODEL [--config-from FOLDER] --lora FILE[:SCALE]... --out FOLDER`: folds LoRA
-//! files (diffusers, PEFT or kohya layout) into a Stable Diffusion model at the given scales
-//! and writes the result as a diffusers folder that diffusers, and difftrain's `sample`, load
-//! like the original.
+//! `merge --base MODEL [--config-from FOLDER] --lora FILE[:SCALE]... --out FOLDER|FILE.safetensors`:
+//! folds LoRA files (diffusers, PEFT or kohya layout) into a Stable Diffusion model at the given
+//! scales and writes the result as a diffusers folder (diffusers and difftrain's `sample` load
+//! it like the original) or, for an `--out` ending in `.safetensors`, as one original-layout
+//! file (A1111, ComfyUI; SD 1.x models).
 
 use std::path::PathBuf;
 
@@ -23,7 +24,7 @@ struct Args {
     /// A LoRA file and its scale (default 1.0); repeat to fold in several.
     #[arg(long = "lora", value_name = "FILE[:SCALE]", required = true)]
     loras: Vec<String>,
-    /// The diffusers folder to write.
+    /// The diffusers folder to write, or a `.safetensors` file for one original-layout file.
     #[arg(long)]
     out: PathBuf,
 }
@@ -42,9 +43,14 @@ fn run(args: Args) -> anyhow::Result<()> {
             format!("{} is a single file: give --config-from <diffusers folder>", file.display())
         })?,
     };
+    let single_file = args.out.extension().is_some_and(|e| e == "safetensors");
     let mut sd = stable_diffusion::load(&source, &device)?;
     apply_files(&mut sd, &loras)?;
-    write_folder(&sd, &configs, &args.out)?;
+    if single_file {
+        stable_diffusion::write_single_file(&sd, &args.out)?;
+    } else {
+        write_folder(&sd, &configs, &args.out)?;
+    }
     for (file, scale) in &loras {
         eprintln!("merged {} at scale {scale}", file.display());
     }

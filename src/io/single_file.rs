@@ -255,6 +255,101 @@ pub fn vae_entries(
     out
 }
 
+// ------------------------------------------------------------------------------- writing
+
+/// The longest `(from, to)` pair whose `from` starts `key`.
+fn matching_pair<'p>(key: &str, pairs: &'p [(String, String)]) -> Option<&'p (String, String)> {
+    pairs
+        .iter()
+        .filter(|(from, _)| key.starts_with(from.as_str()))
+        .max_by_key(|(from, _)| from.len())
+}
+
+/// The single-file name of the diffusers U-Net parameter `name` (the inverse of
+/// [`unet_entries`]).
+pub fn unet_original_name(name: &str, layout: &UNetLayout) -> String {
+    let inverse: Vec<(String, String)> =
+        unet_prefixes(layout).into_iter().map(|(o, d)| (d, o)).collect();
+    let body = match matching_pair(name, &inverse) {
+        Some((from, to)) => {
+            let tail = &name[from.len()..];
+            let tail = if from.contains("resnets.") {
+                RESNET
+                    .iter()
+                    .find_map(|(o, d)| tail.strip_prefix(d).map(|t| format!("{o}{t}")))
+                    .unwrap_or_else(|| tail.to_string())
+            } else {
+                tail.to_string()
+            };
+            format!("{to}{tail}")
+        }
+        None => name.to_string(),
+    };
+    format!("{UNET_PREFIX}{body}")
+}
+
+/// The single-file name of the diffusers VAE parameter `name` (the inverse of
+/// [`vae_entries`]), and whether it is one of the mid-block attention's linear weights that the
+/// original layout keeps as 1x1 convolutions (`[out, in]` -> `[out, in, 1, 1]`).
+pub fn vae_original_name(name: &str, levels: usize) -> (String, bool) {
+    let mut inverse: Vec<(String, String)> = Vec::new();
+    for part in ["encoder", "decoder"] {
+        inverse.push((format!("{part}.mid_block.resnets.0."), format!("{part}.mid.block_1.")));
+        inverse.push((format!("{part}.mid_block.resnets.1."), format!("{part}.mid.block_2.")));
+        inverse.push((format!("{part}.mid_block.attentions.0."), format!("{part}.mid.attn_1.")));
+        inverse.push((format!("{part}.conv_norm_out."), format!("{part}.norm_out.")));
+    }
+    for i in 0..levels {
+        let up = levels - 1 - i;
+        inverse.push((format!("encoder.down_blocks.{i}.resnets."), format!("encoder.down.{i}.block.")));
+        inverse.push((
+            format!("encoder.down_blocks.{i}.downsamplers.0."),
+            format!("encoder.down.{i}.downsample."),
+        ));
+        inverse.push((format!("decoder.up_blocks.{i}.resnets."), format!("decoder.up.{up}.block.")));
+        inverse.push((
+            format!("decoder.up_blocks.{i}.upsamplers.0."),
+            format!("decoder.up.{up}.upsample."),
+        ));
+    }
+    let attn = [
+        ("group_norm.", "norm."),
+        ("to_q.", "q."),
+        ("to_k.", "k."),
+        ("to_v.", "v."),
+        ("to_out.0.", "proj_out."),
+    ];
+    let (body, conv) = match matching_pair(name, &inverse) {
+        Some((from, to)) => {
+            let tail = &name[from.len()..];
+            if from.contains("attentions.") {
+                let (tail, conv) = attn
+                    .iter()
+                    .find_map(|(d, o)| {
+                        tail.strip_prefix(d).map(|t| (format!("{o}{t}"), *d != "group_norm."))
+                    })
+                    .unwrap_or((tail.to_string(), false));
+                let conv = conv && tail.ends_with("weight");
+                (format!("{to}{tail}"), conv)
+            } else {
+                (format!("{to}{tail}"), false)
+            }
+        }
+        None => (name.to_string(), false),
+    };
+    (format!("{VAE_PREFIX}{}", body.replace("conv_shortcut.", "nin_shortcut.")), conv)
+}
+
+/// The single-file name of the diffusers/transformers CLIP parameter `name` (SD 1.x's text
+/// encoder; the inverse of [`text_encoder_entries`] for [`TextEncoderLayout::Clip`]).
+pub fn clip_original_name(name: &str) -> String {
+    if name.starts_with("text_model.") {
+        format!("{CLIP_PREFIX}{name}")
+    } else {
+        format!("{CLIP_PREFIX}text_model.{name}")
+    }
+}
+
 /// Model keys of the text encoder -> single-file entries. OpenCLIP's fused `in_proj` is split
 /// into q/k/v; layers beyond `num_layers` (SD 2.x drops OpenCLIP's last one) and the
 /// projection/logit scale are left out.

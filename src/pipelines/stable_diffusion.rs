@@ -388,6 +388,45 @@ pub fn load_text_encoder(
     Ok((te, cfg, tokenizer, path))
 }
 
+/// Writes `sd` as one original-layout `.safetensors` file (what A1111 and ComfyUI load, and
+/// what [`load`] reads back): `model.diffusion_model.*`, `first_stage_model.*` and
+/// `cond_stage_model.transformer.*`, float32. SD 1.x text encoders only: an SD 2.x model's
+/// OpenCLIP layout (fused q/k/v) is refused.
+pub fn write_single_file(sd: &StableDiffusion, out: &Path) -> Result<(), PretrainedError> {
+    use crate::models::clip::HiddenAct;
+    if sd.text_config.hidden_act == HiddenAct::Gelu {
+        return Err(PretrainedError::Config {
+            path: out.to_path_buf(),
+            message: "a single-file output is written in SD 1.x's layout, and this model's text                       encoder is SD 2.x's OpenCLIP (hidden_act = \"gelu\"): write a diffusers \
+                      folder instead (an --out without .safetensors)"
+                .into(),
+        });
+    }
+    let layout = unet_layout(&sd.unet_config);
+    let levels = sd.vae_config.block_out_channels.len();
+    let mut tensors = std::collections::BTreeMap::new();
+    let mut put = |name: String, t: safetensors::HostTensor| {
+        let previous = tensors.insert(name.clone(), TensorData::new(t.data, t.shape));
+        assert!(previous.is_none(), "two parameters map to the single-file key {name}");
+    };
+    for (name, t) in safetensors::named_tensors(&sd.unet) {
+        put(single_file::unet_original_name(&name, &layout), t);
+    }
+    for (name, mut t) in safetensors::named_tensors(&sd.vae) {
+        let (key, conv) = single_file::vae_original_name(&name, levels);
+        if conv && t.shape.len() == 2 {
+            t.shape.extend([1, 1]);
+        }
+        put(key, t);
+    }
+    for (name, t) in safetensors::named_tensors(&sd.text_encoder) {
+        put(single_file::clip_original_name(&name), t);
+    }
+    let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+    safetensors::save_tensors(out, &tensors, &meta)?;
+    Ok(())
+}
+
 fn unet_layout(cfg: &UNet2DConditionConfig) -> UNetLayout {
     UNetLayout {
         layers_per_block: cfg.layers_per_block,
