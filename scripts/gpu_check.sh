@@ -30,6 +30,20 @@ BIN="$WORK/train"
 "$PYTHON" -c "import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], 'wb'))" "$PACKED" "$BIN"
 chmod +x "$BIN"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+# burn's LLVM/NVPTX compiler links CUDA's libdevice.10.bc for math functions, from
+# $CUDA_PATH/nvvm/libdevice/ or /usr/local/cuda, /opt/cuda, /usr/lib/cuda, /usr: when none has
+# it, look in the toolkit folders and in Python's nvidia-* packages and point CUDA_PATH there.
+if [ -z "${CUDA_PATH:-}" ] && ! ls /usr/local/cuda/nvvm/libdevice /opt/cuda/nvvm/libdevice \
+     /usr/lib/cuda/nvvm/libdevice /usr/nvvm/libdevice > /dev/null 2>&1; then
+  site=$("$PYTHON" -c "import site; print(' '.join(site.getsitepackages()))" 2> /dev/null)
+  found=$(find /usr/local /opt $site -name libdevice.10.bc -path '*nvvm/libdevice/*' 2> /dev/null | head -1)
+  if [ -n "$found" ]; then
+    export CUDA_PATH="${found%/nvvm/libdevice/libdevice.10.bc}"
+    echo "CUDA_PATH=$CUDA_PATH (libdevice.10.bc)" >&2
+  else
+    echo "warning: no libdevice.10.bc found; kernels calling math functions will fail" >&2
+  fi
+fi
 
 declare -a ROWS
 row() { ROWS+=("| $1 | $2 | $3 |"); echo "$1: $2 ($3)" >&2; }

@@ -285,3 +285,50 @@ fn an_incomplete_launch_environment_is_a_clear_error_before_anything_is_written(
     assert!(!r.status.success());
     assert!(err.contains("each process trains on one device"), "{err}");
 }
+
+#[test]
+fn sigterm_to_one_process_stops_every_rank_after_the_same_step_and_resume_is_exact() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut reference = config(tmp.path(), "reference", 2);
+    reference.train.max_steps = 40;
+    let (ok, err) = common::run(&write(&reference, tmp.path().join("r.toml")), &[]);
+    assert!(ok, "{err}");
+
+    let mut c = config(tmp.path(), "term", 1);
+    c.run.device = "cpu".into();
+    c.train.max_steps = 40;
+    let path = write(&c, tmp.path().join("t.toml"));
+    let out = c.output_dir();
+    // No periodic checkpoints: whatever exists after the signal, the signal wrote.
+    let mut children = launch(&path, 2, &["--set", "checkpoint.every_steps=0"], |_| Vec::new());
+    let mut err0 = children[0].stderr.take().unwrap();
+    let (mut seen, mut buf) = (String::new(), [0u8; 256]);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !seen.contains("step 3/") {
+        use std::io::Read;
+        let n = err0.read(&mut buf).unwrap();
+        assert!(n > 0 && Instant::now() < deadline, "no progress: {seen}");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    // Only rank 1 is told to stop; the request travels in the next all-reduce.
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(children[1].id() as i32, libc::SIGTERM) };
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut err0, &mut rest).unwrap();
+    let outs = finish(children);
+    for (rank, o) in outs.iter().enumerate() {
+        assert_eq!(o.status.code(), Some(143), "rank {rank}: {rest}{}", stderr(o));
+    }
+    assert!(rest.contains("continue with `--resume latest`"), "{rest}");
+    let at = latest_step(&out).unwrap_or_else(|| panic!("no checkpoint written: {rest}"));
+    assert!((3..40).contains(&at), "stopped at {at}");
+
+    let outs = finish(launch(&path, 2, &["--resume", "latest"], |_| Vec::new()));
+    for (rank, o) in outs.iter().enumerate() {
+        assert!(o.status.success(), "rank {rank}: {}", stderr(o));
+    }
+    for file in ["model.safetensors", "ema.safetensors"] {
+        let d = diff(&reference.output_dir().join("checkpoint-40"), &out.join("checkpoint-40"), file);
+        assert_eq!(d, 0.0, "stopped at {at} by SIGTERM to rank 1, resumed, {file}: {d:e}");
+    }
+}

@@ -275,4 +275,28 @@ mod tests {
         let back = unflatten(&lin, flat, &[true, false]);
         assert!(back.get::<1>(lin.bias.as_ref().unwrap().id).is_none());
     }
+
+    #[test]
+    fn frozen_parameters_are_not_packed_normed_or_clipped() {
+        // The weight frozen (a LoRA base), the bias trainable (an adapter).
+        let device = Device::flex().autodiff();
+        let mut lin = Linear::new(2, 2, true, &device);
+        lin.weight = Param::from_data([[0.1, 0.2], [0.3, 0.4]], &device).set_require_grad(false);
+        lin.bias = Some(Param::from_data([0.0, 0.0], &device));
+        let loss = lin
+            .forward(Tensor::<2>::from_floats([[3.0, 4.0]], &device))
+            .sum();
+        let mut grads = GradientsParams::from_grads(loss.backward(), &lin);
+        let (flat, present) = flatten(&lin, &grads, &Device::flex());
+        // Only the bias's 2 values travel in the all-reduce (not the weight's 4).
+        assert_eq!(flat.dims(), [2]);
+        assert_eq!(present, vec![1.0]);
+        // The norm and the clipping see the bias alone: |(1, 1)| = sqrt(2).
+        assert!((global_norm(&lin, &grads) - 2f64.sqrt()).abs() < 1e-6);
+        let pre = clip_global_norm(&lin, &mut grads, 1.0);
+        assert!((pre - 2f64.sqrt()).abs() < 1e-6);
+        assert!((global_norm(&lin, &grads) - 1.0).abs() < 1e-5);
+        let ids = trainable_ids(&lin).expect("one parameter is frozen");
+        assert!(ids.contains(&lin.bias.as_ref().unwrap().id) && !ids.contains(&lin.weight.id));
+    }
 }
