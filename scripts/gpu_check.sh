@@ -33,7 +33,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 # burn's LLVM/NVPTX compiler links CUDA's libdevice.10.bc for math functions, from
 # $CUDA_PATH/nvvm/libdevice/ or /usr/local/cuda, /opt/cuda, /usr/lib/cuda, /usr: when none has
 # it, look in the toolkit folders and in Python's nvidia-* packages and point CUDA_PATH there.
-if [ -z "${CUDA_PATH:-}" ] && ! ls /usr/local/cuda/nvvm/libdevice /opt/cuda/nvvm/libdevice \
+if [ "$DEVICE" = cuda ] && [ -z "${CUDA_PATH:-}" ] && ! ls /usr/local/cuda/nvvm/libdevice /opt/cuda/nvvm/libdevice \
      /usr/lib/cuda/nvvm/libdevice /usr/nvvm/libdevice > /dev/null 2>&1; then
   site=$("$PYTHON" -c "import site; print(' '.join(site.getsitepackages()))" 2> /dev/null)
   found=$(find /usr/local /opt $site -name libdevice.10.bc -path '*nvvm/libdevice/*' 2> /dev/null | head -1)
