@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{latest_step, run, train_cmd};
+use common::{copy_dir, latest_step, listing, run, train_cmd};
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -142,14 +142,6 @@ fn write_config(c: &Config, path: &Path) -> PathBuf {
     path.to_path_buf()
 }
 
-fn listing(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
-        .collect();
-    names.sort();
-    names
-}
 
 /// A 12-step CLI run on 2 CPU workers with checkpoints, logs, samples and export.
 fn cli_config(tmp: &Path, name: &str, world: usize) -> (Config, PathBuf) {
@@ -259,18 +251,6 @@ fn rank_zero_writes_and_kill_resume_is_exact_under_any_world_size() {
     }
 }
 
-fn copy_dir(src: &Path, dst: &Path) {
-    std::fs::create_dir_all(dst).unwrap();
-    for e in std::fs::read_dir(src).unwrap() {
-        let e = e.unwrap();
-        let to = dst.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &to);
-        } else {
-            std::fs::copy(e.path(), to).unwrap();
-        }
-    }
-}
 
 #[test]
 fn a_failing_rank_stops_the_others_with_its_error() {

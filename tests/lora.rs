@@ -6,6 +6,8 @@
 
 mod common;
 
+use common::copy_dir;
+
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -254,18 +256,6 @@ fn kill_after_checkpoint(mut child: Child, out: &Path, step: usize) -> usize {
     }
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let dest = to.join(e.file_name());
-        if e.path().is_dir() {
-            copy_dir(&e.path(), &dest);
-        } else {
-            std::fs::copy(e.path(), dest).unwrap();
-        }
-    }
-}
 
 #[test]
 fn lora_run_trains_adapters_exports_both_formats_and_resumes_bitwise_after_sigkill() {

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{finish, free_port, latest_step, launch, train_cmd};
+use common::{copy_dir, finish, free_port, latest_step, launch, listing, train_cmd};
 
 use std::path::{Path, PathBuf};
 use std::process::Output;
@@ -54,14 +54,6 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).to_string()
 }
 
-fn listing(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
-        .collect();
-    names.sort();
-    names
-}
 
 /// The largest difference between two checkpoints' weights (0.0: bitwise equal).
 fn diff(a: &Path, b: &Path, file: &str) -> f32 {
@@ -211,18 +203,6 @@ fn a_killed_process_stops_the_others_by_rank_and_the_run_resumes_exactly() {
     assert!(d < 1e-4, "3 processes resumed as 2: {d:e}");
 }
 
-fn copy_dir(src: &Path, dst: &Path) {
-    std::fs::create_dir_all(dst).unwrap();
-    for e in std::fs::read_dir(src).unwrap() {
-        let e = e.unwrap();
-        let to = dst.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &to);
-        } else if e.file_name() != ".lock" {
-            std::fs::copy(e.path(), to).unwrap();
-        }
-    }
-}
 
 #[test]
 fn a_process_with_another_config_is_refused_at_the_rendezvous() {

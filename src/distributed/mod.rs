@@ -322,26 +322,15 @@ impl Replica {
         };
         match &self.engine {
             Engine::Host => {
-                let device = flat.device();
-                let n = flat.dims()[0];
-                let data = flat
-                    .into_data()
-                    .convert::<f32>()
-                    .try_to_vec::<f32>()
-                    .expect("f32 after convert");
-                let sum = group.all_reduce(self.rank, what, data)?;
+                let (device, n) = (flat.device(), flat.dims()[0]);
+                let sum = group.all_reduce(self.rank, what, host_values(flat))?;
                 Ok(Tensor::from_data(TensorData::new(sum, [n]), &device))
             }
             Engine::NcclProcess(ordinal) => {
                 let ordinal = *ordinal;
                 self.barrier(what)?;
-                let device = flat.device();
-                let n = flat.dims()[0];
-                let data = flat
-                    .into_data()
-                    .convert::<f32>()
-                    .try_to_vec::<f32>()
-                    .expect("f32 after convert");
+                let (device, n) = (flat.device(), flat.dims()[0]);
+                let data = host_values(flat);
                 let Some(Meet::Processes(p)) = &self.group else {
                     unreachable!("NCCL between processes has a process group")
                 };
@@ -384,6 +373,14 @@ impl Replica {
             p.fail(message);
         }
     }
+}
+
+/// A flat buffer's values on the host, as f32.
+fn host_values(flat: Tensor<1>) -> Vec<f32> {
+    flat.into_data()
+        .convert::<f32>()
+        .try_to_vec::<f32>()
+        .expect("f32 after convert")
 }
 
 /// Runs `work` once per device, with that rank's input, on its own thread (NCCL between them

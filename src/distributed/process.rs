@@ -371,27 +371,9 @@ impl ProcessGroup {
                 Ok((r, Event::Msg(Msg::Contribute { what: other, .. }))) => SyncError::OutOfStep(
                     format!("rank {r} sent a second contribution ({other}) before rank 0 answered"),
                 ),
-                Ok((r, Event::Msg(Msg::Doing { what }))) => {
-                    inner.seen[r] = Seen {
-                        what,
-                        since: Instant::now(),
-                    };
-                    continue;
-                }
-                Ok((_, Event::Msg(Msg::Fail { rank, message }))) => SyncError::PeerFailed {
-                    rank: rank as usize,
-                    message,
-                },
-                Ok((r, Event::Msg(other))) => {
-                    SyncError::OutOfStep(format!("rank {r} sent {other:?} during {what}"))
-                }
-                Ok((r, Event::Closed(why))) => SyncError::PeerFailed {
-                    rank: r,
-                    message: format!(
-                        "{why} (last seen {}, {:.0} s ago)",
-                        inner.seen[r].what,
-                        inner.seen[r].since.elapsed().as_secs_f64()
-                    ),
+                Ok((r, event)) => match interruption(inner, r, event, what) {
+                    Some(e) => e,
+                    None => continue,
                 },
                 Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => {
                     let missing: Vec<String> = (0..self.world)
@@ -494,27 +476,9 @@ impl ProcessGroup {
             let wait = deadline.saturating_duration_since(Instant::now());
             let err = match inner.events.recv_timeout(wait) {
                 Ok((_, Event::Msg(Msg::Sum { data }))) => return Ok(data),
-                Ok((r, Event::Msg(Msg::Doing { what }))) => {
-                    inner.seen[r] = Seen {
-                        what,
-                        since: Instant::now(),
-                    };
-                    continue;
-                }
-                Ok((_, Event::Msg(Msg::Fail { rank, message }))) => SyncError::PeerFailed {
-                    rank: rank as usize,
-                    message,
-                },
-                Ok((r, Event::Msg(other))) => {
-                    SyncError::OutOfStep(format!("rank {r} sent {other:?} during {what}"))
-                }
-                Ok((r, Event::Closed(why))) => SyncError::PeerFailed {
-                    rank: r,
-                    message: format!(
-                        "{why} (last seen {}, {:.0} s ago)",
-                        inner.seen[r].what,
-                        inner.seen[r].since.elapsed().as_secs_f64()
-                    ),
+                Ok((r, event)) => match interruption(inner, r, event, what) {
+                    Some(e) => e,
+                    None => continue,
                 },
                 Err(_) => {
                     let s = &inner.seen[0];
@@ -543,6 +507,33 @@ impl ProcessGroup {
             return Err(err);
         }
     }
+}
+
+/// What an event other than the awaited answer means during collective `what`: `None` when it
+/// only tells what a rank is doing, else the error that ends the wait.
+fn interruption(inner: &mut Inner, r: usize, event: Event, what: &str) -> Option<SyncError> {
+    Some(match event {
+        Event::Msg(Msg::Doing { what }) => {
+            inner.seen[r] = Seen {
+                what,
+                since: Instant::now(),
+            };
+            return None;
+        }
+        Event::Msg(Msg::Fail { rank, message }) => SyncError::PeerFailed {
+            rank: rank as usize,
+            message,
+        },
+        Event::Msg(other) => SyncError::OutOfStep(format!("rank {r} sent {other:?} during {what}")),
+        Event::Closed(why) => SyncError::PeerFailed {
+            rank: r,
+            message: format!(
+                "{why} (last seen {}, {:.0} s ago)",
+                inner.seen[r].what,
+                inner.seen[r].since.elapsed().as_secs_f64()
+            ),
+        },
+    })
 }
 
 /// The keys whose lines differ between two resolved configs (at most five).
