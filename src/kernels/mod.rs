@@ -463,6 +463,25 @@ fn transpose_options(stride: usize, padding: usize) -> ConvTransposeOptions<2> {
     ConvTransposeOptions::new([stride, stride], [padding, padding], [0, 0], [1, 1], 1)
 }
 
+/// The kernels compute in f32. A call with half-precision tensors (bf16/f16 activations under
+/// mixed precision, f32 or half parameters) is widened to f32 here and its result rounded back
+/// to the activation's dtype. `Tensor::cast` is differentiable, so each input's gradient comes
+/// back in that input's own dtype. Norm statistics and softmax belong in f32 anyway (autocast
+/// keeps them there), and on the CPU burn computes half GEMMs through f32 as well; a native
+/// half path on CUDA would bypass this.
+fn in_f32<const D: usize>(t: Tensor<D>) -> Tensor<D> {
+    if t.dtype() == DType::F32 {
+        t
+    } else {
+        t.cast(DType::F32)
+    }
+}
+
+/// `t` (computed in f32) in the caller's `dtype`.
+fn back_to<const D: usize>(t: Tensor<D>, dtype: DType) -> Tensor<D> {
+    if dtype == DType::F32 { t } else { t.cast(dtype) }
+}
+
 /// `conv_transpose2d(x, weight) + bias` through [`TrainOps`] (no output padding, no groups).
 ///
 /// # Shapes
@@ -476,13 +495,15 @@ pub fn conv_transpose2d(
     stride: usize,
     padding: usize,
 ) -> Tensor<4> {
-    Tensor::from_dispatch(<Dispatch as TrainOps>::conv_transpose2d_bias_train(
-        x.into_dispatch(),
-        weight.into_dispatch(),
-        bias.into_dispatch(),
+    let dtype = x.dtype();
+    let y = Tensor::from_dispatch(<Dispatch as TrainOps>::conv_transpose2d_bias_train(
+        in_f32(x).into_dispatch(),
+        in_f32(weight).into_dispatch(),
+        in_f32(bias).into_dispatch(),
         stride,
         padding,
-    ))
+    ));
+    back_to(y, dtype)
 }
 
 /// `conv2d(x, weight) + bias` through [`TrainOps`].
@@ -498,13 +519,19 @@ pub fn conv2d(
     stride: usize,
     padding: usize,
 ) -> Tensor<4> {
-    let (x, weight) = (x.into_dispatch(), weight.into_dispatch());
-    Tensor::from_dispatch(match bias {
-        Some(b) => {
-            <Dispatch as TrainOps>::conv2d_bias_train(x, weight, b.into_dispatch(), stride, padding)
-        }
+    let dtype = x.dtype();
+    let (x, weight) = (in_f32(x).into_dispatch(), in_f32(weight).into_dispatch());
+    let y = Tensor::from_dispatch(match bias {
+        Some(b) => <Dispatch as TrainOps>::conv2d_bias_train(
+            x,
+            weight,
+            in_f32(b).into_dispatch(),
+            stride,
+            padding,
+        ),
         None => <Dispatch as TrainOps>::conv2d_train(x, weight, stride, padding),
-    })
+    });
+    back_to(y, dtype)
 }
 
 /// `torch.nn.GroupNorm(groups, c)` through [`TrainOps`].
@@ -518,17 +545,17 @@ pub fn group_norm<const D: usize>(
     groups: usize,
     eps: f64,
 ) -> Tensor<D> {
-    let shape = x.dims();
+    let (shape, dtype) = (x.dims(), x.dtype());
     let rest = shape[2..].iter().product::<usize>();
-    let x: Tensor<3> = x.reshape([shape[0], shape[1], rest]);
+    let x: Tensor<3> = in_f32(x).reshape([shape[0], shape[1], rest]);
     let y = <Dispatch as TrainOps>::group_norm_train(
         x.into_dispatch(),
-        weight.into_dispatch(),
-        bias.into_dispatch(),
+        in_f32(weight).into_dispatch(),
+        in_f32(bias).into_dispatch(),
         groups,
         eps,
     );
-    Tensor::<3>::from_dispatch(y).reshape(shape)
+    back_to(Tensor::<3>::from_dispatch(y).reshape(shape), dtype)
 }
 
 /// `torch.nn.LayerNorm(normalized_shape)` over the trailing `N` dims through [`TrainOps`]: a group
@@ -543,18 +570,18 @@ pub fn layer_norm<const D: usize, const N: usize>(
     bias: Tensor<N>,
     eps: f64,
 ) -> Tensor<D> {
-    let shape = x.dims();
+    let (shape, dtype) = (x.dims(), x.dtype());
     let lead = D - N;
     let rows = shape[..lead].iter().product::<usize>();
-    let x: Tensor<3> = x.reshape([rows, shape[lead..].iter().product::<usize>(), 1]);
+    let x: Tensor<3> = in_f32(x).reshape([rows, shape[lead..].iter().product::<usize>(), 1]);
     let y = <Dispatch as TrainOps>::group_norm_train(
         x.into_dispatch(),
-        weight.flatten::<1>(0, N - 1).into_dispatch(),
-        bias.flatten::<1>(0, N - 1).into_dispatch(),
+        in_f32(weight).flatten::<1>(0, N - 1).into_dispatch(),
+        in_f32(bias).flatten::<1>(0, N - 1).into_dispatch(),
         1,
         eps,
     );
-    Tensor::<3>::from_dispatch(y).reshape(shape)
+    back_to(Tensor::<3>::from_dispatch(y).reshape(shape), dtype)
 }
 
 /// `softmax(q kᵀ / sqrt(d)) v` through [`TrainOps`], per head, without materialising the scores
@@ -563,13 +590,14 @@ pub fn layer_norm<const D: usize, const N: usize>(
 /// # Shapes
 /// - `q` `[h, n, d]`, `k`, `v` `[h, m, d]`; output `[h, n, d]`
 pub fn scaled_dot_product_attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>) -> Tensor<3> {
-    let d = q.dims()[2];
-    Tensor::from_dispatch(<Dispatch as TrainOps>::attention_train(
-        q.into_dispatch(),
-        k.into_dispatch(),
-        v.into_dispatch(),
+    let (d, dtype) = (q.dims()[2], q.dtype());
+    let o = Tensor::from_dispatch(<Dispatch as TrainOps>::attention_train(
+        in_f32(q).into_dispatch(),
+        in_f32(k).into_dispatch(),
+        in_f32(v).into_dispatch(),
         1.0 / (d as f64).sqrt(),
-    ))
+    ));
+    back_to(o, dtype)
 }
 
 /// `x·σ(x)` through [`TrainOps`].
@@ -577,15 +605,21 @@ pub fn scaled_dot_product_attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>) ->
 /// # Shapes
 /// - any; output the same
 pub fn silu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
-    Tensor::from_dispatch(<Dispatch as TrainOps>::silu_train(x.into_dispatch()))
+    let dtype = x.dtype();
+    back_to(
+        Tensor::from_dispatch(<Dispatch as TrainOps>::silu_train(in_f32(x).into_dispatch())),
+        dtype,
+    )
 }
 
 /// Softmax over the last dimension through [`TrainOps`] (`burn::tensor::activation::softmax(x,
 /// D - 1)`, fused: one pass for the row maxima, one for exp and sum, in parallel over rows).
 pub fn softmax_last<const D: usize>(x: Tensor<D>) -> Tensor<D> {
-    Tensor::from_dispatch(<Dispatch as TrainOps>::softmax_last_train(
-        x.into_dispatch(),
-    ))
+    let dtype = x.dtype();
+    back_to(
+        Tensor::from_dispatch(<Dispatch as TrainOps>::softmax_last_train(in_f32(x).into_dispatch())),
+        dtype,
+    )
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1360,6 +1394,68 @@ mod tests {
 
     fn device() -> Device {
         Device::flex().autodiff()
+    }
+
+    /// Every public kernel called with bf16 or f16 tensors (mixed precision's activations, here
+    /// with half weights too): no panic, results and gradients in the caller's dtype, close to
+    /// the f32 call's.
+    #[test]
+    fn half_precision_calls_compute_in_f32_and_answer_in_their_dtype() {
+        let d = device();
+        let dist = Distribution::Normal(0.0, 1.0);
+        let x4 = Tensor::<4>::random([2, 8, 6, 6], dist, &d);
+        let w4 = Tensor::<4>::random([8, 8, 3, 3], dist, &d).mul_scalar(0.2);
+        let b1 = Tensor::<1>::random([8], dist, &d);
+        let x3 = Tensor::<3>::random([2, 9, 8], dist, &d);
+        // Each case: the output of `f` on the inputs, and the gradient of its weighted sum.
+        type Case = fn(Vec<Tensor<4>>) -> Tensor<4>;
+        let cases: Vec<(&str, Vec<Tensor<4>>, Case)> = vec![
+            ("conv2d", vec![x4.clone(), w4.clone(), b1.clone().reshape([1, 1, 1, 8])], |t| {
+                conv2d(t[0].clone(), t[1].clone(), Some(t[2].clone().reshape([8])), 1, 1)
+            }),
+            ("conv_transpose2d", vec![x4.clone(), w4.clone(), b1.clone().reshape([1, 1, 1, 8])], |t| {
+                conv_transpose2d(t[0].clone(), t[1].clone(), t[2].clone().reshape([8]), 2, 1)
+            }),
+            ("group_norm", vec![x4.clone(), b1.clone().reshape([1, 1, 1, 8]), b1.clone().reshape([1, 1, 1, 8])], |t| {
+                group_norm(t[0].clone(), t[1].clone().reshape([8]), t[2].clone().reshape([8]), 4, 1e-5)
+            }),
+            ("layer_norm", vec![x3.clone().unsqueeze(), b1.clone().reshape([1, 1, 1, 8]), b1.clone().reshape([1, 1, 1, 8])], |t| {
+                let x: Tensor<3> = t[0].clone().squeeze_dim(0);
+                layer_norm::<3, 1>(x, t[1].clone().reshape([8]), t[2].clone().reshape([8]), 1e-5).unsqueeze()
+            }),
+            ("attention", vec![x3.clone().unsqueeze(), x3.clone().unsqueeze().mul_scalar(0.5), x3.clone().unsqueeze()], |t| {
+                let [q, k, v] = [0, 1, 2].map(|i| t[i].clone().squeeze_dim::<3>(0));
+                scaled_dot_product_attention(q, k, v).unsqueeze()
+            }),
+            ("silu", vec![x4.clone()], |t| silu(t[0].clone())),
+            ("softmax_last", vec![x4.clone()], |t| softmax_last(t[0].clone())),
+        ];
+        for (name, inputs, f) in cases {
+            let run = |dtype: DType| {
+                let leaves: Vec<Tensor<4>> =
+                    inputs.iter().map(|t| t.clone().cast(dtype).detach().require_grad()).collect();
+                let y = f(leaves.clone());
+                assert_eq!(y.dtype(), dtype, "{name}: output dtype");
+                let weights = y.clone().cast(DType::F32).sin().detach().cast(dtype);
+                let grads = (y.clone() * weights).sum().backward();
+                let mut out = vec![y.cast(DType::F32).into_data()];
+                for leaf in &leaves {
+                    let g = leaf.grad(&grads).unwrap_or_else(|| panic!("{name}: no gradient"));
+                    assert_eq!(g.dtype(), dtype, "{name}: gradient dtype");
+                    out.push(g.cast(DType::F32).into_data());
+                }
+                out
+            };
+            let reference = run(DType::F32);
+            for (dtype, tol) in [(DType::BF16, 0.1), (DType::F16, 0.02)] {
+                for (k, (a, b)) in run(dtype).iter().zip(&reference).enumerate() {
+                    let (a, b) = (a.try_to_vec::<f32>().unwrap(), b.try_to_vec::<f32>().unwrap());
+                    let scale = b.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+                    let err = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max) / scale;
+                    assert!(err < tol, "{name} {dtype:?} output/gradient {k}: relative error {err}");
+                }
+            }
+        }
     }
 
     /// Softmax over the last dimension through [`TrainOps`] and its gradient equal burn's
