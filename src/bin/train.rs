@@ -35,7 +35,9 @@ fn run(args: Args) -> anyhow::Result<()> {
     let launch = difftrain::distributed::launch::from_env(|k| std::env::var(k).ok())
         .map_err(anyhow::Error::msg)?;
     let device = match &launch {
-        Some(l) => l.device_for(&cfg).map_err(anyhow::Error::msg)?,
+        Some(l) => l
+            .device_for(&cfg.run.device, cfg.run.devices.as_ref())
+            .map_err(anyhow::Error::msg)?,
         None => cfg.run.device.clone(),
     };
     // Before any compute (and before writing anything): the output folder must be writable
@@ -77,7 +79,10 @@ fn run(args: Args) -> anyhow::Result<()> {
         return Ok(());
     }
     if let Some(l) = &launch {
-        let group = difftrain::distributed::launch::join(l, &cfg).map_err(anyhow::Error::msg)?;
+        let timeout = std::time::Duration::from_secs_f64(cfg.run.sync_timeout_secs);
+        let cuda = device.starts_with("cuda");
+        let group = difftrain::distributed::launch::join(l, &cfg.to_toml(), timeout, cuda)
+            .map_err(anyhow::Error::msg)?;
         if l.rank == 0 {
             eprintln!("launch ({}): {} processes met at {}", l.source, group.world(), l.master);
         }

@@ -10,8 +10,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use super::process::{ProcessGroup, Rendezvous};
-use crate::config::Config;
-use crate::device::DeviceSpec;
+use crate::device::{DeviceList, DeviceSpec};
 
 /// torchrun's default port, also used under SLURM when `MASTER_PORT` is unset.
 pub const DEFAULT_PORT: u16 = 29500;
@@ -108,10 +107,11 @@ pub fn from_env(get: impl Fn(&str) -> Option<String>) -> Result<Option<LaunchEnv
 }
 
 impl LaunchEnv {
-    /// This process's device for a config asking for `run.device` (and maybe `run.devices`):
-    /// `cuda:LOCAL_RANK` for CUDA, the CPU otherwise. Refuses what a launch cannot mean.
-    pub fn device_for(&self, cfg: &Config) -> Result<String, String> {
-        if let Some(list) = &cfg.run.devices {
+    /// This process's device for a config asking for `device` (`run.device`) and maybe
+    /// `devices` (`run.devices`): `cuda:LOCAL_RANK` for CUDA, the CPU otherwise. Refuses what a
+    /// launch cannot mean.
+    pub fn device_for(&self, device: &str, devices: Option<&DeviceList>) -> Result<String, String> {
+        if let Some(list) = devices {
             return Err(format!(
                 "run.devices = {list:?} with a {}-process launch ({}): each process trains on \
                  one device (cuda:LOCAL_RANK). Remove run.devices and set run.device = \"cuda\" \
@@ -119,13 +119,13 @@ impl LaunchEnv {
                 self.world, self.source
             ));
         }
-        let spec = DeviceSpec::parse(&cfg.run.device).map_err(|e| format!("run.device: {e}"))?;
+        let spec = DeviceSpec::parse(device).map_err(|e| format!("run.device: {e}"))?;
         match spec {
-            DeviceSpec::Cuda(i) if cfg.run.device != "cuda" && i != self.local_rank => {
+            DeviceSpec::Cuda(i) if device != "cuda" && i != self.local_rank => {
                 Err(format!(
                     "run.device = {:?} but this process has LOCAL_RANK={}: in a multi-process launch \
                  each process takes cuda:LOCAL_RANK; set run.device = \"cuda\"",
-                    cfg.run.device, self.local_rank
+                    device, self.local_rank
                 ))
             }
             DeviceSpec::Cuda(_) => Ok(format!("cuda:{}", self.local_rank)),
@@ -163,20 +163,25 @@ pub fn current() -> Option<Arc<ProcessGroup>> {
     GROUP.get().cloned()
 }
 
-/// Meets the other processes of the launch (once per process): `cfg` is the resolved config as
-/// loaded (before [`adapt`]), which every process must share.
-pub fn join(env: &LaunchEnv, cfg: &Config) -> Result<Arc<ProcessGroup>, String> {
+/// Meets the other processes of the launch (once per process). `config` is the resolved config
+/// as loaded (`Config::to_toml`), which every process must share; `timeout` bounds the wait here
+/// and at every collective; `cuda` asks rank 0 for an NCCL id.
+pub fn join(
+    env: &LaunchEnv,
+    config: &str,
+    timeout: Duration,
+    cuda: bool,
+) -> Result<Arc<ProcessGroup>, String> {
     if let Some(g) = GROUP.get() {
         return Ok(g.clone());
     }
-    let cuda = env.device_for(cfg)?.starts_with("cuda");
     let rv = Rendezvous {
         rank: env.rank,
         world: env.world,
         master: env.master.clone(),
-        timeout: Duration::from_secs_f64(cfg.run.sync_timeout_secs),
+        timeout,
     };
-    let group = ProcessGroup::rendezvous(&rv, &cfg.to_toml(), || {
+    let group = ProcessGroup::rendezvous(&rv, config, || {
         if cuda {
             super::nccl::mint_id()
         } else {
@@ -184,19 +189,6 @@ pub fn join(env: &LaunchEnv, cfg: &Config) -> Result<Arc<ProcessGroup>, String> 
         }
     })?;
     Ok(GROUP.get_or_init(|| group).clone())
-}
-
-/// `cfg` for this process: in a launch, `run.device` becomes this process's device (every
-/// training stage of a chained config goes through here); otherwise unchanged.
-pub fn adapt(cfg: &Config) -> Result<Config, String> {
-    let mut cfg = cfg.clone();
-    if GROUP.get().is_some()
-        && let Some(env) = from_env(|k| std::env::var(k).ok())?
-    {
-        cfg.run.device = env.device_for(&cfg)?;
-        cfg.run.devices = None;
-    }
-    Ok(cfg)
 }
 
 #[cfg(test)]
@@ -281,24 +273,15 @@ mod tests {
             master: "10.0.0.1:29500".into(),
             source: "torchrun",
         };
-        let mut cfg = Config::default();
-        cfg.run.device = "cuda".into();
-        assert_eq!(l.device_for(&cfg).unwrap(), "cuda:1");
-        cfg.run.device = "cuda:0".into();
-        assert!(l.device_for(&cfg).unwrap_err().contains("LOCAL_RANK=1"));
-        cfg.run.device = "cpu".into();
-        assert!(l.device_for(&cfg).unwrap_err().contains("loopback"));
+        assert_eq!(l.device_for("cuda", None).unwrap(), "cuda:1");
+        assert!(l.device_for("cuda:0", None).unwrap_err().contains("LOCAL_RANK=1"));
+        assert!(l.device_for("cpu", None).unwrap_err().contains("loopback"));
         let local = LaunchEnv {
             master: "127.0.0.1:29500".into(),
             ..l.clone()
         };
-        assert_eq!(local.device_for(&cfg).unwrap(), "cpu");
-        cfg.run.devices = Some(crate::device::DeviceList::Keyword("all".into()));
-        assert!(
-            local
-                .device_for(&cfg)
-                .unwrap_err()
-                .contains("Remove run.devices")
-        );
+        assert_eq!(local.device_for("cpu", None).unwrap(), "cpu");
+        let all = DeviceList::Keyword("all".into());
+        assert!(local.device_for("cpu", Some(&all)).unwrap_err().contains("Remove run.devices"));
     }
 }

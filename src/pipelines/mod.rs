@@ -95,7 +95,7 @@ pub(crate) fn pairs_grid(images: &[f32], shape: [usize; 4], recon: &[f32]) -> Gr
 pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<RunSummary, TrainError> {
     // In a multi-process launch: this process's device, and the others learn of a failure
     // here (e.g. while rank 0 builds a cache they wait for) instead of timing out.
-    let cfg = &crate::distributed::launch::adapt(cfg)
+    let cfg = &for_this_process(cfg)
         .map_err(|e| TrainError::Device(crate::device::DeviceError::Invalid(e)))?;
     let result = train_family(cfg, opts);
     if let (Err(e), Some(p)) = (&result, crate::distributed::launch::current())
@@ -105,6 +105,20 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<RunSummary, TrainError
         p.fail(&e.to_string());
     }
     result
+}
+
+/// `cfg` for this process: in a multi-process launch that has met, `run.device` becomes this
+/// process's device (every training stage of a chained config goes through here).
+fn for_this_process(cfg: &Config) -> Result<Config, String> {
+    use crate::distributed::launch;
+    let mut cfg = cfg.clone();
+    if launch::current().is_some()
+        && let Some(env) = launch::from_env(|k| std::env::var(k).ok())?
+    {
+        cfg.run.device = env.device_for(&cfg.run.device, cfg.run.devices.as_ref())?;
+        cfg.run.devices = None;
+    }
+    Ok(cfg)
 }
 
 fn train_family(cfg: &Config, opts: &TrainOptions) -> Result<RunSummary, TrainError> {
