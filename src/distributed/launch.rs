@@ -156,11 +156,17 @@ impl LaunchEnv {
     }
 }
 
-static GROUP: OnceLock<Arc<ProcessGroup>> = OnceLock::new();
+/// The launch this process joined, and its group.
+static JOINED: OnceLock<(LaunchEnv, Arc<ProcessGroup>)> = OnceLock::new();
 
 /// This process's group when it is part of a multi-process launch that has met.
 pub fn current() -> Option<Arc<ProcessGroup>> {
-    GROUP.get().cloned()
+    JOINED.get().map(|(_, g)| g.clone())
+}
+
+/// The launch environment this process joined with (`None` outside a launch).
+pub fn joined() -> Option<&'static LaunchEnv> {
+    JOINED.get().map(|(env, _)| env)
 }
 
 /// Meets the other processes of the launch (once per process). `config` is the resolved config
@@ -172,8 +178,8 @@ pub fn join(
     timeout: Duration,
     cuda: bool,
 ) -> Result<Arc<ProcessGroup>, String> {
-    if let Some(g) = GROUP.get() {
-        return Ok(g.clone());
+    if let Some(g) = current() {
+        return Ok(g);
     }
     let rv = Rendezvous {
         rank: env.rank,
@@ -188,7 +194,7 @@ pub fn join(
             Ok(Vec::new())
         }
     })?;
-    Ok(GROUP.get_or_init(|| group).clone())
+    Ok(JOINED.get_or_init(|| (env.clone(), group)).1.clone())
 }
 
 #[cfg(test)]

@@ -61,6 +61,20 @@ struct Seen {
     since: Instant,
 }
 
+impl Seen {
+    fn now(what: impl Into<String>) -> Self {
+        Self {
+            what: what.into(),
+            since: Instant::now(),
+        }
+    }
+
+    /// `last seen <what>, <N> s ago`.
+    fn describe(&self) -> String {
+        format!("last seen {}, {:.0} s ago", self.what, self.since.elapsed().as_secs_f64())
+    }
+}
+
 struct State {
     /// Collectives completed so far.
     generation: u64,
@@ -111,10 +125,7 @@ impl Group {
 
     /// Records what `rank` is doing; a rank that times out waiting names it.
     pub fn doing(&self, rank: usize, what: &str) {
-        self.lock().seen[rank] = Seen {
-            what: what.to_string(),
-            since: Instant::now(),
-        };
+        self.lock().seen[rank] = Seen::now(what);
     }
 
     /// Marks the group failed: every rank waiting now or later gets `PeerFailed`.
@@ -140,10 +151,7 @@ impl Group {
             return Err(e.clone());
         }
         let generation = st.generation;
-        st.seen[rank] = Seen {
-            what: format!("waiting at {what}"),
-            since: Instant::now(),
-        };
+        st.seen[rank] = Seen::now(format!("waiting at {what}"));
         st.arrived[rank] = Some((what.to_string(), data));
         if st.arrived.iter().all(Option::is_some) {
             let parts: Vec<(String, Vec<f32>)> =
@@ -186,14 +194,7 @@ impl Group {
             if now >= deadline {
                 let missing: Vec<String> = (0..self.world)
                     .filter(|&r| st.arrived[r].is_none())
-                    .map(|r| {
-                        let s = &st.seen[r];
-                        format!(
-                            "rank {r} (last seen {}, {:.0} s ago)",
-                            s.what,
-                            s.since.elapsed().as_secs_f64()
-                        )
-                    })
+                    .map(|r| format!("rank {r} ({})", st.seen[r].describe()))
                     .collect();
                 let e = SyncError::Timeout {
                     waiting: rank,
@@ -363,14 +364,6 @@ impl Replica {
         match &self.group {
             Some(g) => g.all_reduce(self.rank, what, Vec::new()).map(|_| ()),
             None => Ok(()),
-        }
-    }
-
-    /// Reports this rank's failure to the other processes of a launch (in-process ranks learn
-    /// of it through [`run_ranks`]).
-    pub fn fail(&self, message: &str) {
-        if let Some(Meet::Processes(p)) = &self.group {
-            p.fail(message);
         }
     }
 }

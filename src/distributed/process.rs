@@ -20,7 +20,7 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use super::SyncError;
+use super::{Seen, SyncError};
 use super::wire::{Msg, decode, encode, send};
 
 /// What a reader thread reports about one peer.
@@ -56,13 +56,6 @@ fn spawn_reader(peer: usize, stream: TcpStream, events: Sender<(usize, Event)>) 
             }
         })
         .expect("cannot spawn a connection reader thread");
-}
-
-/// What one rank was last seen doing.
-#[derive(Clone)]
-struct Seen {
-    what: String,
-    since: Instant,
 }
 
 struct Inner {
@@ -264,7 +257,6 @@ impl ProcessGroup {
             spawn_reader(0, stream, tx.clone());
             id
         };
-        let now = Instant::now();
         Ok(Arc::new(Self {
             rank: rv.rank,
             world: rv.world,
@@ -273,13 +265,7 @@ impl ProcessGroup {
             inner: Mutex::new(Inner {
                 links,
                 events: rx,
-                seen: vec![
-                    Seen {
-                        what: "training".into(),
-                        since: now,
-                    };
-                    rv.world
-                ],
+                seen: vec![Seen::now("training"); rv.world],
                 failed: None,
             }),
         }))
@@ -362,10 +348,7 @@ impl ProcessGroup {
             let err = match inner.events.recv_timeout(wait) {
                 Ok((r, Event::Msg(Msg::Contribute { what, data }))) if arrived[r].is_none() => {
                     arrived[r] = Some((what, data));
-                    inner.seen[r] = Seen {
-                        what: "waiting at a collective".into(),
-                        since: Instant::now(),
-                    };
+                    inner.seen[r] = Seen::now("waiting at a collective");
                     continue;
                 }
                 Ok((r, Event::Msg(Msg::Contribute { what: other, .. }))) => SyncError::OutOfStep(
@@ -378,14 +361,7 @@ impl ProcessGroup {
                 Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => {
                     let missing: Vec<String> = (0..self.world)
                         .filter(|&r| arrived[r].is_none())
-                        .map(|r| {
-                            let s = &inner.seen[r];
-                            format!(
-                                "rank {r} (last seen {}, {:.0} s ago)",
-                                s.what,
-                                s.since.elapsed().as_secs_f64()
-                            )
-                        })
+                        .map(|r| format!("rank {r} ({})", inner.seen[r].describe()))
                         .collect();
                     SyncError::Timeout {
                         waiting: 0,
@@ -480,19 +456,12 @@ impl ProcessGroup {
                     Some(e) => e,
                     None => continue,
                 },
-                Err(_) => {
-                    let s = &inner.seen[0];
-                    SyncError::Timeout {
-                        waiting: self.rank,
-                        what: what.to_string(),
-                        missing: format!(
-                            "rank 0 (last seen {}, {:.0} s ago)",
-                            s.what,
-                            s.since.elapsed().as_secs_f64()
-                        ),
-                        seconds: self.timeout.as_secs_f64(),
-                    }
-                }
+                Err(_) => SyncError::Timeout {
+                    waiting: self.rank,
+                    what: what.to_string(),
+                    missing: format!("rank 0 ({})", inner.seen[0].describe()),
+                    seconds: self.timeout.as_secs_f64(),
+                },
             };
             if !err.is_secondary() {
                 // Rank 0 passes it on to the others.
@@ -514,10 +483,7 @@ impl ProcessGroup {
 fn interruption(inner: &mut Inner, r: usize, event: Event, what: &str) -> Option<SyncError> {
     Some(match event {
         Event::Msg(Msg::Doing { what }) => {
-            inner.seen[r] = Seen {
-                what,
-                since: Instant::now(),
-            };
+            inner.seen[r] = Seen::now(what);
             return None;
         }
         Event::Msg(Msg::Fail { rank, message }) => SyncError::PeerFailed {
@@ -527,11 +493,7 @@ fn interruption(inner: &mut Inner, r: usize, event: Event, what: &str) -> Option
         Event::Msg(other) => SyncError::OutOfStep(format!("rank {r} sent {other:?} during {what}")),
         Event::Closed(why) => SyncError::PeerFailed {
             rank: r,
-            message: format!(
-                "{why} (last seen {}, {:.0} s ago)",
-                inner.seen[r].what,
-                inner.seen[r].since.elapsed().as_secs_f64()
-            ),
+            message: format!("{why} ({})", inner.seen[r].describe()),
         },
     })
 }
@@ -662,12 +624,17 @@ mod tests {
         })
     }
 
-    #[test]
-    fn three_processes_sum_in_rank_order_and_share_the_nccl_id() {
-        let groups: Vec<_> = launch(3, vec!["cfg".into(); 3], Duration::from_secs(20))
+    /// `world` groups that met with the same config.
+    fn met(world: usize, timeout: Duration) -> Vec<Arc<ProcessGroup>> {
+        launch(world, vec!["cfg".into(); world], timeout)
             .into_iter()
             .map(Result::unwrap)
-            .collect();
+            .collect()
+    }
+
+    #[test]
+    fn three_processes_sum_in_rank_order_and_share_the_nccl_id() {
+        let groups: Vec<_> = met(3, Duration::from_secs(20));
         for g in &groups {
             assert_eq!(g.nccl_id(), &[7u8; 128][..]);
         }
@@ -724,10 +691,7 @@ mod tests {
 
     #[test]
     fn a_process_that_exits_is_named_by_the_others() {
-        let mut groups: Vec<_> = launch(3, vec!["cfg".into(); 3], Duration::from_secs(20))
-            .into_iter()
-            .map(Result::unwrap)
-            .collect();
+        let mut groups: Vec<_> = met(3, Duration::from_secs(20));
         // Rank 1 goes away (its connection closes, as when the process is killed).
         let gone = groups.remove(1);
         gone.doing("step 5");
@@ -757,10 +721,7 @@ mod tests {
 
     #[test]
     fn a_silent_rank_times_out_with_what_rank_0_was_doing() {
-        let groups: Vec<_> = launch(2, vec!["cfg".into(); 2], Duration::from_millis(400))
-            .into_iter()
-            .map(Result::unwrap)
-            .collect();
+        let groups: Vec<_> = met(2, Duration::from_millis(400));
         groups[0].doing("writing checkpoint-40");
         std::thread::sleep(Duration::from_millis(50));
         let e = groups[1]

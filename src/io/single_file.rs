@@ -126,11 +126,7 @@ const RESNET: [(&str, &str); 6] = [
 
 /// Longest-prefix lookup of `key` in `(from, to)` pairs.
 fn replace_prefix<'p>(key: &str, pairs: &'p [(String, String)]) -> Option<(&'p str, String)> {
-    pairs
-        .iter()
-        .filter(|(from, _)| key.starts_with(from.as_str()))
-        .max_by_key(|(from, _)| from.len())
-        .map(|(from, to)| (to.as_str(), key[from.len()..].to_string()))
+    matching_pair(key, pairs).map(|(from, to)| (to.as_str(), key[from.len()..].to_string()))
 }
 
 /// Model keys of the U-Net -> single-file entries.
@@ -159,14 +155,8 @@ pub fn unet_entries(keys: &[String], layout: &UNetLayout) -> BTreeMap<String, En
     out
 }
 
-/// Model keys of the VAE -> single-file entries (`levels` = len(block_out_channels)). The
-/// mid-block attention's q/k/v/proj_out are 1x1 convolutions in the original layout and are
-/// reshaped to linear weights.
-pub fn vae_entries(
-    keys: &[String],
-    levels: usize,
-    source: &dyn TensorSource,
-) -> BTreeMap<String, Entry> {
+/// `(original prefix, diffusers prefix)` pairs for a VAE with `levels` levels.
+fn vae_prefixes(levels: usize) -> Vec<(String, String)> {
     let mut pairs: Vec<(String, String)> = vec![
         (
             "encoder.mid.block_1.".into(),
@@ -214,13 +204,27 @@ pub fn vae_entries(
             format!("decoder.up_blocks.{i}.upsamplers.0."),
         ));
     }
-    let attn = [
-        ("norm.", "group_norm."),
-        ("q.", "to_q."),
-        ("k.", "to_k."),
-        ("v.", "to_v."),
-        ("proj_out.", "to_out.0."),
-    ];
+    pairs
+}
+
+/// The mid-block attention's parameter names inside its prefix: `(original, diffusers)`.
+const VAE_ATTENTION: [(&str, &str); 5] = [
+    ("norm.", "group_norm."),
+    ("q.", "to_q."),
+    ("k.", "to_k."),
+    ("v.", "to_v."),
+    ("proj_out.", "to_out.0."),
+];
+
+/// Model keys of the VAE -> single-file entries (`levels` = len(block_out_channels)). The
+/// mid-block attention's q/k/v/proj_out are 1x1 convolutions in the original layout and are
+/// reshaped to linear weights.
+pub fn vae_entries(
+    keys: &[String],
+    levels: usize,
+    source: &dyn TensorSource,
+) -> BTreeMap<String, Entry> {
+    let pairs = vae_prefixes(levels);
     let mut out = BTreeMap::new();
     for key in keys {
         let Some(rest) = key.strip_prefix(VAE_PREFIX) else {
@@ -228,7 +232,7 @@ pub fn vae_entries(
         };
         let (name, mut entry) = match replace_prefix(rest, &pairs) {
             Some((to, tail)) if to.contains("attentions.") => {
-                let (tail, conv) = attn
+                let (tail, conv) = VAE_ATTENTION
                     .iter()
                     .find_map(|(o, d)| {
                         tail.strip_prefix(o)
@@ -292,40 +296,15 @@ pub fn unet_original_name(name: &str, layout: &UNetLayout) -> String {
 /// [`vae_entries`]), and whether it is one of the mid-block attention's linear weights that the
 /// original layout keeps as 1x1 convolutions (`[out, in]` -> `[out, in, 1, 1]`).
 pub fn vae_original_name(name: &str, levels: usize) -> (String, bool) {
-    let mut inverse: Vec<(String, String)> = Vec::new();
-    for part in ["encoder", "decoder"] {
-        inverse.push((format!("{part}.mid_block.resnets.0."), format!("{part}.mid.block_1.")));
-        inverse.push((format!("{part}.mid_block.resnets.1."), format!("{part}.mid.block_2.")));
-        inverse.push((format!("{part}.mid_block.attentions.0."), format!("{part}.mid.attn_1.")));
-        inverse.push((format!("{part}.conv_norm_out."), format!("{part}.norm_out.")));
-    }
-    for i in 0..levels {
-        let up = levels - 1 - i;
-        inverse.push((format!("encoder.down_blocks.{i}.resnets."), format!("encoder.down.{i}.block.")));
-        inverse.push((
-            format!("encoder.down_blocks.{i}.downsamplers.0."),
-            format!("encoder.down.{i}.downsample."),
-        ));
-        inverse.push((format!("decoder.up_blocks.{i}.resnets."), format!("decoder.up.{up}.block.")));
-        inverse.push((
-            format!("decoder.up_blocks.{i}.upsamplers.0."),
-            format!("decoder.up.{up}.upsample."),
-        ));
-    }
-    let attn = [
-        ("group_norm.", "norm."),
-        ("to_q.", "q."),
-        ("to_k.", "k."),
-        ("to_v.", "v."),
-        ("to_out.0.", "proj_out."),
-    ];
+    let inverse: Vec<(String, String)> =
+        vae_prefixes(levels).into_iter().map(|(o, d)| (d, o)).collect();
     let (body, conv) = match matching_pair(name, &inverse) {
         Some((from, to)) => {
             let tail = &name[from.len()..];
             if from.contains("attentions.") {
-                let (tail, conv) = attn
+                let (tail, conv) = VAE_ATTENTION
                     .iter()
-                    .find_map(|(d, o)| {
+                    .find_map(|(o, d)| {
                         tail.strip_prefix(d).map(|t| (format!("{o}{t}"), *d != "group_norm."))
                     })
                     .unwrap_or((tail.to_string(), false));

@@ -110,11 +110,8 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<RunSummary, TrainError
 /// `cfg` for this process: in a multi-process launch that has met, `run.device` becomes this
 /// process's device (every training stage of a chained config goes through here).
 fn for_this_process(cfg: &Config) -> Result<Config, String> {
-    use crate::distributed::launch;
     let mut cfg = cfg.clone();
-    if launch::current().is_some()
-        && let Some(env) = launch::from_env(|k| std::env::var(k).ok())?
-    {
+    if let Some(env) = crate::distributed::launch::joined() {
         cfg.run.device = env.device_for(&cfg.run.device, cfg.run.devices.as_ref())?;
         cfg.run.devices = None;
     }

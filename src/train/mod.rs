@@ -232,17 +232,13 @@ where
     let Some(process) = distributed::launch::current() else {
         return train_ranks(cfg, opts, objective, outputs, None);
     };
-    let result = train_ranks(cfg, opts, objective, outputs, Some(process.clone()));
-    match &result {
-        Ok(_) => process
-            .barrier("the end of the run (rank 0 writes the final samples and export)")
-            .map_err(TrainError::Sync)?,
-        // Every rank stops after the same step; the others learned of nothing else.
-        Err(TrainError::Interrupted { .. }) => {}
-        Err(TrainError::Sync(e)) if e.is_secondary() => {}
-        Err(e) => process.fail(&e.to_string()),
-    }
-    result
+    // (A failure reaches the other processes from `pipelines::train`, which also covers the
+    // work before the loop.)
+    let outcome = train_ranks(cfg, opts, objective, outputs, Some(process.clone()))?;
+    process
+        .barrier("the end of the run (rank 0 writes the final samples and export)")
+        .map_err(TrainError::Sync)?;
+    Ok(outcome)
 }
 
 fn train_ranks<O, P>(
@@ -693,6 +689,11 @@ fn run_rank<O: Objective, P: Outputs<O::Model>>(
         let sample_every = cfg.logging.sample_every;
         let sampling = sample_every > 0 && st.step % sample_every == 0 && st.step < t.max_steps;
         let saving = every > 0 && (st.step % every == 0 || st.step == t.max_steps);
+        let save_checkpoint = |st: &RunState<O::Model>| {
+            let lr_next = lr_sched.lr_at(st.step);
+            let (fingerprints, keys) = (objective.fingerprints(), objective.checkpoint_keys());
+            st.save_checkpoint(cfg, ctx.dataset.len(), lr_next, fingerprints, keys, out)
+        };
         if ctx.opts.write_outputs && (sampling || saving) {
             if let Some(w) = writer.as_ref().filter(|_| sampling) {
                 replica.doing(&format!("sampling at step {}", st.step));
@@ -700,14 +701,7 @@ fn run_rank<O: Objective, P: Outputs<O::Model>>(
             }
             if writer.is_some() && saving {
                 replica.doing(&format!("writing checkpoint-{}", st.step));
-                st.save_checkpoint(
-                    cfg,
-                    ctx.dataset.len(),
-                    lr_sched.lr_at(st.step),
-                    objective.fingerprints(),
-                    objective.checkpoint_keys(),
-                    out,
-                )?;
+                save_checkpoint(&st)?;
             }
             // The others wait for rank 0's writes (with the timeout), so none runs ahead into
             // the next all-reduce while rank 0 samples or saves.
@@ -727,14 +721,7 @@ fn run_rank<O: Objective, P: Outputs<O::Model>>(
                 written = Some(if saving {
                     out.join(format!("checkpoint-{}", st.step))
                 } else {
-                    st.save_checkpoint(
-                        cfg,
-                        ctx.dataset.len(),
-                        lr_sched.lr_at(st.step),
-                        objective.fingerprints(),
-                        objective.checkpoint_keys(),
-                        out,
-                    )?
+                    save_checkpoint(&st)?
                 });
             }
             // (TensorBoard records are flushed as they are written.)
