@@ -415,7 +415,11 @@ pub fn resolve(out_dir: &Path, resume: &Resume) -> Result<Start, CheckpointError
                         };
                         // With `latest` unreadable nothing says which came last: this is the
                         // newest complete one.
-                        let which = if named.is_some() { "previous" } else { "newest" };
+                        let which = if named.is_some() {
+                            "previous"
+                        } else {
+                            "newest"
+                        };
                         notes.push(format!(
                             "warning: {why}; resuming from the {which} complete checkpoint {} \
                              (work after step {} is redone)",
@@ -680,10 +684,12 @@ impl RunLock {
     pub fn acquire(dir: &Path) -> Result<Self, CheckpointError> {
         use std::io::{Read, Seek, Write};
         let path = dir.join(".lock");
-        let io_err = |source| CheckpointError::Io(crate::io::IoError::Write {
-            path: path.clone(),
-            source,
-        });
+        let io_err = |source| {
+            CheckpointError::Io(crate::io::IoError::Write {
+                path: path.clone(),
+                source,
+            })
+        };
         std::fs::create_dir_all(dir).map_err(io_err)?;
         let mut file = std::fs::OpenOptions::new()
             .read(true)
@@ -703,7 +709,11 @@ impl RunLock {
             if r != 0 {
                 return Err(CheckpointError::Locked {
                     dir: dir.to_path_buf(),
-                    holder: if previous.is_empty() { "another process".into() } else { previous },
+                    holder: if previous.is_empty() {
+                        "another process".into()
+                    } else {
+                        previous
+                    },
                 });
             }
         }
@@ -719,7 +729,10 @@ impl RunLock {
         let since = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        let me = format!("pid {} on {host}, started at unix time {since}", std::process::id());
+        let me = format!(
+            "pid {} on {host}, started at unix time {since}",
+            std::process::id()
+        );
         file.set_len(0).map_err(io_err)?;
         file.rewind().map_err(io_err)?;
         file.write_all(me.as_bytes()).map_err(io_err)?;

@@ -12,7 +12,6 @@ use crate::data::DataConfig;
 use crate::device::{DeviceList, DeviceRequest, DeviceSpec};
 use crate::diffusion::DiffusionConfig;
 use crate::diffusion::sampling::{SamplerKind, TimestepSpacing};
-use crate::models::{Architecture, Family};
 use crate::models::latent_diffusion::{
     AutoencoderTrainConfig, ConditioningConfig, LatentDiffusionConfig,
 };
@@ -20,6 +19,7 @@ use crate::models::pixelcnn::GatedPixelCNNConfig;
 use crate::models::tutorial_unet::TutorialUNetConfig;
 use crate::models::unet_2d::UNet2DConfig;
 use crate::models::vqvae::VQVAEConfig;
+use crate::models::{Architecture, Family};
 use crate::optim::ema::EmaConfig;
 use crate::optim::lr::LrSchedule;
 use crate::optim::precision::MixedPrecision;
@@ -434,7 +434,10 @@ fn apply_override(root: &mut toml::Table, assignment: &str) -> Result<(), Config
             "{value} is not a valid TOML value (an unclosed quote or bracket?)"
         )));
     }
-    table.insert(parts[parts.len() - 1].to_string(), parse_override_value(value));
+    table.insert(
+        parts[parts.len() - 1].to_string(),
+        parse_override_value(value),
+    );
     Ok(())
 }
 
@@ -532,7 +535,13 @@ impl Config {
         let per_device_batch = self.train.batch_size as u64;
         let width = match self.model.architecture {
             crate::models::Architecture::Unet2d => {
-                self.model.unet.block_out_channels.first().copied().unwrap_or(32) as u64 * 4
+                self.model
+                    .unet
+                    .block_out_channels
+                    .first()
+                    .copied()
+                    .unwrap_or(32) as u64
+                    * 4
             }
             _ => 3,
         };

@@ -145,7 +145,11 @@ fn check_cuda(i: usize) -> Result<(), DeviceError> {
     if i >= count {
         return Err(DeviceError::Invalid(format!(
             "cuda:{i}: this machine has {count} visible CUDA device(s){}",
-            if count > 0 { format!(", cuda:0..cuda:{}", count - 1) } else { String::new() }
+            if count > 0 {
+                format!(", cuda:0..cuda:{}", count - 1)
+            } else {
+                String::new()
+            }
         )));
     }
     Ok(())

@@ -79,7 +79,9 @@ pub fn run_guarded(body: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<
     if std::env::var_os("RUST_BACKTRACE").is_none() {
         std::panic::set_hook(Box::new(|info| {
             if let Ok(mut w) = WHERE.lock() {
-                *w = info.location().map(|l| format!("{}:{}", l.file(), l.line()));
+                *w = info
+                    .location()
+                    .map(|l| format!("{}:{}", l.file(), l.line()));
             }
         }));
     }
@@ -91,7 +93,11 @@ pub fn run_guarded(body: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<
                 .cloned()
                 .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
                 .unwrap_or_else(|| "unknown panic".into());
-            let at = WHERE.lock().ok().and_then(|w| w.clone()).unwrap_or_default();
+            let at = WHERE
+                .lock()
+                .ok()
+                .and_then(|w| w.clone())
+                .unwrap_or_default();
             let lower = msg.to_lowercase();
             if lower.contains("out of memory") || lower.contains("outofmemory") {
                 anyhow::bail!(
@@ -99,8 +105,14 @@ pub fn run_guarded(body: impl FnOnce() -> anyhow::Result<()>) -> anyhow::Result<
                      effective batch with train.gradient_accumulation_steps) or data.resolution"
                 );
             }
-            let at = if at.is_empty() { String::new() } else { format!(" (at {at})") };
-            anyhow::bail!("internal error: {msg}{at}. Please report it with the command and the config")
+            let at = if at.is_empty() {
+                String::new()
+            } else {
+                format!(" (at {at})")
+            };
+            anyhow::bail!(
+                "internal error: {msg}{at}. Please report it with the command and the config"
+            )
         }
     }
 }
@@ -111,8 +123,9 @@ pub fn exit_code(result: anyhow::Result<()>) -> std::process::ExitCode {
         Err(e) => {
             // A run stopped by SIGINT/SIGTERM after writing its checkpoint: 128 + the signal,
             // as a shell reports a process the signal ended.
-            if let Some(train::TrainError::Interrupted { signal, .. }) =
-                e.chain().find_map(|c| c.downcast_ref::<train::TrainError>())
+            if let Some(train::TrainError::Interrupted { signal, .. }) = e
+                .chain()
+                .find_map(|c| c.downcast_ref::<train::TrainError>())
             {
                 eprintln!("{e:#}");
                 return std::process::ExitCode::from((128 + *signal) as u8);

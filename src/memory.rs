@@ -126,14 +126,16 @@ unsafe impl GlobalAlloc for CachingAllocator {
 
 /// Physical memory in bytes (Linux `MemTotal`), if known.
 pub fn total_memory() -> Option<u64> {
-    let kib = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
-        m.lines()
-            .find(|l| l.starts_with("MemTotal:"))?
-            .split_whitespace()
-            .nth(1)?
-            .parse::<u64>()
-            .ok()
-    })?;
+    let kib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))?
+                .split_whitespace()
+                .nth(1)?
+                .parse::<u64>()
+                .ok()
+        })?;
     Some(kib << 10)
 }
 

@@ -235,8 +235,8 @@ impl Linear {
         };
         match &self.lora {
             Some(l) => {
-                let h = lora_dropout(x, l.dropout)
-                    .matmul(l.down.weight.val().transpose().unsqueeze());
+                let h =
+                    lora_dropout(x, l.dropout).matmul(l.down.weight.val().transpose().unsqueeze());
                 let h = h.matmul(l.up.weight.val().transpose().unsqueeze());
                 y + h.mul_scalar(l.scale)
             }

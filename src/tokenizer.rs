@@ -226,7 +226,10 @@ pub fn learn_bpe(
         text: "(the captions)".into(),
         message: e.to_string(),
     };
-    let (norm, pre) = (clip_normalizer().map_err(fail)?, clip_pre_tokenizer().map_err(fail)?);
+    let (norm, pre) = (
+        clip_normalizer().map_err(fail)?,
+        clip_pre_tokenizer().map_err(fail)?,
+    );
     let mut words: BTreeMap<Vec<String>, usize> = BTreeMap::new();
     for text in texts {
         let mut n = NormalizedString::from(*text);

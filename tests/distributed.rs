@@ -142,7 +142,6 @@ fn write_config(c: &Config, path: &Path) -> PathBuf {
     path.to_path_buf()
 }
 
-
 /// A 12-step CLI run on 2 CPU workers with checkpoints, logs, samples and export.
 fn cli_config(tmp: &Path, name: &str, world: usize) -> (Config, PathBuf) {
     let mut c = dp_config(tmp);
@@ -250,7 +249,6 @@ fn rank_zero_writes_and_kill_resume_is_exact_under_any_world_size() {
         assert!(d < 1e-4, "resumed with run.devices = {devices}: {d:e}");
     }
 }
-
 
 #[test]
 fn a_failing_rank_stops_the_others_with_its_error() {

@@ -7,7 +7,6 @@
 
 mod common;
 
-
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -17,9 +16,7 @@ use difftrain::config::{Config, Resume};
 use difftrain::data::ColorMode;
 use difftrain::io::safetensors::{self as io, HostTensor};
 use difftrain::models::Architecture;
-use difftrain::models::autoencoder_kl::{
-    AutoencoderKLConfig, VaeDownBlockType, VaeUpBlockType,
-};
+use difftrain::models::autoencoder_kl::{AutoencoderKLConfig, VaeDownBlockType, VaeUpBlockType};
 use difftrain::models::latent_diffusion::{
     ConditioningKind, FirstStage, ReconLoss, latent_samples, scale_by_std,
 };
@@ -34,7 +31,8 @@ const QUIET: TrainOptions = TrainOptions {
 };
 
 fn reference() -> BTreeMap<String, HostTensor> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ldm/reference.safetensors");
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/ldm/reference.safetensors");
     io::load_safetensors(&path).unwrap()
 }
 
@@ -76,7 +74,11 @@ fn stage1_loss_posterior_sample_and_latent_scale_match_compvis() {
     let first = FirstStage::Kl(vae.clone());
     let (mean, std) = first.moments(x.clone());
     let z = latent_samples(&host(mean), std.map(host).as_deref(), &eps.data, 1.0);
-    assert!(rel_diff(&z, &r["z"].data) < 1e-4, "{}", rel_diff(&z, &r["z"].data));
+    assert!(
+        rel_diff(&z, &r["z"].data) < 1e-4,
+        "{}",
+        rel_diff(&z, &r["z"].data)
+    );
     // ... and scale_by_std of it.
     let scale = scale_by_std(&z).unwrap();
     let want = r["scale"].data[0] as f64;
@@ -91,8 +93,14 @@ fn stage1_loss_posterior_sample_and_latent_scale_match_compvis() {
         let (rec, kl) = autoencoder_loss(&vae, x.clone(), noise, loss);
         let (rec, kl) = (rec.into_scalar::<f32>(), kl.into_scalar::<f32>());
         let (want_rec, want_kl) = (r[key].data[0], r["kl_loss"].data[0]);
-        assert!((rec - want_rec).abs() < 1e-4 * want_rec, "{key}: {rec} vs {want_rec}");
-        assert!((kl - want_kl).abs() < 1e-4 * want_kl, "kl: {kl} vs {want_kl}");
+        assert!(
+            (rec - want_rec).abs() < 1e-4 * want_rec,
+            "{key}: {rec} vs {want_rec}"
+        );
+        assert!(
+            (kl - want_kl).abs() < 1e-4 * want_kl,
+            "kl: {kl} vs {want_kl}"
+        );
         if loss == ReconLoss::L1 {
             let total = rec as f64 + 1e-6 * kl as f64;
             let want = r["loss_l1"].data[0] as f64;
@@ -262,7 +270,10 @@ fn bin(name: &str) -> Command {
 
 fn output(cmd: &mut Command) -> (bool, String) {
     let r = cmd.output().unwrap();
-    (r.status.success(), String::from_utf8_lossy(&r.stderr).into_owned())
+    (
+        r.status.success(),
+        String::from_utf8_lossy(&r.stderr).into_owned(),
+    )
 }
 
 #[test]
@@ -281,8 +292,15 @@ fn text_conditioning_follows_the_prompt_and_exports_a_diffusers_pipeline() {
     // One command trains stage 1 (missing), then stage 2.
     let (ok, err) = output(bin("train").arg("--config").arg(&cfg_path));
     assert!(ok, "{err}");
-    assert!(err.contains("stage 1:") && err.contains("latent cache built"), "{err}");
-    assert!(stage1.join("export/vae/diffusion_pytorch_model.safetensors").is_file());
+    assert!(
+        err.contains("stage 1:") && err.contains("latent cache built"),
+        "{err}"
+    );
+    assert!(
+        stage1
+            .join("export/vae/diffusion_pytorch_model.safetensors")
+            .is_file()
+    );
 
     // The export is a StableDiffusionPipeline folder.
     let export = out.join("export");
@@ -305,13 +323,23 @@ fn text_conditioning_follows_the_prompt_and_exports_a_diffusers_pipeline() {
         serde_json::from_str(&std::fs::read_to_string(export.join("vae/config.json")).unwrap())
             .unwrap();
     let saved = Config::load(&export.join("difftrain.toml"), &[]).unwrap();
-    let scale = saved.model.ldm.scale_factor.expect("the resolved scale is saved");
+    let scale = saved
+        .model
+        .ldm
+        .scale_factor
+        .expect("the resolved scale is saved");
     assert_eq!(vae_json["scaling_factor"].as_f64(), Some(scale));
 
     // Guided samples have the prompted colour (>= 90%), through the export (the Stable
     // Diffusion path) ...
-    let (acc, report) =
-        colour_accuracy(|k| pipelines::sample(&export, &text_request(&format!("a {} square", COLOURS[k].0))).unwrap().0);
+    let (acc, report) = colour_accuracy(|k| {
+        pipelines::sample(
+            &export,
+            &text_request(&format!("a {} square", COLOURS[k].0)),
+        )
+        .unwrap()
+        .0
+    });
     eprintln!("text conditioning, export: colour accuracy {acc} {report:?}");
     assert!(acc >= 0.9, "accuracy {acc}: {report:?}");
     // ... and through a checkpoint (U-Net and text encoder from the checkpoint, the first stage
@@ -337,7 +365,12 @@ fn text_conditioning_follows_the_prompt_and_exports_a_diffusers_pipeline() {
     );
     assert!(ok, "{err}");
     assert!(grid.is_file());
-    let (ok, err) = output(bin("sample").arg("--checkpoint").arg(&out).args(["--class", "1"]));
+    let (ok, err) = output(
+        bin("sample")
+            .arg("--checkpoint")
+            .arg(&out)
+            .args(["--class", "1"]),
+    );
     assert!(!ok && err.contains("--class"), "{err}");
     let (ok, err) = output(bin("sample").arg("--checkpoint").arg(&stage1));
     assert!(!ok && err.contains("is an autoencoder"), "{err}");
@@ -364,7 +397,10 @@ fn without_conditioning_the_same_check_fails() {
         pipelines::sample(&out, &req).unwrap().0
     });
     eprintln!("no conditioning: colour accuracy {acc} {report:?}");
-    assert!(acc < 0.9, "unconditioned samples matched the colour: {acc} {report:?}");
+    assert!(
+        acc < 0.9,
+        "unconditioned samples matched the colour: {acc} {report:?}"
+    );
     // A prompt is refused by name on an unconditioned model.
     let err = pipelines::sample(&out, &text_request("a red square")).unwrap_err();
     assert!(err.to_string().contains("conditioned on nothing"), "{err}");
@@ -406,7 +442,10 @@ fn class_conditioning_follows_the_class() {
         ..SampleRequest::default()
     };
     let err = pipelines::sample(&out, &req).unwrap_err();
-    assert!(err.to_string().contains("--class 3 must be in 0..3"), "{err}");
+    assert!(
+        err.to_string().contains("--class 3 must be in 0..3"),
+        "{err}"
+    );
 }
 
 /// Final weights of a run (the last checkpoint's model file).
@@ -456,7 +495,12 @@ fn check_resume(cfg: &Config, path: &Path, steps: usize) {
     std::fs::remove_dir_all(out.join(format!("checkpoint-{steps}"))).unwrap();
     let _ = std::fs::remove_dir_all(out.join("export"));
     std::fs::write(out.join("latest"), format!("checkpoint-{}\n", steps / 2)).unwrap();
-    let (ok, err) = output(bin("train").arg("--config").arg(path).args(["--resume", "latest"]));
+    let (ok, err) = output(
+        bin("train")
+            .arg("--config")
+            .arg(path)
+            .args(["--resume", "latest"]),
+    );
     assert!(ok && err.contains("resuming from"), "{err}");
     let resumed = final_weights(&out, steps);
     assert_eq!(
@@ -504,7 +548,12 @@ fn each_stage_resumes_bitwise_and_stage2_refuses_a_changed_first_stage() {
     ]));
     assert!(ok, "{err}");
     std::fs::write(out.join("latest"), "checkpoint-4\n").unwrap();
-    let (ok, err) = output(bin("train").arg("--config").arg(&path).args(["--resume", "latest"]));
+    let (ok, err) = output(
+        bin("train")
+            .arg("--config")
+            .arg(&path)
+            .args(["--resume", "latest"]),
+    );
     assert!(
         !ok && err.contains("first stage has changed"),
         "stage 2 resumed on another first stage: {err}"
@@ -523,10 +572,8 @@ fn text_path_gradients_match_torch() {
     let sd = stable_diffusion::load(&Pretrained::Folder(dir), &device).unwrap();
     let r = reference();
     let ids: Vec<i64> = r["grad.ids"].data.iter().map(|&v| v as i64).collect();
-    let ids = Tensor::<2, Int>::from_data(
-        TensorData::new(ids, r["grad.ids"].shape.clone()),
-        &device,
-    );
+    let ids =
+        Tensor::<2, Int>::from_data(TensorData::new(ids, r["grad.ids"].shape.clone()), &device);
     let model = difftrain::models::latent_diffusion::LatentDiffusionModel {
         unet: sd.unet.clone(),
         text_encoder: Some(sd.text_encoder.clone()),
@@ -555,12 +602,20 @@ fn text_path_gradients_match_torch() {
             4 => params.get::<4>(id).map(host),
             n => panic!("{name}: {n} dimensions"),
         };
-        check(name, ours.unwrap_or_else(|| panic!("no gradient for {name}")), key);
+        check(
+            name,
+            ours.unwrap_or_else(|| panic!("no gradient for {name}")),
+            key,
+        );
     }
     let leaf = context.detach().require_grad();
     let out = model.unet.forward(x_t.detach(), t, &leaf, None);
     let grads = (out * w).sum().backward();
-    check("d context", host(leaf.grad(&grads).unwrap()), "grad.d_context");
+    check(
+        "d context",
+        host(leaf.grad(&grads).unwrap()),
+        "grad.d_context",
+    );
 }
 
 /// The two other first stages, each a few steps end to end: a Stable Diffusion folder's VAE
@@ -585,14 +640,14 @@ fn stable_diffusion_and_vq_first_stages_train_export_and_sample() {
     let export = out.join("export");
     let run = Config::load(&export.join("difftrain.toml"), &[]).unwrap();
     assert_eq!(run.model.ldm.scale_factor, Some(0.18215));
-    let vae: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(export.join("vae/config.json")).unwrap(),
-    )
-    .unwrap();
+    let vae: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(export.join("vae/config.json")).unwrap())
+            .unwrap();
     assert!((vae["scaling_factor"].as_f64().unwrap() - 0.18215).abs() < 1e-9);
     // The frozen text encoder is exported unchanged (the fixture is float16, the export f32).
     let ours = io::load_safetensors(&export.join("text_encoder/model.safetensors")).unwrap();
-    let theirs = io::load_safetensors(&tiny_sd.join("text_encoder/model.fp16.safetensors")).unwrap();
+    let theirs =
+        io::load_safetensors(&tiny_sd.join("text_encoder/model.fp16.safetensors")).unwrap();
     let strip = |m: BTreeMap<String, HostTensor>| -> BTreeMap<String, HostTensor> {
         m.into_iter()
             .map(|(k, v)| (k.trim_start_matches("text_model.").to_string(), v))
@@ -623,7 +678,11 @@ fn stable_diffusion_and_vq_first_stages_train_export_and_sample() {
     assert!(ok, "{err}");
     let export = out.join("export");
     for f in ["unet/config.json", "vqvae/model.safetensors", "vqvae.toml"] {
-        assert!(export.join(f).is_file(), "missing {f}: {:?}", std::fs::read_dir(&export));
+        assert!(
+            export.join(f).is_file(),
+            "missing {f}: {:?}",
+            std::fs::read_dir(&export)
+        );
     }
     let run = Config::load(&export.join("difftrain.toml"), &[]).unwrap();
     let scale = run.model.ldm.scale_factor.unwrap();
@@ -646,7 +705,12 @@ fn both_stages_train_data_parallel_on_threads_and_processes() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     colour_dataset(&data, 24);
-    let threads = || Some(difftrain::device::DeviceList::List(vec!["cpu:0".into(), "cpu:1".into()]));
+    let threads = || {
+        Some(difftrain::device::DeviceList::List(vec![
+            "cpu:0".into(),
+            "cpu:1".into(),
+        ]))
+    };
     let run = |c: &Config, name: &str, world: usize| -> PathBuf {
         let path = write(c, &tmp.path().join(format!("{name}.toml")));
         let outs = if world == 1 {
@@ -655,7 +719,11 @@ fn both_stages_train_data_parallel_on_threads_and_processes() {
             common::finish(common::launch(&path, world, &[], |_| Vec::new()))
         };
         for (rank, o) in outs.iter().enumerate() {
-            assert!(o.status.success(), "{name} rank {rank}: {}", String::from_utf8_lossy(&o.stderr));
+            assert!(
+                o.status.success(),
+                "{name} rank {rank}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
         }
         c.output_dir()
     };
@@ -678,7 +746,13 @@ fn both_stages_train_data_parallel_on_threads_and_processes() {
     // processes.
     let s1_cfg = write(&s1_threads, &tmp.path().join("s1.toml"));
     let stage2 = |name: &str| {
-        let mut c = ldm_config(&data, &tmp.path().join(name), &a, &s1_cfg, ConditioningKind::Text);
+        let mut c = ldm_config(
+            &data,
+            &tmp.path().join(name),
+            &a,
+            &s1_cfg,
+            ConditioningKind::Text,
+        );
         c.data.cache_latents = true;
         c.train.max_steps = 4;
         c.checkpoint.every_steps = 4;
@@ -698,4 +772,3 @@ fn both_stages_train_data_parallel_on_threads_and_processes() {
     let caches = std::fs::read_dir(p.join("latent_cache")).unwrap().count();
     assert_eq!(caches, 1);
 }
-

@@ -19,7 +19,7 @@ use difftrain::config::Config;
 use difftrain::io::lora::{self as lora_io, Component, ModuleName};
 use difftrain::io::safetensors::{HostTensor, load_safetensors};
 use difftrain::models::Architecture;
-use difftrain::models::lora::{LoraConfig, Linears, Targets, attach};
+use difftrain::models::lora::{Linears, LoraConfig, Targets, attach};
 use difftrain::pipelines::lora::apply_file;
 use difftrain::pipelines::stable_diffusion::{self, Pretrained, StableDiffusion};
 
@@ -38,7 +38,10 @@ fn tensor<const D: usize>(t: &HostTensor, device: &Device) -> Tensor<D> {
 fn max_diff<const D: usize>(a: Tensor<D>, b: &HostTensor) -> f32 {
     let a = difftrain::nn::to_host(a);
     assert_eq!(a.len(), b.data.len());
-    a.iter().zip(&b.data).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(&b.data)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 struct Reference {
@@ -74,13 +77,25 @@ fn lora_files_written_by_diffusers_apply_as_diffusers_applies_them() {
     let context = sd.text_encoder.forward(reference.ids(&device), 1);
     assert!(max_diff(context.clone(), &r["context_base"]) < 1e-4);
     assert!(max_diff(reference.unet(&sd, &context, &device), &r["out_base"]) < 1e-4);
-    for (file, format) in [("diffusers_lora.safetensors", "diffusers"), ("kohya_lora.safetensors", "kohya")] {
+    for (file, format) in [
+        ("diffusers_lora.safetensors", "diffusers"),
+        ("kohya_lora.safetensors", "kohya"),
+    ] {
         let lora = lora_io::read(&fixtures().join("lora").join(file)).unwrap();
-        assert!(lora.format == format || (format == "diffusers" && lora.format == "peft"), "{file}: {}", lora.format);
+        assert!(
+            lora.format == format || (format == "diffusers" && lora.format == "peft"),
+            "{file}: {}",
+            lora.format
+        );
         let mut sd = tiny_sd(&device);
         let n = apply_file(&lora, 1.0, &mut sd.unet, &mut sd.text_encoder).unwrap();
         assert_eq!(n, lora.modules.len());
-        assert!(lora.modules.keys().any(|(c, _)| *c == Component::TextEncoder), "{file}");
+        assert!(
+            lora.modules
+                .keys()
+                .any(|(c, _)| *c == Component::TextEncoder),
+            "{file}"
+        );
         let context = sd.text_encoder.forward(reference.ids(&device), 1);
         let d = max_diff(context.clone(), &r["context_lora"]);
         assert!(d < 1e-4, "{file}: text encoder differs by {d}");
@@ -100,7 +115,10 @@ fn lora_files_written_by_diffusers_apply_as_diffusers_applies_them() {
         };
         apply_file(&half, 0.5, &mut sd.unet, &mut te).unwrap();
         let context = tensor::<3>(&r["context_base"], &device);
-        let d = max_diff(reference.unet(&sd, &context, &device), &r["out_lora_half_unet"]);
+        let d = max_diff(
+            reference.unet(&sd, &context, &device),
+            &r["out_lora_half_unet"],
+        );
         assert!(d < 1e-4, "{file} at 0.5: U-Net differs by {d}");
     }
 }
@@ -116,7 +134,8 @@ fn factored_adapters_match_diffusers() {
         rank: 4,
         ..LoraConfig::default()
     };
-    let (mut unet, adapted) = attach(sd.unet.clone(), &cfg, &cfg.target_modules, "unet", &device).unwrap();
+    let (mut unet, adapted) =
+        attach(sd.unet.clone(), &cfg, &cfg.target_modules, "unet", &device).unwrap();
     let (mut te, _) = attach(
         sd.text_encoder.clone(),
         &cfg,
@@ -125,7 +144,11 @@ fn factored_adapters_match_diffusers() {
         &device,
     )
     .unwrap();
-    let unet_modules = lora.modules.keys().filter(|(c, _)| *c == Component::Unet).count();
+    let unet_modules = lora
+        .modules
+        .keys()
+        .filter(|(c, _)| *c == Component::Unet)
+        .count();
     assert_eq!(adapted.len(), unet_modules);
     let set = |comp: Component, p: &str, l: &mut difftrain::nn::Linear| {
         let m = &lora.modules[&(comp, ModuleName::Path(p.to_string()))];
@@ -151,7 +174,10 @@ fn factored_adapters_match_diffusers() {
     };
     let context = sd.text_encoder.forward(reference.ids(&device), 1);
     assert!(max_diff(context.clone(), &reference.r["context_lora"]) < 1e-4);
-    let d = max_diff(reference.unet(&sd, &context, &device), &reference.r["out_lora"]);
+    let d = max_diff(
+        reference.unet(&sd, &context, &device),
+        &reference.r["out_lora"],
+    );
     assert!(d < 1e-4, "factored U-Net differs by {d}");
 }
 
@@ -173,7 +199,9 @@ fn mountain_dataset(dir: &Path) {
             }
         });
         img.save(dir.join(format!("{i}.png"))).unwrap();
-        meta.push_str(&format!("{{\"file_name\": \"{i}.png\", \"text\": \"mountain\"}}\n"));
+        meta.push_str(&format!(
+            "{{\"file_name\": \"{i}.png\", \"text\": \"mountain\"}}\n"
+        ));
     }
     std::fs::write(dir.join("metadata.jsonl"), meta).unwrap();
 }
@@ -225,7 +253,10 @@ fn train(cfg: &Path, extra: &[&str]) -> Command {
 
 fn output(cmd: &mut Command) -> (bool, String) {
     let r = cmd.output().unwrap();
-    (r.status.success(), String::from_utf8_lossy(&r.stderr).into_owned())
+    (
+        r.status.success(),
+        String::from_utf8_lossy(&r.stderr).into_owned(),
+    )
 }
 
 fn latest_step(out: &Path) -> Option<usize> {
@@ -241,7 +272,10 @@ fn kill_after_checkpoint(mut child: Child, out: &Path, step: usize) -> usize {
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
         if let Some(s) = latest_step(out).filter(|&s| s >= step) {
-            assert!(child.try_wait().unwrap().is_none(), "the run ended before the kill");
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "the run ended before the kill"
+            );
             child.kill().unwrap();
             child.wait().unwrap();
             return s;
@@ -249,13 +283,17 @@ fn kill_after_checkpoint(mut child: Child, out: &Path, step: usize) -> usize {
         assert!(Instant::now() < deadline, "no checkpoint-{step} appeared");
         if let Some(status) = child.try_wait().unwrap() {
             let mut err = String::new();
-            child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+            child
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut err)
+                .unwrap();
             panic!("run exited early ({status}):\n{err}");
         }
         std::thread::sleep(Duration::from_millis(2));
     }
 }
-
 
 #[test]
 fn lora_run_trains_adapters_exports_both_formats_and_resumes_bitwise_after_sigkill() {
@@ -267,18 +305,34 @@ fn lora_run_trains_adapters_exports_both_formats_and_resumes_bitwise_after_sigki
 
     // Uninterrupted.
     let a_out = tmp.path().join("a");
-    let a = write(&lora_config(&base, &data, &a_out), &tmp.path().join("a.toml"));
+    let a = write(
+        &lora_config(&base, &data, &a_out),
+        &tmp.path().join("a.toml"),
+    );
     let (ok, err) = output(&mut train(&a, &[]));
     assert!(ok, "{err}");
 
     // The checkpoint holds the adapters (U-Net and text encoder) and nothing else.
     let ck = load_safetensors(&a_out.join("checkpoint-12/model.safetensors")).unwrap();
-    assert!(ck.keys().all(|k| k.contains(".lora.down.weight") || k.contains(".lora.up.weight")), "{:?}", ck.keys().next());
-    assert!(ck.keys().any(|k| k.starts_with("unet.") && k.ends_with("attn2.to_k.lora.up.weight")));
-    assert!(ck.keys().any(|k| k.starts_with("text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora")));
+    assert!(
+        ck.keys()
+            .all(|k| k.contains(".lora.down.weight") || k.contains(".lora.up.weight")),
+        "{:?}",
+        ck.keys().next()
+    );
+    assert!(
+        ck.keys()
+            .any(|k| k.starts_with("unet.") && k.ends_with("attn2.to_k.lora.up.weight"))
+    );
+    assert!(
+        ck.keys().any(
+            |k| k.starts_with("text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora")
+        )
+    );
     assert!(ck.values().any(|t| t.data.iter().any(|v| *v != 0.0)));
     let state: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(a_out.join("checkpoint-12/state.json")).unwrap()).unwrap();
+        serde_json::from_slice(&std::fs::read(a_out.join("checkpoint-12/state.json")).unwrap())
+            .unwrap();
     assert!(state["fingerprints"]["base model"].is_string(), "{state}");
 
     // Both exported files fold into the base identically; the kohya one carries its metadata.
@@ -288,7 +342,11 @@ fn lora_run_trains_adapters_exports_both_formats_and_resumes_bitwise_after_sigki
         let f = lora_io::read(&export.join(file)).unwrap();
         let mut sd = tiny_sd(&device);
         apply_file(&f, 1.0, &mut sd.unet, &mut sd.text_encoder).unwrap();
-        (f, difftrain::io::safetensors::named_tensors(&sd.unet), difftrain::io::safetensors::named_tensors(&sd.text_encoder))
+        (
+            f,
+            difftrain::io::safetensors::named_tensors(&sd.unet),
+            difftrain::io::safetensors::named_tensors(&sd.text_encoder),
+        )
     };
     let (fd, ud, td) = merged("pytorch_lora_weights.safetensors");
     let (fk, uk, tk) = merged("mountain_test.safetensors");
@@ -298,27 +356,55 @@ fn lora_run_trains_adapters_exports_both_formats_and_resumes_bitwise_after_sigki
             .iter()
             .flat_map(|(k, t)| t.data.iter().zip(&b[k].data).map(|(x, y)| (x - y).abs()))
             .fold(0.0f32, f32::max);
-        assert!(d < 1e-6, "diffusers and kohya exports fold in differently: {d}");
+        assert!(
+            d < 1e-6,
+            "diffusers and kohya exports fold in differently: {d}"
+        );
     }
     let base_unet = difftrain::io::safetensors::named_tensors(&tiny_sd(&device).unet);
-    let key = base_unet.keys().find(|k| k.ends_with("attn1.to_q.weight")).unwrap().clone();
+    let key = base_unet
+        .keys()
+        .find(|k| k.ends_with("attn1.to_q.weight"))
+        .unwrap()
+        .clone();
     let moved = base_unet[&key]
         .data
         .iter()
         .zip(&ud[&key].data)
         .any(|(x, y)| x != y);
     assert!(moved, "the LoRA changes nothing");
-    let kohya = difftrain::io::safetensors::SafetensorsFile::open(&export.join("mountain_test.safetensors")).unwrap();
+    let kohya = difftrain::io::safetensors::SafetensorsFile::open(
+        &export.join("mountain_test.safetensors"),
+    )
+    .unwrap();
     let meta = kohya.metadata();
     assert_eq!(meta["ss_network_dim"], "4");
     assert_eq!(meta["ss_network_alpha"], "8");
     assert_eq!(meta["ss_base_model_version"], "sd_v1");
     assert_eq!(meta["sshs_model_hash"].len(), 64);
-    assert!(kohya.keys().iter().any(|k| k.starts_with("lora_te_text_model_encoder_layers_0_self_attn_q_proj")));
-    assert!(kohya.keys().iter().all(|k| k.starts_with("lora_unet_") || k.starts_with("lora_te_")));
+    assert!(
+        kohya
+            .keys()
+            .iter()
+            .any(|k| k.starts_with("lora_te_text_model_encoder_layers_0_self_attn_q_proj"))
+    );
+    assert!(
+        kohya
+            .keys()
+            .iter()
+            .all(|k| k.starts_with("lora_unet_") || k.starts_with("lora_te_"))
+    );
     // diffusers only infers its own text encoder spelling (scripts/check_lora_export.py).
-    let dk = difftrain::io::safetensors::SafetensorsFile::open(&export.join("pytorch_lora_weights.safetensors")).unwrap();
-    assert!(dk.keys().iter().any(|k| k.starts_with("text_encoder.text_model.") && k.ends_with(".lora_linear_layer.down.weight")));
+    let dk = difftrain::io::safetensors::SafetensorsFile::open(
+        &export.join("pytorch_lora_weights.safetensors"),
+    )
+    .unwrap();
+    assert!(
+        dk.keys()
+            .iter()
+            .any(|k| k.starts_with("text_encoder.text_model.")
+                && k.ends_with(".lora_linear_layer.down.weight"))
+    );
 
     // Sampling the run (its export: base + diffusers file) and the base with `--lora` (the
     // kohya file) give the same image.
@@ -326,25 +412,55 @@ fn lora_run_trains_adapters_exports_both_formats_and_resumes_bitwise_after_sigki
         let dir = tmp.path().join(name);
         let r = Command::new(env!("CARGO_BIN_EXE_sample"))
             .args(args)
-            .args(["--prompt", "mountain", "--num", "1", "--steps", "3", "--guidance-scale", "7.5"])
-            .args(["--width", "32", "--height", "32", "--sampler", "ddim", "--out"])
+            .args([
+                "--prompt",
+                "mountain",
+                "--num",
+                "1",
+                "--steps",
+                "3",
+                "--guidance-scale",
+                "7.5",
+            ])
+            .args([
+                "--width",
+                "32",
+                "--height",
+                "32",
+                "--sampler",
+                "ddim",
+                "--out",
+            ])
             .arg(&dir)
             .output()
             .unwrap();
         assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
-        image::open(dir.join("0000.png")).unwrap().to_rgb8().into_raw()
+        image::open(dir.join("0000.png"))
+            .unwrap()
+            .to_rgb8()
+            .into_raw()
     };
     let kohya_arg = format!("{}:1.0", export.join("mountain_test.safetensors").display());
-    let from_base = sample("base", &["--checkpoint", base.to_str().unwrap(), "--lora", &kohya_arg]);
+    let from_base = sample(
+        "base",
+        &["--checkpoint", base.to_str().unwrap(), "--lora", &kohya_arg],
+    );
     let from_run = sample("run", &["--checkpoint", a_out.to_str().unwrap()]);
     let plain = sample("plain", &["--checkpoint", base.to_str().unwrap()]);
     let diff = |a: &[u8], b: &[u8]| a.iter().zip(b).map(|(x, y)| x.abs_diff(*y)).max().unwrap();
-    assert!(diff(&from_base, &from_run) <= 1, "{}", diff(&from_base, &from_run));
+    assert!(
+        diff(&from_base, &from_run) <= 1,
+        "{}",
+        diff(&from_base, &from_run)
+    );
     assert!(diff(&from_base, &plain) > 1, "--lora changed nothing");
 
     // Interrupted: killed after checkpoint-4, resumed to 12: bitwise identical.
     let b_out = tmp.path().join("b");
-    let b = write(&lora_config(&base, &data, &b_out), &tmp.path().join("b.toml"));
+    let b = write(
+        &lora_config(&base, &data, &b_out),
+        &tmp.path().join("b.toml"),
+    );
     let child = train(&b, &["--set", "train.max_steps=1000"])
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
@@ -359,7 +475,10 @@ fn lora_run_trains_adapters_exports_both_formats_and_resumes_bitwise_after_sigki
     for f in ["model.safetensors", "ema.safetensors"] {
         let same = std::fs::read(a_out.join("checkpoint-12").join(f)).unwrap()
             == std::fs::read(b_out.join("checkpoint-12").join(f)).unwrap();
-        assert!(same, "{f} differs after SIGKILL + resume (killed at {killed_at})");
+        assert!(
+            same,
+            "{f} differs after SIGKILL + resume (killed at {killed_at})"
+        );
     }
 
     // A different base is refused, naming both hashes.
@@ -368,8 +487,14 @@ fn lora_run_trains_adapters_exports_both_formats_and_resumes_bitwise_after_sigki
     let n = bytes.len();
     bytes[n - 3] ^= 1;
     std::fs::write(&vae, bytes).unwrap();
-    let (ok, err) = output(&mut train(&b, &["--resume", "latest", "--set", "train.max_steps=16"]));
-    assert!(!ok && err.contains("base model has changed") && err.contains("hash"), "{err}");
+    let (ok, err) = output(&mut train(
+        &b,
+        &["--resume", "latest", "--set", "train.max_steps=16"],
+    ));
+    assert!(
+        !ok && err.contains("base model has changed") && err.contains("hash"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -377,10 +502,17 @@ fn lora_targets_that_match_nothing_are_named() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     mountain_dataset(&data);
-    let mut c = lora_config(&fixtures().join("sd/tiny_sd"), &data, &tmp.path().join("out"));
+    let mut c = lora_config(
+        &fixtures().join("sd/tiny_sd"),
+        &data,
+        &tmp.path().join("out"),
+    );
     c.lora.target_modules = Targets::Names(vec!["to_q".into(), "to_z".into()]);
     let (ok, err) = output(&mut train(&write(&c, &tmp.path().join("c.toml")), &[]));
-    assert!(!ok && err.contains("[\"to_z\"] match no layer") && err.contains("to_out.0"), "{err}");
+    assert!(
+        !ok && err.contains("[\"to_z\"] match no layer") && err.contains("to_out.0"),
+        "{err}"
+    );
     c.lora.target_modules = Targets::Regex(r".*\.attn3\.to_q".into());
     let (ok, err) = output(&mut train(&write(&c, &tmp.path().join("c.toml")), &[]));
     assert!(!ok && err.contains("matches no layer"), "{err}");
@@ -388,7 +520,10 @@ fn lora_targets_that_match_nothing_are_named() {
     c.lora.target_modules = LoraConfig::default().target_modules;
     c.model.pretrained = Some(tmp.path().join("models/stable-diffusion-v1-5"));
     let (ok, err) = output(&mut train(&write(&c, &tmp.path().join("c.toml")), &[]));
-    assert!(!ok && err.contains("stable-diffusion-v1-5") && err.contains("model_index.json"), "{err}");
+    assert!(
+        !ok && err.contains("stable-diffusion-v1-5") && err.contains("model_index.json"),
+        "{err}"
+    );
 }
 
 // ------------------------------------------------------------------------------- learning
@@ -442,19 +577,30 @@ fn mountain_8(dir: &Path) -> Vec<f32> {
         }
     });
     img.save(dir.join("mountain.png")).unwrap();
-    std::fs::write(dir.join("metadata.jsonl"), "{\"file_name\": \"mountain.png\", \"text\": \"mountain\"}\n").unwrap();
+    std::fs::write(
+        dir.join("metadata.jsonl"),
+        "{\"file_name\": \"mountain.png\", \"text\": \"mountain\"}\n",
+    )
+    .unwrap();
     img.into_raw().iter().map(|&v| v as f32).collect()
 }
 
 /// Mean absolute difference (0-255) between each generated image and `target` (HWC bytes).
 fn distance(dir: &Path, target: &[f32]) -> f32 {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
     files.sort();
     let d: Vec<f32> = files
         .iter()
         .map(|f| {
             let img = image::open(f).unwrap().to_rgb8().into_raw();
-            img.iter().zip(target).map(|(a, b)| (*a as f32 - b).abs()).sum::<f32>() / target.len() as f32
+            img.iter()
+                .zip(target)
+                .map(|(a, b)| (*a as f32 - b).abs())
+                .sum::<f32>()
+                / target.len() as f32
         })
         .collect();
     d.iter().sum::<f32>() / d.len() as f32
@@ -465,7 +611,9 @@ fn distance(dir: &Path, target: &[f32]) -> f32 {
 /// image must move the samples for "mountain" toward it.
 #[test]
 fn lora_moves_samples_toward_the_training_image() {
-    use difftrain::models::autoencoder_kl::{AutoencoderKLConfig, VaeDownBlockType, VaeUpBlockType};
+    use difftrain::models::autoencoder_kl::{
+        AutoencoderKLConfig, VaeDownBlockType, VaeUpBlockType,
+    };
     use difftrain::models::latent_diffusion::ConditioningKind;
     use difftrain::models::unet_2d_condition::{CondDownBlockType, CondUpBlockType, PerBlock};
     let tmp = tempfile::tempdir().unwrap();
@@ -533,7 +681,11 @@ fn lora_moves_samples_toward_the_training_image() {
     // The LoRA run trains the base first (model.pretrained_train_config), like mountain_tiny.
     let mountain = tmp.path().join("mountain");
     let target = mountain_8(&mountain);
-    let mut l = lora_config(&tmp.path().join("base/export"), &mountain, &tmp.path().join("lora"));
+    let mut l = lora_config(
+        &tmp.path().join("base/export"),
+        &mountain,
+        &tmp.path().join("lora"),
+    );
     l.model.pretrained_train_config = Some(b_path);
     l.data.resolution = 8;
     l.lora = LoraConfig {
@@ -556,7 +708,16 @@ fn lora_moves_samples_toward_the_training_image() {
         let r = Command::new(env!("CARGO_BIN_EXE_sample"))
             .arg("--checkpoint")
             .arg(checkpoint)
-            .args(["--prompt", "mountain", "--num", "8", "--steps", "20", "--guidance-scale", "3"])
+            .args([
+                "--prompt",
+                "mountain",
+                "--num",
+                "8",
+                "--steps",
+                "20",
+                "--guidance-scale",
+                "3",
+            ])
             .args(["--sampler", "ddim", "--out"])
             .arg(&dir)
             .output()
@@ -567,7 +728,10 @@ fn lora_moves_samples_toward_the_training_image() {
     let base = sample("from_base", &tmp.path().join("base/export"));
     let adapted = sample("from_lora", &tmp.path().join("lora"));
     eprintln!("mean |sample - mountain|: base {base:.1}, with the LoRA {adapted:.1}");
-    assert!(adapted < 0.7 * base, "the LoRA did not move the samples: base {base:.1}, LoRA {adapted:.1}");
+    assert!(
+        adapted < 0.7 * base,
+        "the LoRA did not move the samples: base {base:.1}, LoRA {adapted:.1}"
+    );
 }
 
 /// LoRA under data parallelism: 2 worker threads equal 1 device (float summation order aside:
@@ -597,11 +761,16 @@ fn lora_trains_data_parallel_on_threads_and_processes() {
             common::finish(common::launch(&path, processes, &[], |_| Vec::new()))
         };
         for (rank, o) in outs.iter().enumerate() {
-            assert!(o.status.success(), "{name} rank {rank}: {}", String::from_utf8_lossy(&o.stderr));
+            assert!(
+                o.status.success(),
+                "{name} rank {rank}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
         }
         out
     };
-    let weights = |out: &Path| load_safetensors(&out.join("checkpoint-4/model.safetensors")).unwrap();
+    let weights =
+        |out: &Path| load_safetensors(&out.join("checkpoint-4/model.safetensors")).unwrap();
     let diff = |a: &BTreeMap<String, HostTensor>, b: &BTreeMap<String, HostTensor>| {
         assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
         a.iter()
@@ -624,7 +793,10 @@ fn lora_trains_data_parallel_on_threads_and_processes() {
 fn merge_writes_a_folder_or_an_original_layout_single_file() {
     let tmp = tempfile::tempdir().unwrap();
     let base = fixtures().join("sd/tiny_sd");
-    let lora = format!("{}:0.7", fixtures().join("lora/kohya_lora.safetensors").display());
+    let lora = format!(
+        "{}:0.7",
+        fixtures().join("lora/kohya_lora.safetensors").display()
+    );
     let merge = |out: &Path| {
         let o = Command::new(env!("CARGO_BIN_EXE_merge"))
             .arg("--base")
@@ -642,7 +814,10 @@ fn merge_writes_a_folder_or_an_original_layout_single_file() {
 
     // The keys and shapes of diffusers' conversion (scripts/gen_sd_reference.py), but
     // position_ids (a buffer, not a weight).
-    let theirs = difftrain::io::safetensors::SafetensorsFile::open(&fixtures().join("sd/tiny_sd.safetensors")).unwrap();
+    let theirs = difftrain::io::safetensors::SafetensorsFile::open(
+        &fixtures().join("sd/tiny_sd.safetensors"),
+    )
+    .unwrap();
     let ours = difftrain::io::safetensors::SafetensorsFile::open(&file).unwrap();
     let shapes = |f: &difftrain::io::safetensors::SafetensorsFile| -> BTreeMap<String, Vec<usize>> {
         f.keys()
@@ -657,18 +832,26 @@ fn merge_writes_a_folder_or_an_original_layout_single_file() {
     let (a, b) = (shapes(&ours), shapes(&theirs));
     let only_ours: Vec<_> = a.keys().filter(|k| !b.contains_key(*k)).collect();
     let only_theirs: Vec<_> = b.keys().filter(|k| !a.contains_key(*k)).collect();
-    assert!(only_ours.is_empty() && only_theirs.is_empty(), "ours only: {only_ours:?}\ntheirs only: {only_theirs:?}");
+    assert!(
+        only_ours.is_empty() && only_theirs.is_empty(),
+        "ours only: {only_ours:?}\ntheirs only: {only_theirs:?}"
+    );
     assert_eq!(a, b, "shapes differ");
 
     // Both load back to the same merged weights, which differ from the base.
     let device = Device::flex();
-    let from_folder = stable_diffusion::load(&Pretrained::detect(&folder, None).unwrap(), &device).unwrap();
-    let from_file = stable_diffusion::load(&Pretrained::detect(&file, Some(&base)).unwrap(), &device).unwrap();
+    let from_folder =
+        stable_diffusion::load(&Pretrained::detect(&folder, None).unwrap(), &device).unwrap();
+    let from_file =
+        stable_diffusion::load(&Pretrained::detect(&file, Some(&base)).unwrap(), &device).unwrap();
     use difftrain::io::safetensors::named_tensors as named;
     for (x, y) in [
         (named(&from_folder.unet), named(&from_file.unet)),
         (named(&from_folder.vae), named(&from_file.vae)),
-        (named(&from_folder.text_encoder), named(&from_file.text_encoder)),
+        (
+            named(&from_folder.text_encoder),
+            named(&from_file.text_encoder),
+        ),
     ] {
         assert_eq!(x.keys().collect::<Vec<_>>(), y.keys().collect::<Vec<_>>());
         for (k, t) in &x {
@@ -677,5 +860,8 @@ fn merge_writes_a_folder_or_an_original_layout_single_file() {
     }
     let base_unet = named(&tiny_sd(&device).unet);
     let merged_unet = named(&from_file.unet);
-    assert!(base_unet.iter().any(|(k, t)| t.data != merged_unet[k].data), "the merge changed nothing");
+    assert!(
+        base_unet.iter().any(|(k, t)| t.data != merged_unet[k].data),
+        "the merge changed nothing"
+    );
 }

@@ -54,7 +54,6 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).to_string()
 }
 
-
 /// The largest difference between two checkpoints' weights (0.0: bitwise equal).
 fn diff(a: &Path, b: &Path, file: &str) -> f32 {
     let (a, b) = (
@@ -203,7 +202,6 @@ fn a_killed_process_stops_the_others_by_rank_and_the_run_resumes_exactly() {
     assert!(d < 1e-4, "3 processes resumed as 2: {d:e}");
 }
 
-
 #[test]
 fn a_process_with_another_config_is_refused_at_the_rendezvous() {
     let tmp = tempfile::tempdir().unwrap();
@@ -280,7 +278,9 @@ fn sigterm_to_one_process_stops_every_rank_after_the_same_step_and_resume_is_exa
     let path = write(&c, tmp.path().join("t.toml"));
     let out = c.output_dir();
     // No periodic checkpoints: whatever exists after the signal, the signal wrote.
-    let mut children = launch(&path, 2, &["--set", "checkpoint.every_steps=0"], |_| Vec::new());
+    let mut children = launch(&path, 2, &["--set", "checkpoint.every_steps=0"], |_| {
+        Vec::new()
+    });
     let mut err0 = children[0].stderr.take().unwrap();
     let (mut seen, mut buf) = (String::new(), [0u8; 256]);
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -297,7 +297,12 @@ fn sigterm_to_one_process_stops_every_rank_after_the_same_step_and_resume_is_exa
     std::io::Read::read_to_string(&mut err0, &mut rest).unwrap();
     let outs = finish(children);
     for (rank, o) in outs.iter().enumerate() {
-        assert_eq!(o.status.code(), Some(143), "rank {rank}: {rest}{}", stderr(o));
+        assert_eq!(
+            o.status.code(),
+            Some(143),
+            "rank {rank}: {rest}{}",
+            stderr(o)
+        );
     }
     assert!(rest.contains("continue with `--resume latest`"), "{rest}");
     let at = latest_step(&out).unwrap_or_else(|| panic!("no checkpoint written: {rest}"));
@@ -308,7 +313,14 @@ fn sigterm_to_one_process_stops_every_rank_after_the_same_step_and_resume_is_exa
         assert!(o.status.success(), "rank {rank}: {}", stderr(o));
     }
     for file in ["model.safetensors", "ema.safetensors"] {
-        let d = diff(&reference.output_dir().join("checkpoint-40"), &out.join("checkpoint-40"), file);
-        assert_eq!(d, 0.0, "stopped at {at} by SIGTERM to rank 1, resumed, {file}: {d:e}");
+        let d = diff(
+            &reference.output_dir().join("checkpoint-40"),
+            &out.join("checkpoint-40"),
+            file,
+        );
+        assert_eq!(
+            d, 0.0,
+            "stopped at {at} by SIGTERM to rank 1, resumed, {file}: {d:e}"
+        );
     }
 }

@@ -47,7 +47,10 @@ fn flat_shape(img: &Image) -> bool {
         border.push(img[y][w - 1]);
     }
     let bg = median_colour(&border);
-    let fg: Vec<Vec<bool>> = img.iter().map(|r| r.iter().map(|&p| dist(p, bg) > 48).collect()).collect();
+    let fg: Vec<Vec<bool>> = img
+        .iter()
+        .map(|r| r.iter().map(|&p| dist(p, bg) > 48).collect())
+        .collect();
     let frac = fg.iter().flatten().filter(|&&f| f).count() as f64 / (h * w) as f64;
     if !(0.04..=0.7).contains(&frac) {
         return false;
@@ -158,7 +161,16 @@ fn quickstart_recipe_learns_flat_shapes() {
         untrained * 100.0,
         trained * 100.0
     );
-    assert!(dataset >= 0.9, "the statistic rejects the dataset itself: {dataset}");
-    assert!(untrained <= 0.05, "the statistic accepts noise: {untrained}");
-    assert!(trained >= 0.4, "the quickstart recipe did not learn flat shapes: {trained}");
+    assert!(
+        dataset >= 0.9,
+        "the statistic rejects the dataset itself: {dataset}"
+    );
+    assert!(
+        untrained <= 0.05,
+        "the statistic accepts noise: {untrained}"
+    );
+    assert!(
+        trained >= 0.4,
+        "the quickstart recipe did not learn flat shapes: {trained}"
+    );
 }

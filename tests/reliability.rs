@@ -39,7 +39,10 @@ fn zero_sample_images_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let (_, path) = config(tmp.path(), "a");
     let (ok, err) = run(&path, &["--set", "sample.num_images=0", "--check"]);
-    assert!(!ok && err.contains("sample.num_images must be at least 1"), "{err}");
+    assert!(
+        !ok && err.contains("sample.num_images must be at least 1"),
+        "{err}"
+    );
 }
 
 /// 2. Two runs on one output folder: the second is refused naming the first; a lock left by a
@@ -49,13 +52,24 @@ fn a_second_run_on_the_same_folder_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let (c, path) = config(tmp.path(), "a");
     let out = c.output_dir();
-    let mut first = train_cmd(&path, &["--set", "train.max_steps=100000", "--set", "checkpoint.every_steps=0"])
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut first = train_cmd(
+        &path,
+        &[
+            "--set",
+            "train.max_steps=100000",
+            "--set",
+            "checkpoint.every_steps=0",
+        ],
+    )
+    .stderr(Stdio::null())
+    .spawn()
+    .unwrap();
     let deadline = Instant::now() + Duration::from_secs(120);
     while !std::fs::read_to_string(out.join(".lock")).is_ok_and(|t| t.contains("pid")) {
-        assert!(Instant::now() < deadline, "the first run never took the lock");
+        assert!(
+            Instant::now() < deadline,
+            "the first run never took the lock"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     let (ok, err) = run(&path, &[]);
@@ -83,8 +97,14 @@ fn endless_skipping_stops_the_run() {
     c.train.max_steps = 50;
     write(&c, &path);
     let (ok, err) = run(&path, &[]);
-    assert!(!ok && err.contains("consecutive steps") && err.contains("max_consecutive_skips = 3"), "{err}");
-    assert!(!c.output_dir().join("export").exists(), "a diverged run exported");
+    assert!(
+        !ok && err.contains("consecutive steps") && err.contains("max_consecutive_skips = 3"),
+        "{err}"
+    );
+    assert!(
+        !c.output_dir().join("export").exists(),
+        "a diverged run exported"
+    );
 }
 
 /// 5. An unwritable output folder (and a missing data folder) is found before any compute,
@@ -99,12 +119,21 @@ fn unwritable_output_and_missing_data_are_found_first() {
     write(&c, &path);
     for extra in [&["--check"][..], &[][..]] {
         let (ok, err) = run(&path, extra);
-        assert!(!ok && err.contains("run.output_dir") && err.contains("a_file/out"), "{err}");
+        assert!(
+            !ok && err.contains("run.output_dir") && err.contains("a_file/out"),
+            "{err}"
+        );
         assert!(!err.contains("step 1/"), "it trained first: {err}");
     }
     let (_, path) = config(tmp.path(), "b");
-    let (ok, err) = run(&path, &["--set", "data.path=\"/nonexistent/data\"", "--check"]);
-    assert!(!ok && err.contains("/nonexistent/data") && err.contains("does not exist"), "{err}");
+    let (ok, err) = run(
+        &path,
+        &["--set", "data.path=\"/nonexistent/data\"", "--check"],
+    );
+    assert!(
+        !ok && err.contains("/nonexistent/data") && err.contains("does not exist"),
+        "{err}"
+    );
 }
 
 /// 6. SIGTERM (and SIGINT) finish the current step, write a checkpoint there and exit 143
@@ -120,10 +149,18 @@ fn sigterm_writes_a_checkpoint_and_resume_is_exact() {
         let (b, b_path) = config(tmp.path(), &name);
         let out = b.output_dir();
         // No periodic checkpoints: whatever exists after the signal, the signal wrote.
-        let mut child = train_cmd(&b_path, &["--set", "checkpoint.every_steps=0", "--set", "train.max_steps=100000"])
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut child = train_cmd(
+            &b_path,
+            &[
+                "--set",
+                "checkpoint.every_steps=0",
+                "--set",
+                "train.max_steps=100000",
+            ],
+        )
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
         // Wait for the progress line of step 3, then signal.
         let mut stderr = child.stderr.take().unwrap();
         let mut seen = String::new();
@@ -164,7 +201,17 @@ fn sample_uses_the_newest_weights_of_a_run() {
     let (ok, err) = run(&path, &["--set", "train.max_steps=4"]);
     assert!(ok, "{err}");
     // Continued to 8 with the export step still 4 (export off for the continuation).
-    let (ok, err) = run(&path, &["--set", "train.max_steps=8", "--set", "export.enabled=false", "--resume", "latest"]);
+    let (ok, err) = run(
+        &path,
+        &[
+            "--set",
+            "train.max_steps=8",
+            "--set",
+            "export.enabled=false",
+            "--resume",
+            "latest",
+        ],
+    );
     assert!(ok, "{err}");
     let r = Command::new(env!("CARGO_BIN_EXE_sample"))
         .arg("--checkpoint")
@@ -175,7 +222,10 @@ fn sample_uses_the_newest_weights_of_a_run() {
         .unwrap();
     let err = String::from_utf8_lossy(&r.stderr);
     assert!(r.status.success(), "{err}");
-    assert!(err.contains("checkpoint-8") && err.contains("(step 4)"), "{err}");
+    assert!(
+        err.contains("checkpoint-8") && err.contains("(step 4)"),
+        "{err}"
+    );
 }
 
 /// 10. A warmup longer than a shortened run is clamped with a note, not refused; "positive"
@@ -184,7 +234,15 @@ fn sample_uses_the_newest_weights_of_a_run() {
 fn small_config_annoyances() {
     let tmp = tempfile::tempdir().unwrap();
     let (_, path) = config(tmp.path(), "a");
-    let (ok, err) = run(&path, &["--set", "train.lr_warmup_steps=40", "--set", "train.max_steps=3"]);
+    let (ok, err) = run(
+        &path,
+        &[
+            "--set",
+            "train.lr_warmup_steps=40",
+            "--set",
+            "train.max_steps=3",
+        ],
+    );
     assert!(ok && err.contains("warming up over all 3 steps"), "{err}");
     let (ok, err) = run(&path, &["--set", "train.learning_rate=inf", "--check"]);
     assert!(!ok && err.contains("positive finite"), "{err}");
@@ -218,7 +276,10 @@ fn symlink_loops_and_fifos_in_the_data_folder() {
     c.train.max_steps = 1;
     write(&c, &path);
     let (ok, err) = run(&path, &[]);
-    assert!(ok && err.contains("not a regular file") && err.contains("already read"), "{err}");
+    assert!(
+        ok && err.contains("not a regular file") && err.contains("already read"),
+        "{err}"
+    );
 }
 
 /// 9. A checkpoint whose files pass their checksums but do not decode stopped `--resume latest`
@@ -239,10 +300,15 @@ fn undecodable_checkpoints_and_exports_fall_back() {
     state["files"]["optimizer.bpk"] =
         serde_json::json!({"bytes": 100, "crc32c": crc32c::crc32c(&garbage)});
     std::fs::write(ck.join("state.json"), serde_json::to_vec(&state).unwrap()).unwrap();
-    let (ok, err) = run(&path, &["--resume", "latest", "--set", "train.max_steps=14"]);
+    let (ok, err) = run(
+        &path,
+        &["--resume", "latest", "--set", "train.max_steps=14"],
+    );
     assert!(ok, "{err}");
     assert!(
-        err.contains("does not decode") && err.contains("resuming from the older") && err.contains("checkpoint-8"),
+        err.contains("does not decode")
+            && err.contains("resuming from the older")
+            && err.contains("checkpoint-8"),
         "{err}"
     );
     // A truncated export: sample uses the newest checkpoint instead.
@@ -257,7 +323,10 @@ fn undecodable_checkpoints_and_exports_fall_back() {
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&r.stderr);
-    assert!(r.status.success() && err.contains("using") && err.contains("checkpoint-14"), "{err}");
+    assert!(
+        r.status.success() && err.contains("using") && err.contains("checkpoint-14"),
+        "{err}"
+    );
 }
 
 /// 8. Impossible sizes aborted inside an allocation: a resolution that cannot fit is refused
@@ -267,8 +336,20 @@ fn undecodable_checkpoints_and_exports_fall_back() {
 fn impossible_sizes_are_refused_and_sample_runs_in_batches() {
     let tmp = tempfile::tempdir().unwrap();
     let (c, path) = config(tmp.path(), "a");
-    let (ok, err) = run(&path, &["--set", "data.resolution=100000", "--set", "model.unet.sample_size=100000", "--check"]);
-    assert!(!ok && err.contains("needs at least") && err.contains("GB of memory"), "{err}");
+    let (ok, err) = run(
+        &path,
+        &[
+            "--set",
+            "data.resolution=100000",
+            "--set",
+            "model.unet.sample_size=100000",
+            "--check",
+        ],
+    );
+    assert!(
+        !ok && err.contains("needs at least") && err.contains("GB of memory"),
+        "{err}"
+    );
     let (ok, err) = run(&path, &["--set", "train.max_steps=2"]);
     assert!(ok, "{err}");
     let sample = |args: &[&str]| {
@@ -279,20 +360,48 @@ fn impossible_sizes_are_refused_and_sample_runs_in_batches() {
             .args(args)
             .output()
             .unwrap();
-        (r.status.success(), String::from_utf8_lossy(&r.stderr).into_owned())
+        (
+            r.status.success(),
+            String::from_utf8_lossy(&r.stderr).into_owned(),
+        )
     };
-    let (ok, err) = sample(&["--num", "100000000000", "--out", tmp.path().join("g.png").to_str().unwrap()]);
-    assert!(!ok && err.contains("needs at least") && err.contains("--num 100000000000"), "{err}");
+    let (ok, err) = sample(&[
+        "--num",
+        "100000000000",
+        "--out",
+        tmp.path().join("g.png").to_str().unwrap(),
+    ]);
+    assert!(
+        !ok && err.contains("needs at least") && err.contains("--num 100000000000"),
+        "{err}"
+    );
     // 5 images in batches of 2: batch i uses seed + i, so image 2 is the first of seed 1.
     let dir = tmp.path().join("batched");
-    let (ok, err) = sample(&["--num", "5", "--batch-size", "2", "--seed", "0", "--out", dir.to_str().unwrap()]);
+    let (ok, err) = sample(&[
+        "--num",
+        "5",
+        "--batch-size",
+        "2",
+        "--seed",
+        "0",
+        "--out",
+        dir.to_str().unwrap(),
+    ]);
     assert!(ok, "{err}");
     assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 5);
     let one = tmp.path().join("one");
     let (ok, err) = sample(&["--num", "1", "--seed", "1", "--out", one.to_str().unwrap()]);
     assert!(ok, "{err}");
-    assert_eq!(std::fs::read(dir.join("0002.png")).unwrap(), std::fs::read(one.join("0000.png")).unwrap());
-    let (ok, err) = sample(&["--num", "1", "--out", tmp.path().join("x.jpg").to_str().unwrap()]);
+    assert_eq!(
+        std::fs::read(dir.join("0002.png")).unwrap(),
+        std::fs::read(one.join("0000.png")).unwrap()
+    );
+    let (ok, err) = sample(&[
+        "--num",
+        "1",
+        "--out",
+        tmp.path().join("x.jpg").to_str().unwrap(),
+    ]);
     assert!(!ok && err.contains("PNG only"), "{err}");
 }
 
@@ -322,14 +431,23 @@ fn a_corrupt_image_is_reported_once() {
     let (c, path) = config(tmp.path(), "a");
     // Header intact (it passes the start-up check), pixel data cut off.
     let img = c.data.path.join("00003.png");
-    let files: Vec<_> = std::fs::read_dir(&c.data.path).unwrap().map(|e| e.unwrap().path()).collect();
+    let files: Vec<_> = std::fs::read_dir(&c.data.path)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
     let victim = if img.exists() { img } else { files[3].clone() };
     let bytes = std::fs::read(&victim).unwrap();
     std::fs::write(&victim, &bytes[..bytes.len() - 20]).unwrap();
     let (ok, err) = run(&path, &["--set", "train.max_steps=12"]);
     assert!(ok, "{err}");
     let name = victim.file_name().unwrap().to_str().unwrap();
-    let reports = err.lines().filter(|l| l.contains(name) && l.contains("warning")).count();
+    let reports = err
+        .lines()
+        .filter(|l| l.contains(name) && l.contains("warning"))
+        .count();
     assert_eq!(reports, 1, "{err}");
-    assert!(err.contains("image decode(s) failed during training"), "{err}");
+    assert!(
+        err.contains("image decode(s) failed during training"),
+        "{err}"
+    );
 }

@@ -94,8 +94,9 @@ fn run(args: Args) -> anyhow::Result<()> {
     for i in 0..args.warmup + args.steps {
         let start = Instant::now();
         let (t_forward, mut grads) = if args.split > 1 {
-            let (grads, _) =
-                split_grads(&objective, &model, &batch, args.split, 1.0, &mut rng, &device);
+            let (grads, _) = split_grads(
+                &objective, &model, &batch, args.split, 1.0, &mut rng, &device,
+            );
             (0.0, grads)
         } else {
             let loss = objective.loss(&model, &batch, &mut rng, &device);

@@ -170,12 +170,21 @@ fn run(args: Args) -> anyhow::Result<()> {
                 alpha: rank as f64,
                 ..LoraConfig::default()
             };
-            let (mut unet, _) = attach(cfg.init(&train), &lora, &lora.target_modules, "lora", &train)
-                .map_err(anyhow::Error::msg)?;
-            let trainable = difftrain::io::safetensors::tensors_where(&unet, difftrain::models::lora::is_adapter_key)
-                .values()
-                .map(|t| t.num_elements())
-                .sum::<usize>();
+            let (mut unet, _) = attach(
+                cfg.init(&train),
+                &lora,
+                &lora.target_modules,
+                "lora",
+                &train,
+            )
+            .map_err(anyhow::Error::msg)?;
+            let trainable = difftrain::io::safetensors::tensors_where(
+                &unet,
+                difftrain::models::lora::is_adapter_key,
+            )
+            .values()
+            .map(|t| t.num_elements())
+            .sum::<usize>();
             let mut optim = burn::optim::AdamWConfig::new().init();
             let x = randn([1, 4, latent, latent], &mut rng, &train);
             let target = randn([1, 4, latent, latent], &mut rng, &train);

@@ -40,7 +40,10 @@ fn run(args: Args) -> anyhow::Result<()> {
     let configs = match &source {
         Pretrained::Folder(d) => d.clone(),
         Pretrained::SingleFile { configs, file } => configs.clone().with_context(|| {
-            format!("{} is a single file: give --config-from <diffusers folder>", file.display())
+            format!(
+                "{} is a single file: give --config-from <diffusers folder>",
+                file.display()
+            )
         })?,
     };
     let single_file = args.out.extension().is_some_and(|e| e == "safetensors");

@@ -125,7 +125,11 @@ fn run(args: Args) -> anyhow::Result<()> {
             .collect::<anyhow::Result<_>>()?,
     };
     // Refused before generating: a grid is PNG, anything else is a folder of PNGs.
-    let ext = args.out.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase);
+    let ext = args
+        .out
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase);
     if let Some(e) = ext.as_deref()
         && e != "png"
         && ["jpg", "jpeg", "webp", "gif", "bmp", "tif", "tiff"].contains(&e)

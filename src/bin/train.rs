@@ -84,7 +84,12 @@ fn run(args: Args) -> anyhow::Result<()> {
         let group = difftrain::distributed::launch::join(l, &cfg.to_toml(), timeout, cuda)
             .map_err(anyhow::Error::msg)?;
         if l.rank == 0 {
-            eprintln!("launch ({}): {} processes met at {}", l.source, group.world(), l.master);
+            eprintln!(
+                "launch ({}): {} processes met at {}",
+                l.source,
+                group.world(),
+                l.master
+            );
         }
     }
     let out = match pipelines::train(&cfg, &TrainOptions::default()) {

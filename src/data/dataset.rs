@@ -162,12 +162,12 @@ impl Dataset {
             let mut seen = std::collections::HashSet::new();
             let mut skipped_entries: Vec<String> = Vec::new();
             while let Some(dir) = stack.pop() {
-                let id = std::fs::metadata(&dir).map(|m| file_id(&m)).map_err(|source| {
-                    DataError::Io {
+                let id = std::fs::metadata(&dir)
+                    .map(|m| file_id(&m))
+                    .map_err(|source| DataError::Io {
                         path: dir.clone(),
                         source,
-                    }
-                })?;
+                    })?;
                 if !seen.insert(id) {
                     skipped_entries.push(format!("{} (a directory already read)", dir.display()));
                     continue;
@@ -206,8 +206,17 @@ impl Dataset {
                     "warning: {} skipped {} entr{}: {}",
                     root.display(),
                     skipped_entries.len(),
-                    if skipped_entries.len() == 1 { "y" } else { "ies" },
-                    skipped_entries.iter().take(5).cloned().collect::<Vec<_>>().join(", ")
+                    if skipped_entries.len() == 1 {
+                        "y"
+                    } else {
+                        "ies"
+                    },
+                    skipped_entries
+                        .iter()
+                        .take(5)
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 );
             }
             paths.sort();

@@ -38,7 +38,10 @@ impl LatentCache {
     pub fn get(&self, index: usize, flipped: bool) -> (&[f32], &[f32]) {
         let per = self.per();
         let at = (index * 4 + 2 * flipped as usize) * per;
-        (&self.values[at..at + per], &self.values[at + per..at + 2 * per])
+        (
+            &self.values[at..at + per],
+            &self.values[at + per..at + 2 * per],
+        )
     }
 
     /// The cache folder for `key` under a run's output folder.
@@ -117,7 +120,11 @@ impl LatentCache {
                 TensorData::new(values, [n, 2, 2, c, h, w]),
             )]);
             let meta = HashMap::from([("images".to_string(), n.to_string())]);
-            save_tensors(&dir.join(format!("shard-{s:05}.safetensors")), &tensors, &meta)?;
+            save_tensors(
+                &dir.join(format!("shard-{s:05}.safetensors")),
+                &tensors,
+                &meta,
+            )?;
         }
         // Written last: a cache without it is incomplete and rebuilt.
         crate::io::write_atomic(&dir.join("complete"), self.len.to_string().as_bytes())
@@ -145,14 +152,12 @@ impl LatentCache {
                 });
             }
             shape = [dims[3], dims[4], dims[5]];
-            values.extend(
-                data.convert::<f32>()
-                    .try_into_vec::<f32>()
-                    .map_err(|e| IoError::Format {
-                        path: path.clone(),
-                        message: format!("{e:?}"),
-                    })?,
-            );
+            values.extend(data.convert::<f32>().try_into_vec::<f32>().map_err(|e| {
+                IoError::Format {
+                    path: path.clone(),
+                    message: format!("{e:?}"),
+                }
+            })?);
         }
         Ok(Some(Self { values, shape, len }))
     }

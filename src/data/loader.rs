@@ -14,8 +14,9 @@ use serde::{Deserialize, Serialize};
 use super::{DataError, Dataset, OnBadImage, Transform};
 
 /// Images already warned about (by dataset path and index), so each is reported once.
-static WARNED: std::sync::LazyLock<std::sync::Mutex<std::collections::HashSet<std::path::PathBuf>>> =
-    std::sync::LazyLock::new(Default::default);
+static WARNED: std::sync::LazyLock<
+    std::sync::Mutex<std::collections::HashSet<std::path::PathBuf>>,
+> = std::sync::LazyLock::new(Default::default);
 
 /// A batch of images on the host, `[batch, channels, res, res]` row-major, in [-1, 1].
 #[derive(Debug, Clone)]
@@ -256,7 +257,9 @@ fn decode_batch(
                         .map(|mut w| w.insert(dataset.path().join(i.to_string())))
                         .unwrap_or(true);
                     if first {
-                        eprintln!("warning: {e}; using the next image instead (warned once per file)");
+                        eprintln!(
+                            "warning: {e}; using the next image instead (warned once per file)"
+                        );
                     }
                     bad.fetch_add(1, Ordering::Relaxed);
                 }

@@ -121,13 +121,11 @@ impl LaunchEnv {
         }
         let spec = DeviceSpec::parse(device).map_err(|e| format!("run.device: {e}"))?;
         match spec {
-            DeviceSpec::Cuda(i) if device != "cuda" && i != self.local_rank => {
-                Err(format!(
-                    "run.device = {:?} but this process has LOCAL_RANK={}: in a multi-process launch \
+            DeviceSpec::Cuda(i) if device != "cuda" && i != self.local_rank => Err(format!(
+                "run.device = {:?} but this process has LOCAL_RANK={}: in a multi-process launch \
                  each process takes cuda:LOCAL_RANK; set run.device = \"cuda\"",
-                    device, self.local_rank
-                ))
-            }
+                device, self.local_rank
+            )),
             DeviceSpec::Cuda(_) => Ok(format!("cuda:{}", self.local_rank)),
             DeviceSpec::Cpu(_) => {
                 // The CPU engine sends gradients over TCP: a test engine, kept on one machine.
@@ -280,7 +278,11 @@ mod tests {
             source: "torchrun",
         };
         assert_eq!(l.device_for("cuda", None).unwrap(), "cuda:1");
-        assert!(l.device_for("cuda:0", None).unwrap_err().contains("LOCAL_RANK=1"));
+        assert!(
+            l.device_for("cuda:0", None)
+                .unwrap_err()
+                .contains("LOCAL_RANK=1")
+        );
         assert!(l.device_for("cpu", None).unwrap_err().contains("loopback"));
         let local = LaunchEnv {
             master: "127.0.0.1:29500".into(),
@@ -288,6 +290,11 @@ mod tests {
         };
         assert_eq!(local.device_for("cpu", None).unwrap(), "cpu");
         let all = DeviceList::Keyword("all".into());
-        assert!(local.device_for("cpu", Some(&all)).unwrap_err().contains("Remove run.devices"));
+        assert!(
+            local
+                .device_for("cpu", Some(&all))
+                .unwrap_err()
+                .contains("Remove run.devices")
+        );
     }
 }

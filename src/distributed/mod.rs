@@ -71,7 +71,11 @@ impl Seen {
 
     /// `last seen <what>, <N> s ago`.
     fn describe(&self) -> String {
-        format!("last seen {}, {:.0} s ago", self.what, self.since.elapsed().as_secs_f64())
+        format!(
+            "last seen {}, {:.0} s ago",
+            self.what,
+            self.since.elapsed().as_secs_f64()
+        )
     }
 }
 

@@ -20,8 +20,8 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use super::{Seen, SyncError};
 use super::wire::{Msg, decode, encode, send};
+use super::{Seen, SyncError};
 
 /// What a reader thread reports about one peer.
 enum Event {

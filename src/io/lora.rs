@@ -112,7 +112,10 @@ fn read_kohya(path: &Path, tensors: &BTreeMap<String, HostTensor>) -> Result<Lor
     for (k, t) in tensors {
         let (comp, rest) = if let Some(r) = k.strip_prefix("lora_unet_") {
             (Component::Unet, r)
-        } else if let Some(r) = k.strip_prefix("lora_te1_").or_else(|| k.strip_prefix("lora_te_")) {
+        } else if let Some(r) = k
+            .strip_prefix("lora_te1_")
+            .or_else(|| k.strip_prefix("lora_te_"))
+        {
             (Component::TextEncoder, r)
         } else {
             unknown.push(k.clone());
@@ -137,14 +140,22 @@ fn read_kohya(path: &Path, tensors: &BTreeMap<String, HostTensor>) -> Result<Lor
                 "kohya LoRA keys difftrain does not read (only `.lora_down.weight`, \
                  `.lora_up.weight` and `.alpha` of linear layers; LoCon/LyCORIS variants are \
                  not supported): {}",
-                unknown.iter().take(5).cloned().collect::<Vec<_>>().join(", ")
+                unknown
+                    .iter()
+                    .take(5)
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
         ));
     }
     let mut modules = BTreeMap::new();
     for ((comp, stem), [down, up, alpha]) in parts {
         let (Some(down), Some(up)) = (down, up) else {
-            return Err(bad(path, format!("{stem}: needs both lora_down and lora_up")));
+            return Err(bad(
+                path,
+                format!("{stem}: needs both lora_down and lora_up"),
+            ));
         };
         let rank = check_pair(path, &stem, down, up)?;
         // kohya: scale = alpha / rank; no alpha means alpha = rank (ComfyUI uses 1.0 too).
@@ -165,7 +176,12 @@ fn read_kohya(path: &Path, tensors: &BTreeMap<String, HostTensor>) -> Result<Lor
     })
 }
 
-fn check_pair(path: &Path, name: &str, down: &HostTensor, up: &HostTensor) -> Result<usize, IoError> {
+fn check_pair(
+    path: &Path,
+    name: &str,
+    down: &HostTensor,
+    up: &HostTensor,
+) -> Result<usize, IoError> {
     if down.shape.len() != 2 || up.shape.len() != 2 || down.shape[0] != up.shape[1] {
         return Err(bad(
             path,
@@ -229,7 +245,8 @@ fn read_diffusers(
         ]
         .iter()
         .find_map(|(suffix, slot, is_peft)| {
-            rest.strip_suffix(suffix).map(|s| (s.to_string(), *slot, *is_peft))
+            rest.strip_suffix(suffix)
+                .map(|s| (s.to_string(), *slot, *is_peft))
         });
         match found {
             Some((stem, slot, is_peft)) => {
@@ -252,14 +269,22 @@ fn read_diffusers(
                 "not a LoRA file difftrain reads: keys {} are neither diffusers/PEFT \
                  (`unet.<module>.lora.down.weight`, `unet.<module>.lora_A.weight`) nor kohya \
                  (`lora_unet_<module>.lora_down.weight`)",
-                unknown.iter().take(5).cloned().collect::<Vec<_>>().join(", ")
+                unknown
+                    .iter()
+                    .take(5)
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
         ));
     }
     let mut modules = BTreeMap::new();
     for ((comp, stem), [down, up, alpha]) in parts {
         let (Some(down), Some(up)) = (down, up) else {
-            return Err(bad(path, format!("{stem}: needs both the down (A) and up (B) factor")));
+            return Err(bad(
+                path,
+                format!("{stem}: needs both the down (A) and up (B) factor"),
+            ));
         };
         let rank = check_pair(path, &stem, down, up)?;
         // diffusers' converted kohya files keep `<module>.alpha` (network alphas).
@@ -297,7 +322,12 @@ pub fn write_diffusers(
         let p = comp.diffusers_prefix();
         let up = HostTensor {
             shape: m.up.shape.clone(),
-            data: m.up.data.iter().map(|v| (*v as f64 * m.scale) as f32).collect(),
+            data: m
+                .up
+                .data
+                .iter()
+                .map(|v| (*v as f64 * m.scale) as f32)
+                .collect(),
         };
         // diffusers writes (and reads back) a text encoder's factors as `lora_linear_layer`.
         let factor = match comp {
@@ -344,7 +374,10 @@ pub fn write_kohya(
         tensors.insert(format!("{stem}.lora_down.weight"), data(&m.down));
         tensors.insert(format!("{stem}.lora_up.weight"), data(&m.up));
         let alpha = (m.scale * rank) as f32;
-        tensors.insert(format!("{stem}.alpha"), TensorData::new(vec![alpha], Vec::<usize>::new()));
+        tensors.insert(
+            format!("{stem}.alpha"),
+            TensorData::new(vec![alpha], Vec::<usize>::new()),
+        );
     }
     let v2 = info.base_model_version == "sd_v2";
     let mut ss: HashMap<String, String> = [
@@ -360,8 +393,11 @@ pub fn write_kohya(
     .collect();
     ss.extend(info.extra.iter().cloned());
     // kohya's `precalculate_safetensors_hashes`: the file as saved with only `ss_` metadata.
-    let ss_only: HashMap<String, String> =
-        ss.iter().filter(|(k, _)| k.starts_with("ss_")).map(|(k, v)| (k.clone(), v.clone())).collect();
+    let ss_only: HashMap<String, String> = ss
+        .iter()
+        .filter(|(k, _)| k.starts_with("ss_"))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
     let bytes = tensors_bytes(&tensors, &ss_only).map_err(|m| bad(path, m))?;
     let (model_hash, legacy_hash) = kohya_hashes(&bytes);
     let mut meta = ss;
@@ -369,10 +405,18 @@ pub fn write_kohya(
     meta.insert("sshs_legacy_hash".into(), legacy_hash);
     meta.insert(
         "modelspec.architecture".into(),
-        if v2 { "stable-diffusion-v2-512/lora" } else { "stable-diffusion-v1/lora" }.into(),
+        if v2 {
+            "stable-diffusion-v2-512/lora"
+        } else {
+            "stable-diffusion-v1/lora"
+        }
+        .into(),
     );
     meta.insert("modelspec.sai_model_spec".into(), "1.0.0".into());
-    meta.insert("modelspec.implementation".into(), "https://github.com/Stability-AI/generative-models".into());
+    meta.insert(
+        "modelspec.implementation".into(),
+        "https://github.com/Stability-AI/generative-models".into(),
+    );
     meta.insert("modelspec.title".into(), info.output_name.clone());
     write(path, &tensors, &meta)
 }

@@ -585,7 +585,10 @@ impl ModuleVisitor for DataCollector {
 }
 
 /// The float parameters of `module` whose key passes `keep`, in their own dtype, by key.
-pub fn tensors_where<M: Module>(module: &M, keep: fn(&str) -> bool) -> BTreeMap<String, TensorData> {
+pub fn tensors_where<M: Module>(
+    module: &M,
+    keep: fn(&str) -> bool,
+) -> BTreeMap<String, TensorData> {
     let mut c = DataCollector {
         keep: Some(keep),
         ..DataCollector::default()
@@ -601,7 +604,8 @@ pub fn tensors_bytes(
 ) -> Result<Vec<u8>, String> {
     let mut layout = Vec::with_capacity(tensors.len());
     for (k, t) in tensors {
-        let dtype = file_dtype(t.dtype()).ok_or_else(|| format!("tensor {k} has dtype {:?}", t.dtype()))?;
+        let dtype =
+            file_dtype(t.dtype()).ok_or_else(|| format!("tensor {k} has dtype {:?}", t.dtype()))?;
         layout.push((k.clone(), dtype, t.shape().to_vec()));
     }
     let mut out = header_bytes(&layout, metadata);

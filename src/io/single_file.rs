@@ -272,8 +272,10 @@ fn matching_pair<'p>(key: &str, pairs: &'p [(String, String)]) -> Option<&'p (St
 /// The single-file name of the diffusers U-Net parameter `name` (the inverse of
 /// [`unet_entries`]).
 pub fn unet_original_name(name: &str, layout: &UNetLayout) -> String {
-    let inverse: Vec<(String, String)> =
-        unet_prefixes(layout).into_iter().map(|(o, d)| (d, o)).collect();
+    let inverse: Vec<(String, String)> = unet_prefixes(layout)
+        .into_iter()
+        .map(|(o, d)| (d, o))
+        .collect();
     let body = match matching_pair(name, &inverse) {
         Some((from, to)) => {
             let tail = &name[from.len()..];
@@ -296,8 +298,10 @@ pub fn unet_original_name(name: &str, layout: &UNetLayout) -> String {
 /// [`vae_entries`]), and whether it is one of the mid-block attention's linear weights that the
 /// original layout keeps as 1x1 convolutions (`[out, in]` -> `[out, in, 1, 1]`).
 pub fn vae_original_name(name: &str, levels: usize) -> (String, bool) {
-    let inverse: Vec<(String, String)> =
-        vae_prefixes(levels).into_iter().map(|(o, d)| (d, o)).collect();
+    let inverse: Vec<(String, String)> = vae_prefixes(levels)
+        .into_iter()
+        .map(|(o, d)| (d, o))
+        .collect();
     let (body, conv) = match matching_pair(name, &inverse) {
         Some((from, to)) => {
             let tail = &name[from.len()..];
@@ -305,7 +309,8 @@ pub fn vae_original_name(name: &str, levels: usize) -> (String, bool) {
                 let (tail, conv) = VAE_ATTENTION
                     .iter()
                     .find_map(|(o, d)| {
-                        tail.strip_prefix(d).map(|t| (format!("{o}{t}"), *d != "group_norm."))
+                        tail.strip_prefix(d)
+                            .map(|t| (format!("{o}{t}"), *d != "group_norm."))
                     })
                     .unwrap_or((tail.to_string(), false));
                 let conv = conv && tail.ends_with("weight");
@@ -316,7 +321,13 @@ pub fn vae_original_name(name: &str, levels: usize) -> (String, bool) {
         }
         None => (name.to_string(), false),
     };
-    (format!("{VAE_PREFIX}{}", body.replace("conv_shortcut.", "nin_shortcut.")), conv)
+    (
+        format!(
+            "{VAE_PREFIX}{}",
+            body.replace("conv_shortcut.", "nin_shortcut.")
+        ),
+        conv,
+    )
 }
 
 /// The single-file name of the diffusers/transformers CLIP parameter `name` (SD 1.x's text

@@ -479,7 +479,11 @@ fn in_f32<const D: usize>(t: Tensor<D>) -> Tensor<D> {
 
 /// `t` (computed in f32) in the caller's `dtype`.
 fn back_to<const D: usize>(t: Tensor<D>, dtype: DType) -> Tensor<D> {
-    if dtype == DType::F32 { t } else { t.cast(dtype) }
+    if dtype == DType::F32 {
+        t
+    } else {
+        t.cast(dtype)
+    }
 }
 
 /// `conv_transpose2d(x, weight) + bias` through [`TrainOps`] (no output padding, no groups).
@@ -607,7 +611,9 @@ pub fn scaled_dot_product_attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>) ->
 pub fn silu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     let dtype = x.dtype();
     back_to(
-        Tensor::from_dispatch(<Dispatch as TrainOps>::silu_train(in_f32(x).into_dispatch())),
+        Tensor::from_dispatch(<Dispatch as TrainOps>::silu_train(
+            in_f32(x).into_dispatch(),
+        )),
         dtype,
     )
 }
@@ -617,7 +623,9 @@ pub fn silu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
 pub fn softmax_last<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     let dtype = x.dtype();
     back_to(
-        Tensor::from_dispatch(<Dispatch as TrainOps>::softmax_last_train(in_f32(x).into_dispatch())),
+        Tensor::from_dispatch(<Dispatch as TrainOps>::softmax_last_train(
+            in_f32(x).into_dispatch(),
+        )),
         dtype,
     )
 }
@@ -1410,37 +1418,91 @@ mod tests {
         // Each case: the output of `f` on the inputs, and the gradient of its weighted sum.
         type Case = fn(Vec<Tensor<4>>) -> Tensor<4>;
         let cases: Vec<(&str, Vec<Tensor<4>>, Case)> = vec![
-            ("conv2d", vec![x4.clone(), w4.clone(), b1.clone().reshape([1, 1, 1, 8])], |t| {
-                conv2d(t[0].clone(), t[1].clone(), Some(t[2].clone().reshape([8])), 1, 1)
-            }),
-            ("conv_transpose2d", vec![x4.clone(), w4.clone(), b1.clone().reshape([1, 1, 1, 8])], |t| {
-                conv_transpose2d(t[0].clone(), t[1].clone(), t[2].clone().reshape([8]), 2, 1)
-            }),
-            ("group_norm", vec![x4.clone(), b1.clone().reshape([1, 1, 1, 8]), b1.clone().reshape([1, 1, 1, 8])], |t| {
-                group_norm(t[0].clone(), t[1].clone().reshape([8]), t[2].clone().reshape([8]), 4, 1e-5)
-            }),
-            ("layer_norm", vec![x3.clone().unsqueeze(), b1.clone().reshape([1, 1, 1, 8]), b1.clone().reshape([1, 1, 1, 8])], |t| {
-                let x: Tensor<3> = t[0].clone().squeeze_dim(0);
-                layer_norm::<3, 1>(x, t[1].clone().reshape([8]), t[2].clone().reshape([8]), 1e-5).unsqueeze()
-            }),
-            ("attention", vec![x3.clone().unsqueeze(), x3.clone().unsqueeze().mul_scalar(0.5), x3.clone().unsqueeze()], |t| {
-                let [q, k, v] = [0, 1, 2].map(|i| t[i].clone().squeeze_dim::<3>(0));
-                scaled_dot_product_attention(q, k, v).unsqueeze()
-            }),
+            (
+                "conv2d",
+                vec![x4.clone(), w4.clone(), b1.clone().reshape([1, 1, 1, 8])],
+                |t| {
+                    conv2d(
+                        t[0].clone(),
+                        t[1].clone(),
+                        Some(t[2].clone().reshape([8])),
+                        1,
+                        1,
+                    )
+                },
+            ),
+            (
+                "conv_transpose2d",
+                vec![x4.clone(), w4.clone(), b1.clone().reshape([1, 1, 1, 8])],
+                |t| conv_transpose2d(t[0].clone(), t[1].clone(), t[2].clone().reshape([8]), 2, 1),
+            ),
+            (
+                "group_norm",
+                vec![
+                    x4.clone(),
+                    b1.clone().reshape([1, 1, 1, 8]),
+                    b1.clone().reshape([1, 1, 1, 8]),
+                ],
+                |t| {
+                    group_norm(
+                        t[0].clone(),
+                        t[1].clone().reshape([8]),
+                        t[2].clone().reshape([8]),
+                        4,
+                        1e-5,
+                    )
+                },
+            ),
+            (
+                "layer_norm",
+                vec![
+                    x3.clone().unsqueeze(),
+                    b1.clone().reshape([1, 1, 1, 8]),
+                    b1.clone().reshape([1, 1, 1, 8]),
+                ],
+                |t| {
+                    let x: Tensor<3> = t[0].clone().squeeze_dim(0);
+                    layer_norm::<3, 1>(
+                        x,
+                        t[1].clone().reshape([8]),
+                        t[2].clone().reshape([8]),
+                        1e-5,
+                    )
+                    .unsqueeze()
+                },
+            ),
+            (
+                "attention",
+                vec![
+                    x3.clone().unsqueeze(),
+                    x3.clone().unsqueeze().mul_scalar(0.5),
+                    x3.clone().unsqueeze(),
+                ],
+                |t| {
+                    let [q, k, v] = [0, 1, 2].map(|i| t[i].clone().squeeze_dim::<3>(0));
+                    scaled_dot_product_attention(q, k, v).unsqueeze()
+                },
+            ),
             ("silu", vec![x4.clone()], |t| silu(t[0].clone())),
-            ("softmax_last", vec![x4.clone()], |t| softmax_last(t[0].clone())),
+            ("softmax_last", vec![x4.clone()], |t| {
+                softmax_last(t[0].clone())
+            }),
         ];
         for (name, inputs, f) in cases {
             let run = |dtype: DType| {
-                let leaves: Vec<Tensor<4>> =
-                    inputs.iter().map(|t| t.clone().cast(dtype).detach().require_grad()).collect();
+                let leaves: Vec<Tensor<4>> = inputs
+                    .iter()
+                    .map(|t| t.clone().cast(dtype).detach().require_grad())
+                    .collect();
                 let y = f(leaves.clone());
                 assert_eq!(y.dtype(), dtype, "{name}: output dtype");
                 let weights = y.clone().cast(DType::F32).sin().detach().cast(dtype);
                 let grads = (y.clone() * weights).sum().backward();
                 let mut out = vec![y.cast(DType::F32).into_data()];
                 for leaf in &leaves {
-                    let g = leaf.grad(&grads).unwrap_or_else(|| panic!("{name}: no gradient"));
+                    let g = leaf
+                        .grad(&grads)
+                        .unwrap_or_else(|| panic!("{name}: no gradient"));
                     assert_eq!(g.dtype(), dtype, "{name}: gradient dtype");
                     out.push(g.cast(DType::F32).into_data());
                 }
@@ -1449,10 +1511,21 @@ mod tests {
             let reference = run(DType::F32);
             for (dtype, tol) in [(DType::BF16, 0.1), (DType::F16, 0.02)] {
                 for (k, (a, b)) in run(dtype).iter().zip(&reference).enumerate() {
-                    let (a, b) = (a.try_to_vec::<f32>().unwrap(), b.try_to_vec::<f32>().unwrap());
+                    let (a, b) = (
+                        a.try_to_vec::<f32>().unwrap(),
+                        b.try_to_vec::<f32>().unwrap(),
+                    );
                     let scale = b.iter().fold(1.0f32, |m, v| m.max(v.abs()));
-                    let err = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max) / scale;
-                    assert!(err < tol, "{name} {dtype:?} output/gradient {k}: relative error {err}");
+                    let err = a
+                        .iter()
+                        .zip(&b)
+                        .map(|(x, y)| (x - y).abs())
+                        .fold(0.0, f32::max)
+                        / scale;
+                    assert!(
+                        err < tol,
+                        "{name} {dtype:?} output/gradient {k}: relative error {err}"
+                    );
                 }
             }
         }

@@ -200,7 +200,9 @@ impl LatentDiffusionConfig {
         match c.kind {
             ConditioningKind::Class => {
                 if c.num_classes == 0 {
-                    p.push("model.conditioning.num_classes must be set for kind = \"class\"".into());
+                    p.push(
+                        "model.conditioning.num_classes must be set for kind = \"class\"".into(),
+                    );
                 }
                 if self.unet.num_class_embeds.is_some() {
                     p.push(

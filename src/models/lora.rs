@@ -59,12 +59,16 @@ impl Default for LoraConfig {
             alpha: 4.0,
             dropout: 0.0,
             target_modules: Targets::Names(
-                ["to_q", "to_k", "to_v", "to_out.0"].map(String::from).to_vec(),
+                ["to_q", "to_k", "to_v", "to_out.0"]
+                    .map(String::from)
+                    .to_vec(),
             ),
             init: LoraInit::Gaussian,
             text_encoder: false,
             text_encoder_target_modules: Targets::Names(
-                ["q_proj", "k_proj", "v_proj", "out_proj"].map(String::from).to_vec(),
+                ["q_proj", "k_proj", "v_proj", "out_proj"]
+                    .map(String::from)
+                    .to_vec(),
             ),
             text_encoder_lr: None,
         }
@@ -85,13 +89,18 @@ impl LoraConfig {
         }
         for (what, t) in [
             ("lora.target_modules", &self.target_modules),
-            ("lora.text_encoder_target_modules", &self.text_encoder_target_modules),
+            (
+                "lora.text_encoder_target_modules",
+                &self.text_encoder_target_modules,
+            ),
         ] {
             match t {
                 Targets::Names(n) if n.is_empty() => p.push(format!("{what} is empty")),
                 Targets::Regex(r) => {
                     if let Err(e) = regex::Regex::new(&format!("^(?:{r})$")) {
-                        p.push(format!("{what} = {r:?} is not a valid regular expression: {e}"));
+                        p.push(format!(
+                            "{what} = {r:?} is not a valid regular expression: {e}"
+                        ));
                     }
                 }
                 _ => {}
@@ -137,7 +146,9 @@ impl Linears for BasicTransformerBlock {
         self.attn2.linears(&join(prefix, "attn2"), f);
         for (i, layer) in self.ff.net.iter_mut().enumerate() {
             match layer {
-                FeedForwardLayer::Geglu(g) => f(&join(prefix, &format!("ff.net.{i}.proj")), &mut g.proj),
+                FeedForwardLayer::Geglu(g) => {
+                    f(&join(prefix, &format!("ff.net.{i}.proj")), &mut g.proj)
+                }
                 FeedForwardLayer::Linear(l) => f(&join(prefix, &format!("ff.net.{i}")), l),
                 FeedForwardLayer::Dropout(_) => {}
             }
@@ -176,11 +187,23 @@ fn attention_layers(
 impl Linears for UNet2DConditionModel {
     fn linears(&mut self, prefix: &str, f: &mut dyn FnMut(&str, &mut Linear)) {
         for (i, b) in self.down_blocks.iter_mut().enumerate() {
-            attention_layers(&mut b.attentions, &join(prefix, &format!("down_blocks.{i}")), f);
+            attention_layers(
+                &mut b.attentions,
+                &join(prefix, &format!("down_blocks.{i}")),
+                f,
+            );
         }
-        attention_layers(&mut self.mid_block.attentions, &join(prefix, "mid_block"), f);
+        attention_layers(
+            &mut self.mid_block.attentions,
+            &join(prefix, "mid_block"),
+            f,
+        );
         for (i, b) in self.up_blocks.iter_mut().enumerate() {
-            attention_layers(&mut b.attentions, &join(prefix, &format!("up_blocks.{i}")), f);
+            attention_layers(
+                &mut b.attentions,
+                &join(prefix, &format!("up_blocks.{i}")),
+                f,
+            );
         }
     }
 }
@@ -230,7 +253,8 @@ pub fn select(targets: &Targets, paths: &[String], what: &str) -> Result<Vec<Str
                 .collect()
         }
         Targets::Regex(r) => {
-            let re = regex::Regex::new(&format!("^(?:{r})$")).map_err(|e| format!("{what}: {e}"))?;
+            let re =
+                regex::Regex::new(&format!("^(?:{r})$")).map_err(|e| format!("{what}: {e}"))?;
             let s: Vec<String> = paths.iter().filter(|p| re.is_match(p)).cloned().collect();
             if s.is_empty() {
                 return Err(format!(
@@ -281,7 +305,13 @@ pub fn attach<M: Module + Linears>(
         if set.contains(&p.to_string()) {
             let [out, inp] = l.weight.dims();
             l.lora = Some(LoraAdapter::new(
-                inp, out, cfg.rank, cfg.alpha, cfg.dropout, cfg.init, device,
+                inp,
+                out,
+                cfg.rank,
+                cfg.alpha,
+                cfg.dropout,
+                cfg.init,
+                device,
             ));
         }
     });

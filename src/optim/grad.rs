@@ -62,7 +62,8 @@ struct ParamShapes(Vec<(ParamId, Vec<usize>)>);
 impl ModuleVisitor for ParamShapes {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
         if param.is_require_grad() {
-            self.0.push((param.id, param.lazy_shape().dims::<D>().to_vec()));
+            self.0
+                .push((param.id, param.lazy_shape().dims::<D>().to_vec()));
         }
     }
 }

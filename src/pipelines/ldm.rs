@@ -25,7 +25,6 @@ use crate::device::parse_device;
 use crate::diffusion::sampling::SamplerKind;
 use crate::diffusion::scheduler_config::SchedulerConfig;
 use crate::io;
-use crate::nn::to_host;
 use crate::io::image::Grid;
 use crate::models::Architecture;
 use crate::models::autoencoder_kl::AutoencoderKLConfig;
@@ -35,10 +34,10 @@ use crate::models::latent_diffusion::{
     scale_by_std,
 };
 use crate::models::vqvae::VQVAEConfig;
+use crate::nn::to_host;
 use crate::tokenizer::{ClipTokenizer, learn_bpe, write_tokenizer_dir};
 use crate::train::objectives::ldm::{LatentDiffusionObjective, LatentDiffusionParts, TextEncoder};
 use crate::train::{Outputs, TrainError, TrainOptions, TrainOutcome, train_with};
-
 
 fn stage_error(message: String) -> TrainError {
     TrainError::Stage(message)
@@ -119,8 +118,7 @@ pub fn load_first_stage(
             })
         }
         Architecture::Vqvae => {
-            let (stage_cfg, vq, weights) =
-                load_run(path, &[], |c| Ok(c.model.vqvae.init(device)))?;
+            let (stage_cfg, vq, weights) = load_run(path, &[], |c| Ok(c.model.vqvae.init(device)))?;
             Ok(LoadedFirstStage {
                 factor: VQVAEConfig::DOWNSAMPLING,
                 latent_channels: stage_cfg.model.vqvae.embedding_dim,
@@ -259,7 +257,9 @@ pub(crate) fn latent_cache(
         let x = Tensor::<4>::from_data(TensorData::new(pixels.to_vec(), shape), device);
         let (mean, std) = first.moments(x);
         let dims = mean.dims();
-        let std = std.map(to_host).unwrap_or_else(|| vec![0.0; dims.iter().product()]);
+        let std = std
+            .map(to_host)
+            .unwrap_or_else(|| vec![0.0; dims.iter().product()]);
         (to_host(mean), std, [dims[1], dims[2], dims[3]])
     };
     // In a multi-process launch rank 0 builds it and the others then load it (accelerate's
@@ -283,7 +283,11 @@ pub(crate) fn latent_cache(
     if !quiet {
         let dir = LatentCache::dir(&cfg.output_dir(), &key);
         let what = if built { "built" } else { "reused" };
-        eprintln!("latent cache {what}: {} ({} images)", dir.display(), cache.len);
+        eprintln!(
+            "latent cache {what}: {} ({} images)",
+            dir.display(),
+            cache.len
+        );
     }
     Ok(Some(Arc::new(cache)))
 }
@@ -324,7 +328,8 @@ pub fn train_ldm(
             first.factor
         ));
     }
-    if unet_cfg.in_channels != first.latent_channels || unet_cfg.out_channels != first.latent_channels
+    if unet_cfg.in_channels != first.latent_channels
+        || unet_cfg.out_channels != first.latent_channels
     {
         problems.push(format!(
             "model.ldm.unet in_channels/out_channels = {}/{} but the first stage's latents have \
@@ -347,8 +352,19 @@ pub fn train_ldm(
         ConditioningKind::Text => Some(text_side(cfg, &dataset, &device)?),
         _ => None,
     };
-    let lat = [first.latent_channels, res / first.factor, res / first.factor];
-    let cache = latent_cache(cfg, &first.model, &first.fingerprint, &dataset, &device, opts.quiet)?;
+    let lat = [
+        first.latent_channels,
+        res / first.factor,
+        res / first.factor,
+    ];
+    let cache = latent_cache(
+        cfg,
+        &first.model,
+        &first.fingerprint,
+        &dataset,
+        &device,
+        opts.quiet,
+    )?;
     let mut fingerprints = vec![("first stage".to_string(), first.fingerprint.clone())];
     fingerprints.extend(text.as_ref().and_then(|t| t.fingerprint.clone()));
     let parts = LatentDiffusionParts {
@@ -519,7 +535,10 @@ impl Outputs<LatentDiffusionModel> for LdmOutputs {
         let cond_cfg = &self.cfg.model.conditioning;
         let unet_json = ldm.unet_config(cond_cfg).to_diffusers_json();
         for (m, sub) in std::iter::once((weights, "unet")).chain(raw.map(|r| (r, "unet_no_ema"))) {
-            save_weights(&m.unet, &weights_file(Architecture::LatentDiffusion, dir, &sub[4..]))?;
+            save_weights(
+                &m.unet,
+                &weights_file(Architecture::LatentDiffusion, dir, &sub[4..]),
+            )?;
             io::write_json(&dir.join(sub).join("config.json"), &unet_json)?;
         }
         io::write_json(
@@ -634,9 +653,14 @@ fn load_ldm(
             let lc = stage1.cfg.model.vqvae.embedding_dim;
             (FirstStage::Vq(stage1.model), VQVAEConfig::DOWNSAMPLING, lc)
         } else {
-            let (vae, vae_cfg, _) = stable_diffusion::load_vae(&Pretrained::Folder(root.into()), device)
-                .map_err(pretrained_error)?;
-            (FirstStage::Kl(vae), vae_cfg.downsampling(), vae_cfg.latent_channels)
+            let (vae, vae_cfg, _) =
+                stable_diffusion::load_vae(&Pretrained::Folder(root.into()), device)
+                    .map_err(pretrained_error)?;
+            (
+                FirstStage::Kl(vae),
+                vae_cfg.downsampling(),
+                vae_cfg.latent_channels,
+            )
         };
         let text = if text {
             let (te, _, tok, _) =
@@ -718,8 +742,16 @@ pub fn sample(
         return Err(bad(format!(
             "this latent diffusion model is conditioned on {}: --prompt applies to text \
              conditioning{}",
-            if kind == ConditioningKind::Class { "a class" } else { "nothing" },
-            if kind == ConditioningKind::Class { " (use --class N)" } else { "" }
+            if kind == ConditioningKind::Class {
+                "a class"
+            } else {
+                "nothing"
+            },
+            if kind == ConditioningKind::Class {
+                " (use --class N)"
+            } else {
+                ""
+            }
         )));
     }
     if kind != ConditioningKind::Class && req.class.is_some() {
@@ -754,7 +786,10 @@ pub fn sample(
             }
         }
         ConditioningKind::Text => {
-            let (tok, te) = loaded.text.as_ref().expect("text conditioning loads an encoder");
+            let (tok, te) = loaded
+                .text
+                .as_ref()
+                .expect("text conditioning loads an encoder");
             let embed = |p: &str| -> Result<Tensor<3>, super::PipelineError> {
                 let ids = token_ids(tok, &[p], device).map_err(|e| bad(e.to_string()))?;
                 Ok(te.forward(ids, 1))

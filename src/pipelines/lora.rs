@@ -110,12 +110,8 @@ fn pretrained_source(cfg: &Config, opts: &TrainOptions) -> Result<Pretrained, Tr
         }
         super::train(&c, opts)?;
     }
-    Pretrained::detect(path, cfg.model.pretrained_config.as_deref()).map_err(|e| {
-        err(format!(
-            "model.pretrained = {}: {e}",
-            path.display()
-        ))
-    })
+    Pretrained::detect(path, cfg.model.pretrained_config.as_deref())
+        .map_err(|e| err(format!("model.pretrained = {}: {e}", path.display())))
 }
 
 /// Trains LoRA adapters on `model.pretrained`.
@@ -151,7 +147,8 @@ pub fn train_lora(
     {
         let mut probe = sd.unet.clone();
         let paths = crate::models::lora::linear_paths(&mut probe);
-        crate::models::lora::select(&l.target_modules, &paths, "lora.target_modules").map_err(err)?;
+        crate::models::lora::select(&l.target_modules, &paths, "lora.target_modules")
+            .map_err(err)?;
         if l.text_encoder {
             let mut probe = sd.text_encoder.clone();
             let paths = crate::models::lora::linear_paths(&mut probe);
@@ -220,7 +217,11 @@ struct LoraOutputs {
 }
 
 /// The adapted model as a Stable Diffusion pipeline (adapters unmerged).
-fn with_weights(base: &StableDiffusion, weights: &LatentDiffusionModel, device: &Device) -> StableDiffusion {
+fn with_weights(
+    base: &StableDiffusion,
+    weights: &LatentDiffusionModel,
+    device: &Device,
+) -> StableDiffusion {
     StableDiffusion {
         unet: weights.unet.clone().to_device(device),
         unet_config: base.unet_config.clone(),
@@ -309,10 +310,22 @@ impl Outputs<LatentDiffusionModel> for LoraOutputs {
             base_model_version: if v2 { "sd_v2" } else { "sd_v1" },
             output_name: name.clone(),
             extra: vec![
-                ("ss_learning_rate".into(), self.cfg.train.learning_rate.to_string()),
-                ("ss_max_train_steps".into(), self.cfg.train.max_steps.to_string()),
-                ("ss_resolution".into(), format!("({0}, {0})", self.cfg.data.resolution)),
-                ("ss_noise_offset".into(), self.cfg.diffusion.noise_offset.to_string()),
+                (
+                    "ss_learning_rate".into(),
+                    self.cfg.train.learning_rate.to_string(),
+                ),
+                (
+                    "ss_max_train_steps".into(),
+                    self.cfg.train.max_steps.to_string(),
+                ),
+                (
+                    "ss_resolution".into(),
+                    format!("({0}, {0})", self.cfg.data.resolution),
+                ),
+                (
+                    "ss_noise_offset".into(),
+                    self.cfg.diffusion.noise_offset.to_string(),
+                ),
                 ("ss_seed".into(), self.cfg.run.seed.to_string()),
                 (
                     "ss_sd_model_name".into(),
@@ -324,7 +337,10 @@ impl Outputs<LatentDiffusionModel> for LoraOutputs {
                         .map(|n| n.to_string_lossy().into_owned())
                         .unwrap_or_default(),
                 ),
-                ("ss_training_comment".into(), "trained with difftrain".into()),
+                (
+                    "ss_training_comment".into(),
+                    "trained with difftrain".into(),
+                ),
             ],
         };
         lora_io::write_kohya(&dir.join(format!("{name}.safetensors")), &modules, &info)?;
@@ -348,11 +364,14 @@ pub fn adapter_modules(model: &LatentDiffusionModel) -> BTreeMap<(Component, Str
                     shape: t.dims().to_vec(),
                     data: to_host(t),
                 };
-                Some(((comp, p.to_string()), LoraModule {
-                    down: host(a.down.weight.val()),
-                    up: host(a.up.weight.val()),
-                    scale: a.scale,
-                }))
+                Some((
+                    (comp, p.to_string()),
+                    LoraModule {
+                        down: host(a.down.weight.val()),
+                        up: host(a.up.weight.val()),
+                        scale: a.scale,
+                    },
+                ))
             } else {
                 None
             }
@@ -412,7 +431,11 @@ pub fn apply_file(
             Some((_, ModuleName::Underscored(_)))
         );
         let mut visit = |p: &str, l: &mut crate::nn::Linear| {
-            let key = if underscored { p.replace('.', "_") } else { p.to_string() };
+            let key = if underscored {
+                p.replace('.', "_")
+            } else {
+                p.to_string()
+            };
             if let Some(m) = wanted.remove(&key) {
                 let [out, inp] = l.weight.dims();
                 if m.up.shape[0] != out || m.down.shape[1] != inp {
@@ -423,8 +446,14 @@ pub fn apply_file(
                     return;
                 }
                 let device = l.weight.val().device();
-                let up = Tensor::<2>::from_data(TensorData::new(m.up.data.clone(), m.up.shape.clone()), &device);
-                let down = Tensor::<2>::from_data(TensorData::new(m.down.data.clone(), m.down.shape.clone()), &device);
+                let up = Tensor::<2>::from_data(
+                    TensorData::new(m.up.data.clone(), m.up.shape.clone()),
+                    &device,
+                );
+                let down = Tensor::<2>::from_data(
+                    TensorData::new(m.down.data.clone(), m.down.shape.clone()),
+                    &device,
+                );
                 let w = l.weight.val();
                 let delta = up.matmul(down).mul_scalar(scale * m.scale).cast(w.dtype());
                 l.weight = Param::initialized(l.weight.id, w + delta);
@@ -449,7 +478,11 @@ pub fn apply_file(
             file.path.display(),
             problems.len(),
             file.modules.len(),
-            problems.into_iter().take(8).collect::<Vec<_>>().join("\n  ")
+            problems
+                .into_iter()
+                .take(8)
+                .collect::<Vec<_>>()
+                .join("\n  ")
         )));
     }
     Ok(applied)
@@ -466,7 +499,11 @@ pub fn apply_files(sd: &mut StableDiffusion, loras: &[(PathBuf, f64)]) -> Result
 
 /// A LoRA run's file for sampling: the export's diffusers file, or a checkpoint's adapters
 /// (raw factors, scaled by the run's `alpha / rank`).
-pub fn run_lora_file(cfg: &Config, root: &Path, weights: Option<&Path>) -> Result<LoraFile, TrainError> {
+pub fn run_lora_file(
+    cfg: &Config,
+    root: &Path,
+    weights: Option<&Path>,
+) -> Result<LoraFile, TrainError> {
     match weights {
         None => Ok(lora_io::read(&root.join(DIFFUSERS_FILE))?),
         Some(w) => {
@@ -495,8 +532,12 @@ pub fn load_adapted(
         .pretrained
         .as_ref()
         .ok_or_else(|| err("the run's model.pretrained is not set".into()))?;
-    let source = Pretrained::detect(path, cfg.model.pretrained_config.as_deref())
-        .map_err(|e| err(format!("the run's base model.pretrained = {}: {e}", path.display())))?;
+    let source = Pretrained::detect(path, cfg.model.pretrained_config.as_deref()).map_err(|e| {
+        err(format!(
+            "the run's base model.pretrained = {}: {e}",
+            path.display()
+        ))
+    })?;
     let mut sd = stable_diffusion::load(&source, device).map_err(|e| err(e.to_string()))?;
     let file = run_lora_file(cfg, root, weights)?;
     apply_file(&file, 1.0, &mut sd.unet, &mut sd.text_encoder)?;
@@ -509,8 +550,12 @@ pub fn write_folder(sd: &StableDiffusion, configs: &Path, out: &Path) -> Result<
     let copy = |rel: &str| -> Result<(), TrainError> {
         let src = configs.join(rel);
         if src.is_file() {
-            let bytes = std::fs::read(&src)
-                .map_err(|source| TrainError::Io(IoError::Read { path: src.clone(), source }))?;
+            let bytes = std::fs::read(&src).map_err(|source| {
+                TrainError::Io(IoError::Read {
+                    path: src.clone(),
+                    source,
+                })
+            })?;
             io::write_atomic(&out.join(rel), &bytes)?;
         }
         Ok(())
@@ -529,8 +574,17 @@ pub fn write_folder(sd: &StableDiffusion, configs: &Path, out: &Path) -> Result<
     ] {
         copy(rel)?;
     }
-    super::save_weights(&sd.unet, &out.join("unet/diffusion_pytorch_model.safetensors"))?;
-    super::save_weights(&sd.vae, &out.join("vae/diffusion_pytorch_model.safetensors"))?;
-    super::save_weights(&sd.text_encoder, &out.join("text_encoder/model.safetensors"))?;
+    super::save_weights(
+        &sd.unet,
+        &out.join("unet/diffusion_pytorch_model.safetensors"),
+    )?;
+    super::save_weights(
+        &sd.vae,
+        &out.join("vae/diffusion_pytorch_model.safetensors"),
+    )?;
+    super::save_weights(
+        &sd.text_encoder,
+        &out.join("text_encoder/model.safetensors"),
+    )?;
     Ok(())
 }

@@ -179,7 +179,8 @@ pub fn locate(dir: &Path) -> Result<(PathBuf, Option<PathBuf>), TrainError> {
                 // An export from before export.json: compare modification times.
                 None => {
                     let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-                    mtime(&ck.join(checkpoint::STATE_FILE)) > mtime(&export.join(checkpoint::CONFIG_FILE))
+                    mtime(&ck.join(checkpoint::STATE_FILE))
+                        > mtime(&export.join(checkpoint::CONFIG_FILE))
                 }
             };
             if newer {
@@ -187,7 +188,9 @@ pub fn locate(dir: &Path) -> Result<(PathBuf, Option<PathBuf>), TrainError> {
                     "note: {} is newer than {}{}; using it",
                     ck.display(),
                     export.display(),
-                    export_step.map(|e| format!(" (step {e})")).unwrap_or_default()
+                    export_step
+                        .map(|e| format!(" (step {e})"))
+                        .unwrap_or_default()
                 );
                 return from_checkpoint(&ck);
             }
@@ -307,7 +310,9 @@ fn sample_one(dir: &Path, req: &SampleRequest) -> Result<(Grid, PathBuf), Pipeli
     let unreadable = matches!(
         &result,
         Err(PipelineError::Io(_))
-            | Err(PipelineError::Train(TrainError::Io(_) | TrainError::Config(_)))
+            | Err(PipelineError::Train(
+                TrainError::Io(_) | TrainError::Config(_)
+            ))
             | Err(PipelineError::Pretrained(_))
     );
     if unreadable
@@ -316,7 +321,11 @@ fn sample_one(dir: &Path, req: &SampleRequest) -> Result<(Grid, PathBuf), Pipeli
         && checkpoint::read_verified(&ck).is_ok()
     {
         if let Err(e) = &result {
-            eprintln!("warning: {}: {e}; using {} instead", dir.join("export").display(), ck.display());
+            eprintln!(
+                "warning: {}: {e}; using {} instead",
+                dir.join("export").display(),
+                ck.display()
+            );
         }
         return sample_from(&ck, req);
     }
@@ -415,11 +424,17 @@ fn sample_from(dir: &Path, req: &SampleRequest) -> Result<(Grid, PathBuf), Pipel
                 return text_to_image::sample_pretrained(&root, &req);
             }
             let grid = ldm::sample(&cfg, &root, weights.as_deref(), req, &device)?;
-            Ok((grid, weights.unwrap_or_else(|| weights_file(cfg.model.architecture, &root, ""))))
+            Ok((
+                grid,
+                weights.unwrap_or_else(|| weights_file(cfg.model.architecture, &root, "")),
+            ))
         }
         Family::Lora => {
             if req.class.is_some() {
-                return bad(format!("{} is a text-to-image LoRA run: --class does not apply", dir.display()));
+                return bad(format!(
+                    "{} is a text-to-image LoRA run: --class does not apply",
+                    dir.display()
+                ));
             }
             let sd = lora::load_adapted(&cfg, &root, weights.as_deref(), &device)?;
             let mut req = req.clone();
@@ -429,7 +444,10 @@ fn sample_from(dir: &Path, req: &SampleRequest) -> Result<(Grid, PathBuf), Pipel
             req.width.get_or_insert(res);
             req.height.get_or_insert(res);
             let grid = text_to_image::sample_with(sd, &req, &device)?;
-            Ok((grid, weights.unwrap_or_else(|| root.join(lora::DIFFUSERS_FILE))))
+            Ok((
+                grid,
+                weights.unwrap_or_else(|| root.join(lora::DIFFUSERS_FILE)),
+            ))
         }
         Family::Autoencoder => bad(format!(
             "{} is an autoencoder (latent diffusion stage 1): it reconstructs but does not \

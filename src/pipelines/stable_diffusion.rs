@@ -407,7 +407,10 @@ pub fn write_single_file(sd: &StableDiffusion, out: &Path) -> Result<(), Pretrai
     let mut tensors = std::collections::BTreeMap::new();
     let mut put = |name: String, t: safetensors::HostTensor| {
         let previous = tensors.insert(name.clone(), TensorData::new(t.data, t.shape));
-        assert!(previous.is_none(), "two parameters map to the single-file key {name}");
+        assert!(
+            previous.is_none(),
+            "two parameters map to the single-file key {name}"
+        );
     };
     for (name, t) in safetensors::named_tensors(&sd.unet) {
         put(single_file::unet_original_name(&name, &layout), t);

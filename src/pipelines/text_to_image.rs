@@ -93,7 +93,11 @@ pub enum Condition {
     /// Text embeddings `[1, len, d]` of the prompt and of the negative prompt.
     Text { cond: Tensor<3>, uncond: Tensor<3> },
     /// A class and the null class, with a zero cross-attention token of width `context`.
-    Class { class: i64, null: i64, context: usize },
+    Class {
+        class: i64,
+        null: i64,
+        context: usize,
+    },
     /// Nothing: a zero cross-attention token of width `context`, no guidance.
     None { context: usize },
 }

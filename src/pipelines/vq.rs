@@ -17,17 +17,16 @@ use crate::config::{Config, Resume};
 use crate::data::Dataset;
 use crate::device::parse_device;
 use crate::io;
-use crate::nn::to_host;
 use crate::io::image::Grid;
 use crate::models::Architecture;
 use crate::models::pixelcnn::GatedPixelCNN;
 use crate::models::vqvae::{VQVAE, VQVAEConfig};
+use crate::nn::to_host;
 use crate::train::objectives::vq::{PixelCnnObjective, VqvaeObjective};
 use crate::train::{Outputs, TrainError, TrainOptions, TrainOutcome, train_with};
 
 /// The file a PixelCNN export stores its VQ-VAE's config in (weights in `vqvae/`).
 pub const STAGE1_CONFIG: &str = "vqvae.toml";
-
 
 /// `<dir>/<name>/model.safetensors`, plus `<dir>/<name>_no_ema/` for the training weights.
 fn export_pair<M: Module>(
@@ -74,7 +73,11 @@ impl Outputs<VQVAE> for VqvaeOutputs {
         };
         let x = Tensor::<4>::from_data(TensorData::new(images.clone(), *shape), device);
         let (recon, _) = weights.forward(x);
-        Ok(super::pairs_grid(images, *shape, &to_host(recon.clamp(-1.0, 1.0))))
+        Ok(super::pairs_grid(
+            images,
+            *shape,
+            &to_host(recon.clamp(-1.0, 1.0)),
+        ))
     }
 
     fn export(&self, weights: &VQVAE, raw: Option<&VQVAE>, dir: &Path) -> Result<(), TrainError> {

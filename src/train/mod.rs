@@ -352,7 +352,10 @@ where
                     );
                     start.checkpoint = Some(older);
                 }
-                let ck = start.checkpoint.as_ref().expect("resuming from a checkpoint");
+                let ck = start
+                    .checkpoint
+                    .as_ref()
+                    .expect("resuming from a checkpoint");
                 let st = resumed?;
                 if first_rank + rank == 0 && !opts.quiet {
                     eprintln!(
@@ -384,7 +387,11 @@ where
             eprintln!(
                 "data parallel: {} processes ({}), {} images per process per micro-batch",
                 p.world(),
-                if nccl { "NCCL" } else { "CPU, gradients over TCP: a test engine" },
+                if nccl {
+                    "NCCL"
+                } else {
+                    "CPU, gradients over TCP: a test engine"
+                },
                 cfg.train.batch_size / p.world()
             );
         }
@@ -711,7 +718,11 @@ fn run_rank<O: Objective, P: Outputs<O::Model>>(
         }
         // SIGINT/SIGTERM: every rank stops after the same step (the request travels in the
         // all-reduce), rank 0 writes a checkpoint unless this step just wrote one.
-        let signal = if world > 1 { stop_signal } else { crate::signals::requested() };
+        let signal = if world > 1 {
+            stop_signal
+        } else {
+            crate::signals::requested()
+        };
         if let Some(signal) = signal
             && st.step < t.max_steps
         {
@@ -727,7 +738,10 @@ fn run_rank<O: Objective, P: Outputs<O::Model>>(
             // (TensorBoard records are flushed as they are written.)
             if world > 1 {
                 replica
-                    .barrier(&format!("the barrier after the checkpoint for {}", crate::signals::name(signal)))
+                    .barrier(&format!(
+                        "the barrier after the checkpoint for {}",
+                        crate::signals::name(signal)
+                    ))
                     .map_err(TrainError::Sync)?;
             }
             return Err(TrainError::Interrupted {
@@ -756,7 +770,10 @@ fn run_rank<O: Objective, P: Outputs<O::Model>>(
             }
             io::write_atomic(&dir.join(checkpoint::CONFIG_FILE), cfg.to_toml().as_bytes())?;
             // The step the export holds, so `sample` can tell it from newer checkpoints.
-            io::write_json(&dir.join(EXPORT_STEP_FILE), &serde_json::json!({ "step": st.step }))?;
+            io::write_json(
+                &dir.join(EXPORT_STEP_FILE),
+                &serde_json::json!({ "step": st.step }),
+            )?;
             export_dir = Some(dir);
         }
     }

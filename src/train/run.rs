@@ -156,7 +156,8 @@ impl<M: Module> RunState<M> {
             why,
         };
         let keys = objective.checkpoint_keys().unwrap_or(|_| true);
-        let (file, path) = weights(checkpoint::MODEL_FILE).map_err(|e| undecodable(e.to_string()))?;
+        let (file, path) =
+            weights(checkpoint::MODEL_FILE).map_err(|e| undecodable(e.to_string()))?;
         state.model = io::safetensors::load_into_where(state.model, &file, &path, keys)
             .map_err(|e| undecodable(e.to_string()))?;
         let optim_bytes =
@@ -192,8 +193,9 @@ impl<M: Module> RunState<M> {
         } else if s.ema_optimization_step.is_some() && !quiet {
             eprintln!("note: ema.enabled = false: the checkpoint's EMA weights are not used");
         }
-        state.rng = restore_rng(&s.rng)
-            .ok_or_else(|| undecodable(format!("{}: malformed rng state", checkpoint::STATE_FILE)))?;
+        state.rng = restore_rng(&s.rng).ok_or_else(|| {
+            undecodable(format!("{}: malformed rng state", checkpoint::STATE_FILE))
+        })?;
         state.step = s.step;
         state.position = LoaderPosition {
             epoch: s.epoch,
@@ -218,10 +220,9 @@ impl<M: Module> RunState<M> {
         let safetensors = |m: &M, name: &str| {
             let bytes = match keys {
                 None => io::safetensors::module_bytes(m, &meta),
-                Some(keep) => io::safetensors::tensors_bytes(
-                    &io::safetensors::tensors_where(m, keep),
-                    &meta,
-                ),
+                Some(keep) => {
+                    io::safetensors::tensors_bytes(&io::safetensors::tensors_where(m, keep), &meta)
+                }
             };
             bytes.map_err(|message| {
                 TrainError::Io(io::IoError::Format {

@@ -108,7 +108,10 @@ impl Objective for AutoencoderObjective {
 
     fn after_step(&mut self, model: AutoencoderKL, _rng: &mut ChaCha8Rng) -> AutoencoderKL {
         let n = self.micro_batches.max(1) as f64;
-        self.metrics = vec![("ae/reconstruction", self.rec_sum / n), ("ae/kl", self.kl_sum / n)];
+        self.metrics = vec![
+            ("ae/reconstruction", self.rec_sum / n),
+            ("ae/kl", self.kl_sum / n),
+        ];
         (self.rec_sum, self.kl_sum, self.micro_batches) = (0.0, 0.0, 0);
         model
     }

@@ -20,7 +20,6 @@ use rand_chacha::ChaCha8Rng;
 
 use super::autoencoder::global_normals;
 use crate::data::Batch;
-use crate::nn::to_host;
 use crate::data::latent_cache::LatentCache;
 use crate::diffusion::DiffusionConfig;
 use crate::diffusion::schedule::NoiseSchedule;
@@ -32,6 +31,7 @@ use crate::models::latent_diffusion::{
 };
 use crate::models::lora::{LoraConfig, attach, is_adapter_key};
 use crate::models::unet_2d_condition::{UNet2DConditionConfig, UNet2DConditionModel};
+use crate::nn::to_host;
 use crate::optim::precision::{MixedPrecision, compute_dtype};
 use crate::tokenizer::ClipTokenizer;
 use crate::train::TrainError;
@@ -199,7 +199,11 @@ impl LatentDiffusionObjective {
         // Captions that do not tokenize (never for valid UTF-8) become empty captions.
         let ids: Vec<i64> = captions
             .iter()
-            .flat_map(|c| tok.encode(c).or_else(|_| tok.encode("")).unwrap_or_default())
+            .flat_map(|c| {
+                tok.encode(c)
+                    .or_else(|_| tok.encode(""))
+                    .unwrap_or_default()
+            })
             .map(i64::from)
             .collect();
         let n = captions.len();
@@ -211,25 +215,33 @@ impl LatentDiffusionObjective {
             (None, Some(TextEncoder::Frozen(te))) => {
                 if self.parts.cache_text {
                     let mut cache = self.text_cache.lock().expect("text cache lock");
-                    let missing: Vec<usize> =
-                        (0..n).filter(|&i| !cache.contains_key(captions[i])).collect();
+                    let missing: Vec<usize> = (0..n)
+                        .filter(|&i| !cache.contains_key(captions[i]))
+                        .collect();
                     if !missing.is_empty() {
                         let ids: Vec<i64> = missing
                             .iter()
                             .flat_map(|&i| ids[i * len..(i + 1) * len].iter().copied())
                             .collect();
                         let m = missing.len();
-                        let ids =
-                            Tensor::<2, Int>::from_data(TensorData::new(ids, [m, len]), &self.device);
+                        let ids = Tensor::<2, Int>::from_data(
+                            TensorData::new(ids, [m, len]),
+                            &self.device,
+                        );
                         let out = to_host(te.forward(ids, 1));
                         let per = out.len() / m;
                         for (j, &i) in missing.iter().enumerate() {
-                            cache.insert(captions[i].to_string(), out[j * per..(j + 1) * per].to_vec());
+                            cache.insert(
+                                captions[i].to_string(),
+                                out[j * per..(j + 1) * per].to_vec(),
+                            );
                         }
                     }
                     let per = cache[captions[0]].len();
-                    let values: Vec<f32> =
-                        captions.iter().flat_map(|c| cache[*c].iter().copied()).collect();
+                    let values: Vec<f32> = captions
+                        .iter()
+                        .flat_map(|c| cache[*c].iter().copied())
+                        .collect();
                     return Tensor::from_data(TensorData::new(values, [n, len, per / len]), device);
                 }
                 let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [n, len]), &self.device);
@@ -241,8 +253,6 @@ impl LatentDiffusionObjective {
         }
     }
 }
-
-
 
 impl Objective for LatentDiffusionObjective {
     type Model = LatentDiffusionModel;
@@ -284,11 +294,17 @@ impl Objective for LatentDiffusionObjective {
     fn lr_factor(&self) -> Option<(fn(&str) -> bool, f64)> {
         let l = self.parts.lora.as_ref().filter(|l| l.text_encoder)?;
         let factor = l.text_encoder_lr? / self.base_lr;
-        Some((|k: &str| k.starts_with("text_encoder.") && is_adapter_key(k), factor))
+        Some((
+            |k: &str| k.starts_with("text_encoder.") && is_adapter_key(k),
+            factor,
+        ))
     }
 
     fn checkpoint_keys(&self) -> Option<fn(&str) -> bool> {
-        self.parts.lora.as_ref().map(|_| is_adapter_key as fn(&str) -> bool)
+        self.parts
+            .lora
+            .as_ref()
+            .map(|_| is_adapter_key as fn(&str) -> bool)
     }
 
     fn loss(
