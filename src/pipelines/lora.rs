@@ -164,7 +164,14 @@ pub fn train_lora(
     let scale = sd.vae_config.scaling_factor;
     let first = FirstStage::Kl(sd.vae.clone());
     let lat = [sd.vae_config.latent_channels, res / factor, res / factor];
-    let cache = super::ldm::latent_cache(cfg, &first, &fingerprint, &dataset, &device, opts.quiet)?;
+    let cache = super::latent_cache::latent_cache(
+        cfg,
+        &first,
+        &fingerprint,
+        &dataset,
+        &device,
+        opts.quiet,
+    )?;
     let text_encoder = if l.text_encoder {
         TextEncoder::Adapted(sd.text_encoder.clone())
     } else {

@@ -7,6 +7,7 @@
 
 pub mod autoencoder;
 pub mod ddpm;
+pub mod latent_cache;
 pub mod ldm;
 pub mod lora;
 pub mod stable_diffusion;

@@ -1,0 +1,71 @@
+//! `data.cache_latents` for the latent families (latent diffusion and LoRA): the dataset's
+//! posterior moments under a frozen first stage, loaded or built once (by rank 0 first in a
+//! multi-process launch). The cache itself is `data::latent_cache`.
+
+use std::sync::Arc;
+
+use burn::prelude::*;
+
+use crate::config::Config;
+use crate::data::Dataset;
+use crate::data::latent_cache::{LatentCache, fingerprint};
+use crate::models::latent_diffusion::FirstStage;
+use crate::nn::to_host;
+use crate::train::TrainError;
+
+/// `data.cache_latents`: the dataset's posterior moments under the frozen `first` stage (whose
+/// weights hash to `first_fingerprint`), loaded or built once; `None` when caching is off.
+pub fn latent_cache(
+    cfg: &Config,
+    first: &FirstStage,
+    first_fingerprint: &str,
+    dataset: &Dataset,
+    device: &Device,
+    quiet: bool,
+) -> Result<Option<Arc<LatentCache>>, TrainError> {
+    if !cfg.data.cache_latents {
+        return Ok(None);
+    }
+    let key = fingerprint(&[
+        first_fingerprint.as_bytes(),
+        format!("{:?}", cfg.data.transform()).as_bytes(),
+        dataset.path().to_string_lossy().as_bytes(),
+    ]);
+    let mut encode = |pixels: &[f32], shape: [usize; 4]| {
+        let x = Tensor::<4>::from_data(TensorData::new(pixels.to_vec(), shape), device);
+        let (mean, std) = first.moments(x);
+        let dims = mean.dims();
+        let std = std
+            .map(to_host)
+            .unwrap_or_else(|| vec![0.0; dims.iter().product()]);
+        (to_host(mean), std, [dims[1], dims[2], dims[3]])
+    };
+    // In a multi-process launch rank 0 builds it and the others then load it (accelerate's
+    // `main_process_first`).
+    let process = crate::distributed::launch::current();
+    const BUILT: &str = "the latent cache (rank 0 builds it)";
+    if let Some(p) = process.as_ref().filter(|p| p.rank() > 0) {
+        p.barrier(BUILT)?;
+    }
+    let (cache, built) = LatentCache::load_or_build(
+        &cfg.output_dir(),
+        &key,
+        dataset,
+        cfg.data.transform(),
+        cfg.train.batch_size.max(1),
+        &mut encode,
+    )?;
+    if let Some(p) = process.as_ref().filter(|p| p.rank() == 0) {
+        p.barrier(BUILT)?;
+    }
+    if !quiet {
+        let dir = LatentCache::dir(&cfg.output_dir(), &key);
+        let what = if built { "built" } else { "reused" };
+        eprintln!(
+            "latent cache {what}: {} ({} images)",
+            dir.display(),
+            cache.len
+        );
+    }
+    Ok(Some(Arc::new(cache)))
+}
