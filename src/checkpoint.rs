@@ -108,6 +108,9 @@ pub struct TrainState {
     /// pretrained base model), by name; resume refuses a change.
     #[serde(default)]
     pub fingerprints: BTreeMap<String, String>,
+    /// The fp16 loss scaler (`train.mixed_precision = "fp16"`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grad_scaler: Option<crate::optim::precision::GradScaler>,
 }
 
 /// The crate version and git revision this binary was built from.
@@ -544,6 +547,7 @@ mod tests {
             },
             ema_optimization_step: None,
             skipped_steps: 0,
+            grad_scaler: None,
             last_loss: 0.5,
             lr_schedule: "constant".into(),
             lr_next: 1e-3,

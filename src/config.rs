@@ -235,6 +235,10 @@ pub struct TrainConfig {
     /// steps (0 = never).
     pub max_consecutive_skips: usize,
     pub mixed_precision: MixedPrecision,
+    /// fp16's loss scaler (accelerate's `GradScalerKwargs`): the initial scale and the clean
+    /// steps after which it doubles.
+    pub fp16_init_scale: f64,
+    pub fp16_growth_interval: usize,
     /// Compute each micro-batch as this many equal slices on as many threads, each on a replica
     /// of the weights (diffusion denoisers). Same numbers as 1 up to float summation order;
     /// on CPU it keeps more cores busy (see docs/benchmarks.md).
@@ -258,6 +262,8 @@ impl Default for TrainConfig {
             on_nonfinite: OnNonFinite::Error,
             max_consecutive_skips: 20,
             mixed_precision: MixedPrecision::No,
+            fp16_init_scale: 65536.0,
+            fp16_growth_interval: 2000,
             batch_split: 1,
         }
     }
@@ -643,14 +649,17 @@ impl Config {
                 self.model.architecture
             ));
         }
+        if !(t.fp16_init_scale.is_finite() && t.fp16_init_scale > 0.0) {
+            p.push(format!(
+                "train.fp16_init_scale = {} must be a positive number (torch's default is 65536)",
+                t.fp16_init_scale
+            ));
+        }
+        if t.fp16_growth_interval == 0 {
+            p.push("train.fp16_growth_interval must be >= 1 (torch's default is 2000)".into());
+        }
         if t.max_grad_norm < 0.0 {
             p.push("train.max_grad_norm must be >= 0 (0 disables clipping)".into());
-        }
-        if t.mixed_precision != MixedPrecision::No {
-            p.push(format!(
-                "train.mixed_precision = {:?} is not built yet; use \"no\" (see README: status)",
-                t.mixed_precision
-            ));
         }
         let s = &self.sample;
         let timesteps = self.diffusion.num_train_timesteps;

@@ -15,6 +15,8 @@ use burn::prelude::*;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use crate::optim::precision::as_dtype;
+
 thread_local! {
     static INIT_RNG: RefCell<ChaCha8Rng> = RefCell::new(ChaCha8Rng::seed_from_u64(0));
     static SKIP_INIT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
@@ -227,17 +229,22 @@ impl Linear {
     /// # Shapes
     /// - input `[..., in_features]`
     /// - output `[..., out_features]`
+    ///
+    /// Computes in `x`'s dtype: f32 weights are cast to it under mixed precision (the cast is
+    /// differentiable, so their gradients stay f32).
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        let y = x.clone().matmul(self.weight.val().transpose().unsqueeze());
+        let dtype = x.dtype();
+        let w = |p: &Param<Tensor<2>>| as_dtype(p.val(), dtype);
+        let y = x.clone().matmul(w(&self.weight).transpose().unsqueeze());
         let y = match &self.bias {
-            Some(b) => y + b.val().unsqueeze(),
+            Some(b) => y + as_dtype(b.val(), dtype).unsqueeze(),
             None => y,
         };
         match &self.lora {
             Some(l) => {
                 let h =
-                    lora_dropout(x, l.dropout).matmul(l.down.weight.val().transpose().unsqueeze());
-                let h = h.matmul(l.up.weight.val().transpose().unsqueeze());
+                    lora_dropout(x, l.dropout).matmul(w(&l.down.weight).transpose().unsqueeze());
+                let h = h.matmul(w(&l.up.weight).transpose().unsqueeze());
                 y + h.mul_scalar(l.scale)
             }
             None => y,
@@ -297,11 +304,13 @@ impl Conv2d {
     /// # Shapes
     /// - input `[batch, in_channels, height, width]`
     /// - output `[batch, out_channels, height', width']`
+    /// - computes in `x`'s dtype (the weights are cast to it)
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        let dtype = x.dtype();
         crate::kernels::conv2d(
             x,
-            self.weight.val(),
-            self.bias.as_ref().map(|b| b.val()),
+            as_dtype(self.weight.val(), dtype),
+            self.bias.as_ref().map(|b| as_dtype(b.val(), dtype)),
             self.stride,
             self.padding,
         )
@@ -347,12 +356,15 @@ impl ConvTranspose2d {
     /// # Shapes
     /// - input `[batch, in_channels, h, w]`
     /// - output `[batch, out_channels, (h - 1) * stride - 2 * padding + k, ...]`
+    /// - computes in `x`'s dtype (the weights are cast to it)
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        let dtype = x.dtype();
+        let weight = as_dtype(self.weight.val(), dtype);
         match &self.bias {
             Some(b) => crate::kernels::conv_transpose2d(
                 x,
-                self.weight.val(),
-                b.val(),
+                weight,
+                as_dtype(b.val(), dtype),
                 self.stride,
                 self.padding,
             ),
@@ -364,7 +376,7 @@ impl ConvTranspose2d {
                     [1, 1],
                     1,
                 );
-                burn::tensor::module::conv_transpose2d(x, self.weight.val(), None, options)
+                burn::tensor::module::conv_transpose2d(x, weight, None, options)
             }
         }
     }
@@ -533,6 +545,44 @@ mod tests {
         let var: Vec<f32> = y.var_bias(2).into_data().try_to_vec::<f32>().unwrap();
         assert!(mean.iter().all(|m| m.abs() < 1e-4), "{mean:?}");
         assert!(var.iter().all(|v| (v - 1.0).abs() < 1e-3), "{var:?}");
+    }
+
+    /// Mixed precision at the layer level: a half input makes conv, group norm and linear
+    /// compute in half and answer in half, while the f32 weights get f32 gradients close to
+    /// those of the f32 computation.
+    #[test]
+    fn half_inputs_compute_in_half_with_f32_weights_and_gradients() {
+        use burn::tensor::DType;
+        let device = Device::flex().autodiff();
+        seed_init(3);
+        let conv = Conv2d::new(3, 8, 3, 1, 1, &device);
+        let norm = GroupNorm::new(2, 8, 1e-5, &device);
+        let lin = Linear::new(4, 3, true, &device);
+        let x = Tensor::<4>::random([2, 3, 4, 4], Distribution::Normal(0.0, 1.0), &device);
+        let run = |dtype: DType| {
+            let y = lin.forward(norm.forward(conv.forward(x.clone().cast(dtype))));
+            assert_eq!(y.dtype(), dtype);
+            let loss = crate::optim::precision::to_f32(y).sin().sum();
+            let grads = loss.backward();
+            let (gc, gl) = (
+                conv.weight.grad(&grads).unwrap(),
+                lin.weight.grad(&grads).unwrap(),
+            );
+            assert_eq!((gc.dtype(), gl.dtype()), (DType::F32, DType::F32));
+            (to_host(gc), to_host(gl))
+        };
+        let (c32, l32) = run(DType::F32);
+        for (dtype, tol) in [(DType::F16, 1e-2), (DType::BF16, 5e-2)] {
+            let (c, l) = run(dtype);
+            for (got, want) in [(c, &c32), (l, &l32)] {
+                let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let err = got
+                    .iter()
+                    .zip(want)
+                    .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+                assert!(err <= tol * scale, "{dtype:?}: error {err} of {scale}");
+            }
+        }
     }
 
     #[test]

@@ -22,6 +22,7 @@ use difftrain::train::TrainOptions;
 const QUIET: TrainOptions = TrainOptions {
     write_outputs: false,
     quiet: true,
+    overflow_at_step: None,
 };
 
 fn cpu_workers(n: usize) -> Option<DeviceList> {

@@ -133,6 +133,7 @@ fn quickstart_recipe_learns_flat_shapes() {
     let opts = TrainOptions {
         write_outputs: true,
         quiet: true,
+        overflow_at_step: None,
     };
     let tmp = tempfile::tempdir().unwrap();
     // Reference points: the dataset itself, and a model trained for one step.

@@ -12,6 +12,7 @@ use difftrain::train::objectives::diffusion::build_model;
 const QUIET: TrainOptions = TrainOptions {
     write_outputs: false,
     quiet: true,
+    overflow_at_step: None,
 };
 
 #[test]

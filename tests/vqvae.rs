@@ -65,6 +65,7 @@ fn short_vqvae_run_reconstructs_the_shipped_shapes() {
     let opts = TrainOptions {
         write_outputs: false,
         quiet: true,
+        overflow_at_step: None,
     };
     let device = Device::flex();
     let (images, shape) = first_images(&c, 64);

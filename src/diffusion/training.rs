@@ -16,6 +16,7 @@ use rand_distr::StandardNormal;
 
 use super::DiffusionConfig;
 use super::schedule::NoiseSchedule;
+use crate::optim::precision::to_f32;
 
 /// Host-side randomness and coefficients for one micro-batch of the diffusion loss.
 pub struct NoiseDraw {
@@ -113,8 +114,9 @@ impl NoiseDraw {
 }
 
 /// The diffusion loss of one micro-batch: `mean_b(w_b * mean_chw (pred - target)^2)`, where
-/// `pred = predict(x_t, t)` and `x0` (host values, `shape`) is noised as `draw` says. Inputs are
-/// cast to `dtype` before the model sees them.
+/// `pred = predict(x_t, t)` and `x0` (host values, `shape`) is noised as `draw` says. `x_t` is
+/// cast to `dtype` before the model sees them (mixed precision); the target, the prediction's
+/// difference to it and the mean are computed in f32.
 pub fn diffusion_loss(
     x0: &[f32],
     shape: [usize; 4],
@@ -124,7 +126,7 @@ pub fn diffusion_loss(
     predict: impl FnOnce(Tensor<4>, Tensor<1>) -> Tensor<4>,
 ) -> Tensor<1> {
     let b = shape[0];
-    let image = |v: Vec<f32>| Tensor::<4>::from_data(TensorData::new(v, shape), device).cast(dtype);
+    let image = |v: Vec<f32>| Tensor::<4>::from_data(TensorData::new(v, shape), device);
     let per_sample =
         |v: &Vec<f32>| Tensor::<4>::from_data(TensorData::new(v.clone(), [b, 1, 1, 1]), device);
     let x0 = image(x0.to_vec());
@@ -134,7 +136,7 @@ pub fn diffusion_loss(
     let noisy = x0.clone() * per_sample(sa) + input_noise * per_sample(s1a);
     let target = x0 * per_sample(tx0) + noise * per_sample(teps);
     let timesteps = Tensor::<1>::from_data(TensorData::new(draw.timesteps, [b]), device);
-    let pred = predict(noisy, timesteps);
+    let pred = to_f32(predict(noisy.cast(dtype), timesteps));
     let per_item: Tensor<1> = (pred - target).square().mean_dims(&[1, 2, 3]).reshape([b]);
     let weights = Tensor::<1>::from_data(TensorData::new(w.clone(), [b]), device);
     (per_item * weights).mean()

@@ -467,8 +467,8 @@ fn transpose_options(stride: usize, padding: usize) -> ConvTransposeOptions<2> {
 /// mixed precision, f32 or half parameters) is widened to f32 here and its result rounded back
 /// to the activation's dtype. `Tensor::cast` is differentiable, so each input's gradient comes
 /// back in that input's own dtype. Norm statistics and softmax belong in f32 anyway (autocast
-/// keeps them there), and on the CPU burn computes half GEMMs through f32 as well; a native
-/// half path on CUDA would bypass this.
+/// keeps them there), and on the CPU burn computes half GEMMs through f32 as well. Convolutions
+/// and SiLU on CUDA keep half ([`for_kernel`]).
 fn in_f32<const D: usize>(t: Tensor<D>) -> Tensor<D> {
     if t.dtype() == DType::F32 {
         t
@@ -477,13 +477,21 @@ fn in_f32<const D: usize>(t: Tensor<D>) -> Tensor<D> {
     }
 }
 
+/// `t` for a convolution or SiLU: widened to f32 on the CPU (the Flex kernels here are f32, and
+/// Flex computes half GEMMs through f32 anyway); on other backends (CUDA) half stays half, so
+/// convolutions run in the compute dtype as under torch's autocast. Callers pass every input in
+/// one dtype (`nn` casts weights to the activation's).
+fn for_kernel<const D: usize>(t: Tensor<D>) -> Tensor<D> {
+    if t.device().inner() == Device::flex() {
+        in_f32(t)
+    } else {
+        t
+    }
+}
+
 /// `t` (computed in f32) in the caller's `dtype`.
 fn back_to<const D: usize>(t: Tensor<D>, dtype: DType) -> Tensor<D> {
-    if dtype == DType::F32 {
-        t
-    } else {
-        t.cast(dtype)
-    }
+    if t.dtype() == dtype { t } else { t.cast(dtype) }
 }
 
 /// `conv_transpose2d(x, weight) + bias` through [`TrainOps`] (no output padding, no groups).
@@ -501,9 +509,9 @@ pub fn conv_transpose2d(
 ) -> Tensor<4> {
     let dtype = x.dtype();
     let y = Tensor::from_dispatch(<Dispatch as TrainOps>::conv_transpose2d_bias_train(
-        in_f32(x).into_dispatch(),
-        in_f32(weight).into_dispatch(),
-        in_f32(bias).into_dispatch(),
+        for_kernel(x).into_dispatch(),
+        for_kernel(weight).into_dispatch(),
+        for_kernel(bias).into_dispatch(),
         stride,
         padding,
     ));
@@ -524,12 +532,15 @@ pub fn conv2d(
     padding: usize,
 ) -> Tensor<4> {
     let dtype = x.dtype();
-    let (x, weight) = (in_f32(x).into_dispatch(), in_f32(weight).into_dispatch());
+    let (x, weight) = (
+        for_kernel(x).into_dispatch(),
+        for_kernel(weight).into_dispatch(),
+    );
     let y = Tensor::from_dispatch(match bias {
         Some(b) => <Dispatch as TrainOps>::conv2d_bias_train(
             x,
             weight,
-            in_f32(b).into_dispatch(),
+            for_kernel(b).into_dispatch(),
             stride,
             padding,
         ),
@@ -612,7 +623,7 @@ pub fn silu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     let dtype = x.dtype();
     back_to(
         Tensor::from_dispatch(<Dispatch as TrainOps>::silu_train(
-            in_f32(x).into_dispatch(),
+            for_kernel(x).into_dispatch(),
         )),
         dtype,
     )

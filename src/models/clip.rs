@@ -4,6 +4,7 @@
 
 use burn::module::Module;
 use burn::prelude::*;
+use burn::tensor::DType;
 use burn::tensor::activation::{gelu, sigmoid};
 use serde::{Deserialize, Serialize};
 
@@ -253,6 +254,24 @@ impl CLIPTextModel {
     /// # Shapes
     /// - `input_ids`: `[b, n]` (n <= max_position_embeddings); returns `[b, n, hidden]`
     pub fn forward(&self, input_ids: Tensor<2, Int>, clip_skip: usize) -> Tensor<3> {
+        let dtype = self
+            .text_model
+            .embeddings
+            .token_embedding
+            .weight
+            .val()
+            .dtype();
+        self.forward_in(input_ids, clip_skip, dtype)
+    }
+
+    /// [`Self::forward`] computing in `dtype` (mixed precision): the embeddings are cast to it and
+    /// every layer follows.
+    pub fn forward_in(
+        &self,
+        input_ids: Tensor<2, Int>,
+        clip_skip: usize,
+        dtype: DType,
+    ) -> Tensor<3> {
         let [b, n] = input_ids.dims();
         let t = &self.text_model;
         let device = input_ids.device();
@@ -263,7 +282,8 @@ impl CLIPTextModel {
         let d = tokens.dims()[1];
         let positions = Tensor::<1, Int>::arange(0..n as i64, &device);
         let pos = t.embeddings.position_embedding.forward(positions);
-        let mut h = tokens.reshape([b, n, d]) + pos.unsqueeze::<3>();
+        let h = tokens.reshape([b, n, d]) + pos.unsqueeze::<3>();
+        let mut h = crate::optim::precision::as_dtype(h, dtype);
         let layers = t.encoder.layers.len();
         let run = layers - (clip_skip.max(1) - 1).min(layers - 1);
         for layer in &t.encoder.layers[..run] {

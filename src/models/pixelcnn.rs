@@ -15,10 +15,12 @@
 
 use burn::module::Module;
 use burn::prelude::*;
+use burn::tensor::DType;
 use burn::tensor::activation::{relu, sigmoid};
 use serde::{Deserialize, Serialize};
 
 use crate::nn::{Conv2d, Embedding};
+use crate::optim::precision::{as_dtype, to_f32};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -154,10 +156,11 @@ impl MaskedConv2d {
             TensorData::new(stack_mask(k, self.vertical, kind), [1, 1, k, k]),
             &w.device(),
         );
+        let dtype = x.dtype();
         crate::kernels::conv2d(
             x,
-            w * mask,
-            self.conv.bias.as_ref().map(|b| b.val()),
+            as_dtype(w * mask, dtype),
+            self.conv.bias.as_ref().map(|b| as_dtype(b.val(), dtype)),
             1,
             k / 2,
         )
@@ -218,10 +221,15 @@ impl GatedPixelCNN {
     /// # Shapes
     /// - `codes`: `[b, h, w]` in `0..K`; returns logits `[b, K, h, w]`
     pub fn forward(&self, codes: Tensor<3, Int>) -> Tensor<4> {
+        self.forward_embedded(self.embed(codes))
+    }
+
+    /// The codes' embeddings as channels: `[b, h, w]` -> `[b, dim, h, w]`.
+    fn embed(&self, codes: Tensor<3, Int>) -> Tensor<4> {
         let [b, h, w] = codes.dims();
         let x = self.embedding.forward(codes.reshape([b * h * w]));
         let d = x.dims()[1];
-        self.forward_embedded(x.reshape([b, h, w, d]).permute([0, 3, 1, 2]))
+        x.reshape([b, h, w, d]).permute([0, 3, 1, 2])
     }
 
     /// The network after the embedding (tests take gradients with respect to its input).
@@ -241,8 +249,11 @@ impl GatedPixelCNN {
     ///
     /// # Shapes
     /// - `codes`: `[b, h, w]`; returns `[1]`
-    pub fn loss(&self, codes: Tensor<3, Int>) -> Tensor<1> {
-        let logits = self.forward(codes.clone());
+    ///
+    /// The network computes in `dtype` (mixed precision); the log-softmax and the mean in f32.
+    pub fn loss(&self, codes: Tensor<3, Int>, dtype: DType) -> Tensor<1> {
+        let x = as_dtype(self.embed(codes.clone()), dtype);
+        let logits = to_f32(self.forward_embedded(x));
         let logp = burn::tensor::activation::log_softmax(logits, 1);
         let picked = logp.gather(1, codes.unsqueeze_dim(1));
         picked.mean().neg()

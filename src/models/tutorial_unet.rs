@@ -211,7 +211,9 @@ impl TutorialUNet {
     /// # Shapes
     /// - `x`: `[b, in_channels, s, s]`, `timesteps`: `[b]`; returns `[b, in_channels, s, s]`
     pub fn forward(&self, x: Tensor<4>, timesteps: Tensor<1>) -> Tensor<4> {
-        let t = timestep_embedding(timesteps, self.time_embed_dim, true, 0.0);
+        // The embedding is computed in f32 and used in the input's dtype (diffusers casts it to
+        // the sample's dtype the same way).
+        let t = timestep_embedding(timesteps, self.time_embed_dim, true, 0.0).cast(x.dtype());
         let mut x = x;
         let mut skips = Vec::with_capacity(self.down.len());
         for level in &self.down {

@@ -256,12 +256,14 @@ impl UNet2DModel {
     /// # Shapes
     /// - `x`: `[b, in_channels, s, s]`, `timesteps`: `[b]`; returns `[b, out_channels, s, s]`
     pub fn forward(&self, x: Tensor<4>, timesteps: Tensor<1>) -> Tensor<4> {
+        // In f32, then in the input's dtype (mixed precision), as diffusers does.
         let t = timestep_embedding(
             timesteps,
             self.time_proj_dim,
             self.flip_sin_to_cos,
             self.freq_shift,
-        );
+        )
+        .cast(x.dtype());
         let temb = self.time_embedding.forward(t);
         let mut x = self.conv_in.forward(x);
         let mut skips = vec![x.clone()];

@@ -19,6 +19,7 @@ use super::unet_2d_blocks::{
 use crate::io::config_json::ConfigJson;
 use crate::kernels::silu;
 use crate::nn::{Conv2d, Embedding, GroupNorm};
+use crate::optim::precision::as_dtype;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum CondDownBlockType {
@@ -433,18 +434,23 @@ impl UNet2DConditionModel {
         context: &Tensor<3>,
         class_labels: Option<Tensor<1, Int>>,
     ) -> Tensor<4> {
+        // Embeddings are computed in f32 and used in the input's dtype (mixed precision), as
+        // diffusers casts them to the sample's dtype; so is the text context.
+        let dtype = x.dtype();
         let proj = |t: Tensor<1>| {
             timestep_embedding(t, self.time_proj_dim, self.flip_sin_to_cos, self.freq_shift)
+                .cast(dtype)
         };
         let mut temb = self.time_embedding.forward(proj(timesteps));
         if let (Some(embedding), Some(labels)) = (&self.class_embedding, class_labels) {
             temb = temb
                 + match embedding {
-                    ClassEmbedding::Table(table) => table.forward(labels),
+                    ClassEmbedding::Table(table) => as_dtype(table.forward(labels), dtype),
                     ClassEmbedding::Timestep(mlp) => mlp.forward(proj(labels.float())),
                 };
         }
-        let context = Some(context);
+        let context = as_dtype(context.clone(), dtype);
+        let context = Some(&context);
         let mut x = self.conv_in.forward(x);
         let mut skips = vec![x.clone()];
         for block in &self.down_blocks {

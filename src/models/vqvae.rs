@@ -10,6 +10,7 @@ use burn::tensor::activation::relu;
 use serde::{Deserialize, Serialize};
 
 use crate::nn::{Conv2d, ConvTranspose2d, Embedding};
+use crate::optim::precision::{as_dtype, to_f32};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -221,9 +222,13 @@ pub fn nearest_codes(z: Tensor<2>, codebook: Tensor<2>) -> Tensor<1, Int> {
 impl VectorQuantizer {
     /// # Shapes
     /// - `z_e`: `[b, d, h, w]`
+    ///
+    /// The search and both losses are computed in f32 (mixed precision: `z_e` may be half);
+    /// `z_q` is returned in `z_e`'s dtype.
     pub fn forward(&self, z_e: Tensor<4>) -> Quantized {
         let [b, d, h, w] = z_e.dims();
-        let flat = z_e.permute([0, 2, 3, 1]).reshape([b * h * w, d]);
+        let dtype = z_e.dtype();
+        let flat = to_f32(z_e).permute([0, 2, 3, 1]).reshape([b * h * w, d]);
         let codebook = self.embedding.weight.val();
         let indices = nearest_codes(flat.clone().detach(), codebook.detach());
         let z_q = self.embedding.forward(indices.clone());
@@ -231,7 +236,7 @@ impl VectorQuantizer {
         let commitment_loss = (flat.clone() - z_q.clone().detach()).square().mean();
         let st = flat.clone() + (z_q - flat.clone()).detach();
         Quantized {
-            z_q: st.reshape([b, h, w, d]).permute([0, 3, 1, 2]),
+            z_q: as_dtype(st.reshape([b, h, w, d]).permute([0, 3, 1, 2]), dtype),
             indices,
             z_e_flat: flat.detach(),
             embedding_loss,

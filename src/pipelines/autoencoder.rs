@@ -29,7 +29,7 @@ pub fn train_autoencoder(
     train_with(
         cfg,
         opts,
-        AutoencoderObjective::new(&cfg.model.autoencoder),
+        AutoencoderObjective::new(&cfg.model.autoencoder, cfg.train.mixed_precision),
         outputs,
     )
 }

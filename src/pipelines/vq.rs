@@ -48,7 +48,12 @@ pub fn train_vqvae(cfg: &Config, opts: &TrainOptions) -> Result<TrainOutcome<VQV
         cfg: cfg.clone(),
         fixed: None,
     };
-    train_with(cfg, opts, VqvaeObjective::new(&cfg.model.vqvae), outputs)
+    train_with(
+        cfg,
+        opts,
+        VqvaeObjective::new(&cfg.model.vqvae, cfg.train.mixed_precision),
+        outputs,
+    )
 }
 
 /// Reconstruction grids and the `vqvae/` export of a stage-1 run.
@@ -166,6 +171,7 @@ pub fn train_pixelcnn(
         stage1.model.clone(),
         stage1.cfg.model.vqvae.num_embeddings,
         cfg.data.resolution,
+        cfg.train.mixed_precision,
         &device,
     );
     let outputs = PixelCnnOutputs {

@@ -29,6 +29,7 @@ use crate::distributed;
 use crate::io;
 use crate::optim::grad;
 use crate::optim::lr::LrScheduler;
+use crate::optim::precision::ScalerStep;
 use crate::tensorboard::{EventError, EventWriter};
 pub use objective::{Objective, Outputs};
 use progress::{Progress, StepReport};
@@ -108,6 +109,8 @@ pub struct TrainOptions {
     /// it off).
     pub write_outputs: bool,
     pub quiet: bool,
+    /// Tests only: make the gradients of this optimizer step non-finite (an fp16 overflow).
+    pub overflow_at_step: Option<usize>,
 }
 
 impl Default for TrainOptions {
@@ -115,6 +118,7 @@ impl Default for TrainOptions {
         Self {
             write_outputs: true,
             quiet: false,
+            overflow_at_step: None,
         }
     }
 }
@@ -126,7 +130,11 @@ pub struct RunSummary {
     pub first_step: usize,
     pub steps: usize,
     pub last_loss: f64,
+    /// The loss of every step this run took (after `first_step`), averaged over ranks.
+    pub losses: Vec<f64>,
     pub skipped_steps: usize,
+    /// The fp16 loss scaler's scale at the end (`None` unless `train.mixed_precision = "fp16"`).
+    pub loss_scale: Option<f64>,
     pub bad_images: usize,
     pub sample_grid: Option<PathBuf>,
     pub export_dir: Option<PathBuf>,
@@ -543,6 +551,7 @@ fn run_rank<O: Objective, P: Outputs<O::Model>>(
     let mut window = Window::default();
     let mut ema_decay = 0.0;
     let mut consecutive_skips = 0usize;
+    let mut losses = Vec::with_capacity(t.max_steps.saturating_sub(first_step));
     let lr_group = objective.lr_factor().map(|(keep, factor)| {
         let ids: std::collections::HashSet<_> = crate::io::safetensors::named_param_ids(&st.model)
             .into_iter()
@@ -557,16 +566,21 @@ fn run_rank<O: Objective, P: Outputs<O::Model>>(
         let lr = lr_sched.lr_at(st.step);
         let mut accumulator = GradientsAccumulator::new();
         let mut loss_sum = 0.0;
-        let scale = 1.0 / accum_steps as f64;
+        // fp16: the loss is multiplied by the scaler's scale before the backward pass.
+        let loss_scale = st.scaler.map_or(1.0, |s| s.scale);
+        let scale = loss_scale / accum_steps as f64;
         // Accumulate locally (PyTorch DDP's `no_sync`): nothing crosses ranks until the step.
         for _ in 0..accum_steps {
             let batch = loader.next_batch()?;
             let (grads, value) =
                 objective.grads(&st.model, &batch, scale, &mut st.rng, &train_device);
-            loss_sum += value;
+            loss_sum += value / loss_scale;
             accumulator.accumulate(&st.model, grads);
         }
         let mut grads = accumulator.grads();
+        if ctx.opts.overflow_at_step == Some(st.step + 1) {
+            grad::scale_all(&st.model, &mut grads, f64::INFINITY);
+        }
         let mut stop_signal = None;
         if world > 1 {
             (grads, loss_sum, stop_signal) = all_reduce_step(
@@ -579,8 +593,20 @@ fn run_rank<O: Objective, P: Outputs<O::Model>>(
                 device,
             )?;
         }
+        // Unscaled after the all-reduce and before clipping, as `GradScaler.unscale_` is used.
+        if loss_scale != 1.0 {
+            grad::scale_all(&st.model, &mut grads, 1.0 / loss_scale);
+        }
         let grad_norm = grad::clip_global_norm(&st.model, &mut grads, t.max_grad_norm);
-        let apply = check_finite(st.step + 1, loss_sum, grad_norm, t.on_nonfinite)?;
+        let apply = match st.scaler.as_mut() {
+            // An overflow is expected under fp16: skip and halve the scale, whatever
+            // `on_nonfinite` says (`max_consecutive_skips` still stops a diverged run).
+            Some(scaler) => {
+                let finite = loss_sum.is_finite() && grad_norm.is_finite();
+                scaler.update(finite) == ScalerStep::Apply
+            }
+            None => check_finite(st.step + 1, loss_sum, grad_norm, t.on_nonfinite)?,
+        };
         if apply {
             match lr_group.as_ref() {
                 // Two steps of the one optimizer over disjoint parameters: AdamW keeps its
@@ -611,6 +637,7 @@ fn run_rank<O: Objective, P: Outputs<O::Model>>(
         st.step += 1;
         st.position = loader.position();
         st.last_loss = loss_sum;
+        losses.push(loss_sum);
         let seconds = step_start.elapsed().as_secs_f64();
         progress.update(&StepReport {
             step: st.step,
@@ -633,6 +660,9 @@ fn run_rank<O: Objective, P: Outputs<O::Model>>(
             ev.scalar("train/lr", lr, s)?;
             ev.scalar("train/grad_norm", grad_norm, s)?;
             ev.scalar("train/skipped_steps", st.skipped as f64, s)?;
+            if let Some(scaler) = &st.scaler {
+                ev.scalar("train/loss_scale", scaler.scale, s)?;
+            }
             ev.scalar(
                 "train/images_per_sec",
                 window.images / window.seconds.max(1e-9),
@@ -737,7 +767,9 @@ fn run_rank<O: Objective, P: Outputs<O::Model>>(
             first_step,
             steps: st.step,
             last_loss: st.last_loss,
+            losses,
             skipped_steps: st.skipped,
+            loss_scale: st.scaler.map(|s| s.scale),
             bad_images,
             sample_grid,
             export_dir,

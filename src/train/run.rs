@@ -19,6 +19,7 @@ use crate::data::LoaderPosition;
 use crate::io;
 use crate::io::safetensors::SafetensorsFile;
 use crate::optim::ema::Ema;
+use crate::optim::precision::{GradScaler, MixedPrecision};
 
 /// The mutable state of a run between optimizer steps.
 pub struct RunState<M> {
@@ -30,6 +31,18 @@ pub struct RunState<M> {
     pub position: LoaderPosition,
     pub skipped: usize,
     pub last_loss: f64,
+    /// The loss scaler of an fp16 run.
+    pub scaler: Option<GradScaler>,
+}
+
+/// The loss scaler an fp16 run starts with (torch's `GradScaler()` defaults unless
+/// `train.fp16_*` says otherwise); none otherwise.
+fn fresh_scaler(cfg: &Config) -> Option<GradScaler> {
+    let t = &cfg.train;
+    (t.mixed_precision == MixedPrecision::Fp16).then(|| GradScaler {
+        growth_interval: t.fp16_growth_interval,
+        ..GradScaler::new(t.fp16_init_scale)
+    })
 }
 
 /// AdamW with the config's hyperparameters (PyTorch's defaults unless set).
@@ -87,6 +100,7 @@ impl<M: Module> RunState<M> {
             position: LoaderPosition::default(),
             skipped: 0,
             last_loss: f64::NAN,
+            scaler: fresh_scaler(cfg),
         })
     }
 
@@ -203,6 +217,15 @@ impl<M: Module> RunState<M> {
         };
         state.skipped = s.skipped_steps;
         state.last_loss = s.last_loss;
+        // An fp16 run continues with its scale; one that was not fp16 before starts afresh.
+        // The interval is the config's (changing it on resume is allowed).
+        state.scaler = fresh_scaler(cfg).map(|fresh| match s.grad_scaler {
+            Some(saved) => GradScaler {
+                growth_interval: fresh.growth_interval,
+                ..saved
+            },
+            None => fresh,
+        });
         Ok(state)
     }
 
@@ -268,6 +291,7 @@ impl<M: Module> RunState<M> {
                 .map_or(0, |d| d.as_secs()),
             files: Default::default(),
             fingerprints: fingerprints.into_iter().collect(),
+            grad_scaler: self.scaler,
         };
         let dir = checkpoint::write(out, &mut state, &files)?;
         checkpoint::rotate(out, cfg.checkpoint.keep_last, self.step)?;

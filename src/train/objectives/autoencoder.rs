@@ -7,6 +7,7 @@
 //! for the global batch in sample order (so data parallelism and resume replay it exactly).
 
 use burn::prelude::*;
+use burn::tensor::DType;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;
@@ -14,6 +15,7 @@ use rand_distr::StandardNormal;
 use crate::data::Batch;
 use crate::models::autoencoder_kl::AutoencoderKL;
 use crate::models::latent_diffusion::{AutoencoderTrainConfig, ReconLoss};
+use crate::optim::precision::{MixedPrecision, as_dtype, compute_dtype, to_f32};
 use crate::train::TrainError;
 use crate::train::objective::Objective;
 
@@ -44,12 +46,13 @@ pub fn autoencoder_loss(
     x: Tensor<4>,
     eps: impl FnOnce([usize; 4]) -> Tensor<4>,
     recon_loss: ReconLoss,
+    dtype: DType,
 ) -> (Tensor<1>, Tensor<1>) {
     let b = x.dims()[0];
-    let posterior = model.encode(x.clone());
+    let posterior = model.encode(as_dtype(x.clone(), dtype));
     let noise = eps(posterior.mean.dims());
-    let recon = model.decode(posterior.sample(noise));
-    let diff = recon - x;
+    let recon = model.decode(as_dtype(posterior.sample(noise), dtype));
+    let diff = to_f32(recon) - x;
     let per_pixel = match recon_loss {
         ReconLoss::L1 => diff.abs(),
         ReconLoss::Mse => diff.square(),
@@ -65,11 +68,14 @@ pub struct AutoencoderObjective {
     kl_sum: f64,
     micro_batches: usize,
     metrics: Vec<(&'static str, f64)>,
+    /// The compute dtype (`train.mixed_precision`).
+    dtype: DType,
 }
 
 impl AutoencoderObjective {
-    pub fn new(cfg: &AutoencoderTrainConfig) -> Self {
+    pub fn new(cfg: &AutoencoderTrainConfig, precision: MixedPrecision) -> Self {
         Self {
+            dtype: compute_dtype(precision).into(),
             cfg: cfg.clone(),
             rec_sum: 0.0,
             kl_sum: 0.0,
@@ -99,7 +105,7 @@ impl Objective for AutoencoderObjective {
             let eps = global_normals(rng, batch.global_size, c * h * w, batch.offset, b);
             Tensor::<4>::from_data(TensorData::new(eps, [b, c, h, w]), device)
         };
-        let (rec, kl) = autoencoder_loss(model, x, noise, self.cfg.recon_loss);
+        let (rec, kl) = autoencoder_loss(model, x, noise, self.cfg.recon_loss, self.dtype);
         self.rec_sum += rec.clone().into_scalar::<f32>() as f64;
         self.kl_sum += kl.clone().into_scalar::<f32>() as f64;
         self.micro_batches += 1;

@@ -32,7 +32,7 @@ use crate::models::latent_diffusion::{
 use crate::models::lora::{LoraConfig, attach, is_adapter_key};
 use crate::models::unet_2d_condition::{UNet2DConditionConfig, UNet2DConditionModel};
 use crate::nn::to_host;
-use crate::optim::precision::{MixedPrecision, compute_dtype};
+use crate::optim::precision::{MixedPrecision, compute_dtype, hold_frozen};
 use crate::tokenizer::ClipTokenizer;
 use crate::train::TrainError;
 use crate::train::objective::{Objective, backward_scaled, split_grads};
@@ -69,6 +69,21 @@ pub struct LatentDiffusionParts {
     pub cache_text: bool,
 }
 
+impl LatentDiffusionParts {
+    /// The frozen networks (first stage, text encoder, LoRA base) held in `dtype`, as
+    /// diffusers' `weight_dtype` does under mixed precision.
+    fn held_in(mut self, dtype: FloatDType) -> Self {
+        self.first_stage = hold_frozen(self.first_stage, dtype);
+        self.text_encoder = self.text_encoder.map(|te| match te {
+            TextEncoder::Frozen(m) => TextEncoder::Frozen(hold_frozen(m, dtype)),
+            TextEncoder::Adapted(m) => TextEncoder::Adapted(hold_frozen(m, dtype)),
+            trained => trained,
+        });
+        self.base_unet = self.base_unet.map(|u| hold_frozen(u, dtype));
+        self
+    }
+}
+
 #[derive(Clone)]
 pub struct LatentDiffusionObjective {
     unet: UNet2DConditionConfig,
@@ -99,6 +114,7 @@ impl LatentDiffusionObjective {
         parts: LatentDiffusionParts,
         device: &Device,
     ) -> Self {
+        let parts = parts.held_in(compute_dtype(precision));
         Self {
             unet: ldm.unet_config(conditioning),
             kind: conditioning.kind,
@@ -142,7 +158,7 @@ impl LatentDiffusionObjective {
             TensorData::new(batch.images.clone(), batch.shape),
             &self.device,
         );
-        let (mean, std) = self.parts.first_stage.moments(x);
+        let (mean, std) = self.parts.first_stage.moments(x.cast(self.dtype));
         (to_host(mean), std.map(to_host))
     }
 
@@ -210,7 +226,7 @@ impl LatentDiffusionObjective {
         match (&model.text_encoder, &self.parts.text_encoder) {
             (Some(te), _) => {
                 let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [n, len]), device);
-                te.forward(ids, 1)
+                te.forward_in(ids, 1, self.dtype.into())
             }
             (None, Some(TextEncoder::Frozen(te))) => {
                 if self.parts.cache_text {
@@ -228,7 +244,7 @@ impl LatentDiffusionObjective {
                             TensorData::new(ids, [m, len]),
                             &self.device,
                         );
-                        let out = to_host(te.forward(ids, 1));
+                        let out = to_host(te.forward_in(ids, 1, self.dtype.into()));
                         let per = out.len() / m;
                         for (j, &i) in missing.iter().enumerate() {
                             cache.insert(
@@ -245,7 +261,7 @@ impl LatentDiffusionObjective {
                     return Tensor::from_data(TensorData::new(values, [n, len, per / len]), device);
                 }
                 let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [n, len]), &self.device);
-                let out = te.forward(ids, 1);
+                let out = te.forward_in(ids, 1, self.dtype.into());
                 let dims = out.dims();
                 Tensor::from_data(TensorData::new(to_host(out), dims), device)
             }

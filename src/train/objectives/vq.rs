@@ -3,12 +3,14 @@
 //! cross-entropy of the frozen VQ-VAE's code maps).
 
 use burn::prelude::*;
+use burn::tensor::DType;
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
 use crate::data::Batch;
 use crate::models::pixelcnn::{GatedPixelCNN, GatedPixelCNNConfig};
 use crate::models::vqvae::{VQVAE, VQVAEConfig};
+use crate::optim::precision::{MixedPrecision, as_dtype, compute_dtype, hold_frozen, to_f32};
 use crate::train::TrainError;
 use crate::train::objective::Objective;
 
@@ -24,11 +26,14 @@ pub struct VqvaeObjective {
     recon_sum: f64,
     micro_batches: usize,
     metrics: Vec<(&'static str, f64)>,
+    /// The compute dtype (`train.mixed_precision`).
+    dtype: DType,
 }
 
 impl VqvaeObjective {
-    pub fn new(cfg: &VQVAEConfig) -> Self {
+    pub fn new(cfg: &VQVAEConfig, precision: MixedPrecision) -> Self {
         Self {
+            dtype: compute_dtype(precision).into(),
             cfg: cfg.clone(),
             counts: vec![0; cfg.num_embeddings],
             pool: None,
@@ -111,8 +116,8 @@ impl Objective for VqvaeObjective {
     ) -> Tensor<1> {
         let v = &self.cfg;
         let x = Tensor::<4>::from_data(TensorData::new(batch.images.clone(), batch.shape), device);
-        let (recon, q) = model.forward(x.clone());
-        let recon_loss = (recon - x).square().mean();
+        let (recon, q) = model.forward(as_dtype(x.clone(), self.dtype));
+        let recon_loss = (to_f32(recon) - x).square().mean();
         self.recon_sum += recon_loss.clone().into_scalar::<f32>() as f64;
         self.micro_batches += 1;
         let indices: Vec<i64> = q
@@ -212,21 +217,25 @@ pub struct PixelCnnObjective {
     /// The side of a code map.
     code_size: usize,
     device: Device,
+    dtype: DType,
 }
 
 impl PixelCnnObjective {
     /// A prior over the codes `vqvae` (with `num_codes` entries) gives images of `resolution`
-    /// pixels; the VQ-VAE stays frozen on `device`.
+    /// pixels; the VQ-VAE stays frozen on `device` (in the compute dtype of `precision`).
     pub fn new(
         cfg: &GatedPixelCNNConfig,
         vqvae: VQVAE,
         num_codes: usize,
         resolution: usize,
+        precision: MixedPrecision,
         device: &Device,
     ) -> Self {
+        let dtype = compute_dtype(precision);
         Self {
             cfg: cfg.clone(),
-            vqvae,
+            vqvae: hold_frozen(vqvae, dtype),
+            dtype: dtype.into(),
             num_codes,
             code_size: VQVAEConfig::code_size(resolution),
             device: device.clone(),
@@ -235,8 +244,14 @@ impl PixelCnnObjective {
 }
 
 /// Encodes host images to code maps with a frozen VQ-VAE.
-fn encode(vqvae: &VQVAE, images: &[f32], shape: [usize; 4], device: &Device) -> Vec<i64> {
-    let x = Tensor::<4>::from_data(TensorData::new(images.to_vec(), shape), device);
+fn encode(
+    vqvae: &VQVAE,
+    images: &[f32],
+    shape: [usize; 4],
+    dtype: DType,
+    device: &Device,
+) -> Vec<i64> {
+    let x = Tensor::<4>::from_data(TensorData::new(images.to_vec(), shape), device).cast(dtype);
     vqvae
         .encode(x)
         .into_data()
@@ -264,10 +279,16 @@ impl Objective for PixelCnnObjective {
         _rng: &mut ChaCha8Rng,
         device: &Device,
     ) -> Tensor<1> {
-        let codes = encode(&self.vqvae, &batch.images, batch.shape, &self.device);
+        let codes = encode(
+            &self.vqvae,
+            &batch.images,
+            batch.shape,
+            self.dtype,
+            &self.device,
+        );
         let s = self.code_size;
         let codes =
             Tensor::<3, Int>::from_data(TensorData::new(codes, [batch.shape[0], s, s]), device);
-        model.loss(codes)
+        model.loss(codes, self.dtype)
     }
 }
