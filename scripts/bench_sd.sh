@@ -6,6 +6,8 @@
 #   load:    loading a 4 GB SD 1.5 folder: peak resident memory against the weights' size
 #   lora256, lora512: a LoRA training step (rank 8 on to_q/to_k/to_v/to_out.0, base frozen,
 #            AdamW on the adapters; PyTorch side: diffusers + peft) at 256 and 512 px, batch 1
+#   lora256_bf16, lora256_fp16, lora512_bf16, lora512_fp16: the same under mixed precision
+#            (base in half, adapters f32; PyTorch side: torch.autocast, GradScaler for fp16)
 #
 #   scripts/bench_sd.sh                      # all
 #   CASES="unet" THREADS=2 scripts/bench_sd.sh
@@ -34,10 +36,12 @@ for case in $CASES; do
       ours=$("$BENCH" txt2img --size 512 --steps 20)
       theirs=$("$PYTHON" scripts/bench_sd_torch.py txt2img --size 512 --steps 20 --threads "$THREADS")
       ;;
-    lora256|lora512)
-      latent=$(( ${case#lora} / 8 ))
-      ours=$("$BENCH" lora --latent "$latent" --warmup 1 --steps 3)
-      theirs=$("$PYTHON" scripts/bench_sd_torch.py lora --latent "$latent" --warmup 1 --steps 3 --threads "$THREADS")
+    lora256|lora512|lora256_bf16|lora512_bf16|lora256_fp16|lora512_fp16)
+      px=${case#lora}; px=${px%%_*}
+      precision=no; [[ $case == *_* ]] && precision=${case##*_}
+      latent=$(( px / 8 ))
+      ours=$("$BENCH" lora --latent "$latent" --warmup 1 --steps 3 --precision "$precision")
+      theirs=$("$PYTHON" scripts/bench_sd_torch.py lora --latent "$latent" --warmup 1 --steps 3 --threads "$THREADS" --precision "$precision")
       ;;
     load)
       dir=$(mktemp -d)

@@ -49,34 +49,62 @@ def unet(args):
             "forward_share": fwd / sum(times)}
 
 
+def vm_hwm_mib():
+    """Peak resident memory since the last reset_peak() (Linux VmHWM), in MiB."""
+    with open("/proc/self/status") as f:
+        kib = next(int(l.split()[1]) for l in f if l.startswith("VmHWM:"))
+    return kib / 1024
+
+
+def reset_peak():
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
 def lora(args):
     """diffusers' train_text_to_image_lora.py step: the U-Net frozen, a PEFT LoRA (rank 8,
-    alpha 8, gaussian init) on to_q/to_k/to_v/to_out.0, MSE, backward, AdamW on the adapters."""
+    alpha 8, gaussian init) on to_q/to_k/to_v/to_out.0, MSE, backward, AdamW on the adapters.
+
+    --precision bf16|fp16 is what that script does under accelerate's mixed precision: the base
+    cast to weight_dtype, the adapters kept in f32 (`cast_training_params`), the forward under
+    `torch.autocast`, the loss in f32, and for fp16 a GradScaler."""
     import transformers.integrations.peft as tp
     from peft import LoraConfig
 
     tp.check_peft_version = lambda min_version: None  # peft 0.21.2 is the newest on PyPI
+    dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
     model = sd15_unet()
     model.requires_grad_(False)
+    model.to(dtype=dtype)
     model.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, init_lora_weights="gaussian",
                                  target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()
     opt = torch.optim.AdamW(params, lr=1e-4)
+    scaler = torch.amp.GradScaler("cpu", enabled=args.precision == "fp16")
     b, s = args.batch, args.latent
     x, target = torch.randn(b, 4, s, s), torch.randn(b, 4, s, s)
     ctx, t = torch.randn(b, 77, 768), torch.full((b,), 500.0)
+    setup_peak = vm_hwm_mib()
+    reset_peak()
     times = []
     for i in range(args.warmup + args.steps):
         start = time.perf_counter()
-        loss = torch.nn.functional.mse_loss(model(x, t, ctx).sample, target)
-        loss.backward()
-        opt.step()
+        with torch.autocast("cpu", dtype=dtype, enabled=args.precision != "no"):
+            pred = model(x, t, ctx).sample
+        loss = torch.nn.functional.mse_loss(pred.float(), target)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
         opt.zero_grad(set_to_none=True)
         if i >= args.warmup:
             times.append(time.perf_counter() - start)
     times.sort()
     return {"case": "sd15_lora_step", "trainable": sum(p.numel() for p in params),
-            "latent": s, "batch": b, "steps": args.steps, "median_s": times[len(times) // 2]}
+            "latent": s, "batch": b, "steps": args.steps, "precision": args.precision,
+            "median_s": times[len(times) // 2], "setup_peak_rss_mib": setup_peak,
+            "step_peak_rss_mib": vm_hwm_mib()}
 
 
 def txt2img(args):
@@ -114,6 +142,7 @@ def main():
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--precision", choices=["no", "bf16", "fp16"], default="no")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

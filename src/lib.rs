@@ -50,6 +50,7 @@ macro_rules! global_allocator {
         /// Gives the caching allocator its budget, then tunes glibc ([`$crate::tune_allocator`]).
         fn tune_allocator() {
             ALLOCATOR.set_cap($crate::memory::default_cap());
+            ALLOCATOR.register();
             $crate::tune_allocator();
         }
     };

@@ -54,6 +54,28 @@ impl CachingAllocator {
         self.cap.store(bytes, Ordering::Relaxed);
     }
 
+    /// Makes this allocator the one [`release_cached`] empties (the binaries' global one).
+    pub fn register(&'static self) {
+        let _ = INSTALLED.set(self);
+    }
+
+    /// Returns every cached block to the system.
+    pub fn release(&self) {
+        // Taken out first: freeing the map itself goes through this allocator.
+        let cache = match self.cache.lock() {
+            Ok(mut guard) => guard.take(),
+            Err(_) => None,
+        };
+        for ((size, align), blocks) in cache.map(|c| c.free).unwrap_or_default() {
+            let layout = Layout::from_size_align(size, align).expect("a cached block's layout");
+            for ptr in blocks {
+                // SAFETY: a cached block came from `System` with this layout and is owned by the
+                // cache alone, which no longer lists it.
+                unsafe { System.dealloc(ptr as *mut u8, layout) };
+            }
+        }
+    }
+
     fn take(&self, layout: Layout) -> Option<*mut u8> {
         let mut guard = self.cache.lock().ok()?;
         let cache = guard.as_mut()?;
@@ -121,6 +143,24 @@ unsafe impl GlobalAlloc for CachingAllocator {
         }
         // SAFETY: `ptr` came from `System` with this layout.
         unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+static INSTALLED: std::sync::OnceLock<&'static CachingAllocator> = std::sync::OnceLock::new();
+
+/// Returns the cached blocks of the registered allocator and glibc's free heap pages to the
+/// system: after a large one-off release (f32 weights replaced by their half copies) that would otherwise stay
+/// resident until the cache reuses it.
+pub fn release_cached() {
+    if let Some(a) = INSTALLED.get() {
+        a.release();
+    }
+    // Blocks under glibc's mmap threshold (32 MiB here) were freed into its heap, which keeps
+    // them resident below the trim threshold (1 GiB): hand those pages back too.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free heap pages to the kernel.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 

@@ -60,6 +60,10 @@ enum What {
         warmup: usize,
         #[arg(long, default_value_t = 3)]
         steps: usize,
+        /// `train.mixed_precision`: no, bf16 or fp16 (the base held in it, adapters f32; fp16
+        /// scales the loss by 2^16 and unscales the gradients, as the training loop does).
+        #[arg(long, default_value = "no")]
+        precision: String,
     },
     Txt2img {
         #[arg(long, default_value_t = 512)]
@@ -159,9 +163,19 @@ fn run(args: Args) -> anyhow::Result<()> {
             rank,
             warmup,
             steps,
+            precision,
         } => {
             use burn::optim::GradientsParams;
             use difftrain::models::lora::{LoraConfig, attach};
+            use difftrain::optim::precision::{MixedPrecision, compute_dtype, hold_frozen, to_f32};
+            let mixed: MixedPrecision = serde_json::from_value(serde_json::json!(precision))
+                .context("--precision: no, bf16 or fp16")?;
+            let dtype = compute_dtype(mixed);
+            let loss_scale = if mixed == MixedPrecision::Fp16 {
+                65536.0
+            } else {
+                1.0
+            };
             let cfg = UNet2DConditionConfig::sd15();
             difftrain::nn::seed_init(0);
             let train = device.clone().autodiff();
@@ -170,14 +184,14 @@ fn run(args: Args) -> anyhow::Result<()> {
                 alpha: rank as f64,
                 ..LoraConfig::default()
             };
-            let (mut unet, _) = attach(
-                cfg.init(&train),
-                &lora,
-                &lora.target_modules,
-                "lora",
-                &train,
-            )
-            .map_err(anyhow::Error::msg)?;
+            // The base in the compute dtype; the f32 copies it was drawn in go back to the
+            // system, and the peak is measured from here (a run loads its base from a file).
+            let base = hold_frozen(cfg.init(&train), dtype);
+            difftrain::memory::release_cached();
+            let setup_peak = peak_rss_mib();
+            let _ = std::fs::write("/proc/self/clear_refs", "5");
+            let (mut unet, _) = attach(base, &lora, &lora.target_modules, "lora", &train)
+                .map_err(anyhow::Error::msg)?;
             let trainable = difftrain::io::safetensors::tensors_where(
                 &unet,
                 difftrain::models::lora::is_adapter_key,
@@ -193,9 +207,15 @@ fn run(args: Args) -> anyhow::Result<()> {
             let mut times = Vec::new();
             for i in 0..warmup + steps {
                 let start = Instant::now();
-                let out = unet.forward(x.clone(), t.clone(), &ctx, None);
-                let loss = (out - target.clone()).square().mean();
-                let grads = GradientsParams::from_grads(loss.backward(), &unet);
+                let out = to_f32(unet.forward(x.clone().cast(dtype), t.clone(), &ctx, None));
+                let loss = (out - target.clone())
+                    .square()
+                    .mean()
+                    .mul_scalar(loss_scale);
+                let mut grads = GradientsParams::from_grads(loss.backward(), &unet);
+                if loss_scale != 1.0 {
+                    difftrain::optim::grad::scale_all(&unet, &mut grads, 1.0 / loss_scale);
+                }
                 unet = optim.step(1e-4, unet, grads);
                 let _ = unet.conv_in.weight.val().into_data();
                 if i >= warmup {
@@ -207,9 +227,10 @@ fn run(args: Args) -> anyhow::Result<()> {
                 "{}",
                 serde_json::json!({
                     "impl": "burn-flex", "case": "sd15_lora_step", "trainable": trainable,
-                    "latent": latent, "batch": 1, "steps": steps,
+                    "latent": latent, "batch": 1, "steps": steps, "precision": precision,
                     "median_s": times[times.len() / 2],
-                    "peak_rss_mib": peak_rss_mib(), "threads": threads(),
+                    "setup_peak_rss_mib": setup_peak, "step_peak_rss_mib": peak_rss_mib(),
+                    "threads": threads(),
                 })
             );
         }

@@ -56,7 +56,7 @@ use burn::backend::ops::{ConvOptions, ConvTransposeOptions, ModuleOps};
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Dispatch, Flex, TensorMetadata, backend_extension};
 use burn::prelude::*;
-use burn::tensor::{DType, TensorData};
+use burn::tensor::{DType, TensorData, bf16, f16};
 use rayon::prelude::*;
 
 use burn::backend::flex::FlexTensor;
@@ -463,29 +463,21 @@ fn transpose_options(stride: usize, padding: usize) -> ConvTransposeOptions<2> {
     ConvTransposeOptions::new([stride, stride], [padding, padding], [0, 0], [1, 1], 1)
 }
 
-/// The kernels compute in f32. A call with half-precision tensors (bf16/f16 activations under
-/// mixed precision, f32 or half parameters) is widened to f32 here and its result rounded back
-/// to the activation's dtype. `Tensor::cast` is differentiable, so each input's gradient comes
-/// back in that input's own dtype. Norm statistics and softmax belong in f32 anyway (autocast
-/// keeps them there), and on the CPU burn computes half GEMMs through f32 as well. Convolutions
-/// and SiLU on CUDA keep half ([`for_kernel`]).
-fn in_f32<const D: usize>(t: Tensor<D>) -> Tensor<D> {
-    if t.dtype() == DType::F32 {
+/// Mixed precision: calls with half-precision tensors (bf16/f16 activations, weights cast to
+/// the activation's dtype by `nn`) answer in that dtype, and their gradients come back in each
+/// input's dtype.
+///
+/// - On the CPU the Flex kernels take half tensors as they are, widen them to f32 inside the
+///   call and round the result back, so the autodiff graph keeps the half tensors (half the
+///   activation memory) while everything is computed in f32.
+/// - Elsewhere (CUDA: burn's own ops) convolutions and SiLU run in half, as under torch's
+///   autocast, and the statistics ops (group/layer norm, softmax, attention) get f32 inputs
+///   through a differentiable cast ([`stats_in_f32`]).
+fn stats_in_f32<const D: usize>(t: Tensor<D>) -> Tensor<D> {
+    if t.dtype() == DType::F32 || t.device().inner() == Device::flex() {
         t
     } else {
         t.cast(DType::F32)
-    }
-}
-
-/// `t` for a convolution or SiLU: widened to f32 on the CPU (the Flex kernels here are f32, and
-/// Flex computes half GEMMs through f32 anyway); on other backends (CUDA) half stays half, so
-/// convolutions run in the compute dtype as under torch's autocast. Callers pass every input in
-/// one dtype (`nn` casts weights to the activation's).
-fn for_kernel<const D: usize>(t: Tensor<D>) -> Tensor<D> {
-    if t.device().inner() == Device::flex() {
-        in_f32(t)
-    } else {
-        t
     }
 }
 
@@ -507,15 +499,13 @@ pub fn conv_transpose2d(
     stride: usize,
     padding: usize,
 ) -> Tensor<4> {
-    let dtype = x.dtype();
-    let y = Tensor::from_dispatch(<Dispatch as TrainOps>::conv_transpose2d_bias_train(
-        for_kernel(x).into_dispatch(),
-        for_kernel(weight).into_dispatch(),
-        for_kernel(bias).into_dispatch(),
+    Tensor::from_dispatch(<Dispatch as TrainOps>::conv_transpose2d_bias_train(
+        x.into_dispatch(),
+        weight.into_dispatch(),
+        bias.into_dispatch(),
         stride,
         padding,
-    ));
-    back_to(y, dtype)
+    ))
 }
 
 /// `conv2d(x, weight) + bias` through [`TrainOps`].
@@ -531,22 +521,13 @@ pub fn conv2d(
     stride: usize,
     padding: usize,
 ) -> Tensor<4> {
-    let dtype = x.dtype();
-    let (x, weight) = (
-        for_kernel(x).into_dispatch(),
-        for_kernel(weight).into_dispatch(),
-    );
-    let y = Tensor::from_dispatch(match bias {
-        Some(b) => <Dispatch as TrainOps>::conv2d_bias_train(
-            x,
-            weight,
-            for_kernel(b).into_dispatch(),
-            stride,
-            padding,
-        ),
+    let (x, weight) = (x.into_dispatch(), weight.into_dispatch());
+    Tensor::from_dispatch(match bias {
+        Some(b) => {
+            <Dispatch as TrainOps>::conv2d_bias_train(x, weight, b.into_dispatch(), stride, padding)
+        }
         None => <Dispatch as TrainOps>::conv2d_train(x, weight, stride, padding),
-    });
-    back_to(y, dtype)
+    })
 }
 
 /// `torch.nn.GroupNorm(groups, c)` through [`TrainOps`].
@@ -562,11 +543,11 @@ pub fn group_norm<const D: usize>(
 ) -> Tensor<D> {
     let (shape, dtype) = (x.dims(), x.dtype());
     let rest = shape[2..].iter().product::<usize>();
-    let x: Tensor<3> = in_f32(x).reshape([shape[0], shape[1], rest]);
+    let x: Tensor<3> = stats_in_f32(x).reshape([shape[0], shape[1], rest]);
     let y = <Dispatch as TrainOps>::group_norm_train(
         x.into_dispatch(),
-        in_f32(weight).into_dispatch(),
-        in_f32(bias).into_dispatch(),
+        stats_in_f32(weight).into_dispatch(),
+        stats_in_f32(bias).into_dispatch(),
         groups,
         eps,
     );
@@ -588,11 +569,11 @@ pub fn layer_norm<const D: usize, const N: usize>(
     let (shape, dtype) = (x.dims(), x.dtype());
     let lead = D - N;
     let rows = shape[..lead].iter().product::<usize>();
-    let x: Tensor<3> = in_f32(x).reshape([rows, shape[lead..].iter().product::<usize>(), 1]);
+    let x: Tensor<3> = stats_in_f32(x).reshape([rows, shape[lead..].iter().product::<usize>(), 1]);
     let y = <Dispatch as TrainOps>::group_norm_train(
         x.into_dispatch(),
-        in_f32(weight).flatten::<1>(0, N - 1).into_dispatch(),
-        in_f32(bias).flatten::<1>(0, N - 1).into_dispatch(),
+        stats_in_f32(weight).flatten::<1>(0, N - 1).into_dispatch(),
+        stats_in_f32(bias).flatten::<1>(0, N - 1).into_dispatch(),
         1,
         eps,
     );
@@ -607,9 +588,9 @@ pub fn layer_norm<const D: usize, const N: usize>(
 pub fn scaled_dot_product_attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>) -> Tensor<3> {
     let (d, dtype) = (q.dims()[2], q.dtype());
     let o = Tensor::from_dispatch(<Dispatch as TrainOps>::attention_train(
-        in_f32(q).into_dispatch(),
-        in_f32(k).into_dispatch(),
-        in_f32(v).into_dispatch(),
+        stats_in_f32(q).into_dispatch(),
+        stats_in_f32(k).into_dispatch(),
+        stats_in_f32(v).into_dispatch(),
         1.0 / (d as f64).sqrt(),
     ));
     back_to(o, dtype)
@@ -620,13 +601,7 @@ pub fn scaled_dot_product_attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>) ->
 /// # Shapes
 /// - any; output the same
 pub fn silu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
-    let dtype = x.dtype();
-    back_to(
-        Tensor::from_dispatch(<Dispatch as TrainOps>::silu_train(
-            for_kernel(x).into_dispatch(),
-        )),
-        dtype,
-    )
+    Tensor::from_dispatch(<Dispatch as TrainOps>::silu_train(x.into_dispatch()))
 }
 
 /// Softmax over the last dimension through [`TrainOps`] (`burn::tensor::activation::softmax(x,
@@ -635,7 +610,7 @@ pub fn softmax_last<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     let dtype = x.dtype();
     back_to(
         Tensor::from_dispatch(<Dispatch as TrainOps>::softmax_last_train(
-            in_f32(x).into_dispatch(),
+            stats_in_f32(x).into_dispatch(),
         )),
         dtype,
     )
@@ -711,26 +686,81 @@ pub(crate) fn matmul(
     }
 }
 
-/// The contiguous `f32` values of a Flex tensor, or `None` for another dtype (those keep
-/// burn's path).
+/// Values this many at a time per thread when converting between f32 and half.
+const CONVERT_CHUNK: usize = 1 << 14;
+
+/// A half tensor's values in f32 (`$h`: `f16` or `bf16`).
+macro_rules! widen {
+    ($t:expr, $h:ty) => {{
+        use half::slice::HalfFloatSliceExt;
+        let t: &FlexTensor = $t;
+        let owned: Vec<$h>;
+        let src: &[$h] = match t.as_slice::<$h>() {
+            Some(s) => s,
+            None => {
+                owned = t
+                    .to_contiguous()
+                    .into_data()
+                    .try_into_vec::<$h>()
+                    .expect("a contiguous half tensor");
+                &owned
+            }
+        };
+        let mut out = vec![0.0f32; src.len()];
+        out.par_chunks_mut(CONVERT_CHUNK)
+            .zip(src.par_chunks(CONVERT_CHUNK))
+            .for_each(|(o, h)| h.convert_to_f32_slice(o));
+        out
+    }};
+}
+
+/// The contiguous `f32` values of a Flex tensor: borrowed when it is f32, widened (in parallel)
+/// when it is f16 or bf16, so the kernels compute half-precision calls in f32 while the autodiff
+/// graph keeps the half tensors; `None` for other dtypes (those keep burn's path).
 fn f32_values(t: &FlexTensor) -> Option<std::borrow::Cow<'_, [f32]>> {
-    if t.dtype() != DType::F32 {
-        return None;
+    match t.dtype() {
+        DType::F32 => match t.as_slice::<f32>() {
+            Some(s) => Some(std::borrow::Cow::Borrowed(s)),
+            // One copy into a fresh contiguous buffer, then moved out without another.
+            None => t
+                .to_contiguous()
+                .into_data()
+                .try_into_vec::<f32>()
+                .ok()
+                .map(std::borrow::Cow::Owned),
+        },
+        DType::F16 => Some(std::borrow::Cow::Owned(widen!(t, f16))),
+        DType::BF16 => Some(std::borrow::Cow::Owned(widen!(t, bf16))),
+        _ => None,
     }
-    match t.as_slice::<f32>() {
-        Some(s) => Some(std::borrow::Cow::Borrowed(s)),
-        // One copy into a fresh contiguous buffer, then moved out without another.
-        None => t
-            .to_contiguous()
-            .into_data()
-            .try_into_vec::<f32>()
-            .ok()
-            .map(std::borrow::Cow::Owned),
-    }
+}
+
+fn narrow<H>(values: &[f32]) -> Vec<H>
+where
+    H: Default + Clone + Send + Sync,
+    [H]: half::slice::HalfFloatSliceExt,
+{
+    use half::slice::HalfFloatSliceExt;
+    let mut out = vec![H::default(); values.len()];
+    out.par_chunks_mut(CONVERT_CHUNK)
+        .zip(values.par_chunks(CONVERT_CHUNK))
+        .for_each(|(h, v)| h.convert_from_f32_slice(v));
+    out
 }
 
 fn flex_tensor(values: Vec<f32>, shape: &[usize]) -> FlexTensor {
     FlexTensor::from_data(TensorData::new(values, shape.to_vec()))
+}
+
+/// A kernel's f32 result as a Flex tensor of `dtype` (the dtype of the input it answers for),
+/// rounded in parallel when that is half.
+fn flex_tensor_in(values: Vec<f32>, shape: &[usize], dtype: DType) -> FlexTensor {
+    let shape = shape.to_vec();
+    match dtype {
+        DType::F16 => FlexTensor::from_data(TensorData::new(narrow::<f16>(&values), shape)),
+        DType::BF16 => FlexTensor::from_data(TensorData::new(narrow::<bf16>(&values), shape)),
+        _ => FlexTensor::from_data(TensorData::new(values, shape)),
+    }
 }
 
 fn geometry(
@@ -813,7 +843,8 @@ fn flex_conv2d(
             None => None,
         };
         let y = conv::forward(&g, &xv, &wv, bv.as_deref());
-        Some(flex_tensor(y, &[g.batch, g.cout, g.out_h(), g.out_w()]))
+        let shape = [g.batch, g.cout, g.out_h(), g.out_w()];
+        Some(flex_tensor_in(y, &shape, x.dtype()))
     });
     fast.unwrap_or_else(|| Flex::conv2d(x, weight, bias, conv_options(stride, padding)))
 }
@@ -847,7 +878,7 @@ impl TrainOps for Flex {
             y.par_chunks_mut(plane.max(1))
                 .enumerate()
                 .for_each(|(i, p)| p.iter_mut().for_each(|v| *v += bv[i % g.cin]));
-            Some(flex_tensor(y, &[g.batch, g.cin, g.h, g.w]))
+            Some(flex_tensor_in(y, &[g.batch, g.cin, g.h, g.w], x.dtype()))
         });
         fast.unwrap_or_else(|| {
             Flex::conv_transpose2d(x, weight, Some(bias), transpose_options(stride, padding))
@@ -870,9 +901,9 @@ impl TrainOps for Flex {
             let (dw, _) = conv::weight_grad(&g, &gv, &xv, false);
             let db = channel_sums(&gv, g.batch, g.cin);
             Some((
-                flex_tensor(dx, &[g.batch, g.cout, g.out_h(), g.out_w()]),
-                flex_tensor(dw, &[g.cout, g.cin, g.k, g.k]),
-                flex_tensor(db, &[g.cin]),
+                flex_tensor_in(dx, &[g.batch, g.cout, g.out_h(), g.out_w()], x.dtype()),
+                flex_tensor_in(dw, &[g.cout, g.cin, g.k, g.k], weight.dtype()),
+                flex_tensor_in(db, &[g.cin], weight.dtype()),
             ))
         });
         fast.unwrap_or_else(|| {
@@ -908,7 +939,7 @@ impl TrainOps for Flex {
     ) -> FlexTensor {
         let fast = geometry(&x, &weight, stride, padding).and_then(|g| {
             let dx = conv::input_grad(&g, &f32_values(&weight)?, &f32_values(&grad)?);
-            Some(flex_tensor(dx, &[g.batch, g.cin, g.h, g.w]))
+            Some(flex_tensor_in(dx, &[g.batch, g.cin, g.h, g.w], x.dtype()))
         });
         fast.unwrap_or_else(|| {
             Self::conv2d_x_backward(x, weight, grad, conv_options(stride, padding))
@@ -925,8 +956,8 @@ impl TrainOps for Flex {
         let fast = geometry(&x, &weight, stride, padding).and_then(|g| {
             let (dw, db) = conv::weight_grad(&g, &f32_values(&x)?, &f32_values(&grad)?, true);
             Some((
-                flex_tensor(dw, &[g.cout, g.cin, g.k, g.k]),
-                flex_tensor(db, &[g.cout]),
+                flex_tensor_in(dw, &[g.cout, g.cin, g.k, g.k], weight.dtype()),
+                flex_tensor_in(db, &[g.cout], weight.dtype()),
             ))
         });
         fast.unwrap_or_else(|| {
@@ -948,7 +979,7 @@ impl TrainOps for Flex {
                 &f32_values(&weight)?,
                 &f32_values(&bias)?,
             );
-            Some(flex_tensor(y, x.shape().as_slice()))
+            Some(flex_tensor_in(y, x.shape().as_slice(), x.dtype()))
         });
         fast.unwrap_or_else(|| composed_group_norm::<Self>(x, weight, bias, groups, eps))
     }
@@ -968,9 +999,9 @@ impl TrainOps for Flex {
                 let (dx, dw, db) = norm::backward(&g, &xv, &wv, &gv);
                 let c = [g.channels];
                 (
-                    flex_tensor(dx, x.shape().as_slice()),
-                    flex_tensor(dw, &c),
-                    flex_tensor(db, &c),
+                    flex_tensor_in(dx, x.shape().as_slice(), x.dtype()),
+                    flex_tensor_in(dw, &c, weight.dtype()),
+                    flex_tensor_in(db, &c, weight.dtype()),
                 )
             }
             None => panic!(
@@ -985,7 +1016,9 @@ impl TrainOps for Flex {
         let shape = x.shape();
         let len = shape[shape.num_dims() - 1];
         match f32_values(&x) {
-            Some(v) if len > 0 => flex_tensor(act::softmax(&v, len), shape.as_slice()),
+            Some(v) if len > 0 => {
+                flex_tensor_in(act::softmax(&v, len), shape.as_slice(), x.dtype())
+            }
             _ => composed_softmax::<Self>(x),
         }
     }
@@ -994,23 +1027,27 @@ impl TrainOps for Flex {
         let shape = y.shape();
         let len = shape[shape.num_dims() - 1];
         match (f32_values(&y), f32_values(&grad)) {
-            (Some(yv), Some(gv)) if len > 0 => {
-                flex_tensor(act::softmax_grad(&yv, &gv, len), shape.as_slice())
-            }
+            (Some(yv), Some(gv)) if len > 0 => flex_tensor_in(
+                act::softmax_grad(&yv, &gv, len),
+                shape.as_slice(),
+                y.dtype(),
+            ),
             _ => composed_softmax_grad::<Self>(y, grad),
         }
     }
 
     fn silu_train(x: FlexTensor) -> FlexTensor {
         match f32_values(&x) {
-            Some(v) => flex_tensor(act::silu(&v), x.shape().as_slice()),
+            Some(v) => flex_tensor_in(act::silu(&v), x.shape().as_slice(), x.dtype()),
             None => composed_silu::<Self>(x),
         }
     }
 
     fn silu_input_grad(x: FlexTensor, grad: FlexTensor) -> FlexTensor {
         match (f32_values(&x), f32_values(&grad)) {
-            (Some(xv), Some(gv)) => flex_tensor(act::silu_grad(&xv, &gv), x.shape().as_slice()),
+            (Some(xv), Some(gv)) => {
+                flex_tensor_in(act::silu_grad(&xv, &gv), x.shape().as_slice(), x.dtype())
+            }
             _ => composed_silu_grad::<Self>(x, grad),
         }
     }
@@ -1025,8 +1062,9 @@ impl TrainOps for Flex {
         let fast = g.and_then(|g| {
             let (qv, kv, vv) = (f32_values(&q)?, f32_values(&k)?, f32_values(&v)?);
             let (o, lse) = attention::forward(&g, &qv, &kv, &vv, scale as f32);
+            // The log-sum-exp is kept in f32 for the backward pass whatever the inputs are.
             Some((
-                flex_tensor(o, &[g.heads, g.n, g.d]),
+                flex_tensor_in(o, &[g.heads, g.n, g.d], q.dtype()),
                 flex_tensor(lse, &[g.heads, g.n]),
             ))
         });
@@ -1048,9 +1086,9 @@ impl TrainOps for Flex {
             let (ov, lv, gv) = (f32_values(&o)?, f32_values(&lse)?, f32_values(&grad)?);
             let (dq, dk, dv) = attention::backward(&g, &qv, &kv, &vv, &ov, &lv, &gv, scale as f32);
             Some((
-                flex_tensor(dq, &[g.heads, g.n, g.d]),
-                flex_tensor(dk, &[g.heads, g.m, g.d]),
-                flex_tensor(dv, &[g.heads, g.m, g.d]),
+                flex_tensor_in(dq, &[g.heads, g.n, g.d], q.dtype()),
+                flex_tensor_in(dk, &[g.heads, g.m, g.d], k.dtype()),
+                flex_tensor_in(dv, &[g.heads, g.m, g.d], v.dtype()),
             ))
         });
         fast.unwrap_or_else(|| composed_attention_grads::<Self>(q, k, v, o, lse, grad, scale))

@@ -55,7 +55,7 @@ pub fn hold_frozen<M: Module>(module: M, dtype: FloatDType) -> M {
             if param.val().dtype() == dtype {
                 return param;
             }
-            param.map(move |t| t.cast(dtype))
+            param.map(move |t| t.detach().cast(dtype))
         }
     }
     if dtype == FloatDType::F32 {

@@ -35,6 +35,7 @@ use crate::models::latent_diffusion::{
 };
 use crate::models::vqvae::VQVAEConfig;
 use crate::nn::to_host;
+use crate::optim::precision::{compute_dtype, hold_frozen};
 use crate::tokenizer::{ClipTokenizer, learn_bpe, write_tokenizer_dir};
 use crate::train::objectives::ldm::{LatentDiffusionObjective, LatentDiffusionParts, TextEncoder};
 use crate::train::{Outputs, TrainError, TrainOptions, TrainOutcome, train_with};
@@ -261,7 +262,11 @@ pub fn train_ldm(
         }
     }
     let device = parse_device(&cfg.run.device)?;
-    let first = load_first_stage(ldm, &device)?;
+    let mut first = load_first_stage(ldm, &device)?;
+    // Mixed precision: the frozen first stage (and below, a pretrained text encoder) is held in
+    // the compute dtype, shared by the objective and the sample grids.
+    let dtype = compute_dtype(cfg.train.mixed_precision);
+    first.model = hold_frozen(first.model, dtype);
     let res = cfg.data.resolution;
     let unet_cfg = ldm.unet_config(cond_cfg);
     let mut problems = Vec::new();
@@ -292,9 +297,14 @@ pub fn train_ldm(
         eprintln!("latent scale: {scale:.6} (latents are multiplied by it)");
     }
     let text = match cond_cfg.kind {
-        ConditioningKind::Text => Some(text_side(cfg, &dataset, &device)?),
+        ConditioningKind::Text => {
+            let mut t = text_side(cfg, &dataset, &device)?;
+            t.encoder = t.encoder.held_in(dtype);
+            Some(t)
+        }
         _ => None,
     };
+    crate::memory::release_cached();
     let lat = [
         first.latent_channels,
         res / first.factor,

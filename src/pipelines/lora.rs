@@ -29,6 +29,7 @@ use crate::models::latent_diffusion::{FirstStage, LatentDiffusionConfig, LatentD
 use crate::models::lora::{Linears, is_adapter_key};
 use crate::models::unet_2d_condition::UNet2DConditionModel;
 use crate::nn::to_host;
+use crate::optim::precision::compute_dtype;
 use crate::train::objectives::ldm::{LatentDiffusionObjective, LatentDiffusionParts, TextEncoder};
 use crate::train::{Outputs, TrainError, TrainOptions, TrainOutcome, train_with};
 
@@ -121,7 +122,9 @@ pub fn train_lora(
 ) -> Result<TrainOutcome<LatentDiffusionModel>, TrainError> {
     let source = pretrained_source(cfg, opts)?;
     let device = parse_device(&cfg.run.device)?;
-    let sd = stable_diffusion::load(&source, &device).map_err(|e| err(e.to_string()))?;
+    let sd = stable_diffusion::load(&source, &device)
+        .map_err(|e| err(e.to_string()))?
+        .held_in(compute_dtype(cfg.train.mixed_precision));
     // The noise schedule and prediction type are the model's own (its scheduler config), as
     // diffusers' script takes `DDPMScheduler.from_pretrained(model, subfolder="scheduler")`;
     // `[diffusion]` keeps noise offset, min-SNR and the rest.

@@ -120,6 +120,20 @@ pub struct StableDiffusion {
 }
 
 impl StableDiffusion {
+    /// The U-Net, VAE and text encoder held in `dtype` (mixed precision: a LoRA run's frozen
+    /// base, as diffusers' `weight_dtype`); the freed f32 copies go back to the system.
+    pub fn held_in(mut self, dtype: burn::tensor::FloatDType) -> Self {
+        use crate::optim::precision::hold_frozen;
+        if dtype == burn::tensor::FloatDType::F32 {
+            return self;
+        }
+        self.unet = hold_frozen(self.unet, dtype);
+        self.vae = hold_frozen(self.vae, dtype);
+        self.text_encoder = hold_frozen(self.text_encoder, dtype);
+        crate::memory::release_cached();
+        self
+    }
+
     /// Image pixels per latent position (the VAE's `2^(levels - 1)`).
     pub fn vae_factor(&self) -> usize {
         self.vae_config.downsampling()

@@ -69,16 +69,25 @@ pub struct LatentDiffusionParts {
     pub cache_text: bool,
 }
 
+impl TextEncoder {
+    /// A pretrained encoder's weights held in `dtype` (mixed precision); a trained one's
+    /// config is left alone (its weights are master weights, f32).
+    pub fn held_in(self, dtype: FloatDType) -> Self {
+        match self {
+            Self::Frozen(m) => Self::Frozen(hold_frozen(m, dtype)),
+            Self::Adapted(m) => Self::Adapted(hold_frozen(m, dtype)),
+            trained => trained,
+        }
+    }
+}
+
 impl LatentDiffusionParts {
     /// The frozen networks (first stage, text encoder, LoRA base) held in `dtype`, as
-    /// diffusers' `weight_dtype` does under mixed precision.
+    /// diffusers' `weight_dtype` does under mixed precision. (The pipelines cast them before
+    /// sharing them with their outputs, so this is a no-op there.)
     fn held_in(mut self, dtype: FloatDType) -> Self {
         self.first_stage = hold_frozen(self.first_stage, dtype);
-        self.text_encoder = self.text_encoder.map(|te| match te {
-            TextEncoder::Frozen(m) => TextEncoder::Frozen(hold_frozen(m, dtype)),
-            TextEncoder::Adapted(m) => TextEncoder::Adapted(hold_frozen(m, dtype)),
-            trained => trained,
-        });
+        self.text_encoder = self.text_encoder.map(|te| te.held_in(dtype));
         self.base_unet = self.base_unet.map(|u| hold_frozen(u, dtype));
         self
     }
