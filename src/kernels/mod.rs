@@ -706,12 +706,35 @@ macro_rules! widen {
                 &owned
             }
         };
-        let mut out = vec![0.0f32; src.len()];
-        out.par_chunks_mut(CONVERT_CHUNK)
-            .zip(src.par_chunks(CONVERT_CHUNK))
-            .for_each(|(o, h)| h.convert_to_f32_slice(o));
-        out
+        convert_par(src, |h: &[$h], o: &mut [f32]| h.convert_to_f32_slice(o))
     }};
+}
+
+/// `convert` applied chunk by chunk over `src` into a fresh vector, in parallel, without zeroing
+/// the vector first (the conversions are memory-bound: a zeroing pass would cost as much).
+fn convert_par<S: Sync, D: Copy + Default + Send>(
+    src: &[S],
+    convert: impl Fn(&[S], &mut [D]) + Sync,
+) -> Vec<D> {
+    // Converted through a small stack buffer, then copied into the uninitialised output.
+    const STAGE: usize = 512;
+    let mut out: Vec<D> = Vec::with_capacity(src.len());
+    out.spare_capacity_mut()[..src.len()]
+        .par_chunks_mut(CONVERT_CHUNK)
+        .zip(src.par_chunks(CONVERT_CHUNK))
+        .for_each(|(o, s)| {
+            let mut buf = [D::default(); STAGE];
+            for (oc, sc) in o.chunks_mut(STAGE).zip(s.chunks(STAGE)) {
+                let b = &mut buf[..sc.len()];
+                convert(sc, b);
+                for (slot, v) in oc.iter_mut().zip(b.iter()) {
+                    slot.write(*v);
+                }
+            }
+        });
+    // SAFETY: the chunks above cover 0..src.len() and wrote every element of it.
+    unsafe { out.set_len(src.len()) };
+    out
 }
 
 /// The contiguous `f32` values of a Flex tensor: borrowed when it is f32, widened (in parallel)
@@ -737,15 +760,11 @@ fn f32_values(t: &FlexTensor) -> Option<std::borrow::Cow<'_, [f32]>> {
 
 fn narrow<H>(values: &[f32]) -> Vec<H>
 where
-    H: Default + Clone + Send + Sync,
+    H: Default + Copy + Send + Sync,
     [H]: half::slice::HalfFloatSliceExt,
 {
     use half::slice::HalfFloatSliceExt;
-    let mut out = vec![H::default(); values.len()];
-    out.par_chunks_mut(CONVERT_CHUNK)
-        .zip(values.par_chunks(CONVERT_CHUNK))
-        .for_each(|(h, v)| h.convert_from_f32_slice(v));
-    out
+    convert_par(values, |v: &[f32], h: &mut [H]| h.convert_from_f32_slice(v))
 }
 
 fn flex_tensor(values: Vec<f32>, shape: &[usize]) -> FlexTensor {
