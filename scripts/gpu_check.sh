@@ -5,7 +5,8 @@
 #   2. SIGKILL + resume on cuda: largest weight difference against an uninterrupted run
 #   3. data parallelism at world size 1 through NCCL (`run.devices = ["cuda:0"]`)
 #   4. without a usable device index: the error text (no panic)
-#   5. when gpu/bench.xz was carried too: scripts/bench.sh DEVICE=cuda against PyTorch eager
+#   5. mixed precision: 300 quickstart steps in bf16 and fp16 against f32 (time, final loss)
+#   6. when gpu/bench.xz was carried too: scripts/bench.sh DEVICE=cuda against PyTorch eager
 #      (tutorial128, unet2d32; share of the H200's 67 TFLOP/s f32 peak), installing a carried
 #      diffusers wheel (gpu/*.whl) if the machine lacks diffusers
 # Sized for about 6 minutes on one H200.
@@ -59,7 +60,9 @@ row "quickstart on $DEVICE" "rc $rc, $secs s, final loss $(final_loss "$WORK/qs.
 # 2. SIGKILL + resume: 300 steps uninterrupted vs the same run killed once a checkpoint exists
 #    and resumed (the same max_steps: the cosine schedule depends on it).
 common=(--set run.device="\"$DEVICE\"" --set train.max_steps=300 --set checkpoint.every_steps=100 --set logging.sample_every=0)
+start=$(date +%s)
 "$BIN" --config configs/quickstart.toml "${common[@]}" --set run.output_dir="\"$WORK/a\"" > "$WORK/a.log" 2>&1
+f32_secs=$(( $(date +%s) - start ))
 "$BIN" --config configs/quickstart.toml "${common[@]}" --set run.output_dir="\"$WORK/b\"" > "$WORK/b.log" 2>&1 &
 pid=$!
 for _ in $(seq 600); do [ -f "$WORK/b/latest" ] && break; kill -0 "$pid" 2> /dev/null || break; sleep 0.5; done
@@ -85,7 +88,17 @@ row "data parallel (NCCL on cuda), world size 1" "rc $?, final loss $(final_loss
 msg=$("$BIN" --config configs/quickstart.toml --set run.device='"cuda:63"' --check 2>&1 | tail -1)
 row "cuda:63 --check" "$msg" "a clear error, no panic"
 
-# 5. The training-step benchmark on the GPU, when its binary was carried.
+# 5. Mixed precision: check 2's uninterrupted 300 steps in bf16 and fp16, against f32.
+for p in bf16 fp16; do
+  start=$(date +%s)
+  "$BIN" --config configs/quickstart.toml "${common[@]}" --set train.mixed_precision="\"$p\"" \
+    --set run.output_dir="\"$WORK/$p\"" > "$WORK/$p.log" 2>&1
+  rc=$?
+  row "300 steps in $p on $DEVICE" "rc $rc, $(( $(date +%s) - start )) s, final loss $(final_loss "$WORK/$p.log")" \
+    "f32: $f32_secs s, $(final_loss "$WORK/a.log")"
+done
+
+# 6. The training-step benchmark on the GPU, when its binary was carried.
 if [ -f gpu/bench.xz ]; then
   "$PYTHON" -c "import lzma, shutil; shutil.copyfileobj(lzma.open('gpu/bench.xz'), open('$WORK/bench', 'wb'))"
   chmod +x "$WORK/bench"

@@ -21,6 +21,7 @@ use difftrain::models::latent_diffusion::{
     ConditioningKind, FirstStage, ReconLoss, latent_samples, scale_by_std,
 };
 use difftrain::models::unet_2d_condition::{CondDownBlockType, CondUpBlockType, PerBlock};
+use difftrain::optim::precision::MixedPrecision;
 use difftrain::pipelines::{self, SampleRequest};
 use difftrain::train::TrainOptions;
 use difftrain::train::objectives::autoencoder::autoencoder_loss;
@@ -772,4 +773,64 @@ fn both_stages_train_data_parallel_on_threads_and_processes() {
     // One cache, built by rank 0.
     let caches = std::fs::read_dir(p.join("latent_cache")).unwrap().count();
     assert_eq!(caches, 1);
+}
+
+/// The latent families in bf16 and fp16: the KL autoencoder stage (posterior and loss in f32),
+/// and stage 2 with a text encoder trained alongside (computing in half from f32 weights) and
+/// with class labels, on a frozen first stage held in half. Each step's loss within 5% of f32's.
+#[test]
+fn latent_families_train_in_bf16_and_fp16_like_f32() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    colour_dataset(&data, 24);
+    let opts = |write_outputs| TrainOptions {
+        write_outputs,
+        quiet: true,
+        overflow_at_step: None,
+    };
+    let stage1 = tmp.path().join("vae");
+    let mut s1 = vae_config(&data, &stage1);
+    s1.train.max_steps = 20;
+    let s1_path = write(&s1, &tmp.path().join("vae.toml"));
+    pipelines::train(&s1, &opts(true)).unwrap();
+    let ldm = |kind| ldm_config(&data, &tmp.path().join("ldm"), &stage1, &s1_path, kind);
+    // The autoencoder's loss is a sum over pixels (~120 here): at torch's initial scale of 2^16
+    // its fp16 gradients overflow and the scaler skips the first steps, halving the scale each
+    // time (what torch does too); a run of such a model starts lower.
+    let mut ae = s1.clone();
+    ae.train.fp16_init_scale = 1024.0;
+    let runs = [
+        ("autoencoder_kl", ae),
+        ("ldm text", ldm(ConditioningKind::Text)),
+        ("ldm class", ldm(ConditioningKind::Class)),
+    ];
+    for (what, base) in runs {
+        let run = |p: MixedPrecision| {
+            let mut c = base.clone();
+            c.run.output_dir = Some(tmp.path().join(format!("{what}-{p:?}")));
+            c.train.max_steps = 8;
+            c.train.mixed_precision = p;
+            // With the outputs: sample grids and exports from the frozen half networks.
+            let s = pipelines::train(&c, &opts(true)).unwrap();
+            assert_eq!(s.skipped_steps, 0, "{what} {p:?}");
+            assert!(s.sample_grid.is_some_and(|g| g.is_file()), "{what} {p:?}");
+            assert!(s.export_dir.is_some_and(|d| d.is_dir()), "{what} {p:?}");
+            s.losses
+        };
+        let reference = run(MixedPrecision::No);
+        for p in [MixedPrecision::Bf16, MixedPrecision::Fp16] {
+            common::assert_losses_close(&format!("{what} {p:?}"), &run(p), &reference, 0.05);
+        }
+    }
+    // At 2^16 the first fp16 steps overflow and are skipped, as described above.
+    let mut c = s1.clone();
+    c.run.output_dir = Some(tmp.path().join("ae-2^16"));
+    c.train.max_steps = 8;
+    c.train.mixed_precision = MixedPrecision::Fp16;
+    let s = pipelines::train(&c, &opts(false)).unwrap();
+    assert!(s.skipped_steps > 0, "{:?}", s.losses);
+    assert_eq!(
+        s.loss_scale,
+        Some(65536.0 / 2f64.powi(s.skipped_steps as i32))
+    );
 }

@@ -1,6 +1,8 @@
 //! The discrete family end to end: a VQ-VAE learns the shipped shapes, a Gated PixelCNN prior
 //! learns its codes, both stages chain from one config, and `sample` decodes sampled codes.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -8,6 +10,7 @@ use burn::prelude::*;
 use difftrain::config::Config;
 use difftrain::data::{ColorMode, Dataset, Transform};
 use difftrain::models::Architecture;
+use difftrain::optim::precision::MixedPrecision;
 use difftrain::pipelines::load_run;
 use difftrain::pipelines::vq::{load_stage1, train_vqvae};
 use difftrain::train::TrainOptions;
@@ -230,4 +233,41 @@ fn pixelcnn_refuses_a_missing_or_mismatched_stage1() {
         !r.status.success() && err.contains("nothing-here") && err.contains("neither a checkpoint"),
         "{err}"
     );
+}
+
+/// Both stages in bf16 and fp16 (the VQ search and losses in f32, the PixelCNN's log-softmax in
+/// f32, the frozen stage-1 VQ-VAE held in half): each step's loss within 5% of f32's.
+#[test]
+fn both_stages_train_in_bf16_and_fp16_like_f32() {
+    let tmp = tempfile::tempdir().unwrap();
+    let opts = |write_outputs| TrainOptions {
+        write_outputs,
+        quiet: true,
+        overflow_at_step: None,
+    };
+    let stage1_out = tmp.path().join("stage1");
+    let mut s1 = vqvae_config(&stage1_out);
+    s1.train.max_steps = 30;
+    train_vqvae(&s1, &opts(true)).unwrap();
+    let mut s2 = s1.clone();
+    s2.model.architecture = Architecture::GatedPixelcnn;
+    s2.model.pixelcnn.vqvae = stage1_out;
+    s2.model.pixelcnn.n_blocks = 3;
+    s2.model.pixelcnn.dim = 16;
+    s2.model.pixelcnn.linear_dim = 16;
+    for (stage, base) in [("vqvae", s1), ("pixelcnn", s2)] {
+        let run = |p: MixedPrecision| {
+            let mut c = base.clone();
+            c.run.output_dir = Some(tmp.path().join(format!("{stage}-{p:?}")));
+            c.train.max_steps = 10;
+            c.train.mixed_precision = p;
+            difftrain::pipelines::train(&c, &opts(false))
+                .unwrap()
+                .losses
+        };
+        let reference = run(MixedPrecision::No);
+        for p in [MixedPrecision::Bf16, MixedPrecision::Fp16] {
+            common::assert_losses_close(&format!("{stage} {p:?}"), &run(p), &reference, 0.05);
+        }
+    }
 }

@@ -229,9 +229,10 @@ impl VectorQuantizer {
         let [b, d, h, w] = z_e.dims();
         let dtype = z_e.dtype();
         let flat = to_f32(z_e).permute([0, 2, 3, 1]).reshape([b * h * w, d]);
-        let codebook = self.embedding.weight.val();
+        // f32 even when the codebook is held in half (a frozen stage 1 under mixed precision).
+        let codebook = to_f32(self.embedding.weight.val());
         let indices = nearest_codes(flat.clone().detach(), codebook.detach());
-        let z_q = self.embedding.forward(indices.clone());
+        let z_q = to_f32(self.embedding.forward(indices.clone()));
         let embedding_loss = (z_q.clone() - flat.clone().detach()).square().mean();
         let commitment_loss = (flat.clone() - z_q.clone().detach()).square().mean();
         let st = flat.clone() + (z_q - flat.clone()).detach();

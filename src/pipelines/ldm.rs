@@ -263,10 +263,6 @@ pub fn train_ldm(
     }
     let device = parse_device(&cfg.run.device)?;
     let mut first = load_first_stage(ldm, &device)?;
-    // Mixed precision: the frozen first stage (and below, a pretrained text encoder) is held in
-    // the compute dtype, shared by the objective and the sample grids.
-    let dtype = compute_dtype(cfg.train.mixed_precision);
-    first.model = hold_frozen(first.model, dtype);
     let res = cfg.data.resolution;
     let unet_cfg = ldm.unet_config(cond_cfg);
     let mut problems = Vec::new();
@@ -296,15 +292,10 @@ pub fn train_ldm(
     if !opts.quiet {
         eprintln!("latent scale: {scale:.6} (latents are multiplied by it)");
     }
-    let text = match cond_cfg.kind {
-        ConditioningKind::Text => {
-            let mut t = text_side(cfg, &dataset, &device)?;
-            t.encoder = t.encoder.held_in(dtype);
-            Some(t)
-        }
+    let mut text = match cond_cfg.kind {
+        ConditioningKind::Text => Some(text_side(cfg, &dataset, &device)?),
         _ => None,
     };
-    crate::memory::release_cached();
     let lat = [
         first.latent_channels,
         res / first.factor,
@@ -318,6 +309,15 @@ pub fn train_ldm(
         &device,
         opts.quiet,
     )?;
+    // Mixed precision: from here the frozen first stage and a pretrained text encoder are held
+    // in the compute dtype, shared by the objective and the sample grids. (The latent scale and
+    // the latent cache above come from the f32 weights, so they do not depend on the precision.)
+    let dtype = compute_dtype(cfg.train.mixed_precision);
+    first.model = hold_frozen(first.model, dtype);
+    if let Some(t) = text.as_mut() {
+        t.encoder = t.encoder.clone().held_in(dtype);
+    }
+    crate::memory::release_cached();
     let mut fingerprints = vec![("first stage".to_string(), first.fingerprint.clone())];
     fingerprints.extend(text.as_ref().and_then(|t| t.fingerprint.clone()));
     let parts = LatentDiffusionParts {

@@ -122,9 +122,7 @@ pub fn train_lora(
 ) -> Result<TrainOutcome<LatentDiffusionModel>, TrainError> {
     let source = pretrained_source(cfg, opts)?;
     let device = parse_device(&cfg.run.device)?;
-    let sd = stable_diffusion::load(&source, &device)
-        .map_err(|e| err(e.to_string()))?
-        .held_in(compute_dtype(cfg.train.mixed_precision));
+    let sd = stable_diffusion::load(&source, &device).map_err(|e| err(e.to_string()))?;
     // The noise schedule and prediction type are the model's own (its scheduler config), as
     // diffusers' script takes `DDPMScheduler.from_pretrained(model, subfolder="scheduler")`;
     // `[diffusion]` keeps noise offset, min-SNR and the rest.
@@ -165,16 +163,20 @@ pub fn train_lora(
     }
     let dataset = Dataset::open(cfg.data.source, &cfg.data.path, cfg.data.on_bad_image)?;
     let scale = sd.vae_config.scaling_factor;
-    let first = FirstStage::Kl(sd.vae.clone());
     let lat = [sd.vae_config.latent_channels, res / factor, res / factor];
     let cache = super::latent_cache::latent_cache(
         cfg,
-        &first,
+        &FirstStage::Kl(sd.vae.clone()),
         &fingerprint,
         &dataset,
         &device,
         opts.quiet,
     )?;
+    // Mixed precision: from here the U-Net, VAE and text encoder are held in the compute dtype
+    // (diffusers' `weight_dtype`), shared by the objective and the sample grids; the latent
+    // cache above comes from the f32 VAE, so it does not depend on the precision.
+    let sd = sd.held_in(compute_dtype(cfg.train.mixed_precision));
+    let first = FirstStage::Kl(sd.vae.clone());
     let text_encoder = if l.text_encoder {
         TextEncoder::Adapted(sd.text_encoder.clone())
     } else {

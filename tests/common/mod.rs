@@ -141,3 +141,19 @@ pub fn listing(dir: &Path) -> Vec<String> {
     names.sort();
     names
 }
+
+/// Mixed precision against f32: the runs differ (so the half path ran) and each loss of `got`
+/// is within `tol` (relative) of the same step's loss in `reference`.
+#[allow(dead_code)]
+pub fn assert_losses_close(what: &str, got: &[f64], reference: &[f64], tol: f64) {
+    eprintln!("{what}: {got:.4?}\n  f32: {reference:.4?}");
+    assert_eq!(got.len(), reference.len(), "{what}");
+    assert_ne!(got, reference, "{what} computed exactly as f32");
+    for (step, (g, r)) in got.iter().zip(reference).enumerate() {
+        assert!(
+            g.is_finite() && (g - r).abs() <= tol * r.abs(),
+            "{what}, step {}: {g} vs f32 {r} (tolerance {tol})",
+            step + 1
+        );
+    }
+}
