@@ -68,7 +68,7 @@ fn bf16_and_fp16_train_the_quickstart_like_f32() {
 }
 
 /// An overflow at step 3: the step is skipped (the weights are bitwise those after step 2),
-/// the scale halves, and training goes on from there.
+/// the scale halves, and training goes on from there; on two data-parallel ranks too.
 #[test]
 fn an_fp16_overflow_skips_exactly_one_step_and_halves_the_scale() {
     let tmp = tempfile::tempdir().unwrap();
@@ -95,6 +95,17 @@ fn an_fp16_overflow_skips_exactly_one_step_and_halves_the_scale() {
         bits(&skipped.model),
         "the skipped step moved the weights"
     );
+    // Data parallel (two worker threads): every rank sees the same all-reduced gradients, so
+    // all skip the same step and keep the same scale and weights.
+    let mut dp = c.clone();
+    dp.run.devices = Some(difftrain::device::DeviceList::List(vec![
+        "cpu:0".into(),
+        "cpu:1".into(),
+    ]));
+    let two_ranks = pipelines::ddpm::train(&dp, &overflow).unwrap();
+    assert_eq!(two_ranks.summary.skipped_steps, 1);
+    assert_eq!(two_ranks.summary.loss_scale, Some(32768.0));
+    assert_eq!(bits(&two_ranks.model), bits(&two_ranks.replicas[0]));
     // The next steps apply (the scale stays halved: 2000 clean steps before it grows).
     c.train.max_steps = 5;
     let after = pipelines::ddpm::train(&c, &overflow).unwrap();

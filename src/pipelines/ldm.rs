@@ -313,11 +313,13 @@ pub fn train_ldm(
     // in the compute dtype, shared by the objective and the sample grids. (The latent scale and
     // the latent cache above come from the f32 weights, so they do not depend on the precision.)
     let dtype = compute_dtype(cfg.train.mixed_precision);
-    first.model = hold_frozen(first.model, dtype);
-    if let Some(t) = text.as_mut() {
-        t.encoder = t.encoder.clone().held_in(dtype);
+    if dtype != burn::tensor::FloatDType::F32 {
+        first.model = hold_frozen(first.model, dtype);
+        if let Some(t) = text.as_mut() {
+            t.encoder = t.encoder.clone().held_in(dtype);
+        }
+        crate::memory::release_cached();
     }
-    crate::memory::release_cached();
     let mut fingerprints = vec![("first stage".to_string(), first.fingerprint.clone())];
     fingerprints.extend(text.as_ref().and_then(|t| t.fingerprint.clone()));
     let parts = LatentDiffusionParts {
