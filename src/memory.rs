@@ -85,8 +85,14 @@ impl CachingAllocator {
         Some(ptr as *mut u8)
     }
 
-    /// Keeps the block if the cache has room; returns it otherwise.
+    /// Keeps the block if the cache has room (and no [`uncached`] section is running); returns
+    /// it otherwise.
     fn keep(&self, ptr: *mut u8, layout: Layout) -> bool {
+        if UNCACHED.load(Ordering::Relaxed) > 0
+            && INSTALLED.get().is_some_and(|a| std::ptr::eq(*a, self))
+        {
+            return false;
+        }
         let Ok(mut guard) = self.cache.lock() else {
             return false;
         };
@@ -147,6 +153,24 @@ unsafe impl GlobalAlloc for CachingAllocator {
 }
 
 static INSTALLED: std::sync::OnceLock<&'static CachingAllocator> = std::sync::OnceLock::new();
+
+/// Running [`uncached`] sections (on any thread).
+static UNCACHED: AtomicUsize = AtomicUsize::new(0);
+
+/// Runs `f` with the registered allocator's cache keeping no freed block: for work that frees many one-off blocks of
+/// distinct sizes (loading weights tensor by tensor), which the cache would hold for nothing.
+/// Blocks freed meanwhile, by any thread, go straight back to the system.
+pub fn uncached<T>(f: impl FnOnce() -> T) -> T {
+    struct Section;
+    impl Drop for Section {
+        fn drop(&mut self) {
+            UNCACHED.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+    UNCACHED.fetch_add(1, Ordering::Relaxed);
+    let _section = Section;
+    f()
+}
 
 /// Returns the cached blocks of the registered allocator and glibc's free heap pages to the
 /// system: after a large one-off release (f32 weights replaced by their half copies) that would otherwise stay
@@ -244,6 +268,28 @@ mod tests {
                 a.dealloc(b, layout);
             }
             assert_eq!(a.cache.lock().unwrap().as_ref().unwrap().bytes, 4 * LARGE);
+            // `release` hands every cached block back.
+            a.release();
+            assert!(a.take(layout).is_none());
+        }
+    }
+
+    #[test]
+    fn uncached_sections_keep_nothing() {
+        // The registered allocator (the binaries' global one) is the one sections apply to;
+        // nothing else registers in this test binary.
+        static A: CachingAllocator = CachingAllocator::new();
+        A.register();
+        A.set_cap(4 * LARGE);
+        let layout = Layout::from_size_align(LARGE, 64).unwrap();
+        // SAFETY: the test frees every block it allocates with its layout.
+        unsafe {
+            let p = A.alloc(layout);
+            uncached(|| A.dealloc(p, layout));
+            assert!(
+                A.take(layout).is_none(),
+                "a block freed in the section was kept"
+            );
         }
     }
 }

@@ -20,6 +20,9 @@ use crate::optim::precision::as_dtype;
 thread_local! {
     static INIT_RNG: RefCell<ChaCha8Rng> = RefCell::new(ChaCha8Rng::seed_from_u64(0));
     static SKIP_INIT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// The dtype of the zero weights [`without_init`] builds ([`loading_in`]).
+    static LOAD_DTYPE: std::cell::Cell<burn::tensor::DType> =
+        const { std::cell::Cell::new(burn::tensor::DType::F32) };
 }
 
 /// Seeds the weight initialisation of layers built afterwards on this thread.
@@ -49,11 +52,28 @@ fn skipping_init() -> bool {
     SKIP_INIT.with(|s| s.get())
 }
 
+/// Runs `load` (which builds layers with [`without_init`] and then reads their weights from a
+/// file) with the zero weights built in `dtype`: the loader converts each tensor to its
+/// parameter's dtype as it reads it, so a model loaded for mixed precision never exists in f32
+/// (a Stable Diffusion U-Net: 1.7 GB in bf16 instead of 3.4 GB in f32 and then a cast).
+/// Parameters built outside `without_init` (norms' ones and zeros) stay f32.
+pub fn loading_in<T>(dtype: burn::tensor::FloatDType, load: impl FnOnce() -> T) -> T {
+    let before = LOAD_DTYPE.with(|d| d.replace(dtype.into()));
+    let out = load();
+    LOAD_DTYPE.with(|d| d.set(before));
+    out
+}
+
+/// Zeros in the dtype [`loading_in`] asked for.
+fn load_zeros<const D: usize>(shape: [usize; D], device: &Device) -> Tensor<D> {
+    Tensor::zeros(shape, (device, LOAD_DTYPE.with(|d| d.get())))
+}
+
 /// `U(-k, k)` with `k = 1 / sqrt(fan_in)`: what `torch.nn.Linear`/`Conv2d` use for both the
 /// weight (Kaiming-uniform, a = sqrt(5)) and the bias.
 fn torch_uniform<const D: usize>(shape: [usize; D], fan_in: usize, device: &Device) -> Tensor<D> {
     if skipping_init() {
-        return Tensor::zeros(shape, device);
+        return load_zeros(shape, device);
     }
     let k = 1.0 / (fan_in.max(1) as f64).sqrt();
     let n = shape.iter().product::<usize>();
@@ -398,7 +418,7 @@ impl Embedding {
     ) -> Self {
         if skipping_init() {
             return Self {
-                weight: Param::from_tensor(Tensor::zeros([num_embeddings, embedding_dim], device)),
+                weight: Param::from_tensor(load_zeros([num_embeddings, embedding_dim], device)),
             };
         }
         let values: Vec<f32> = INIT_RNG.with(|r| {

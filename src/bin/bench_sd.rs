@@ -80,6 +80,9 @@ enum What {
     Load {
         #[arg(long)]
         folder: PathBuf,
+        /// `train.mixed_precision`: load as a LoRA run in that precision does (no, bf16, fp16).
+        #[arg(long, default_value = "no")]
+        precision: String,
     },
 }
 
@@ -335,7 +338,11 @@ fn run(args: Args) -> anyhow::Result<()> {
             )?;
             println!("{}", serde_json::json!({"wrote": out}));
         }
-        What::Load { folder } => {
+        What::Load { folder, precision } => {
+            use difftrain::optim::precision::{MixedPrecision, compute_dtype};
+            let mixed: MixedPrecision = serde_json::from_value(serde_json::json!(precision))
+                .context("--precision: no, bf16 or fp16")?;
+            let dtype = compute_dtype(mixed);
             let bytes: u64 = ["unet", "vae", "text_encoder"]
                 .iter()
                 .flat_map(|d| std::fs::read_dir(folder.join(d)).into_iter().flatten())
@@ -344,13 +351,16 @@ fn run(args: Args) -> anyhow::Result<()> {
                 .map(|e| e.metadata().map_or(0, |m| m.len()))
                 .sum();
             let start = Instant::now();
-            let sd = stable_diffusion::load(&Pretrained::Folder(folder.clone()), &device)?;
+            let source = Pretrained::Folder(folder.clone());
+            let sd = difftrain::nn::loading_in(dtype, || stable_diffusion::load(&source, &device))?
+                .held_in(dtype);
             let seconds = start.elapsed().as_secs_f64();
             let params = stable_diffusion::parameter_counts(&sd);
             println!(
                 "{}",
                 serde_json::json!({
-                    "case": "sd15_load", "weights_mib": bytes as f64 / 1048576.0,
+                    "case": "sd15_load", "precision": precision,
+                    "weights_mib": bytes as f64 / 1048576.0,
                     "peak_rss_mib": peak_rss_mib(), "seconds": seconds, "params": params,
                 })
             );

@@ -418,7 +418,9 @@ pub fn load_into_where<M: Module, S: TensorSource + ?Sized>(
         used: Vec::new(),
         problems: Vec::new(),
     };
-    let module = module.map(&mut loader);
+    // Each tensor is read, converted and dropped: those one-off blocks of every size must not
+    // pile up in the caching allocator (they did: 1.3 GB over a 4 GB Stable Diffusion folder).
+    let module = crate::memory::uncached(|| module.map(&mut loader));
     let mut problems = loader.problems;
     let used: std::collections::HashSet<&String> = loader.used.iter().collect();
     problems.extend(

@@ -64,6 +64,22 @@ pub fn hold_frozen<M: Module>(module: M, dtype: FloatDType) -> M {
     module.map(&mut Cast(dtype.into()))
 }
 
+/// The dtype of `module`'s first float parameter (`None` without any): what a frozen network is
+/// held in.
+pub fn weights_dtype<M: Module>(module: &M) -> Option<DType> {
+    struct First(Option<DType>);
+    impl burn::module::ModuleVisitor for First {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if self.0.is_none() {
+                self.0 = Some(param.val().dtype());
+            }
+        }
+    }
+    let mut first = First(None);
+    module.visit(&mut first);
+    first.0
+}
+
 /// Dynamic loss scaling for fp16, with `torch.amp.GradScaler`'s semantics: the loss is
 /// multiplied by `scale` before the backward pass and the gradients divided by it after; a step
 /// whose gradients hold an inf or NaN is skipped and the scale halved; after `growth_interval`

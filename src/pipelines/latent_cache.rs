@@ -26,11 +26,22 @@ pub fn latent_cache(
     if !cfg.data.cache_latents {
         return Ok(None);
     }
-    let key = fingerprint(&[
+    // A first stage held in half (a mixed-precision LoRA run reads its VAE in half) encodes
+    // slightly differently: its cache is another one. (f32 keeps the key it always had.)
+    let transform = format!("{:?}", cfg.data.transform());
+    let dataset_path = dataset.path().to_string_lossy();
+    let mut parts = vec![
         first_fingerprint.as_bytes(),
-        format!("{:?}", cfg.data.transform()).as_bytes(),
-        dataset.path().to_string_lossy().as_bytes(),
-    ]);
+        transform.as_bytes(),
+        dataset_path.as_bytes(),
+    ];
+    let dtype = crate::optim::precision::weights_dtype(first)
+        .filter(|d| *d != burn::tensor::DType::F32)
+        .map(|d| format!("{d:?}"));
+    if let Some(d) = &dtype {
+        parts.push(d.as_bytes());
+    }
+    let key = fingerprint(&parts);
     let mut encode = |pixels: &[f32], shape: [usize; 4]| {
         let x = Tensor::<4>::from_data(TensorData::new(pixels.to_vec(), shape), device);
         let (mean, std) = first.moments(x);

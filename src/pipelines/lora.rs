@@ -122,7 +122,10 @@ pub fn train_lora(
 ) -> Result<TrainOutcome<LatentDiffusionModel>, TrainError> {
     let source = pretrained_source(cfg, opts)?;
     let device = parse_device(&cfg.run.device)?;
-    let sd = stable_diffusion::load(&source, &device).map_err(|e| err(e.to_string()))?;
+    // Mixed precision: the base is read straight into the compute dtype (never all in f32).
+    let dtype = compute_dtype(cfg.train.mixed_precision);
+    let sd = crate::nn::loading_in(dtype, || stable_diffusion::load(&source, &device))
+        .map_err(|e| err(e.to_string()))?;
     // The noise schedule and prediction type are the model's own (its scheduler config), as
     // diffusers' script takes `DDPMScheduler.from_pretrained(model, subfolder="scheduler")`;
     // `[diffusion]` keeps noise offset, min-SNR and the rest.
@@ -172,10 +175,10 @@ pub fn train_lora(
         &device,
         opts.quiet,
     )?;
-    // Mixed precision: from here the U-Net, VAE and text encoder are held in the compute dtype
-    // (diffusers' `weight_dtype`), shared by the objective and the sample grids; the latent
-    // cache above comes from the f32 VAE, so it does not depend on the precision.
-    let sd = sd.held_in(compute_dtype(cfg.train.mixed_precision));
+    // Mixed precision: the U-Net, VAE and text encoder are held in the compute dtype
+    // (diffusers' `weight_dtype`; their norms' parameters are cast here, the rest was read in
+    // it), shared by the objective and the sample grids.
+    let sd = sd.held_in(dtype);
     let first = FirstStage::Kl(sd.vae.clone());
     let text_encoder = if l.text_encoder {
         TextEncoder::Adapted(sd.text_encoder.clone())
