@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use super::vae::{Decoder, DiagonalGaussian, Encoder, VaeShape};
 use crate::io::config_json::ConfigJson;
 use crate::nn::Conv2d;
+use crate::optim::precision::in_held_dtype;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum VaeDownBlockType {
@@ -202,11 +203,17 @@ impl AutoencoderKL {
     ///
     /// # Shapes
     /// - `z`: `[b, latent, h, w]`; returns `[b, out_channels, h * f, w * f]`
+    ///
+    /// A VAE held in half (a frozen one under mixed precision) decodes in half, as diffusers'
+    /// pipelines run the VAE in `weight_dtype` (at 512x512 its f32 activations would be the
+    /// largest of a sample); the images come back in `z`'s dtype.
     pub fn decode(&self, z: Tensor<4>) -> Tensor<4> {
-        let z = match &self.post_quant_conv {
-            Some(conv) => conv.forward(z),
-            None => z,
-        };
-        self.decoder.forward(z)
+        in_held_dtype(self, z, |z| {
+            let z = match &self.post_quant_conv {
+                Some(conv) => conv.forward(z),
+                None => z,
+            };
+            self.decoder.forward(z)
+        })
     }
 }

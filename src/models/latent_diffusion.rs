@@ -296,7 +296,9 @@ impl FirstStage {
     pub fn decode(&self, z: Tensor<4>) -> Tensor<4> {
         match self {
             Self::Kl(vae) => vae.decode(z),
-            Self::Vq(vq) => vq.decoder.forward(vq.quantize.forward(z).z_q),
+            Self::Vq(vq) => crate::optim::precision::in_held_dtype(vq, z, |z| {
+                vq.decoder.forward(vq.quantize.forward(z).z_q)
+            }),
         }
     }
 }

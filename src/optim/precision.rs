@@ -80,6 +80,23 @@ pub fn weights_dtype<M: Module>(module: &M) -> Option<DType> {
     first.0
 }
 
+/// `f(x)` computed in the dtype `module` is held in when that is half (a frozen network under
+/// mixed precision), with the result in `x`'s dtype; `f(x)` as it is otherwise (f32 weights
+/// follow their input's dtype).
+pub fn in_held_dtype<M: Module, const D: usize>(
+    module: &M,
+    x: Tensor<D>,
+    f: impl FnOnce(Tensor<D>) -> Tensor<D>,
+) -> Tensor<D> {
+    match weights_dtype(module) {
+        Some(held) if held != DType::F32 => {
+            let dtype = x.dtype();
+            as_dtype(f(as_dtype(x, held)), dtype)
+        }
+        _ => f(x),
+    }
+}
+
 /// Dynamic loss scaling for fp16, with `torch.amp.GradScaler`'s semantics: the loss is
 /// multiplied by `scale` before the backward pass and the gradients divided by it after; a step
 /// whose gradients hold an inf or NaN is skipped and the scale halved; after `growth_interval`
