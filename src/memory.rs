@@ -157,9 +157,10 @@ static INSTALLED: std::sync::OnceLock<&'static CachingAllocator> = std::sync::On
 /// Running [`uncached`] sections (on any thread).
 static UNCACHED: AtomicUsize = AtomicUsize::new(0);
 
-/// Runs `f` with the registered allocator's cache keeping no freed block: for work that frees many one-off blocks of
-/// distinct sizes (loading weights tensor by tensor), which the cache would hold for nothing.
-/// Blocks freed meanwhile, by any thread, go straight back to the system.
+/// Runs `f` with the registered allocator's cache keeping no freed block: for work that frees
+/// many one-off blocks of distinct sizes (loading weights tensor by tensor), which the cache
+/// would hold for nothing. Blocks freed meanwhile, by any thread, go straight back to the
+/// system.
 pub fn uncached<T>(f: impl FnOnce() -> T) -> T {
     struct Section;
     impl Drop for Section {
@@ -173,8 +174,8 @@ pub fn uncached<T>(f: impl FnOnce() -> T) -> T {
 }
 
 /// Returns the cached blocks of the registered allocator and glibc's free heap pages to the
-/// system: after a large one-off release (f32 weights replaced by their half copies) that would otherwise stay
-/// resident until the cache reuses it.
+/// system: after a large one-off release (f32 weights replaced by their half copies) that
+/// would otherwise stay resident until the cache reuses it.
 pub fn release_cached() {
     if let Some(a) = INSTALLED.get() {
         a.release();
@@ -225,18 +226,8 @@ pub fn default_cap() -> usize {
     {
         return mb << 20;
     }
-    let total_kib = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .find(|l| l.starts_with("MemTotal:"))?
-                .split_whitespace()
-                .nth(1)?
-                .parse::<usize>()
-                .ok()
-        })
-        .unwrap_or(8 << 20);
-    ((total_kib << 10) / 4).min(8 << 30)
+    let total = total_memory().unwrap_or(8 << 30) as usize;
+    (total / 4).min(8 << 30)
 }
 
 #[cfg(test)]

@@ -6,13 +6,11 @@
 
 mod common;
 
-use common::copy_dir;
+use common::{copy_dir, kill_after_checkpoint};
 
 use std::collections::BTreeMap;
-use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
 
 use burn::prelude::*;
 use difftrain::config::Config;
@@ -207,6 +205,15 @@ fn mountain_dataset(dir: &Path) {
     std::fs::write(dir.join("metadata.jsonl"), meta).unwrap();
 }
 
+/// The mountain dataset and a copy of the tiny SD fixture (a run may write next to its base)
+/// under `dir`: `(data, base)`.
+fn mountain_and_base(dir: &Path) -> (PathBuf, PathBuf) {
+    let (data, base) = (dir.join("data"), dir.join("base"));
+    mountain_dataset(&data);
+    copy_dir(&fixtures().join("sd/tiny_sd"), &base);
+    (data, base)
+}
+
 fn lora_config(base: &Path, data: &Path, out: &Path) -> Config {
     let mut c = Config::default();
     c.run.name = "mountain_test".into();
@@ -260,49 +267,10 @@ fn output(cmd: &mut Command) -> (bool, String) {
     )
 }
 
-fn latest_step(out: &Path) -> Option<usize> {
-    std::fs::read_to_string(out.join("latest"))
-        .ok()?
-        .trim()
-        .strip_prefix("checkpoint-")?
-        .parse()
-        .ok()
-}
-
-fn kill_after_checkpoint(mut child: Child, out: &Path, step: usize) -> usize {
-    let deadline = Instant::now() + Duration::from_secs(300);
-    loop {
-        if let Some(s) = latest_step(out).filter(|&s| s >= step) {
-            assert!(
-                child.try_wait().unwrap().is_none(),
-                "the run ended before the kill"
-            );
-            child.kill().unwrap();
-            child.wait().unwrap();
-            return s;
-        }
-        assert!(Instant::now() < deadline, "no checkpoint-{step} appeared");
-        if let Some(status) = child.try_wait().unwrap() {
-            let mut err = String::new();
-            child
-                .stderr
-                .take()
-                .unwrap()
-                .read_to_string(&mut err)
-                .unwrap();
-            panic!("run exited early ({status}):\n{err}");
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
-}
-
 #[test]
 fn lora_run_trains_adapters_exports_both_formats_and_resumes_bitwise_after_sigkill() {
     let tmp = tempfile::tempdir().unwrap();
-    let data = tmp.path().join("data");
-    mountain_dataset(&data);
-    let base = tmp.path().join("base");
-    copy_dir(&fixtures().join("sd/tiny_sd"), &base);
+    let (data, base) = mountain_and_base(tmp.path());
 
     // Uninterrupted.
     let a_out = tmp.path().join("a");
@@ -741,10 +709,7 @@ fn lora_moves_samples_toward_the_training_image() {
 #[test]
 fn lora_trains_data_parallel_on_threads_and_processes() {
     let tmp = tempfile::tempdir().unwrap();
-    let data = tmp.path().join("data");
-    mountain_dataset(&data);
-    let base = tmp.path().join("base");
-    copy_dir(&fixtures().join("sd/tiny_sd"), &base);
+    let (data, base) = mountain_and_base(tmp.path());
     let run = |name: &str, devices: usize, processes: usize| -> PathBuf {
         let out = tmp.path().join(name);
         let mut c = lora_config(&base, &data, &out);
@@ -793,10 +758,7 @@ fn lora_trains_data_parallel_on_threads_and_processes() {
 #[test]
 fn lora_trains_in_bf16_and_fp16_like_f32() {
     let tmp = tempfile::tempdir().unwrap();
-    let data = tmp.path().join("data");
-    mountain_dataset(&data);
-    let base = tmp.path().join("base");
-    copy_dir(&fixtures().join("sd/tiny_sd"), &base);
+    let (data, base) = mountain_and_base(tmp.path());
     let opts = difftrain::train::TrainOptions {
         write_outputs: true,
         quiet: true,

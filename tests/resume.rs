@@ -5,11 +5,10 @@
 
 mod common;
 
-use common::{latest_step, run, train_cmd};
+use common::{kill_after_checkpoint, latest_step, run, train_cmd};
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use difftrain::config::Config;
@@ -112,35 +111,6 @@ fn max_abs_diff(a: &Path, b: &Path) -> f32 {
     ta.iter()
         .flat_map(|(k, t)| t.data.iter().zip(&tb[k].data).map(|(x, y)| (x - y).abs()))
         .fold(0.0, f32::max)
-}
-
-/// Starts a run and SIGKILLs it once `latest` reaches `step` (std's `Child::kill` is SIGKILL
-/// on Unix). Returns the step `latest` named at the kill.
-fn kill_after_checkpoint(mut child: Child, out: &Path, step: usize) -> usize {
-    let deadline = Instant::now() + Duration::from_secs(300);
-    loop {
-        if let Some(s) = latest_step(out).filter(|&s| s >= step) {
-            assert!(
-                child.try_wait().unwrap().is_none(),
-                "the run ended before it could be killed"
-            );
-            child.kill().unwrap();
-            child.wait().unwrap();
-            return s;
-        }
-        assert!(Instant::now() < deadline, "no checkpoint-{step} appeared");
-        if let Some(status) = child.try_wait().unwrap() {
-            let mut err = String::new();
-            child
-                .stderr
-                .take()
-                .unwrap()
-                .read_to_string(&mut err)
-                .unwrap();
-            panic!("run exited early ({status}):\n{err}");
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
 }
 
 #[test]

@@ -140,12 +140,7 @@ fn read_kohya(path: &Path, tensors: &BTreeMap<String, HostTensor>) -> Result<Lor
                 "kohya LoRA keys difftrain does not read (only `.lora_down.weight`, \
                  `.lora_up.weight` and `.alpha` of linear layers; LoCon/LyCORIS variants are \
                  not supported): {}",
-                unknown
-                    .iter()
-                    .take(5)
-                    .cloned()
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                first_keys(&unknown)
             ),
         ));
     }
@@ -174,6 +169,11 @@ fn read_kohya(path: &Path, tensors: &BTreeMap<String, HostTensor>) -> Result<Lor
         modules,
         format: "kohya",
     })
+}
+
+/// The first five of `keys`, for an error message.
+fn first_keys(keys: &[String]) -> String {
+    keys.iter().take(5).cloned().collect::<Vec<_>>().join(", ")
 }
 
 fn check_pair(
@@ -269,12 +269,7 @@ fn read_diffusers(
                 "not a LoRA file difftrain reads: keys {} are neither diffusers/PEFT \
                  (`unet.<module>.lora.down.weight`, `unet.<module>.lora_A.weight`) nor kohya \
                  (`lora_unet_<module>.lora_down.weight`)",
-                unknown
-                    .iter()
-                    .take(5)
-                    .cloned()
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                first_keys(&unknown)
             ),
         ));
     }

@@ -61,6 +61,8 @@ use rayon::prelude::*;
 
 use burn::backend::flex::FlexTensor;
 
+use crate::optim::precision::as_dtype;
+
 use conv::Conv2dGeom;
 use norm::NormGeom;
 
@@ -481,11 +483,6 @@ fn stats_in_f32<const D: usize>(t: Tensor<D>) -> Tensor<D> {
     }
 }
 
-/// `t` (computed in f32) in the caller's `dtype`.
-fn back_to<const D: usize>(t: Tensor<D>, dtype: DType) -> Tensor<D> {
-    if t.dtype() == dtype { t } else { t.cast(dtype) }
-}
-
 /// `conv_transpose2d(x, weight) + bias` through [`TrainOps`] (no output padding, no groups).
 ///
 /// # Shapes
@@ -551,7 +548,7 @@ pub fn group_norm<const D: usize>(
         groups,
         eps,
     );
-    back_to(Tensor::<3>::from_dispatch(y).reshape(shape), dtype)
+    as_dtype(Tensor::<3>::from_dispatch(y).reshape(shape), dtype)
 }
 
 /// `torch.nn.LayerNorm(normalized_shape)` over the trailing `N` dims through [`TrainOps`]: a group
@@ -577,7 +574,7 @@ pub fn layer_norm<const D: usize, const N: usize>(
         1,
         eps,
     );
-    back_to(Tensor::<3>::from_dispatch(y).reshape(shape), dtype)
+    as_dtype(Tensor::<3>::from_dispatch(y).reshape(shape), dtype)
 }
 
 /// `softmax(q kᵀ / sqrt(d)) v` through [`TrainOps`], per head, without materialising the scores
@@ -593,7 +590,7 @@ pub fn scaled_dot_product_attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>) ->
         stats_in_f32(v).into_dispatch(),
         1.0 / (d as f64).sqrt(),
     ));
-    back_to(o, dtype)
+    as_dtype(o, dtype)
 }
 
 /// `x·σ(x)` through [`TrainOps`].
@@ -608,7 +605,7 @@ pub fn silu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
 /// D - 1)`, fused: one pass for the row maxima, one for exp and sum, in parallel over rows).
 pub fn softmax_last<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     let dtype = x.dtype();
-    back_to(
+    as_dtype(
         Tensor::from_dispatch(<Dispatch as TrainOps>::softmax_last_train(
             stats_in_f32(x).into_dispatch(),
         )),

@@ -1,7 +1,9 @@
 //! Helpers shared by the integration tests: tiny datasets and tiny configs.
 
+use std::io::Read;
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 use difftrain::config::Config;
 use difftrain::data::ColorMode;
@@ -155,5 +157,35 @@ pub fn assert_losses_close(what: &str, got: &[f64], reference: &[f64], tol: f64)
             "{what}, step {}: {g} vs f32 {r} (tolerance {tol})",
             step + 1
         );
+    }
+}
+
+/// Starts a run and SIGKILLs it once `latest` reaches `step` (std's `Child::kill` is SIGKILL
+/// on Unix). Returns the step `latest` named at the kill.
+#[allow(dead_code)]
+pub fn kill_after_checkpoint(mut child: Child, out: &Path, step: usize) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        if let Some(s) = latest_step(out).filter(|&s| s >= step) {
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "the run ended before it could be killed"
+            );
+            child.kill().unwrap();
+            child.wait().unwrap();
+            return s;
+        }
+        assert!(Instant::now() < deadline, "no checkpoint-{step} appeared");
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            child
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut err)
+                .unwrap();
+            panic!("run exited early ({status}):\n{err}");
+        }
+        std::thread::sleep(Duration::from_millis(2));
     }
 }

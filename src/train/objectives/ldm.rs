@@ -48,7 +48,9 @@ pub enum TextEncoder {
     Adapted(CLIPTextModel),
 }
 
-/// Everything stage 2 needs besides the config.
+/// Everything stage 2 needs besides the config. Under mixed precision the frozen networks
+/// arrive held in the compute dtype: the pipelines cast them once, before sharing them with
+/// their sample grids.
 #[derive(Clone)]
 pub struct LatentDiffusionParts {
     pub first_stage: FirstStage,
@@ -78,18 +80,6 @@ impl TextEncoder {
             Self::Adapted(m) => Self::Adapted(hold_frozen(m, dtype)),
             trained => trained,
         }
-    }
-}
-
-impl LatentDiffusionParts {
-    /// The frozen networks (first stage, text encoder, LoRA base) held in `dtype`, as
-    /// diffusers' `weight_dtype` does under mixed precision. (The pipelines cast them before
-    /// sharing them with their outputs, so this is a no-op there.)
-    fn held_in(mut self, dtype: FloatDType) -> Self {
-        self.first_stage = hold_frozen(self.first_stage, dtype);
-        self.text_encoder = self.text_encoder.map(|te| te.held_in(dtype));
-        self.base_unet = self.base_unet.map(|u| hold_frozen(u, dtype));
-        self
     }
 }
 
@@ -123,7 +113,6 @@ impl LatentDiffusionObjective {
         parts: LatentDiffusionParts,
         device: &Device,
     ) -> Self {
-        let parts = parts.held_in(compute_dtype(precision));
         Self {
             unet: ldm.unet_config(conditioning),
             kind: conditioning.kind,
