@@ -228,7 +228,13 @@ fn batch_split_over_replica_threads_matches_the_unsplit_step() {
         }
     }
     assert!(max_change > 1e-4, "weights did not move: {max_change}");
-    assert!(max_diff < 1e-5, "split differs by {max_diff}");
+    // Winograd convolutions group the images of a slice differently from those of the whole
+    // micro-batch, so their transforms round differently too (measured: 1.3e-5 after 3 steps,
+    // while the weights move by up to 3e-3).
+    assert!(
+        max_diff < 5e-5,
+        "split differs by {max_diff} (weights moved {max_change})"
+    );
     assert!(
         (loss_whole - loss_split).abs() < 1e-5,
         "{loss_whole} vs {loss_split}"

@@ -46,6 +46,7 @@ pub mod act;
 pub mod attention;
 pub mod conv;
 pub mod norm;
+mod winograd;
 
 use burn::backend::autodiff::NodeId;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;

@@ -1,0 +1,633 @@
+//! 3x3 stride-1 convolutions with one pixel of zero padding by Winograd's minimal filtering
+//! algorithm F(2x2, 3x3) (Lavin and Gray, "Fast Algorithms for Convolutional Neural Networks",
+//! 2015), the way oneDNN's and cuDNN's Winograd convolutions compute them.
+//!
+//! Each 2x2 block of outputs is `Aᵀ [(G w Gᵀ) ⊙ (Bᵀ d B)] A` for the 4x4 input tile `d` that
+//! covers it: 16 multiplications per channel pair instead of 36. Over a whole layer that is 16
+//! GEMMs, one per position `ξ` of the 4x4 transformed tile:
+//! `M[ξ] (cout x tiles) = U[ξ] (cout x cin) · V[ξ] (cin x tiles)`, with `U = G w Gᵀ` the
+//! transformed weight and `V = Bᵀ d B` the transformed input tiles; then `Aᵀ M A` gives the
+//! outputs. 2.25 times fewer multiply-adds than the direct convolution, for a transform of the
+//! input and the output that is linear in their size.
+//!
+//! The transforms are written as loops over the tiles of one row (vectorised by the compiler):
+//! splitting each padded input row into its even and odd columns turns the 4-wide, stride-2
+//! tile windows into whole shifted vectors.
+//!
+//! Rounding differs from the direct sum (the transforms add and subtract inputs before the
+//! products); the error stays at the level of `f32` rounding for F(2x2, 3x3), whose transforms
+//! use only 0, ±1 and ±1/2. Every result depends on the geometry only, never on the thread count.
+
+use std::cell::RefCell;
+
+use rayon::prelude::*;
+
+use super::conv::Conv2dGeom;
+use super::matmul;
+
+/// Transformed-tile positions: 4x4.
+const TILE: usize = 16;
+
+/// Below this many input or output channels the 16 GEMMs (inner dimension `cin`) are too thin to
+/// pay for the transforms; such layers (the first and last convolution of a U-Net) keep the
+/// column-matrix path.
+const MIN_CHANNELS: usize = 32;
+
+/// The tile GEMMs aim for about this many columns (tiles of several images side by side).
+const GROUP_TILES: usize = 256;
+
+/// At least this many groups of images, so the images still spread over the threads.
+const MIN_GROUPS: usize = 8;
+
+/// See [`weight_group`]. Measured at batch 32 on 2 threads (ms for 1 / 2 / 4 / 8 images per
+/// group): 128 -> 128 at 16x16 10.8-13.2 / 11.0 / 11.8 / 14.3; 256 -> 128 at 8x8 8.5-12.9 / 12.7
+/// / 6.5 / 5.7-5.9; 64 -> 64 at 32x32 13.9 with one image, 23.4 with eight (the transformed
+/// tiles no longer fit the caches).
+const WEIGHT_GROUP_TILES: usize = 128;
+
+/// [`weight_group`] leaves at least this many chunks of images.
+const WEIGHT_MIN_CHUNKS: usize = 4;
+
+/// Whether [`forward`] computes `g`: a 3x3 kernel, stride 1, padding 1, even output sizes, and
+/// enough channels on both sides.
+pub(super) fn applies(g: &Conv2dGeom) -> bool {
+    g.k == 3
+        && g.stride == 1
+        && g.pad == 1
+        && g.h % 2 == 0
+        && g.w % 2 == 0
+        && g.h > 0
+        && g.w > 0
+        && g.cin >= MIN_CHANNELS
+        && g.cout >= MIN_CHANNELS
+}
+
+/// Images per group: their tiles side by side in one set of 16 GEMMs.
+fn group(g: &Conv2dGeom) -> usize {
+    let tiles = (g.h / 2) * (g.w / 2);
+    GROUP_TILES.div_ceil(tiles).min(g.batch / MIN_GROUPS).max(1)
+}
+
+/// Images per group in the weight gradient, whose GEMMs have the tiles as their inner dimension:
+/// about [`WEIGHT_GROUP_TILES`], with at least [`WEIGHT_MIN_CHUNKS`] chunks. A function of the
+/// geometry only (it fixes the summation order).
+fn weight_group(g: &Conv2dGeom) -> usize {
+    let tiles = (g.h / 2) * (g.w / 2);
+    WEIGHT_GROUP_TILES
+        .div_ceil(tiles)
+        .min(g.batch / WEIGHT_MIN_CHUNKS)
+        .max(1)
+}
+
+/// `U[ξ][o][c] = (G w[o][c] Gᵀ)[ξ]`, `G = [[1, 0, 0], [½, ½, ½], [½, -½, ½], [0, 0, 1]]`.
+fn transform_weight(g: &Conv2dGeom, weight: &[f32]) -> Vec<f32> {
+    let (cin, cout) = (g.cin, g.cout);
+    let mut u = vec![0.0f32; TILE * cout * cin];
+    let rows = |a: f32, b: f32, c: f32| [a, 0.5 * (a + b + c), 0.5 * (a - b + c), c];
+    for o in 0..cout {
+        for c in 0..cin {
+            let w = &weight[(o * cin + c) * 9..][..9];
+            // G w: 4 rows of 3.
+            let mut gw = [[0.0f32; 3]; 4];
+            for j in 0..3 {
+                let col = rows(w[j], w[3 + j], w[6 + j]);
+                for (n, v) in col.into_iter().enumerate() {
+                    gw[n][j] = v;
+                }
+            }
+            // (G w) Gᵀ: 4 rows of 4.
+            for (n, r) in gw.iter().enumerate() {
+                for (m, v) in rows(r[0], r[1], r[2]).into_iter().enumerate() {
+                    u[((n * 4 + m) * cout + o) * cin + c] = v;
+                }
+            }
+        }
+    }
+    u
+}
+
+/// Per-thread buffers, kept between calls: `(v, m, rows)`.
+#[derive(Default)]
+struct Scratch {
+    /// Transformed input tiles `[16][cin][group·tiles]`.
+    v: Vec<f32>,
+    /// GEMM results `[16][cout][group·tiles]`.
+    m: Vec<f32>,
+    /// Transformed output gradients `[16][cout][group·tiles]` (weight gradient only).
+    gt: Vec<f32>,
+    /// One image channel's rows transformed along x: `[h+2][4][w/2]`, plus the even and odd
+    /// columns of one padded row.
+    rows: Vec<f32>,
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+}
+
+/// Writes `Bᵀ d B` of every tile of channel plane `x` (`[h, w]`) into `v` at `v[ξ·stride + t]`,
+/// tile `t = ty·tw + tx`. `Bᵀ = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]`.
+/// `rows` holds `(h+2)·4·(w/2) + 2·(w/2 + 1)` values.
+fn transform_input(x: &[f32], hw: (usize, usize), v: &mut [f32], stride: usize, rows: &mut [f32]) {
+    multiversion!((x: &[f32], hw: (usize, usize), v: &mut [f32], stride: usize, rows: &mut [f32]) =>
+        transform_input_body(x, hw, v, stride, rows))
+}
+
+#[inline(always)]
+fn transform_input_body(
+    x: &[f32],
+    (h, w): (usize, usize),
+    v: &mut [f32],
+    stride: usize,
+    rows: &mut [f32],
+) {
+    let (th, tw) = (h / 2, w / 2);
+    // Padded row p (length w+2) split into even e[k] = p[2k] and odd o[k] = p[2k+1], k = 0..=tw:
+    // p[0] = 0, p[i+1] = x[i], p[w+1] = 0.
+    let (xt, eo) = rows.split_at_mut((h + 2) * 4 * tw);
+    let (e, o) = eo.split_at_mut(tw + 1);
+    let o = &mut o[..tw + 1];
+    for y in 0..h + 2 {
+        let dst = &mut xt[y * 4 * tw..][..4 * tw];
+        if y == 0 || y == h + 1 {
+            dst.fill(0.0);
+            continue;
+        }
+        let src = &x[(y - 1) * w..][..w];
+        e[0] = 0.0;
+        o[tw] = 0.0;
+        for ((pair, ek), ok) in src.chunks_exact(2).zip(&mut e[1..]).zip(&mut o[..tw]) {
+            *ok = pair[0];
+            *ek = pair[1];
+        }
+        // The tile at tx covers p[2tx..2tx+4] = e[tx], o[tx], e[tx+1], o[tx+1].
+        let (e0, e1, o0, o1) = (&e[..tw], &e[1..], &o[..tw], &o[1..]);
+        let (d0, rest) = dst.split_at_mut(tw);
+        let (d1, rest) = rest.split_at_mut(tw);
+        let (d2, d3) = rest.split_at_mut(tw);
+        for i in 0..tw {
+            d0[i] = e0[i] - e1[i];
+            d1[i] = o0[i] + e1[i];
+            d2[i] = e1[i] - o0[i];
+            d3[i] = o0[i] - o1[i];
+        }
+    }
+    for ty in 0..th {
+        for m in 0..4 {
+            let r = |i: usize| &xt[((2 * ty + i) * 4 + m) * tw..][..tw];
+            let (r0, r1, r2, r3) = (r(0), r(1), r(2), r(3));
+            let at = |n: usize| (n * 4 + m) * stride + ty * tw;
+            for (d, (a, b)) in v[at(0)..][..tw].iter_mut().zip(r0.iter().zip(r2)) {
+                *d = a - b;
+            }
+            for (d, (a, b)) in v[at(1)..][..tw].iter_mut().zip(r1.iter().zip(r2)) {
+                *d = a + b;
+            }
+            for (d, (a, b)) in v[at(2)..][..tw].iter_mut().zip(r2.iter().zip(r1)) {
+                *d = a - b;
+            }
+            for (d, (a, b)) in v[at(3)..][..tw].iter_mut().zip(r1.iter().zip(r3)) {
+                *d = a - b;
+            }
+        }
+    }
+}
+
+/// Writes `Aᵀ M A + bias` for every tile of one output channel plane `y` (`[h, w]`) from
+/// `m[ξ·stride + t]`. `Aᵀ = [[1, 1, 1, 0], [0, 1, -1, -1]]`. `tmp` holds `4·w/2` values.
+fn transform_output(
+    m: &[f32],
+    stride: usize,
+    hw: (usize, usize),
+    bias: f32,
+    y: &mut [f32],
+    tmp: &mut [f32],
+) {
+    multiversion!((m: &[f32], stride: usize, hw: (usize, usize), bias: f32, y: &mut [f32], tmp: &mut [f32]) =>
+        transform_output_body(m, stride, hw, bias, y, tmp))
+}
+
+#[inline(always)]
+fn transform_output_body(
+    m: &[f32],
+    stride: usize,
+    (h, w): (usize, usize),
+    bias: f32,
+    y: &mut [f32],
+    tmp: &mut [f32],
+) {
+    let (th, tw) = (h / 2, w / 2);
+    let (s0, s1) = tmp[..4 * tw].split_at_mut(2 * tw);
+    let (top0, bottom0) = s0.split_at_mut(tw);
+    let (top1, bottom1) = s1.split_at_mut(tw);
+    for ty in 0..th {
+        let row = |n: usize, k: usize| &m[(n * 4 + k) * stride + ty * tw..][..tw];
+        // Along x: s0[n] = m[n][0] + m[n][1] + m[n][2], s1[n] = m[n][1] - m[n][2] - m[n][3];
+        // then along y: top = s[0] + s[1] + s[2], bottom = s[1] - s[2] - s[3].
+        for n in 0..4 {
+            let (a, b, c, d) = (row(n, 0), row(n, 1), row(n, 2), row(n, 3));
+            let (top_sign, bottom_sign) = match n {
+                0 => (1.0, 0.0),
+                1 => (1.0, 1.0),
+                2 => (1.0, -1.0),
+                _ => (0.0, -1.0),
+            };
+            for tx in 0..tw {
+                let (v0, v1) = (a[tx] + b[tx] + c[tx], b[tx] - c[tx] - d[tx]);
+                if n == 0 {
+                    top0[tx] = v0 + bias;
+                    top1[tx] = v1 + bias;
+                    bottom0[tx] = bias;
+                    bottom1[tx] = bias;
+                } else {
+                    top0[tx] += top_sign * v0;
+                    top1[tx] += top_sign * v1;
+                    bottom0[tx] += bottom_sign * v0;
+                    bottom1[tx] += bottom_sign * v1;
+                }
+            }
+        }
+        let (top, bottom) = y[2 * ty * w..][..2 * w].split_at_mut(w);
+        for (p, (a, b)) in top.chunks_exact_mut(2).zip(top0.iter().zip(&*top1)) {
+            p[0] = *a;
+            p[1] = *b;
+        }
+        for (p, (a, b)) in bottom
+            .chunks_exact_mut(2)
+            .zip(bottom0.iter().zip(&*bottom1))
+        {
+            p[0] = *a;
+            p[1] = *b;
+        }
+    }
+}
+
+/// `y = conv2d(x, weight) + bias` for a geometry [`applies`] accepts, `[batch, cout, h, w]`.
+pub(super) fn forward(g: &Conv2dGeom, x: &[f32], weight: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
+    debug_assert!(applies(g));
+    let (h, w, cin, cout) = (g.h, g.w, g.cin, g.cout);
+    let tiles = (h / 2) * (w / 2);
+    let u = transform_weight(g, weight);
+    let group = group(g);
+    let (plane_in, plane_out) = (h * w, h * w);
+    let (y, _) = super::par_new(g.output_len(), group * cout * plane_out, |chunk, ys| {
+        let images = ys.len() / (cout * plane_out);
+        let ld = images * tiles;
+        // Taken out of the thread's slot for the duration (a nested call, should gemm's own
+        // threads run another group on this thread, starts from empty buffers).
+        let mut s = SCRATCH.with(|cell| std::mem::take(&mut *cell.borrow_mut()));
+        {
+            let Scratch { v, m, rows, .. } = &mut s;
+            let grow = |b: &mut Vec<f32>, n: usize| {
+                if b.len() < n {
+                    b.resize(n, 0.0);
+                }
+            };
+            grow(v, TILE * cin * ld);
+            grow(m, TILE * cout * ld);
+            grow(rows, (h + 2) * 4 * (w / 2) + 2 * (w / 2 + 1));
+            for gi in 0..images {
+                let xb = &x[(chunk * group + gi) * cin * plane_in..][..cin * plane_in];
+                for c in 0..cin {
+                    transform_input(
+                        &xb[c * plane_in..][..plane_in],
+                        (h, w),
+                        &mut v[c * ld + gi * tiles..],
+                        cin * ld,
+                        rows,
+                    );
+                }
+            }
+            for xi in 0..TILE {
+                matmul(
+                    &mut m[xi * cout * ld..][..cout * ld],
+                    (cout, ld, cin),
+                    false,
+                    (&u[xi * cout * cin..][..cout * cin], cin, 1),
+                    (&v[xi * cin * ld..][..cin * ld], ld, 1),
+                    g.gemm_par(),
+                );
+            }
+            for (gi, yb) in ys.chunks_mut(cout * plane_out).enumerate() {
+                for (o, plane) in yb.chunks_mut(plane_out).enumerate() {
+                    transform_output(
+                        &m[o * ld + gi * tiles..],
+                        cout * ld,
+                        (h, w),
+                        bias.map_or(0.0, |b| b[o]),
+                        plane,
+                        rows,
+                    );
+                }
+            }
+        }
+        SCRATCH.with(|cell| *cell.borrow_mut() = s);
+    });
+    y
+}
+
+/// Writes `A dY Aᵀ` of every 2x2 tile of one output-gradient plane `dy` (`[h, w]`) into
+/// `gt[ξ·stride + t]`, `A = [[1, 0], [1, 1], [1, -1], [0, -1]]`. `tmp` holds `4·w/2` values.
+fn transform_grad(dy: &[f32], hw: (usize, usize), gt: &mut [f32], stride: usize, tmp: &mut [f32]) {
+    multiversion!((dy: &[f32], hw: (usize, usize), gt: &mut [f32], stride: usize, tmp: &mut [f32]) =>
+        transform_grad_body(dy, hw, gt, stride, tmp))
+}
+
+#[inline(always)]
+fn transform_grad_body(
+    dy: &[f32],
+    (h, w): (usize, usize),
+    gt: &mut [f32],
+    stride: usize,
+    tmp: &mut [f32],
+) {
+    let (th, tw) = (h / 2, w / 2);
+    let (ab, cd) = tmp[..4 * tw].split_at_mut(2 * tw);
+    let (a, b) = ab.split_at_mut(tw);
+    let (c, d) = cd.split_at_mut(tw);
+    for ty in 0..th {
+        // The tile's gradient [[a, b], [c, d]], split out of its two rows.
+        let (top, bottom) = dy[2 * ty * w..][..2 * w].split_at(w);
+        for (((t, bo), (a, b)), (c, d)) in top
+            .chunks_exact(2)
+            .zip(bottom.chunks_exact(2))
+            .zip(a.iter_mut().zip(b.iter_mut()))
+            .zip(c.iter_mut().zip(d.iter_mut()))
+        {
+            (*a, *b, *c, *d) = (t[0], t[1], bo[0], bo[1]);
+        }
+        // Rows of A dY: (a, b), (a + c, b + d), (a - c, b - d), (-c, -d); each row (p, q)
+        // becomes (p, p + q, p - q, -q).
+        let base = ty * tw;
+        for n in 0..4 {
+            let (sa, sc) = match n {
+                0 => (1.0, 0.0),
+                1 => (1.0, 1.0),
+                2 => (1.0, -1.0),
+                _ => (0.0, -1.0),
+            };
+            let row = |k: usize| (n * 4 + k) * stride + base;
+            let (r0, r1, r2, r3) = (row(0), row(1), row(2), row(3));
+            for tx in 0..tw {
+                let (p, q) = (sa * a[tx] + sc * c[tx], sa * b[tx] + sc * d[tx]);
+                gt[r0 + tx] = p;
+                gt[r1 + tx] = p + q;
+                gt[r2 + tx] = p - q;
+                gt[r3 + tx] = -q;
+            }
+        }
+    }
+}
+
+/// `dW = Gᵀ dU G` for every channel pair, `dU` `[16][cout][cin]`, into `[cout, cin, 3, 3]`.
+fn untransform_weight_grad(g: &Conv2dGeom, du: &[f32]) -> Vec<f32> {
+    let (cin, cout) = (g.cin, g.cout);
+    let mut dw = vec![0.0f32; cout * cin * 9];
+    // Gᵀ = [[1, ½, ½, 0], [0, ½, -½, 0], [0, ½, ½, 1]] applied to a column of 4.
+    let gt = |a: f32, b: f32, c: f32, d: f32| [a + 0.5 * (b + c), 0.5 * (b - c), 0.5 * (b + c) + d];
+    for o in 0..cout {
+        for c in 0..cin {
+            let at = |n: usize, m: usize| du[((n * 4 + m) * cout + o) * cin + c];
+            // Gᵀ dU: 3 rows of 4.
+            let mut t = [[0.0f32; 4]; 3];
+            for m in 0..4 {
+                for (i, v) in gt(at(0, m), at(1, m), at(2, m), at(3, m))
+                    .into_iter()
+                    .enumerate()
+                {
+                    t[i][m] = v;
+                }
+            }
+            let out = &mut dw[(o * cin + c) * 9..][..9];
+            for (i, r) in t.iter().enumerate() {
+                out[i * 3..][..3].copy_from_slice(&gt(r[0], r[1], r[2], r[3]));
+            }
+        }
+    }
+    dw
+}
+
+/// Weight and bias gradients of [`forward`]: `dU[ξ] = Σ_t (A dY_t Aᵀ)[ξ] · (Bᵀ d_t B)[ξ]ᵀ` over
+/// every tile of every image, then `dW = Gᵀ dU G`. Images are summed in `chunks` fixed by the
+/// batch size, each chunk's gradient formed and the chunks added in order, as in
+/// [`super::conv::weight_grad`]: the result depends on the geometry only.
+pub(super) fn weight_grad(
+    g: &Conv2dGeom,
+    x: &[f32],
+    grad: &[f32],
+    with_bias: bool,
+    chunks: usize,
+) -> (Vec<f32>, Vec<f32>) {
+    debug_assert!(applies(g));
+    let (h, w, cin, cout) = (g.h, g.w, g.cin, g.cout);
+    let (tiles, plane) = ((h / 2) * (w / 2), h * w);
+    let group = weight_group(g);
+    let per_chunk = g
+        .batch
+        .div_ceil(chunks.max(1))
+        .max(1)
+        .next_multiple_of(group);
+    let partials: Vec<(Vec<f32>, Vec<f32>)> = (0..g.batch.div_ceil(per_chunk))
+        .into_par_iter()
+        .map(|chunk| {
+            let mut du = vec![0.0f32; TILE * cout * cin];
+            let mut db = vec![0.0f32; if with_bias { cout } else { 0 }];
+            let mut s = SCRATCH.with(|cell| std::mem::take(&mut *cell.borrow_mut()));
+            {
+                let Scratch { v, gt, rows, .. } = &mut s;
+                let grow = |b: &mut Vec<f32>, n: usize| {
+                    if b.len() < n {
+                        b.resize(n, 0.0);
+                    }
+                };
+                grow(v, TILE * cin * group * tiles);
+                grow(gt, TILE * cout * group * tiles);
+                grow(rows, (h + 2) * 4 * (w / 2) + 2 * (w / 2 + 1));
+                let end = ((chunk + 1) * per_chunk).min(g.batch);
+                for b0 in (chunk * per_chunk..end).step_by(group) {
+                    let b1 = (b0 + group).min(end);
+                    let ld = (b1 - b0) * tiles;
+                    for b in b0..b1 {
+                        let (xb, gb) = (&x[b * cin * plane..], &grad[b * cout * plane..]);
+                        let col = (b - b0) * tiles;
+                        for c in 0..cin {
+                            let xc = &xb[c * plane..][..plane];
+                            transform_input(xc, (h, w), &mut v[c * ld + col..], cin * ld, rows);
+                        }
+                        for o in 0..cout {
+                            let go = &gb[o * plane..][..plane];
+                            transform_grad(go, (h, w), &mut gt[o * ld + col..], cout * ld, rows);
+                            if let Some(d) = db.get_mut(o) {
+                                *d += go.iter().sum::<f32>();
+                            }
+                        }
+                    }
+                    for xi in 0..TILE {
+                        matmul(
+                            &mut du[xi * cout * cin..][..cout * cin],
+                            (cout, cin, ld),
+                            true,
+                            (&gt[xi * cout * ld..][..cout * ld], ld, 1),
+                            (&v[xi * cin * ld..][..cin * ld], 1, ld),
+                            g.gemm_par(),
+                        );
+                    }
+                }
+            }
+            SCRATCH.with(|cell| *cell.borrow_mut() = s);
+            (untransform_weight_grad(g, &du), db)
+        })
+        .collect();
+    super::sum_in_order(partials, (cout * cin * 9, if with_bias { cout } else { 0 }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Geometries [`applies`] accepts: rectangular maps, a single 2x2 tile, several images per
+    /// group with a short last group, more channels out than in and the reverse.
+    fn geometries() -> Vec<Conv2dGeom> {
+        let g = |batch, cin, h, w, cout| Conv2dGeom {
+            batch,
+            cin,
+            h,
+            w,
+            cout,
+            k: 3,
+            stride: 1,
+            pad: 1,
+        };
+        vec![
+            g(3, 32, 6, 8, 33),
+            g(17, 40, 4, 4, 32),
+            g(1, 32, 2, 2, 32),
+            g(2, 64, 10, 6, 32),
+        ]
+    }
+
+    fn pixel(g: &Conv2dGeom, x: &[f32], b: usize, c: usize, y: isize, xx: isize) -> f64 {
+        if y < 0 || xx < 0 || y >= g.h as isize || xx >= g.w as isize {
+            return 0.0;
+        }
+        x[((b * g.cin + c) * g.h + y as usize) * g.w + xx as usize] as f64
+    }
+
+    /// The direct convolution in f64.
+    fn direct(g: &Conv2dGeom, x: &[f32], w: &[f32], bias: &[f32]) -> Vec<f64> {
+        let mut y = vec![0.0f64; g.output_len()];
+        for b in 0..g.batch {
+            for o in 0..g.cout {
+                for oy in 0..g.h {
+                    for ox in 0..g.w {
+                        let mut acc = bias[o] as f64;
+                        for c in 0..g.cin {
+                            for i in 0..3 {
+                                for j in 0..3 {
+                                    let (iy, ix) = (oy as isize + i - 1, ox as isize + j - 1);
+                                    let wv = w[((o * g.cin + c) * 3 + i as usize) * 3 + j as usize];
+                                    acc += wv as f64 * pixel(g, x, b, c, iy, ix);
+                                }
+                            }
+                        }
+                        y[((b * g.cout + o) * g.h + oy) * g.w + ox] = acc;
+                    }
+                }
+            }
+        }
+        y
+    }
+
+    /// The direct weight gradient in f64: `dW[o, c, i, j] = Σ G[b, o, y, x] x[b, c, y+i-1, x+j-1]`.
+    fn direct_weight_grad(g: &Conv2dGeom, x: &[f32], gr: &[f32]) -> Vec<f64> {
+        let mut dw = vec![0.0f64; g.cout * g.cin * 9];
+        for b in 0..g.batch {
+            for o in 0..g.cout {
+                for oy in 0..g.h {
+                    for ox in 0..g.w {
+                        let gv = gr[((b * g.cout + o) * g.h + oy) * g.w + ox] as f64;
+                        for c in 0..g.cin {
+                            for i in 0..3 {
+                                for j in 0..3 {
+                                    let (iy, ix) = (oy as isize + i - 1, ox as isize + j - 1);
+                                    dw[((o * g.cin + c) * 3 + i as usize) * 3 + j as usize] +=
+                                        gv * pixel(g, x, b, c, iy, ix);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        dw
+    }
+
+    /// Largest error relative to the largest magnitude of the reference.
+    fn relative_error(got: &[f32], want: &[f64]) -> f64 {
+        assert_eq!(got.len(), want.len());
+        let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+        let err = got
+            .iter()
+            .zip(want)
+            .fold(0.0f64, |m, (a, b)| m.max((*a as f64 - b).abs()));
+        err / scale
+    }
+
+    #[test]
+    fn forward_matches_the_direct_convolution() {
+        for g in geometries() {
+            assert!(applies(&g), "{g:?}");
+            let x = super::super::test_values(g.input_len(), 1);
+            let w = super::super::test_values(g.weight_len(), 2);
+            let b = super::super::test_values(g.cout, 3);
+            let err = relative_error(&forward(&g, &x, &w, Some(&b)), &direct(&g, &x, &w, &b));
+            assert!(err < 1e-6, "{g:?}: relative error {err}");
+            let zero = vec![0.0; g.cout];
+            let err = relative_error(&forward(&g, &x, &w, None), &direct(&g, &x, &w, &zero));
+            assert!(err < 1e-6, "{g:?} without bias: relative error {err}");
+        }
+    }
+
+    #[test]
+    fn weight_grad_matches_the_direct_sum() {
+        for g in geometries() {
+            let x = super::super::test_values(g.input_len(), 4);
+            let gr = super::super::test_values(g.output_len(), 5);
+            let (dw, db) = weight_grad(&g, &x, &gr, true, 16);
+            let err = relative_error(&dw, &direct_weight_grad(&g, &x, &gr));
+            assert!(err < 1e-6, "{g:?}: relative error {err}");
+            let plane = g.h * g.w;
+            for (o, d) in db.iter().enumerate() {
+                let want: f64 = (0..g.batch)
+                    .flat_map(|b| &gr[(b * g.cout + o) * plane..][..plane])
+                    .map(|v| *v as f64)
+                    .sum();
+                assert!(
+                    (*d as f64 - want).abs() < 1e-4 * (1.0 + want.abs()),
+                    "db[{o}]"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn results_do_not_depend_on_the_thread_count() {
+        let g = geometries()[1];
+        let x = super::super::test_values(g.input_len(), 6);
+        let w = super::super::test_values(g.weight_len(), 7);
+        let gr = super::super::test_values(g.output_len(), 8);
+        let run = |threads| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .map(|pool| {
+                    pool.install(|| {
+                        (
+                            forward(&g, &x, &w, None),
+                            weight_grad(&g, &x, &gr, true, 16),
+                        )
+                    })
+                })
+        };
+        assert_eq!(run(1).expect("pool"), run(3).expect("pool"));
+    }
+}
