@@ -33,20 +33,18 @@ const TILE: usize = 16;
 /// column-matrix path.
 const MIN_CHANNELS: usize = 32;
 
-/// The tile GEMMs aim for about this many columns (tiles of several images side by side).
-const GROUP_TILES: usize = 256;
+/// The forward's tile GEMMs take about this many columns: the tiles of several small images side
+/// by side, or a band of tile rows of a large one. Small enough that the transformed tiles
+/// (`16·(cin + cout)` values per tile) stay in the core's cache. Measured on 2 threads (ms for
+/// the forward with 64 / 128 / 256 tiles): 64 -> 64 channels at 32x32, batch 32: 8.7 / 9.1 /
+/// 8.7; 128 -> 128 at 16x16: 7.5 / 7.7 / 10.0; 256 -> 128 at 8x8: 4.4 / 4.7 / 5.8; 192 -> 64 at
+/// 32x32: 22.9 / 26.3 / 25.0; 128 -> 64 at 64x64, batch 8: 15.9 / 15.8 / 15.9.
+const GROUP_TILES: usize = 64;
 
-/// At least this many groups of images, so the images still spread over the threads.
-const MIN_GROUPS: usize = 8;
-
-/// See [`weight_group`]. Measured at batch 32 on 2 threads (ms for 1 / 2 / 4 / 8 images per
-/// group): 128 -> 128 at 16x16 10.8-13.2 / 11.0 / 11.8 / 14.3; 256 -> 128 at 8x8 8.5-12.9 / 12.7
-/// / 6.5 / 5.7-5.9; 64 -> 64 at 32x32 13.9 with one image, 23.4 with eight (the transformed
-/// tiles no longer fit the caches).
-const WEIGHT_GROUP_TILES: usize = 128;
-
-/// [`weight_group`] leaves at least this many chunks of images.
-const WEIGHT_MIN_CHUNKS: usize = 4;
+/// The same for the weight gradient, where the tiles are the GEMMs' inner dimension (ms with 64 /
+/// 128 / 256 tiles, shapes as above): 12.3 / 12.6 / 14.4; 10.7 / 10.6 / 11.3; 6.2 / 6.5 / 6.9;
+/// 30.3 / 30.5 / 38.1; 19.8 / 19.4 / 23.5; and 256 -> 256 at 8x8, batch 8: 2.8 / 4.1 / 4.2.
+const WEIGHT_GROUP_TILES: usize = 64;
 
 /// Whether [`forward`] computes `g`: a 3x3 kernel, stride 1, padding 1, even output sizes, and
 /// enough channels on both sides.
@@ -62,21 +60,51 @@ pub(super) fn applies(g: &Conv2dGeom) -> bool {
         && g.cout >= MIN_CHANNELS
 }
 
-/// Images per group: their tiles side by side in one set of 16 GEMMs.
-fn group(g: &Conv2dGeom) -> usize {
-    let tiles = (g.h / 2) * (g.w / 2);
-    GROUP_TILES.div_ceil(tiles).min(g.batch / MIN_GROUPS).max(1)
+/// How a convolution's tiles are cut into GEMMs of about `target` columns: whole images side
+/// by side (`group` of them) when an image has at most `target` tiles, else one image at a time
+/// in bands of `band` tile rows.
+#[derive(Debug, Clone, Copy)]
+struct Blocking {
+    group: usize,
+    band: usize,
 }
 
-/// Images per group in the weight gradient, whose GEMMs have the tiles as their inner dimension:
-/// about [`WEIGHT_GROUP_TILES`], with at least [`WEIGHT_MIN_CHUNKS`] chunks. A function of the
-/// geometry only (it fixes the summation order).
-fn weight_group(g: &Conv2dGeom) -> usize {
-    let tiles = (g.h / 2) * (g.w / 2);
-    WEIGHT_GROUP_TILES
-        .div_ceil(tiles)
-        .min(g.batch / WEIGHT_MIN_CHUNKS)
-        .max(1)
+impl Blocking {
+    /// `max_group` bounds the images per group (the batch, or fewer to keep threads busy).
+    fn new(g: &Conv2dGeom, target: usize, max_group: usize) -> Self {
+        let (th, tw) = (g.h / 2, g.w / 2);
+        let band = (target / tw).clamp(1, th);
+        let group = if band < th {
+            1
+        } else {
+            target.div_ceil(th * tw).min(max_group).max(1)
+        };
+        Blocking { group, band }
+    }
+}
+
+/// The forward's blocking: up to [`GROUP_TILES`] tiles per GEMM, with at least as many groups as
+/// threads when the batch allows. (Each output is the same sum whatever the blocking, so it may
+/// depend on the thread count.)
+fn forward_blocking(g: &Conv2dGeom) -> Blocking {
+    let threads = rayon::current_num_threads().max(1);
+    Blocking::new(g, GROUP_TILES, g.batch.div_ceil(threads))
+}
+
+/// The weight gradient's blocking: up to [`WEIGHT_GROUP_TILES`] tiles per GEMM, the GEMMs' inner
+/// dimension. A function of the geometry only, as it fixes the summation order.
+fn weight_blocking(g: &Conv2dGeom) -> Blocking {
+    Blocking::new(g, WEIGHT_GROUP_TILES, g.batch)
+}
+
+/// Parallel GEMMs when fewer tasks than threads run them (a small batch); the split is over the
+/// output, so the results are the same either way.
+fn gemm_par(tasks: usize) -> gemm::Parallelism {
+    if tasks < rayon::current_num_threads() {
+        gemm::Parallelism::Rayon(0)
+    } else {
+        gemm::Parallelism::None
+    }
 }
 
 /// `U[ξ][o][c] = (G w[o][c] Gᵀ)[ξ]`, `G = [[1, 0, 0], [½, ½, ½], [½, -½, ½], [0, 0, 1]]`.
@@ -111,10 +139,9 @@ fn transform_weight(g: &Conv2dGeom, weight: &[f32]) -> Vec<f32> {
 struct Scratch {
     /// Transformed input tiles `[16][cin][group·tiles]`.
     v: Vec<f32>,
-    /// GEMM results `[16][cout][group·tiles]`.
+    /// GEMM results `[16][cout][group·tiles]`, or in the weight gradient the transformed output
+    /// gradients.
     m: Vec<f32>,
-    /// Transformed output gradients `[16][cout][group·tiles]` (weight gradient only).
-    gt: Vec<f32>,
     /// One image channel's rows transformed along x: `[h+2][4][w/2]`, plus the even and odd
     /// columns of one padded row.
     rows: Vec<f32>,
@@ -124,30 +151,45 @@ thread_local! {
     static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
 }
 
-/// Writes `Bᵀ d B` of every tile of channel plane `x` (`[h, w]`) into `v` at `v[ξ·stride + t]`,
-/// tile `t = ty·tw + tx`. `Bᵀ = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]`.
+/// The tile rows `ty0..ty1` of one image: where the transforms read and write.
+#[derive(Debug, Clone, Copy)]
+struct Band {
+    h: usize,
+    w: usize,
+    ty0: usize,
+    ty1: usize,
+}
+
+impl Band {
+    fn tw(&self) -> usize {
+        self.w / 2
+    }
+    /// Tiles in the band.
+    fn tiles(&self) -> usize {
+        (self.ty1 - self.ty0) * self.tw()
+    }
+}
+
+/// Writes `Bᵀ d B` of the band's tiles of channel plane `x` (`[h, w]`) into `v` at
+/// `v[ξ·stride + t]`, `t = (ty - ty0)·tw + tx`.
+/// `Bᵀ = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]`.
 /// `rows` holds `(h+2)·4·(w/2) + 2·(w/2 + 1)` values.
-fn transform_input(x: &[f32], hw: (usize, usize), v: &mut [f32], stride: usize, rows: &mut [f32]) {
-    multiversion!((x: &[f32], hw: (usize, usize), v: &mut [f32], stride: usize, rows: &mut [f32]) =>
-        transform_input_body(x, hw, v, stride, rows))
+fn transform_input(x: &[f32], band: Band, v: &mut [f32], stride: usize, rows: &mut [f32]) {
+    multiversion!((x: &[f32], band: Band, v: &mut [f32], stride: usize, rows: &mut [f32]) =>
+        transform_input_body(x, band, v, stride, rows))
 }
 
 #[inline(always)]
-fn transform_input_body(
-    x: &[f32],
-    (h, w): (usize, usize),
-    v: &mut [f32],
-    stride: usize,
-    rows: &mut [f32],
-) {
-    let (th, tw) = (h / 2, w / 2);
-    // Padded row p (length w+2) split into even e[k] = p[2k] and odd o[k] = p[2k+1], k = 0..=tw:
-    // p[0] = 0, p[i+1] = x[i], p[w+1] = 0.
+fn transform_input_body(x: &[f32], band: Band, v: &mut [f32], stride: usize, rows: &mut [f32]) {
+    let (h, w, tw) = (band.h, band.w, band.tw());
+    // Padded rows 2·ty0 ..= 2·ty1 + 1 (of h + 2), each split into even e[k] = p[2k] and odd
+    // o[k] = p[2k+1], k = 0..=tw: p[0] = 0, p[i+1] = x[i], p[w+1] = 0.
+    let (y0, y1) = (2 * band.ty0, 2 * band.ty1 + 2);
     let (xt, eo) = rows.split_at_mut((h + 2) * 4 * tw);
     let (e, o) = eo.split_at_mut(tw + 1);
     let o = &mut o[..tw + 1];
-    for y in 0..h + 2 {
-        let dst = &mut xt[y * 4 * tw..][..4 * tw];
+    for y in y0..y1 {
+        let dst = &mut xt[(y - y0) * 4 * tw..][..4 * tw];
         if y == 0 || y == h + 1 {
             dst.fill(0.0);
             continue;
@@ -171,7 +213,7 @@ fn transform_input_body(
             d3[i] = o0[i] - o1[i];
         }
     }
-    for ty in 0..th {
+    for ty in 0..band.ty1 - band.ty0 {
         for m in 0..4 {
             let r = |i: usize| &xt[((2 * ty + i) * 4 + m) * tw..][..tw];
             let (r0, r1, r2, r3) = (r(0), r(1), r(2), r(3));
@@ -192,34 +234,34 @@ fn transform_input_body(
     }
 }
 
-/// Writes `Aᵀ M A + bias` for every tile of one output channel plane `y` (`[h, w]`) from
+/// Writes `Aᵀ M A + bias` for the band's tiles into one output channel plane `y` (`[h, w]`), from
 /// `m[ξ·stride + t]`. `Aᵀ = [[1, 1, 1, 0], [0, 1, -1, -1]]`. `tmp` holds `4·w/2` values.
 fn transform_output(
     m: &[f32],
     stride: usize,
-    hw: (usize, usize),
+    band: Band,
     bias: f32,
     y: &mut [f32],
     tmp: &mut [f32],
 ) {
-    multiversion!((m: &[f32], stride: usize, hw: (usize, usize), bias: f32, y: &mut [f32], tmp: &mut [f32]) =>
-        transform_output_body(m, stride, hw, bias, y, tmp))
+    multiversion!((m: &[f32], stride: usize, band: Band, bias: f32, y: &mut [f32], tmp: &mut [f32]) =>
+        transform_output_body(m, stride, band, bias, y, tmp))
 }
 
 #[inline(always)]
 fn transform_output_body(
     m: &[f32],
     stride: usize,
-    (h, w): (usize, usize),
+    band: Band,
     bias: f32,
     y: &mut [f32],
     tmp: &mut [f32],
 ) {
-    let (th, tw) = (h / 2, w / 2);
+    let (w, tw) = (band.w, band.tw());
     let (s0, s1) = tmp[..4 * tw].split_at_mut(2 * tw);
     let (top0, bottom0) = s0.split_at_mut(tw);
     let (top1, bottom1) = s1.split_at_mut(tw);
-    for ty in 0..th {
+    for ty in 0..band.ty1 - band.ty0 {
         let row = |n: usize, k: usize| &m[(n * 4 + k) * stride + ty * tw..][..tw];
         // Along x: s0[n] = m[n][0] + m[n][1] + m[n][2], s1[n] = m[n][1] - m[n][2] - m[n][3];
         // then along y: top = s[0] + s[1] + s[2], bottom = s[1] - s[2] - s[3].
@@ -246,7 +288,8 @@ fn transform_output_body(
                 }
             }
         }
-        let (top, bottom) = y[2 * ty * w..][..2 * w].split_at_mut(w);
+        let oy = 2 * (band.ty0 + ty);
+        let (top, bottom) = y[oy * w..][..2 * w].split_at_mut(w);
         for (p, (a, b)) in top.chunks_exact_mut(2).zip(top0.iter().zip(&*top1)) {
             p[0] = *a;
             p[1] = *b;
@@ -261,92 +304,23 @@ fn transform_output_body(
     }
 }
 
-/// `y = conv2d(x, weight) + bias` for a geometry [`applies`] accepts, `[batch, cout, h, w]`.
-pub(super) fn forward(g: &Conv2dGeom, x: &[f32], weight: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
-    debug_assert!(applies(g));
-    let (h, w, cin, cout) = (g.h, g.w, g.cin, g.cout);
-    let tiles = (h / 2) * (w / 2);
-    let u = transform_weight(g, weight);
-    let group = group(g);
-    let (plane_in, plane_out) = (h * w, h * w);
-    let (y, _) = super::par_new(g.output_len(), group * cout * plane_out, |chunk, ys| {
-        let images = ys.len() / (cout * plane_out);
-        let ld = images * tiles;
-        // Taken out of the thread's slot for the duration (a nested call, should gemm's own
-        // threads run another group on this thread, starts from empty buffers).
-        let mut s = SCRATCH.with(|cell| std::mem::take(&mut *cell.borrow_mut()));
-        {
-            let Scratch { v, m, rows, .. } = &mut s;
-            let grow = |b: &mut Vec<f32>, n: usize| {
-                if b.len() < n {
-                    b.resize(n, 0.0);
-                }
-            };
-            grow(v, TILE * cin * ld);
-            grow(m, TILE * cout * ld);
-            grow(rows, (h + 2) * 4 * (w / 2) + 2 * (w / 2 + 1));
-            for gi in 0..images {
-                let xb = &x[(chunk * group + gi) * cin * plane_in..][..cin * plane_in];
-                for c in 0..cin {
-                    transform_input(
-                        &xb[c * plane_in..][..plane_in],
-                        (h, w),
-                        &mut v[c * ld + gi * tiles..],
-                        cin * ld,
-                        rows,
-                    );
-                }
-            }
-            for xi in 0..TILE {
-                matmul(
-                    &mut m[xi * cout * ld..][..cout * ld],
-                    (cout, ld, cin),
-                    false,
-                    (&u[xi * cout * cin..][..cout * cin], cin, 1),
-                    (&v[xi * cin * ld..][..cin * ld], ld, 1),
-                    g.gemm_par(),
-                );
-            }
-            for (gi, yb) in ys.chunks_mut(cout * plane_out).enumerate() {
-                for (o, plane) in yb.chunks_mut(plane_out).enumerate() {
-                    transform_output(
-                        &m[o * ld + gi * tiles..],
-                        cout * ld,
-                        (h, w),
-                        bias.map_or(0.0, |b| b[o]),
-                        plane,
-                        rows,
-                    );
-                }
-            }
-        }
-        SCRATCH.with(|cell| *cell.borrow_mut() = s);
-    });
-    y
-}
-
-/// Writes `A dY Aᵀ` of every 2x2 tile of one output-gradient plane `dy` (`[h, w]`) into
+/// Writes `A dY Aᵀ` of the band's 2x2 tiles of one output-gradient plane `dy` (`[h, w]`) into
 /// `gt[ξ·stride + t]`, `A = [[1, 0], [1, 1], [1, -1], [0, -1]]`. `tmp` holds `4·w/2` values.
-fn transform_grad(dy: &[f32], hw: (usize, usize), gt: &mut [f32], stride: usize, tmp: &mut [f32]) {
-    multiversion!((dy: &[f32], hw: (usize, usize), gt: &mut [f32], stride: usize, tmp: &mut [f32]) =>
-        transform_grad_body(dy, hw, gt, stride, tmp))
+fn transform_grad(dy: &[f32], band: Band, gt: &mut [f32], stride: usize, tmp: &mut [f32]) {
+    multiversion!((dy: &[f32], band: Band, gt: &mut [f32], stride: usize, tmp: &mut [f32]) =>
+        transform_grad_body(dy, band, gt, stride, tmp))
 }
 
 #[inline(always)]
-fn transform_grad_body(
-    dy: &[f32],
-    (h, w): (usize, usize),
-    gt: &mut [f32],
-    stride: usize,
-    tmp: &mut [f32],
-) {
-    let (th, tw) = (h / 2, w / 2);
+fn transform_grad_body(dy: &[f32], band: Band, gt: &mut [f32], stride: usize, tmp: &mut [f32]) {
+    let (w, tw) = (band.w, band.tw());
     let (ab, cd) = tmp[..4 * tw].split_at_mut(2 * tw);
     let (a, b) = ab.split_at_mut(tw);
     let (c, d) = cd.split_at_mut(tw);
-    for ty in 0..th {
+    for ty in 0..band.ty1 - band.ty0 {
         // The tile's gradient [[a, b], [c, d]], split out of its two rows.
-        let (top, bottom) = dy[2 * ty * w..][..2 * w].split_at(w);
+        let oy = 2 * (band.ty0 + ty);
+        let (top, bottom) = dy[oy * w..][..2 * w].split_at(w);
         for (((t, bo), (a, b)), (c, d)) in top
             .chunks_exact(2)
             .zip(bottom.chunks_exact(2))
@@ -376,6 +350,85 @@ fn transform_grad_body(
             }
         }
     }
+}
+
+/// This thread's scratch buffers, grown to `(v, m_or_gt, rows)` lengths for `f`. They are taken
+/// out of the thread's slot for the duration, so a nested call (gemm's threads running another
+/// group on this thread) starts from empty buffers instead of sharing them.
+fn with_scratch<R>(
+    lens: (usize, usize, usize),
+    f: impl FnOnce(&mut [f32], &mut [f32], &mut [f32]) -> R,
+) -> R {
+    let mut s = SCRATCH.with(|cell| std::mem::take(&mut *cell.borrow_mut()));
+    let grow = |b: &mut Vec<f32>, n: usize| {
+        if b.len() < n {
+            b.resize(n, 0.0);
+        }
+    };
+    grow(&mut s.v, lens.0);
+    grow(&mut s.m, lens.1);
+    grow(&mut s.rows, lens.2);
+    let r = f(
+        &mut s.v[..lens.0],
+        &mut s.m[..lens.1],
+        &mut s.rows[..lens.2],
+    );
+    SCRATCH.with(|cell| *cell.borrow_mut() = s);
+    r
+}
+
+/// `rows` scratch for transforms of `g`'s planes.
+fn rows_len(g: &Conv2dGeom) -> usize {
+    (g.h + 2) * 4 * (g.w / 2) + 2 * (g.w / 2 + 1)
+}
+
+/// `y = conv2d(x, weight) + bias` for a geometry [`applies`] accepts, `[batch, cout, h, w]`.
+pub(super) fn forward(g: &Conv2dGeom, x: &[f32], weight: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
+    debug_assert!(applies(g));
+    let (h, w, cin, cout) = (g.h, g.w, g.cin, g.cout);
+    let (th, tw, plane) = (h / 2, w / 2, h * w);
+    let u = transform_weight(g, weight);
+    let Blocking { group, band } = forward_blocking(g);
+    let par = gemm_par(g.batch.div_ceil(group));
+    let most = group * band * tw;
+    let lens = (TILE * cin * most, TILE * cout * most, rows_len(g));
+    let (y, _) = super::par_new(g.output_len(), group * cout * plane, |chunk, ys| {
+        let images = ys.len() / (cout * plane);
+        with_scratch(lens, |v, m, rows| {
+            for ty0 in (0..th).step_by(band) {
+                let b = Band {
+                    h,
+                    w,
+                    ty0,
+                    ty1: (ty0 + band).min(th),
+                };
+                let (bt, ld) = (b.tiles(), images * b.tiles());
+                for gi in 0..images {
+                    let xb = &x[(chunk * group + gi) * cin * plane..][..cin * plane];
+                    for (c, xc) in xb.chunks_exact(plane).enumerate() {
+                        transform_input(xc, b, &mut v[c * ld + gi * bt..], cin * ld, rows);
+                    }
+                }
+                for xi in 0..TILE {
+                    matmul(
+                        &mut m[xi * cout * ld..][..cout * ld],
+                        (cout, ld, cin),
+                        false,
+                        (&u[xi * cout * cin..][..cout * cin], cin, 1),
+                        (&v[xi * cin * ld..][..cin * ld], ld, 1),
+                        par,
+                    );
+                }
+                for (gi, yb) in ys.chunks_mut(cout * plane).enumerate() {
+                    for (o, yo) in yb.chunks_mut(plane).enumerate() {
+                        let bias = bias.map_or(0.0, |b| b[o]);
+                        transform_output(&m[o * ld + gi * bt..], cout * ld, b, bias, yo, rows);
+                    }
+                }
+            }
+        })
+    });
+    y
 }
 
 /// `dW = Gᵀ dU G` for every channel pair, `dU` `[16][cout][cin]`, into `[cout, cin, 3, 3]`.
@@ -419,65 +472,69 @@ pub(super) fn weight_grad(
 ) -> (Vec<f32>, Vec<f32>) {
     debug_assert!(applies(g));
     let (h, w, cin, cout) = (g.h, g.w, g.cin, g.cout);
-    let (tiles, plane) = ((h / 2) * (w / 2), h * w);
-    let group = weight_group(g);
+    let (th, tw, plane) = (h / 2, w / 2, h * w);
+    let Blocking { group, band } = weight_blocking(g);
     let per_chunk = g
         .batch
         .div_ceil(chunks.max(1))
         .max(1)
         .next_multiple_of(group);
-    let partials: Vec<(Vec<f32>, Vec<f32>)> = (0..g.batch.div_ceil(per_chunk))
+    let tasks = g.batch.div_ceil(per_chunk);
+    let par = gemm_par(tasks);
+    let most = group * band * tw;
+    let lens = (TILE * cin * most, TILE * cout * most, rows_len(g));
+    let bias_len = if with_bias { cout } else { 0 };
+    let partials: Vec<(Vec<f32>, Vec<f32>)> = (0..tasks)
         .into_par_iter()
         .map(|chunk| {
             let mut du = vec![0.0f32; TILE * cout * cin];
-            let mut db = vec![0.0f32; if with_bias { cout } else { 0 }];
-            let mut s = SCRATCH.with(|cell| std::mem::take(&mut *cell.borrow_mut()));
-            {
-                let Scratch { v, gt, rows, .. } = &mut s;
-                let grow = |b: &mut Vec<f32>, n: usize| {
-                    if b.len() < n {
-                        b.resize(n, 0.0);
-                    }
-                };
-                grow(v, TILE * cin * group * tiles);
-                grow(gt, TILE * cout * group * tiles);
-                grow(rows, (h + 2) * 4 * (w / 2) + 2 * (w / 2 + 1));
+            let mut db = vec![0.0f32; bias_len];
+            with_scratch(lens, |v, gt, rows| {
                 let end = ((chunk + 1) * per_chunk).min(g.batch);
                 for b0 in (chunk * per_chunk..end).step_by(group) {
                     let b1 = (b0 + group).min(end);
-                    let ld = (b1 - b0) * tiles;
-                    for b in b0..b1 {
-                        let (xb, gb) = (&x[b * cin * plane..], &grad[b * cout * plane..]);
-                        let col = (b - b0) * tiles;
-                        for c in 0..cin {
-                            let xc = &xb[c * plane..][..plane];
-                            transform_input(xc, (h, w), &mut v[c * ld + col..], cin * ld, rows);
-                        }
-                        for o in 0..cout {
-                            let go = &gb[o * plane..][..plane];
-                            transform_grad(go, (h, w), &mut gt[o * ld + col..], cout * ld, rows);
-                            if let Some(d) = db.get_mut(o) {
-                                *d += go.iter().sum::<f32>();
+                    for ty0 in (0..th).step_by(band) {
+                        let b = Band {
+                            h,
+                            w,
+                            ty0,
+                            ty1: (ty0 + band).min(th),
+                        };
+                        let (bt, ld) = (b.tiles(), (b1 - b0) * b.tiles());
+                        for img in b0..b1 {
+                            let (xb, gb) = (&x[img * cin * plane..], &grad[img * cout * plane..]);
+                            let col = (img - b0) * bt;
+                            for (c, xc) in xb[..cin * plane].chunks_exact(plane).enumerate() {
+                                transform_input(xc, b, &mut v[c * ld + col..], cin * ld, rows);
+                            }
+                            for (o, go) in gb[..cout * plane].chunks_exact(plane).enumerate() {
+                                transform_grad(go, b, &mut gt[o * ld + col..], cout * ld, rows);
                             }
                         }
+                        for xi in 0..TILE {
+                            matmul(
+                                &mut du[xi * cout * cin..][..cout * cin],
+                                (cout, cin, ld),
+                                true,
+                                (&gt[xi * cout * ld..][..cout * ld], ld, 1),
+                                (&v[xi * cin * ld..][..cin * ld], 1, ld),
+                                par,
+                            );
+                        }
                     }
-                    for xi in 0..TILE {
-                        matmul(
-                            &mut du[xi * cout * cin..][..cout * cin],
-                            (cout, cin, ld),
-                            true,
-                            (&gt[xi * cout * ld..][..cout * ld], ld, 1),
-                            (&v[xi * cin * ld..][..cin * ld], 1, ld),
-                            g.gemm_par(),
-                        );
+                    for (o, d) in db.iter_mut().enumerate() {
+                        for img in b0..b1 {
+                            *d += grad[(img * cout + o) * plane..][..plane]
+                                .iter()
+                                .sum::<f32>();
+                        }
                     }
                 }
-            }
-            SCRATCH.with(|cell| *cell.borrow_mut() = s);
+            });
             (untransform_weight_grad(g, &du), db)
         })
         .collect();
-    super::sum_in_order(partials, (cout * cin * 9, if with_bias { cout } else { 0 }))
+    super::sum_in_order(partials, (cout * cin * 9, bias_len))
 }
 
 #[cfg(test)]
@@ -485,7 +542,7 @@ mod tests {
     use super::*;
 
     /// Geometries [`applies`] accepts: rectangular maps, a single 2x2 tile, several images per
-    /// group with a short last group, more channels out than in and the reverse.
+    /// group with a short last group, more channels out than in and the reverse, banded maps.
     fn geometries() -> Vec<Conv2dGeom> {
         let g = |batch, cin, h, w, cout| Conv2dGeom {
             batch,
@@ -502,6 +559,10 @@ mod tests {
             g(17, 40, 4, 4, 32),
             g(1, 32, 2, 2, 32),
             g(2, 64, 10, 6, 32),
+            // More tiles than a GEMM takes: bands of tile rows, the last one shorter (20 tile
+            // rows of 18 in the forward, 12 of 12 in the weight gradient).
+            g(2, 32, 40, 36, 32),
+            g(3, 32, 24, 24, 32),
         ]
     }
 
@@ -574,7 +635,11 @@ mod tests {
 
     #[test]
     fn forward_matches_the_direct_convolution() {
-        for g in geometries() {
+        let gs = geometries();
+        assert!(gs.iter().any(|g| forward_blocking(g).band < g.h / 2));
+        assert!(gs.iter().any(|g| weight_blocking(g).band < g.h / 2));
+        assert!(gs.iter().any(|g| g.batch % weight_blocking(g).group != 0));
+        for g in gs {
             assert!(applies(&g), "{g:?}");
             let x = super::super::test_values(g.input_len(), 1);
             let w = super::super::test_values(g.weight_len(), 2);
