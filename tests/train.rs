@@ -46,12 +46,15 @@ fn four_micro_batches_of_8_equal_one_batch_of_32() {
         }
     }
     // The steps moved the weights by ~lr per step, and the two ways agree far closer than that.
+    // Not to 1e-5: a micro-batch of 8 takes the column-matrix path on the 4x4 level where the
+    // batch of 32 takes Winograd (src/kernels/winograd.rs, MIN_PIXELS), which rounds differently
+    // (measured: 1.8e-5 after 2 steps).
     assert!(
         max_change > 1e-4,
         "training did not change the weights ({max_change:e})"
     );
     assert!(
-        max_diff < 1e-5,
+        max_diff < 5e-5,
         "accumulated and whole-batch weights differ by {max_diff:e}"
     );
 }
