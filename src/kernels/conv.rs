@@ -507,13 +507,19 @@ fn im2col_compact(g: &Conv2dGeom, padded: &[f32], col: &mut [f32], ld: usize) {
     }
 }
 
-/// The column matrix of one image (for `Pointwise`, the image itself).
+/// The column matrix of one image (for `Pointwise`, the image itself; compact when
+/// [`Conv2dGeom::compact`]).
 fn columns<'a>(g: &Conv2dGeom, xb: &'a [f32], col: &'a mut [f32], padded: &mut [f32]) -> &'a [f32] {
     match g.plan() {
         Plan::Pointwise => xb,
         Plan::Strided => {
             im2col(g, xb, col);
             col
+        }
+        Plan::PaddedRows if g.compact() => {
+            pad_image(g, xb, padded);
+            im2col_compact(g, padded, col, g.cols());
+            &col[..g.rows() * g.cols()]
         }
         Plan::PaddedRows => {
             pad_image(g, xb, padded);
@@ -527,9 +533,6 @@ fn columns<'a>(g: &Conv2dGeom, xb: &'a [f32], col: &'a mut [f32], padded: &mut [
 pub fn forward(g: &Conv2dGeom, x: &[f32], weight: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
     if super::winograd::applies(g) {
         return super::winograd::forward(g, x, weight, bias);
-    }
-    if g.compact() {
-        return forward_compact(g, x, weight, bias);
     }
     let (kk, l) = (g.rows(), g.cols());
     let shifted = g.shifted();
@@ -553,7 +556,7 @@ pub fn forward(g: &Conv2dGeom, x: &[f32], weight: &[f32], bias: Option<&[f32]>) 
     let (y, _) = super::par_new(g.output_len(), g.image_out(), |b, yb| {
         let xb = &x[b * g.image_in()..][..g.image_in()];
         with_scratch(g, Purpose::Forward, |col, padded, grid| {
-            if g.plan() != Plan::PaddedRows {
+            if g.plan() != Plan::PaddedRows || g.compact() {
                 let cols = columns(g, xb, col, padded);
                 if let Some(bias) = bias {
                     for (row, b) in yb.chunks_mut(l).zip(bias) {
@@ -611,32 +614,6 @@ pub fn forward(g: &Conv2dGeom, x: &[f32], weight: &[f32], bias: Option<&[f32]>) 
                     }
                 }
             }
-        })
-    });
-    y
-}
-
-/// [`forward`] on compact column matrices (see [`Conv2dGeom::compact`]).
-fn forward_compact(g: &Conv2dGeom, x: &[f32], weight: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
-    let (kk, l) = (g.rows(), g.cols());
-    let (y, _) = super::par_new(g.output_len(), g.image_out(), |b, yb| {
-        let xb = &x[b * g.image_in()..][..g.image_in()];
-        with_scratch(g, Purpose::Forward, |col, padded, _| {
-            pad_image(g, xb, padded);
-            im2col_compact(g, padded, col, l);
-            if let Some(bias) = bias {
-                for (row, b) in yb.chunks_mut(l).zip(bias) {
-                    row.fill(*b);
-                }
-            }
-            matmul(
-                yb,
-                (g.cout, l, kk),
-                bias.is_some(),
-                (weight, kk, 1),
-                (&col[..kk * l], l, 1),
-                g.gemm_par(),
-            );
         })
     });
     y

@@ -169,6 +169,15 @@ struct Band {
 }
 
 impl Band {
+    /// Up to `rows` tile rows of `g`'s maps from tile row `ty0`.
+    fn at(g: &Conv2dGeom, ty0: usize, rows: usize) -> Band {
+        Band {
+            h: g.h,
+            w: g.w,
+            ty0,
+            ty1: (ty0 + rows).min(g.h / 2),
+        }
+    }
     fn tw(&self) -> usize {
         self.w / 2
     }
@@ -407,12 +416,7 @@ pub(super) fn forward(g: &Conv2dGeom, x: &[f32], weight: &[f32], bias: Option<&[
         let images = ys.len() / (cout * plane);
         with_scratch(lens, |v, m, rows| {
             for ty0 in (0..th).step_by(band) {
-                let b = Band {
-                    h,
-                    w,
-                    ty0,
-                    ty1: (ty0 + band).min(th),
-                };
+                let b = Band::at(g, ty0, band);
                 let (bt, ld) = (b.tiles(), images * b.tiles());
                 for gi in 0..images {
                     let xb = &x[(chunk * group + gi) * cin * plane..][..cin * plane];
@@ -420,16 +424,7 @@ pub(super) fn forward(g: &Conv2dGeom, x: &[f32], weight: &[f32], bias: Option<&[
                         transform_input(xc, b, &mut v[c * ld + gi * bt..], cin * ld, rows);
                     }
                 }
-                for xi in 0..TILE {
-                    matmul(
-                        &mut m[xi * cout * ld..][..cout * ld],
-                        (cout, ld, cin),
-                        false,
-                        (&u[xi * cout * cin..][..cout * cin], cin, 1),
-                        (&v[xi * cin * ld..][..cin * ld], ld, 1),
-                        par,
-                    );
-                }
+                forward_gemms(g, &u, v, m, ld, par);
                 for (gi, yb) in ys.chunks_mut(cout * plane).enumerate() {
                     for (o, yo) in yb.chunks_mut(plane).enumerate() {
                         let bias = bias.map_or(0.0, |b| b[o]);
@@ -440,6 +435,28 @@ pub(super) fn forward(g: &Conv2dGeom, x: &[f32], weight: &[f32], bias: Option<&[
         })
     });
     y
+}
+
+/// The forward's 16 GEMMs `M[ξ] (cout x ld) = U[ξ] (cout x cin) · V[ξ] (cin x ld)`.
+fn forward_gemms(
+    g: &Conv2dGeom,
+    u: &[f32],
+    v: &[f32],
+    m: &mut [f32],
+    ld: usize,
+    par: gemm::Parallelism,
+) {
+    let (cin, cout) = (g.cin, g.cout);
+    for xi in 0..TILE {
+        matmul(
+            &mut m[xi * cout * ld..][..cout * ld],
+            (cout, ld, cin),
+            false,
+            (&u[xi * cout * cin..][..cout * cin], cin, 1),
+            (&v[xi * cin * ld..][..cin * ld], ld, 1),
+            par,
+        );
+    }
 }
 
 /// [`forward`] when there are fewer images than threads (batch 1, as in Stable Diffusion
@@ -460,12 +477,7 @@ fn forward_by_bands(
         .into_par_iter()
         .map(|task| {
             let (img, ty0) = (task / starts.len(), starts[task % starts.len()]);
-            let b = Band {
-                h,
-                w,
-                ty0,
-                ty1: (ty0 + band).min(th),
-            };
+            let b = Band::at(g, ty0, band);
             let (ld, out_rows) = (b.tiles(), 2 * (b.ty1 - b.ty0));
             // The block's own rows: the same band renumbered from tile row 0.
             let local = Band {
@@ -479,16 +491,7 @@ fn forward_by_bands(
                 for (c, xc) in xb.chunks_exact(plane).enumerate() {
                     transform_input(xc, b, &mut v[c * ld..], cin * ld, rows);
                 }
-                for xi in 0..TILE {
-                    matmul(
-                        &mut m[xi * cout * ld..][..cout * ld],
-                        (cout, ld, cin),
-                        false,
-                        (&u[xi * cout * cin..][..cout * cin], cin, 1),
-                        (&v[xi * cin * ld..][..cin * ld], ld, 1),
-                        gemm::Parallelism::None,
-                    );
-                }
+                forward_gemms(g, u, v, m, ld, gemm::Parallelism::None);
                 for (o, yo) in out.chunks_mut(out_rows * w).enumerate() {
                     let bias = bias.map_or(0.0, |b| b[o]);
                     transform_output(&m[o * ld..], cout * ld, local, bias, yo, rows);
@@ -573,12 +576,7 @@ pub(super) fn weight_grad(
                 for b0 in (chunk * per_chunk..end).step_by(group) {
                     let b1 = (b0 + group).min(end);
                     for ty0 in (0..th).step_by(band) {
-                        let b = Band {
-                            h,
-                            w,
-                            ty0,
-                            ty1: (ty0 + band).min(th),
-                        };
+                        let b = Band::at(g, ty0, band);
                         let (bt, ld) = (b.tiles(), (b1 - b0) * b.tiles());
                         for img in b0..b1 {
                             let (xb, gb) = (&x[img * cin * plane..], &grad[img * cout * plane..]);
