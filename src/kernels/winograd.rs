@@ -28,10 +28,15 @@ use super::matmul;
 /// Transformed-tile positions: 4x4.
 const TILE: usize = 16;
 
-/// Below this many input or output channels the 16 GEMMs (inner dimension `cin`) are too thin to
-/// pay for the transforms; such layers (the first and last convolution of a U-Net) keep the
-/// column-matrix path.
-const MIN_CHANNELS: usize = 32;
+/// Below this many input or output channels (twice as many on maps under 8x8) the 16 GEMMs,
+/// whose inner dimension is `cin`, do not pay for the transforms, which cost per channel and
+/// pixel and run on rows of only `w/2` tiles. Such layers keep the column-matrix path. Measured
+/// at batch 32 on 2 threads, ms forward / input gradient / weight gradient, Winograd against the
+/// column matrix: 32 -> 32 at 16x16 0.91 / 0.95 / 1.50 against 1.00 / 0.99 / 1.16; 64 -> 32 at
+/// 8x8 0.89 / 0.82 / 1.32 against 0.64 / 0.54 / 0.76; 64 -> 64 at 4x4 0.59 / 0.79 / 0.78 against
+/// 0.49 / 0.40 / 0.42; 64 -> 64 at 16x16 2.51 / 2.50 / 3.62 against 3.49 / 3.45 / 3.90; 128 ->
+/// 128 at 4x4 about even; 256 -> 256 at 4x4 3.18 / 3.62 / 3.26 against 3.40 / 3.79 / 8.43.
+const MIN_CHANNELS: usize = 64;
 
 /// Below this many output pixels in the batch the weight transform (`16·cout·cin` values, done
 /// every call) costs about what the 2.25x fewer multiply-adds save: SD's 1280-channel 4x4 and
@@ -54,7 +59,7 @@ const GROUP_TILES: usize = 64;
 const WEIGHT_GROUP_TILES: usize = 64;
 
 /// Whether [`forward`] computes `g`: a 3x3 kernel, stride 1, padding 1, even output sizes,
-/// enough channels on both sides and enough pixels.
+/// enough channels on both sides ([`MIN_CHANNELS`]) and enough pixels ([`MIN_PIXELS`]).
 pub(super) fn applies(g: &Conv2dGeom) -> bool {
     g.k == 3
         && g.stride == 1
@@ -66,6 +71,7 @@ pub(super) fn applies(g: &Conv2dGeom) -> bool {
         && g.cin >= MIN_CHANNELS
         && g.cout >= MIN_CHANNELS
         && g.batch * g.h * g.w >= MIN_PIXELS
+        && (g.h * g.w >= 64 || g.cin.min(g.cout) >= 2 * MIN_CHANNELS)
 }
 
 /// How a convolution's tiles are cut into GEMMs of about `target` columns: whole images side
@@ -632,16 +638,16 @@ mod tests {
             pad: 1,
         };
         vec![
-            g(8, 32, 6, 8, 33),
-            g(17, 40, 4, 4, 32),
-            g(64, 32, 2, 2, 32),
-            g(5, 64, 10, 6, 32),
+            g(8, 64, 8, 10, 65),
+            g(17, 128, 4, 4, 128),
+            g(64, 128, 2, 2, 128),
+            g(5, 96, 10, 8, 64),
             // More tiles than a GEMM takes: bands of tile rows, the last one shorter (20 tile
             // rows of 18 in the forward, 12 of 12 in the weight gradient).
-            g(2, 32, 40, 36, 32),
-            g(3, 32, 24, 24, 32),
+            g(2, 64, 40, 36, 64),
+            g(3, 64, 24, 24, 64),
             // One image with several bands: the bands in parallel on 2+ threads.
-            g(1, 32, 40, 36, 32),
+            g(1, 64, 40, 36, 64),
         ]
     }
 
