@@ -1720,16 +1720,18 @@ mod tests {
     /// own `conv2d` and `silu` on the same inputs.
     #[test]
     fn conv_and_silu_match_burn_with_gradients() {
-        for (k, stride, padding, bias) in [
-            (3, 1, 1, true),
-            (4, 2, 1, false),
-            (3, 2, 0, true),
-            (1, 1, 0, true),
+        // The last case is Winograd's (64 channels on an even map, src/kernels/winograd.rs).
+        for (k, stride, padding, bias, [n, cin, h, w], cout) in [
+            (3, 1, 1, true, [3, 4, 9, 8], 5),
+            (4, 2, 1, false, [3, 4, 9, 8], 5),
+            (3, 2, 0, true, [3, 4, 9, 8], 5),
+            (1, 1, 0, true, [3, 4, 9, 8], 5),
+            (3, 1, 1, true, [4, 64, 8, 8], 64),
         ] {
             let d = device();
-            let x = Tensor::<4>::random([3, 4, 9, 8], Distribution::Normal(0.0, 1.0), &d);
-            let w = Tensor::<4>::random([5, 4, k, k], Distribution::Normal(0.0, 0.3), &d);
-            let b = Tensor::<1>::random([5], Distribution::Normal(0.0, 0.3), &d);
+            let x = Tensor::<4>::random([n, cin, h, w], Distribution::Normal(0.0, 1.0), &d);
+            let w = Tensor::<4>::random([cout, cin, k, k], Distribution::Normal(0.0, 0.3), &d);
+            let b = Tensor::<1>::random([cout], Distribution::Normal(0.0, 0.3), &d);
             let target = |y: Tensor<4>| {
                 let shape = y.dims();
                 let weights = Tensor::<1, Int>::arange(
