@@ -969,19 +969,9 @@ mod tests {
                 .iter()
                 .any(|g| g.compact() && g.weight_group() > 1 && g.batch % g.weight_group() != 0)
         );
-        // Square maps with 64+ channels go through Winograd (the input gradient as its adjoint
-        // forward); the second one, at batch 1, in parallel bands.
-        let square = |batch, cin, h, w, cout| Conv2dGeom {
-            batch,
-            cin,
-            h,
-            w,
-            cout,
-            k: 3,
-            stride: 1,
-            pad: 1,
-        };
-        let winograd = [square(4, 64, 8, 8, 72), square(1, 64, 24, 20, 64)];
+        // Winograd's geometries (the input gradient as its adjoint forward; batch 1 in parallel
+        // bands among them).
+        let winograd = super::super::winograd::tests::geometries();
         assert!(winograd.iter().all(super::super::winograd::applies));
         for g in geometries().into_iter().chain(winograd) {
             let x = values(g.input_len(), 4);

@@ -621,12 +621,12 @@ pub(super) fn weight_grad(
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     /// Geometries [`applies`] accepts: rectangular maps, a single 2x2 tile, several images per
     /// group with a short last group, more channels out than in and the reverse, banded maps.
-    fn geometries() -> Vec<Conv2dGeom> {
+    pub(in crate::kernels) fn geometries() -> Vec<Conv2dGeom> {
         let g = |batch, cin, h, w, cout| Conv2dGeom {
             batch,
             cin,
