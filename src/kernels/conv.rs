@@ -77,7 +77,7 @@ impl Conv2dGeom {
     /// How each per-image GEMM runs: alone when there are at least as many images as threads
     /// (the images already keep every thread busy), else spread over the threads (batch 1, as
     /// in Stable Diffusion fine-tuning).
-    pub(super) fn gemm_par(&self) -> gemm::Parallelism {
+    fn gemm_par(&self) -> gemm::Parallelism {
         if self.batch >= rayon::current_num_threads() {
             gemm::Parallelism::None
         } else {
@@ -723,6 +723,12 @@ pub fn weight_grad(
             let mut db = vec![0.0f32; bias_len];
             with_scratch(g, Purpose::Gradient, |col, padded, grid| {
                 let images = c * per_chunk..((c + 1) * per_chunk).min(g.batch);
+                for b in images.clone() {
+                    let gb = &grad[b * g.image_out()..][..g.image_out()];
+                    for (d, row) in db.iter_mut().zip(gb.chunks(l)) {
+                        *d += row.iter().sum::<f32>();
+                    }
+                }
                 if g.compact() {
                     for b0 in images.step_by(group) {
                         let b1 = (b0 + group).min(g.batch);
@@ -735,9 +741,6 @@ pub fn weight_grad(
                             for o in 0..g.cout {
                                 grid[o * ld + (b - b0) * l..][..l]
                                     .copy_from_slice(&gb[o * l..][..l]);
-                            }
-                            for (d, row) in db.iter_mut().zip(gb.chunks(l)) {
-                                *d += row.iter().sum::<f32>();
                             }
                         }
                         matmul(
@@ -791,9 +794,6 @@ pub fn weight_grad(
                             (gb, 1, l),
                             g.gemm_par(),
                         );
-                    }
-                    for (d, row) in db.iter_mut().zip(gb.chunks(l)) {
-                        *d += row.iter().sum::<f32>();
                     }
                 }
             });

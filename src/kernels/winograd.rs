@@ -59,15 +59,14 @@ const GROUP_TILES: usize = 64;
 const WEIGHT_GROUP_TILES: usize = 64;
 
 /// Whether [`forward`] computes `g`: a 3x3 kernel, stride 1, padding 1, even output sizes,
-/// enough channels on both sides ([`MIN_CHANNELS`]) and enough pixels ([`MIN_PIXELS`]).
+/// enough channels on both sides ([`MIN_CHANNELS`]) and enough pixels ([`MIN_PIXELS`], which
+/// also rules out empty maps).
 pub(super) fn applies(g: &Conv2dGeom) -> bool {
     g.k == 3
         && g.stride == 1
         && g.pad == 1
         && g.h % 2 == 0
         && g.w % 2 == 0
-        && g.h > 0
-        && g.w > 0
         && g.cin >= MIN_CHANNELS
         && g.cout >= MIN_CHANNELS
         && g.batch * g.h * g.w >= MIN_PIXELS
@@ -478,12 +477,14 @@ fn forward_by_bands(
 ) -> Vec<f32> {
     let (h, w, cin, cout) = (g.h, g.w, g.cin, g.cout);
     let (th, plane) = (h / 2, h * w);
-    let starts: Vec<usize> = (0..th).step_by(band).collect();
-    let blocks: Vec<Vec<f32>> = (0..g.batch * starts.len())
+    let bands: Vec<Band> = (0..th)
+        .step_by(band)
+        .map(|ty0| Band::at(g, ty0, band))
+        .collect();
+    let blocks: Vec<Vec<f32>> = (0..g.batch * bands.len())
         .into_par_iter()
         .map(|task| {
-            let (img, ty0) = (task / starts.len(), starts[task % starts.len()]);
-            let b = Band::at(g, ty0, band);
+            let (img, b) = (task / bands.len(), bands[task % bands.len()]);
             let (ld, out_rows) = (b.tiles(), 2 * (b.ty1 - b.ty0));
             // The block's own rows: the same band renumbered from tile row 0.
             let local = Band {
@@ -509,11 +510,9 @@ fn forward_by_bands(
     let mut y = vec![0.0f32; g.output_len()];
     y.par_chunks_mut(plane).enumerate().for_each(|(bo, yo)| {
         let (img, o) = (bo / cout, bo % cout);
-        for (k, ty0) in starts.iter().enumerate() {
-            let block = &blocks[img * starts.len() + k];
-            let out_rows = 2 * ((ty0 + band).min(th) - ty0);
-            yo[2 * ty0 * w..][..out_rows * w]
-                .copy_from_slice(&block[o * out_rows * w..][..out_rows * w]);
+        for (b, block) in bands.iter().zip(&blocks[img * bands.len()..]) {
+            let rows = 2 * (b.ty1 - b.ty0) * w;
+            yo[2 * b.ty0 * w..][..rows].copy_from_slice(&block[o * rows..][..rows]);
         }
     });
     y

@@ -315,9 +315,10 @@ pub fn train_ldm(
     let dtype = compute_dtype(cfg.train.mixed_precision);
     if dtype != burn::tensor::FloatDType::F32 {
         first.model = hold_frozen(first.model, dtype);
-        if let Some(t) = text.as_mut() {
-            t.encoder = t.encoder.clone().held_in(dtype);
-        }
+        text = text.map(|mut t| {
+            t.encoder = t.encoder.held_in(dtype);
+            t
+        });
         crate::memory::release_cached();
     }
     let mut fingerprints = vec![("first stage".to_string(), first.fingerprint.clone())];
