@@ -25,7 +25,7 @@ THREADS="${THREADS:-$(nproc)}"
 WARMUP="${WARMUP:-3}"
 STEPS="${STEPS:-10}"
 OUT="${OUT:-bench-results.jsonl}"
-CASES="${CASES:-tutorial128 tutorial512 unet2d32 unet2d64}"
+CASES="${CASES:-tutorial128 tutorial512 unet2d32 unet2d64 ldm_quickstart}"
 # SPLIT=N: our side splits each batch over N replica threads (docs/benchmarks.md, attempts).
 SPLIT="${SPLIT:-1}"
 DEVICE="${DEVICE:-cpu}"
@@ -48,20 +48,24 @@ tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 rows="$tmp/rows.jsonl"
 for case in $CASES; do
+  extra=()
   case "$case" in
     tutorial128) config=configs/bench_tutorial_unet.toml; batch=128 ;;
     tutorial512) config=configs/bench_tutorial_unet.toml; batch=512 ;;
     unet2d32) config=configs/bench_unet2d_32.toml; batch=32 ;;
     unet2d64) config=configs/bench_unet2d_64.toml; batch=8 ;;
+    # The LDM quickstart's conditional U-Net alone (random latents and text context; its
+    # autoencoder and text encoder are left out on both sides): 8x8 latents of 32 px images.
+    ldm_quickstart) config=configs/ldm_quickstart.toml; batch=32; extra=(--latent 8) ;;
     *) echo "unknown case $case" >&2; exit 2 ;;
   esac
   echo "== $case ($config, batch $batch, $THREADS threads)" >&2
   ours=$("$BENCH" --config "$config" --set "train.batch_size=$batch" --set "run.device=$DEVICE" \
-    --warmup "$WARMUP" --steps "$STEPS" --split "$SPLIT")
+    --warmup "$WARMUP" --steps "$STEPS" --split "$SPLIT" "${extra[@]}")
   "$BENCH" --config "$config" --diffusers-config "$tmp/unet.json" 2>/dev/null || true
   theirs=$("$PYTHON" scripts/bench_torch.py --config "$config" --batch "$batch" \
     --threads "$THREADS" --warmup "$WARMUP" --steps "$STEPS" --diffusers-config "$tmp/unet.json" \
-    --device "$DEVICE")
+    --device "$DEVICE" "${extra[@]}")
   echo "{\"case\": \"$case\", \"ours\": $ours, \"theirs\": $theirs}" | tee -a "$OUT" >> "$rows"
 done
 

@@ -41,7 +41,8 @@ def main():
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--diffusers-config", help="UNet2DModel config.json from `bench --diffusers-config`")
+    ap.add_argument("--diffusers-config", help="UNet2DModel or UNet2DConditionModel config.json from `bench --diffusers-config`")
+    ap.add_argument("--latent", type=int, help="latent_diffusion: the latents' height and width")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (PyTorch eager on that device)")
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -68,6 +69,17 @@ def main():
             t.get("image_size", 28), t.get("in_channels", 1), t.get("channels", [10, 20, 40, 80]), t.get("time_embed_dim", 128)
         )
         forward = lambda x, ts: model(x, ts)
+    elif arch == "latent_diffusion":
+        # The conditional U-Net alone on random latents with a fixed random text context, as
+        # `bench` measures it (first stage and text encoder left out on both sides).
+        from diffusers import UNet2DConditionModel
+
+        with open(args.diffusers_config) as f:
+            model = UNet2DConditionModel.from_config(json.load(f))
+        res, channels = args.latent, model.config.in_channels
+        length = model_cfg.get("conditioning", {}).get("max_length", 77)
+        context = torch.rand(batch, length, model.config.cross_attention_dim, device=device) * 2 - 1
+        forward = lambda x, ts: model(x, ts, encoder_hidden_states=context).sample
     else:
         from diffusers import UNet2DModel
 
