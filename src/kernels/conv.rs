@@ -310,9 +310,9 @@ impl Conv2dGeom {
     /// Whether a stride-1 convolution multiplies a compact column matrix: `oh·ow` columns per
     /// image instead of the padded-width grid's `(oh-1)·(w+2p) + ow`. On a small map the grid's
     /// discarded columns are a large share of the work (80 columns for 64 pixels at 8x8, 288 for
-    /// 256 at 16x16); the compact rows are `oh` short copies each instead of one long one, which
-    /// pays on small maps only (large ones take the shifted form). Needs `oh·ow` to be a multiple
-    /// of [`GEMM_ALIGN`] so gemm reads the matrix in place.
+    /// 256 at 16x16); its rows cannot be read off the padded image in one piece
+    /// ([`im2col_compact`]), which pays on small maps only (large ones take the shifted form).
+    /// Needs `oh·ow` to be a multiple of [`GEMM_ALIGN`] so gemm reads the matrix in place.
     fn compact(&self) -> bool {
         self.plan() == Plan::PaddedRows
             && !self.shifted()
@@ -489,18 +489,58 @@ fn grad_to_grid(g: &Conv2dGeom, gb: &[f32], grid: &mut [f32]) {
     }
 }
 
-/// Compact im2col from the padded image: row `(c, i, j)` holds the `oh·ow` output pixels only,
-/// at `col[r·ld..]`.
-fn im2col_compact(g: &Conv2dGeom, padded: &[f32], col: &mut [f32], ld: usize) {
-    let (wp, plane, oh, ow) = (g.padded_w(), g.padded_plane(), g.out_h(), g.out_w());
-    for c in 0..g.cin {
+/// The compact column matrix of one image `xb` (row `(c, i, j)` holds the `oh·ow` output pixels
+/// only) at `col[r·ld..]`; `padded` is scratch.
+///
+/// A "same" convolution (`oh = h`, `ow = w`) needs no padded copy: row `(c, i, j)` is plane `c`
+/// read from offset `(i - p)·w + (j - p)`, with the pixels whose tap falls left or right of the
+/// image zeroed (those above or below fall outside the plane), one contiguous pass per row.
+/// Otherwise each row is gathered from the zero-padded image through a table of offsets. On the
+/// small maps this form is for, copying each row as `oh` slices of `ow` values (4 at 4x4) had
+/// spent more time in `memcpy` calls than the GEMM spent multiplying.
+fn im2col_compact(g: &Conv2dGeom, xb: &[f32], padded: &mut [f32], col: &mut [f32], ld: usize) {
+    let (oh, ow, l) = (g.out_h(), g.out_w(), g.cols());
+    if oh == g.h && ow == g.w {
+        let mut inside = vec![false; l];
         for i in 0..g.k {
             for j in 0..g.k {
+                // Pixel p = (y, x) reads plane[p + shift] when x + j - pad is inside the row.
+                let shift = (i * g.w + j) as isize - (g.pad * g.w + g.pad) as isize;
+                for (p, m) in inside.iter_mut().enumerate() {
+                    *m = (p % ow + j).wrapping_sub(g.pad) < g.w;
+                }
+                let lo = (-shift).clamp(0, l as isize) as usize;
+                let hi = (l as isize - shift.max(0)).max(lo as isize) as usize;
+                for c in 0..g.cin {
+                    let r = (c * g.k + i) * g.k + j;
+                    let row = &mut col[r * ld..][..l];
+                    row[..lo].fill(0.0);
+                    row[hi..].fill(0.0);
+                    if hi > lo {
+                        let src = &xb[c * l + (lo as isize + shift) as usize..][..hi - lo];
+                        let pixels = row[lo..hi].iter_mut().zip(src).zip(&inside[lo..hi]);
+                        for ((d, &v), &m) in pixels {
+                            *d = if m { v } else { 0.0 };
+                        }
+                    }
+                }
+            }
+        }
+        return;
+    }
+    pad_image(g, xb, padded);
+    let (wp, plane) = (g.padded_w(), g.padded_plane());
+    let mut offsets = vec![0usize; l];
+    for i in 0..g.k {
+        for j in 0..g.k {
+            for (p, o) in offsets.iter_mut().enumerate() {
+                *o = (p / ow + i) * wp + p % ow + j;
+            }
+            for c in 0..g.cin {
                 let r = (c * g.k + i) * g.k + j;
-                let row = &mut col[r * ld..][..oh * ow];
-                for oy in 0..oh {
-                    row[oy * ow..][..ow]
-                        .copy_from_slice(&padded[c * plane + (oy + i) * wp + j..][..ow]);
+                let src = &padded[c * plane..][..plane];
+                for (d, &o) in col[r * ld..][..l].iter_mut().zip(&offsets) {
+                    *d = src[o];
                 }
             }
         }
@@ -517,8 +557,7 @@ fn columns<'a>(g: &Conv2dGeom, xb: &'a [f32], col: &'a mut [f32], padded: &mut [
             col
         }
         Plan::PaddedRows if g.compact() => {
-            pad_image(g, xb, padded);
-            im2col_compact(g, padded, col, g.cols());
+            im2col_compact(g, xb, padded, col, g.cols());
             &col[..g.rows() * g.cols()]
         }
         Plan::PaddedRows => {
@@ -736,8 +775,7 @@ pub fn weight_grad(
                         for b in b0..b1 {
                             let xb = &x[b * g.image_in()..][..g.image_in()];
                             let gb = &grad[b * g.image_out()..][..g.image_out()];
-                            pad_image(g, xb, padded);
-                            im2col_compact(g, padded, &mut col[(b - b0) * l..], ld);
+                            im2col_compact(g, xb, padded, &mut col[(b - b0) * l..], ld);
                             for o in 0..g.cout {
                                 grid[o * ld + (b - b0) * l..][..l]
                                     .copy_from_slice(&gb[o * l..][..l]);
@@ -911,11 +949,32 @@ mod tests {
             // images per weight-gradient GEMM, the last group of a chunk short.
             g(9, 9, 15, 4, 3, 1, 1),
             g(17, 3, 15, 2, 5, 1, 2),
+            // Compact but not "same" (padding 0): the gathered rows.
+            g(3, 2, 17, 3, 3, 1, 0),
+            // One row of 16: the taps above and below shift by more than the whole map.
+            Conv2dGeom {
+                batch: 2,
+                cin: 3,
+                h: 1,
+                w: 16,
+                cout: 2,
+                k: 3,
+                stride: 1,
+                pad: 1,
+            },
         ]
     }
 
     #[test]
     fn forward_matches_direct_convolution() {
+        // Both forms of the compact column matrix are among them.
+        let same = |g: &Conv2dGeom| g.out_h() == g.h && g.out_w() == g.w;
+        assert!(
+            geometries()
+                .iter()
+                .any(|g| g.compact() && same(g) && g.h == 1)
+        );
+        assert!(geometries().iter().any(|g| g.compact() && !same(g)));
         for g in geometries() {
             let x = values(g.input_len(), 1);
             let w = values(g.weight_len(), 2);
