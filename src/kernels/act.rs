@@ -1,5 +1,5 @@
-//! SiLU (`x·σ(x)`, PyTorch's `torch.nn.functional.silu`) forward and backward on `f32` slices in
-//! one pass each.
+//! SiLU (`x·σ(x)`, PyTorch's `torch.nn.functional.silu`) and GELU (`x·Φ(x)`, its exact `gelu`)
+//! forward and backward on `f32` slices in one pass each, and the softmax rows of attention.
 //!
 //! burn's `silu` is `x * sigmoid(x)`: a sigmoid (scalar libm `expf` behind a branch, one thread)
 //! then a multiply, and its backward runs four more element-wise ops. Here the exponential is the
@@ -111,6 +111,86 @@ pub fn silu_grad(x: &[f32], grad: &[f32]) -> Vec<f32> {
         super::par_new_uninit(x.len(), BLOCK, |i, o| {
             let at = i * BLOCK..i * BLOCK + o.len();
             silu_grad_dispatch(&x[at.clone()], &grad[at], o)
+        })
+    }
+    .0
+}
+
+/// `(Φ(x), φ(x))`, the standard normal's distribution function and density, for GELU.
+///
+/// `Φ(x) = ½·erfc(-x/√2)`, with `erfc(z) = t·P(t)·e^{-z²}`, `t = 1/(1 + p·z)` for `z ≥ 0`: Abramowitz
+/// and Stegun 7.1.26 (absolute error at most 1.5e-7), the form PyTorch's vectorised CPU `erf`
+/// uses. burn's GELU calls libm's scalar `erff` per element, which was most of the time the LDM
+/// U-Net's GEGLU feed-forward spent outside its matrix products. `e^{-x²/2}` serves both halves.
+#[inline(always)]
+fn normal_parts(x: f32) -> (f32, f32) {
+    const P: f32 = 0.327_591_1;
+    const A1: f32 = 0.254_829_6;
+    const A2: f32 = -0.284_496_74;
+    const A3: f32 = 1.421_413_8;
+    const A4: f32 = -1.453_152_1;
+    const A5: f32 = 1.061_405_4;
+    // 1/√(2π)
+    const INV_SQRT_2PI: f32 = 0.398_942_3;
+    let z = x.abs() * std::f32::consts::FRAC_1_SQRT_2;
+    let t = 1.0 / (1.0 + P * z);
+    let poly = ((((A5 * t + A4) * t + A3) * t + A2) * t + A1) * t;
+    let e = exp(-z * z);
+    // ½·erfc(|z|): Φ(x) for x < 0, 1 - Φ(x) for x ≥ 0 (computed this way round, the left tail
+    // keeps its relative accuracy).
+    let tail = 0.5 * poly * e;
+    let cdf = if x >= 0.0 { 1.0 - tail } else { tail };
+    (cdf, e * INV_SQRT_2PI)
+}
+
+#[inline(always)]
+fn gelu_block(x: &[f32], y: &mut [MaybeUninit<f32>]) {
+    for (o, v) in y.iter_mut().zip(x) {
+        o.write(*v * normal_parts(*v).0);
+    }
+}
+
+/// d gelu / dx = Φ(x) + x·φ(x).
+#[inline(always)]
+fn gelu_grad_block(x: &[f32], g: &[f32], out: &mut [MaybeUninit<f32>]) {
+    for ((o, v), d) in out.iter_mut().zip(x).zip(g) {
+        let (cdf, pdf) = normal_parts(*v);
+        o.write(*d * (cdf + *v * pdf));
+    }
+}
+
+fn gelu_dispatch(x: &[f32], y: &mut [MaybeUninit<f32>]) {
+    multiversion!((x: &[f32], y: &mut [MaybeUninit<f32>]) => gelu_block(x, y))
+}
+
+fn gelu_grad_dispatch(x: &[f32], g: &[f32], out: &mut [MaybeUninit<f32>]) {
+    multiversion!((x: &[f32], g: &[f32], out: &mut [MaybeUninit<f32>])
+        => gelu_grad_block(x, g, out))
+}
+
+/// `y = x·Φ(x)`, the exact (erf) GELU of `torch.nn.functional.gelu`.
+pub fn gelu(x: &[f32]) -> Vec<f32> {
+    // SAFETY: `gelu_block` writes every element of its output chunk.
+    unsafe {
+        super::par_new_uninit(x.len(), BLOCK, |i, y| {
+            gelu_dispatch(&x[i * BLOCK..][..y.len()], y)
+        })
+    }
+    .0
+}
+
+/// `dx = g·(Φ(x) + x·φ(x))`.
+pub fn gelu_grad(x: &[f32], grad: &[f32]) -> Vec<f32> {
+    assert_eq!(
+        x.len(),
+        grad.len(),
+        "gelu_grad: x and grad differ in length"
+    );
+    // SAFETY: `gelu_grad_block` writes every element of its output chunk.
+    unsafe {
+        super::par_new_uninit(x.len(), BLOCK, |i, o| {
+            let at = i * BLOCK..i * BLOCK + o.len();
+            gelu_grad_dispatch(&x[at.clone()], &grad[at], o)
         })
     }
     .0
@@ -242,8 +322,52 @@ mod tests {
         }
     }
 
+    /// erf in f64 from its everywhere-positive series `2x/√π·e^{-x²}·Σ (2x²)ⁿ/(1·3···(2n+1))`
+    /// (±1 past |x| = 6, where erfc is below 2e-17).
+    fn erf(x: f64) -> f64 {
+        if x.abs() > 6.0 {
+            return x.signum();
+        }
+        let (mut term, mut sum, mut n) = (1.0, 1.0, 0.0);
+        while term > 1e-17 * sum {
+            n += 1.0;
+            term *= 2.0 * x * x / (2.0 * n + 1.0);
+            sum += term;
+        }
+        2.0 * x / std::f64::consts::PI.sqrt() * (-x * x).exp() * sum
+    }
+
+    #[test]
+    fn gelu_and_its_gradient_match_the_definition() {
+        assert!((erf(1.0) - 0.842_700_792_949_715).abs() < 1e-15);
+        let x = grid();
+        let g: Vec<f32> = x.iter().map(|v| 0.5 - v * 0.01).collect();
+        let (y, dx) = (gelu(&x), gelu_grad(&x, &g));
+        for (i, &v) in x.iter().enumerate() {
+            let v64 = v as f64;
+            let cdf = 0.5 * (1.0 + erf(v64 / std::f64::consts::SQRT_2));
+            let pdf = (-v64 * v64 / 2.0).exp() / (2.0 * std::f64::consts::PI).sqrt();
+            let (want_y, want_dx) = (v64 * cdf, g[i] as f64 * (cdf + v64 * pdf));
+            // A&S 7.1.26's 1.5e-7 absolute error in erf, times |x|/2.
+            let tol = 1e-7 * (1.0 + v64.abs()) + 1e-6 * want_y.abs();
+            assert!(
+                (y[i] as f64 - want_y).abs() <= tol,
+                "gelu({v}) = {}, want {want_y}",
+                y[i]
+            );
+            assert!(
+                (dx[i] as f64 - want_dx).abs() <= tol + 1e-6 * want_dx.abs(),
+                "gelu'({v}) = {}, want {want_dx}",
+                dx[i]
+            );
+        }
+    }
+
     #[test]
     fn non_finite_inputs_stay_non_finite() {
+        assert!(gelu(&[f32::NAN])[0].is_nan());
+        assert_eq!(gelu(&[f32::INFINITY])[0], f32::INFINITY);
+        assert!(gelu_grad(&[f32::NAN], &[1.0])[0].is_nan());
         let y = silu(&[f32::NAN, f32::INFINITY, f32::NEG_INFINITY]);
         assert!(y[0].is_nan());
         assert!(!y[1].is_finite() && !y[2].is_finite());
@@ -295,6 +419,10 @@ mod tests {
         silu_block(&x, &mut generic);
         let generic: Vec<f32> = generic.iter().map(|v| unsafe { v.assume_init() }).collect();
         assert_eq!(silu(&x), generic);
+        let mut generic = vec![MaybeUninit::new(0.0f32); x.len()];
+        gelu_block(&x, &mut generic);
+        let generic: Vec<f32> = generic.iter().map(|v| unsafe { v.assume_init() }).collect();
+        assert_eq!(gelu(&x), generic);
     }
 }
 

@@ -5,9 +5,10 @@
 //! input gradient with a transposed convolution whose scatter loop is single-threaded, and the
 //! weight gradient as a convolution whose kernel is the whole output gradient), SiLU and softmax
 //! (scalar libm `expf`, several single-threaded element-wise passes each way), and
-//! GroupNorm/LayerNorm (about ten single-threaded passes forward, twenty backward).
+//! GroupNorm/LayerNorm (about ten single-threaded passes forward, twenty backward); in the
+//! latent-diffusion U-Net's feed-forward, GELU (scalar libm `erff`).
 //! [`TrainOps`] replaces these operations (convolution, transposed convolution, group norm,
-//! SiLU, softmax over the last dimension):
+//! SiLU, GELU, softmax over the last dimension):
 //!
 //! - on burn's Flex (CPU) backend with the kernels in [`conv`], [`norm`] and [`act`];
 //! - under autodiff with a backward step that calls those kernels (one node per operation, so the
@@ -15,8 +16,8 @@
 //! - on every other backend (CUDA) with the trait's default bodies, which are exactly the burn
 //!   operations the layers called before.
 //!
-//! Layers call [`conv2d`], [`conv_transpose2d`], [`group_norm`], [`layer_norm`], [`silu`] and
-//! [`softmax_last`]; nothing else in the crate knows this module exists.
+//! Layers call [`conv2d`], [`conv_transpose2d`], [`group_norm`], [`layer_norm`], [`silu`],
+//! [`gelu`] and [`softmax_last`]; nothing else in the crate knows this module exists.
 
 /// Runs `$body` compiled for the best instruction set this CPU has. The code is the same in each
 /// arm; only the vector width differs, and every operation is exactly rounded IEEE arithmetic
@@ -53,7 +54,7 @@ use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
-use burn::backend::ops::{ConvOptions, ConvTransposeOptions, ModuleOps};
+use burn::backend::ops::{ActivationOps, ConvOptions, ConvTransposeOptions, ModuleOps};
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Dispatch, Flex, TensorMetadata, backend_extension};
 use burn::prelude::*;
@@ -176,6 +177,16 @@ pub trait TrainOps: Backend {
     /// `x·σ(x)`.
     fn silu_train(x: FloatTensor<Self>) -> FloatTensor<Self> {
         composed_silu::<Self>(x)
+    }
+
+    /// `x·Φ(x)`, the exact (erf) GELU.
+    fn gelu_train(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        Self::gelu(x)
+    }
+
+    /// `grad·(Φ(x) + x·φ(x))`, the gradient of [`TrainOps::gelu_train`].
+    fn gelu_input_grad(x: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
+        Self::gelu_backward(x, grad)
     }
 
     /// `softmax(q kᵀ · scale) v` for `q` `[h, n, d]`, `k`, `v` `[h, m, d]`.
@@ -600,6 +611,14 @@ pub fn scaled_dot_product_attention(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>) ->
 /// - any; output the same
 pub fn silu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     Tensor::from_dispatch(<Dispatch as TrainOps>::silu_train(x.into_dispatch()))
+}
+
+/// `x·Φ(x)` (`torch.nn.functional.gelu`, exact) through [`TrainOps`].
+///
+/// # Shapes
+/// - any; output the same
+pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    Tensor::from_dispatch(<Dispatch as TrainOps>::gelu_train(x.into_dispatch()))
 }
 
 /// Softmax over the last dimension through [`TrainOps`] (`burn::tensor::activation::softmax(x,
@@ -1069,6 +1088,22 @@ impl TrainOps for Flex {
         }
     }
 
+    fn gelu_train(x: FlexTensor) -> FlexTensor {
+        match f32_values(&x) {
+            Some(v) => flex_tensor_in(act::gelu(&v), x.shape().as_slice(), x.dtype()),
+            None => Self::gelu(x),
+        }
+    }
+
+    fn gelu_input_grad(x: FlexTensor, grad: FlexTensor) -> FlexTensor {
+        match (f32_values(&x), f32_values(&grad)) {
+            (Some(xv), Some(gv)) => {
+                flex_tensor_in(act::gelu_grad(&xv, &gv), x.shape().as_slice(), x.dtype())
+            }
+            _ => Self::gelu_backward(x, grad),
+        }
+    }
+
     fn attention_lse(
         q: FlexTensor,
         k: FlexTensor,
@@ -1327,6 +1362,27 @@ impl<B: Backend + TrainOps> Backward<B, 1> for SiluBackward {
     }
 }
 
+/// Backward step of GELU: the checkpointed input.
+#[derive(Debug)]
+struct GeluBackward;
+
+impl<B: Backend + TrainOps> Backward<B, 1> for GeluBackward {
+    type State = NodeId;
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 1>,
+        grads: &mut Gradients,
+        checkpointer: &mut Checkpointer,
+    ) {
+        let grad = grads.consume::<B>(&ops.node);
+        let x = checkpointer.retrieve_node_output::<FloatTensor<B>>(ops.state);
+        if let Some(node) = &ops.parents[0] {
+            grads.register::<B>(node.id, B::gelu_input_grad(x, grad));
+        }
+    }
+}
+
 impl<B: Backend + TrainOps, C: CheckpointStrategy> TrainOps for Autodiff<B, C> {
     fn conv_transpose2d_bias_train(
         x: FloatTensor<Self>,
@@ -1459,6 +1515,20 @@ impl<B: Backend + TrainOps, C: CheckpointStrategy> TrainOps for Autodiff<B, C> {
             OpsKind::UnTracked(prep) => prep.finish(B::silu_train(x.into_primitive())),
         }
     }
+
+    fn gelu_train(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        match GeluBackward
+            .prepare::<C>([x.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(mut prep) => {
+                let state = prep.checkpoint(&x);
+                prep.finish(state, B::gelu_train(x.into_primitive()))
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::gelu_train(x.into_primitive())),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -1550,6 +1620,7 @@ mod tests {
                 },
             ),
             ("silu", vec![x4.clone()], |t| silu(t[0].clone())),
+            ("gelu", vec![x4.clone()], |t| gelu(t[0].clone())),
             ("softmax_last", vec![x4.clone()], |t| {
                 softmax_last(t[0].clone())
             }),
@@ -1664,6 +1735,33 @@ mod tests {
         let (ours, theirs) = (run(true), run(false));
         for (a, b) in ours.iter().zip(&theirs) {
             a.assert_approx_eq::<f32>(b, burn::tensor::Tolerance::absolute(1e-6));
+        }
+    }
+
+    /// GELU through [`TrainOps`] and its gradient equal burn's (libm `erff`) within the A&S
+    /// erf's 1.5e-7 times |x| (inputs up to about ±12).
+    #[test]
+    fn gelu_matches_burn_with_gradient() {
+        let d = device();
+        let x = Tensor::<4>::random([2, 3, 5, 37], Distribution::Normal(0.0, 3.0), &d);
+        let run = |ours: bool| {
+            let x = x.clone().require_grad();
+            let y = if ours {
+                gelu(x.clone())
+            } else {
+                burn::tensor::activation::gelu(x.clone())
+            };
+            let shape = y.dims();
+            let t = Tensor::<1, Int>::arange(0..shape.iter().product::<usize>() as i64, &d)
+                .float()
+                .reshape(shape)
+                .sin();
+            let grads = (y.clone() * t).sum().backward();
+            [y.into_data(), x.grad(&grads).expect("x grad").into_data()]
+        };
+        let (ours, theirs) = (run(true), run(false));
+        for (a, b) in ours.iter().zip(&theirs) {
+            a.assert_approx_eq::<f32>(b, burn::tensor::Tolerance::absolute(2e-6));
         }
     }
 

@@ -8,9 +8,8 @@
 
 use burn::module::Module;
 use burn::prelude::*;
-use burn::tensor::activation::gelu;
 
-use crate::kernels::{scaled_dot_product_attention, softmax_last};
+use crate::kernels::{gelu, scaled_dot_product_attention, softmax_last};
 use crate::nn::{GroupNorm, LayerNorm, Linear};
 
 /// Multi-head scaled dot-product attention over `[b, n, heads * d]` projections, with an

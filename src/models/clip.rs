@@ -5,11 +5,12 @@
 use burn::module::Module;
 use burn::prelude::*;
 use burn::tensor::DType;
-use burn::tensor::activation::{gelu, sigmoid};
+use burn::tensor::activation::sigmoid;
 use serde::{Deserialize, Serialize};
 
 use super::attention::multi_head_attention;
 use crate::io::config_json::ConfigJson;
+use crate::kernels::gelu;
 use crate::nn::{Embedding, LayerNorm, Linear};
 
 /// `hidden_act`.
