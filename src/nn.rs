@@ -252,10 +252,23 @@ impl Linear {
     ///
     /// Computes in `x`'s dtype: f32 weights are cast to it under mixed precision (the cast is
     /// differentiable, so their gradients stay f32).
+    ///
+    /// The leading axes are flattened into one, so the product is a single `[rows, in] · [in,
+    /// out]` GEMM: burn multiplies a `[b, n, in]` input by the broadcast weight as `b` separate
+    /// small GEMMs, and its backward then forms `b` weight gradients `[in, out]` and sums them,
+    /// where one GEMM with inner dimension `b·n` does.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         let dtype = x.dtype();
         let w = |p: &Param<Tensor<2>>| as_dtype(p.val(), dtype);
-        let y = x.clone().matmul(w(&self.weight).transpose().unsqueeze());
+        let dims = x.dims();
+        let rows = dims[..D - 1].iter().product::<usize>();
+        let mut out_dims = dims;
+        out_dims[D - 1] = self.weight.dims()[0];
+        let y = x
+            .clone()
+            .reshape([rows, dims[D - 1]])
+            .matmul(w(&self.weight).transpose())
+            .reshape(out_dims);
         let y = match &self.bias {
             Some(b) => y + as_dtype(b.val(), dtype).unsqueeze(),
             None => y,

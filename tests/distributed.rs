@@ -96,16 +96,22 @@ fn two_and_four_workers_equal_one_worker_with_one_all_reduce_per_step() {
             let d = max_diff(&rank0, &io::named_tensors(replica));
             assert_eq!(d, 0.0, "rank {} differs from rank 0 by {d}", r + 1);
         }
+        // The gradients are the same sums in another order (each rank's rows, then the
+        // all-reduce), and Adam divides every step by the gradient's own scale: rounding comes
+        // out at up to ~2% of one lr-sized step, most in `to_k.bias`, whose exact gradient is zero
+        // (softmax ignores a shift shared by a query's scores), so its steps are pure rounding
+        // noise. A lost or doubled sample changes every gradient by about 1/8 (8 images per
+        // micro-batch).
         let d = max_diff(&rank0, &one_weights);
         assert!(
-            d < 1e-5,
+            d < 5e-5,
             "world {world} split {split}: {d:e} from one worker"
         );
         let ema = max_diff(
             &io::named_tensors(dp.ema.as_ref().unwrap()),
             &io::named_tensors(one.ema.as_ref().unwrap()),
         );
-        assert!(ema < 1e-5, "EMA differs by {ema:e}");
+        assert!(ema < 5e-5, "EMA differs by {ema:e}");
         assert!((s.last_loss - one.summary.last_loss).abs() < 1e-5);
     }
 }

@@ -45,13 +45,15 @@ fn four_micro_batches_of_8_equal_one_batch_of_32() {
             max_change = max_change.max((x - z).abs());
         }
     }
-    // The steps moved the weights by ~lr per step, and the two ways agree far closer than that.
+    // The steps moved the weights by ~lr per step, and the two ways agree far closer than that:
+    // the same gradient sums in another order, and Adam's first steps are about lr·sign(g), so
+    // elements whose gradient is near zero carry the rounding (measured 1.5e-5, 1.5% of a step).
     assert!(
         max_change > 1e-4,
         "training did not change the weights ({max_change:e})"
     );
     assert!(
-        max_diff < 1e-5,
+        max_diff < 5e-5,
         "accumulated and whole-batch weights differ by {max_diff:e}"
     );
 }
@@ -227,8 +229,10 @@ fn batch_split_over_replica_threads_matches_the_unsplit_step() {
             max_change = max_change.max((x - z).abs());
         }
     }
+    // Rounding carried through Adam, as in `four_micro_batches_of_8_equal_one_batch_of_32`
+    // (measured 3.1e-5).
     assert!(max_change > 1e-4, "weights did not move: {max_change}");
-    assert!(max_diff < 1e-5, "split differs by {max_diff}");
+    assert!(max_diff < 5e-5, "split differs by {max_diff}");
     assert!(
         (loss_whole - loss_split).abs() < 1e-5,
         "{loss_whole} vs {loss_split}"
