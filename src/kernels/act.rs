@@ -196,6 +196,81 @@ pub fn gelu_grad(x: &[f32], grad: &[f32]) -> Vec<f32> {
     .0
 }
 
+#[inline(always)]
+fn geglu_block(h: &[f32], y: &mut [MaybeUninit<f32>], inner: usize) {
+    for (hr, yr) in h.chunks_exact(2 * inner).zip(y.chunks_exact_mut(inner)) {
+        let (left, gate) = hr.split_at(inner);
+        for ((o, a), v) in yr.iter_mut().zip(left).zip(gate) {
+            o.write(*a * (*v * normal_parts(*v).0));
+        }
+    }
+}
+
+/// `dh = [g·gelu(gate), g·left·gelu'(gate)]` per row.
+#[inline(always)]
+fn geglu_grad_block(h: &[f32], g: &[f32], out: &mut [MaybeUninit<f32>], inner: usize) {
+    let rows = h.chunks_exact(2 * inner).zip(g.chunks_exact(inner));
+    for ((hr, gr), or) in rows.zip(out.chunks_exact_mut(2 * inner)) {
+        let (left, gate) = hr.split_at(inner);
+        let (d_left, d_gate) = or.split_at_mut(inner);
+        let pairs = d_left.iter_mut().zip(d_gate.iter_mut());
+        for ((((dl, dg), a), v), d) in pairs.zip(left).zip(gate).zip(gr) {
+            let (cdf, pdf) = normal_parts(*v);
+            dl.write(*d * (*v * cdf));
+            dg.write(*d * *a * (cdf + *v * pdf));
+        }
+    }
+}
+
+fn geglu_dispatch(h: &[f32], y: &mut [MaybeUninit<f32>], inner: usize) {
+    multiversion!((h: &[f32], y: &mut [MaybeUninit<f32>], inner: usize)
+        => geglu_block(h, y, inner))
+}
+
+fn geglu_grad_dispatch(h: &[f32], g: &[f32], out: &mut [MaybeUninit<f32>], inner: usize) {
+    multiversion!((h: &[f32], g: &[f32], out: &mut [MaybeUninit<f32>], inner: usize)
+        => geglu_grad_block(h, g, out, inner))
+}
+
+/// diffusers' `GEGLU` after its projection: rows of `h` `[left | gate]`, each `inner` wide,
+/// become `left·gelu(gate)` (rows of `inner`). One pass, where burn's ops made the two halves
+/// (strided views), copied the gate for GELU, then multiplied, and the backward of each half
+/// allocated and zero-filled a full-width gradient.
+pub fn geglu(h: &[f32], inner: usize) -> Vec<f32> {
+    assert!(
+        inner > 0 && h.len() % (2 * inner) == 0,
+        "geglu: rows of 2·{inner}"
+    );
+    let rows = rows_per_task(inner);
+    // SAFETY: `geglu_block` writes every element of its output chunk (whole rows).
+    unsafe {
+        super::par_new_uninit(h.len() / 2, rows * inner, |i, y| {
+            let start = i * rows * 2 * inner;
+            geglu_dispatch(&h[start..start + 2 * y.len()], y, inner)
+        })
+    }
+    .0
+}
+
+/// The gradient of [`geglu`] with respect to `h`, given the output gradient `grad`.
+pub fn geglu_grad(h: &[f32], grad: &[f32], inner: usize) -> Vec<f32> {
+    assert_eq!(h.len(), 2 * grad.len(), "geglu_grad: h is not twice grad");
+    assert!(
+        inner > 0 && grad.len() % inner == 0,
+        "geglu_grad: rows of {inner}"
+    );
+    let rows = rows_per_task(2 * inner);
+    // SAFETY: `geglu_grad_block` writes every element of its output chunk (whole rows).
+    unsafe {
+        super::par_new_uninit(h.len(), rows * 2 * inner, |i, o| {
+            let start = i * rows * 2 * inner;
+            let g = &grad[start / 2..start / 2 + o.len() / 2];
+            geglu_grad_dispatch(&h[start..start + o.len()], g, o, inner)
+        })
+    }
+    .0
+}
+
 /// Rows of a softmax per rayon task: about [`BLOCK`] elements.
 fn rows_per_task(len: usize) -> usize {
     (BLOCK / len.max(1)).max(1)
@@ -360,6 +435,34 @@ mod tests {
                 "gelu'({v}) = {}, want {want_dx}",
                 dx[i]
             );
+        }
+    }
+
+    #[test]
+    fn geglu_and_its_gradient_are_left_times_gelu_of_gate() {
+        let inner = 37;
+        let h: Vec<f32> = grid().iter().take(2 * inner * 9).map(|v| v * 0.4).collect();
+        let g: Vec<f32> = (0..h.len() / 2)
+            .map(|i| ((i * 7) % 11) as f32 * 0.1 - 0.5)
+            .collect();
+        let (y, dh) = (geglu(&h, inner), geglu_grad(&h, &g, inner));
+        for (r, (hr, gr)) in h.chunks(2 * inner).zip(g.chunks(inner)).enumerate() {
+            let (left, gate) = hr.split_at(inner);
+            let (gelu_gate, d_gate) = (gelu(gate), gelu_grad(gate, gr));
+            for i in 0..inner {
+                assert_eq!(y[r * inner + i], left[i] * gelu_gate[i], "y[{r}, {i}]");
+                let want_left = gr[i] * gelu_gate[i];
+                let want_gate = d_gate[i] * left[i];
+                for (got, want) in [
+                    (dh[r * 2 * inner + i], want_left),
+                    (dh[(2 * r + 1) * inner + i], want_gate),
+                ] {
+                    assert!(
+                        (got - want).abs() <= 1e-6 * (1.0 + want.abs()),
+                        "dh[{r}]: {got} vs {want}"
+                    );
+                }
+            }
         }
     }
 

@@ -189,6 +189,17 @@ pub trait TrainOps: Backend {
         Self::gelu_backward(x, grad)
     }
 
+    /// `left·gelu(gate)` for `h = [left | gate]` split in half along the last axis (diffusers'
+    /// `GEGLU` after its projection).
+    fn geglu_train(h: FloatTensor<Self>) -> FloatTensor<Self> {
+        composed_geglu::<Self>(h)
+    }
+
+    /// The gradient of [`TrainOps::geglu_train`] with respect to `h`.
+    fn geglu_input_grad(h: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
+        composed_geglu_grad::<Self>(h, grad)
+    }
+
     /// `softmax(q kᵀ · scale) v` for `q` `[h, n, d]`, `k`, `v` `[h, m, d]`.
     fn attention_train(
         q: FloatTensor<Self>,
@@ -315,6 +326,40 @@ fn composed_group_norm_grads<B: Backend>(
     let mean_dx = B::float_mean_dim(B::float_mul(d.clone(), xhat.clone()), 2);
     let inner = B::float_sub(B::float_sub(d, mean_d), B::float_mul(xhat, mean_dx));
     (B::float_reshape(B::float_mul(inner, rstd), shape), dw, db)
+}
+
+/// The two halves of `h` along its last axis.
+fn halves<B: Backend>(h: FloatTensor<B>) -> [FloatTensor<B>; 2] {
+    let shape = h.shape();
+    let (last, inner) = (shape.num_dims() - 1, shape[shape.num_dims() - 1] / 2);
+    let half = |range: std::ops::Range<usize>| {
+        let slices: Vec<burn::tensor::Slice> = (0..=last)
+            .map(|d| {
+                if d == last {
+                    range.clone().into()
+                } else {
+                    (0..shape[d]).into()
+                }
+            })
+            .collect();
+        B::float_slice(h.clone(), &slices)
+    };
+    [half(0..inner), half(inner..2 * inner)]
+}
+
+/// burn's operations for [`TrainOps::geglu_train`].
+fn composed_geglu<B: Backend>(h: FloatTensor<B>) -> FloatTensor<B> {
+    let [left, gate] = halves::<B>(h);
+    B::float_mul(left, B::gelu(gate))
+}
+
+/// burn's operations for [`TrainOps::geglu_input_grad`].
+fn composed_geglu_grad<B: Backend>(h: FloatTensor<B>, grad: FloatTensor<B>) -> FloatTensor<B> {
+    let last = h.shape().num_dims() - 1;
+    let [left, gate] = halves::<B>(h);
+    let d_left = B::float_mul(grad.clone(), B::gelu(gate.clone()));
+    let d_gate = B::gelu_backward(gate, B::float_mul(grad, left));
+    B::float_cat(vec![d_left, d_gate], last)
 }
 
 /// burn's operations for [`TrainOps::silu_train`].
@@ -619,6 +664,20 @@ pub fn silu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
 /// - any; output the same
 pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
     Tensor::from_dispatch(<Dispatch as TrainOps>::gelu_train(x.into_dispatch()))
+}
+
+/// diffusers' `GEGLU` after its projection through [`TrainOps`]: `h` split in half along the
+/// last axis, `left·gelu(gate)`.
+///
+/// # Shapes
+/// - `h` `[..., 2·inner]`; output `[..., inner]`
+pub fn geglu<const D: usize>(h: Tensor<D>) -> Tensor<D> {
+    let width = h.dims()[D - 1];
+    assert!(
+        width % 2 == 0,
+        "geglu: the last axis ({width}) must be even"
+    );
+    Tensor::from_dispatch(<Dispatch as TrainOps>::geglu_train(h.into_dispatch()))
 }
 
 /// Softmax over the last dimension through [`TrainOps`] (`burn::tensor::activation::softmax(x,
@@ -1104,6 +1163,31 @@ impl TrainOps for Flex {
         }
     }
 
+    fn geglu_train(h: FlexTensor) -> FlexTensor {
+        let mut shape = h.shape().as_slice().to_vec();
+        let inner = shape[shape.len() - 1] / 2;
+        match f32_values(&h) {
+            Some(v) if inner > 0 => {
+                *shape.last_mut().expect("a last axis") = inner;
+                flex_tensor_in(act::geglu(&v, inner), &shape, h.dtype())
+            }
+            _ => composed_geglu::<Self>(h),
+        }
+    }
+
+    fn geglu_input_grad(h: FlexTensor, grad: FlexTensor) -> FlexTensor {
+        let shape = h.shape();
+        let inner = shape[shape.num_dims() - 1] / 2;
+        match (f32_values(&h), f32_values(&grad)) {
+            (Some(hv), Some(gv)) if inner > 0 => flex_tensor_in(
+                act::geglu_grad(&hv, &gv, inner),
+                shape.as_slice(),
+                h.dtype(),
+            ),
+            _ => composed_geglu_grad::<Self>(h, grad),
+        }
+    }
+
     fn attention_lse(
         q: FlexTensor,
         k: FlexTensor,
@@ -1383,6 +1467,27 @@ impl<B: Backend + TrainOps> Backward<B, 1> for GeluBackward {
     }
 }
 
+/// Backward step of GEGLU: the checkpointed input.
+#[derive(Debug)]
+struct GegluBackward;
+
+impl<B: Backend + TrainOps> Backward<B, 1> for GegluBackward {
+    type State = NodeId;
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 1>,
+        grads: &mut Gradients,
+        checkpointer: &mut Checkpointer,
+    ) {
+        let grad = grads.consume::<B>(&ops.node);
+        let h = checkpointer.retrieve_node_output::<FloatTensor<B>>(ops.state);
+        if let Some(node) = &ops.parents[0] {
+            grads.register::<B>(node.id, B::geglu_input_grad(h, grad));
+        }
+    }
+}
+
 impl<B: Backend + TrainOps, C: CheckpointStrategy> TrainOps for Autodiff<B, C> {
     fn conv_transpose2d_bias_train(
         x: FloatTensor<Self>,
@@ -1529,6 +1634,20 @@ impl<B: Backend + TrainOps, C: CheckpointStrategy> TrainOps for Autodiff<B, C> {
             OpsKind::UnTracked(prep) => prep.finish(B::gelu_train(x.into_primitive())),
         }
     }
+
+    fn geglu_train(h: FloatTensor<Self>) -> FloatTensor<Self> {
+        match GegluBackward
+            .prepare::<C>([h.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(mut prep) => {
+                let state = prep.checkpoint(&h);
+                prep.finish(state, B::geglu_train(h.into_primitive()))
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::geglu_train(h.into_primitive())),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -1621,6 +1740,7 @@ mod tests {
             ),
             ("silu", vec![x4.clone()], |t| silu(t[0].clone())),
             ("gelu", vec![x4.clone()], |t| gelu(t[0].clone())),
+            ("geglu", vec![x4.clone()], |t| geglu(t[0].clone())),
             ("softmax_last", vec![x4.clone()], |t| {
                 softmax_last(t[0].clone())
             }),
@@ -1760,6 +1880,35 @@ mod tests {
             [y.into_data(), x.grad(&grads).expect("x grad").into_data()]
         };
         let (ours, theirs) = (run(true), run(false));
+        for (a, b) in ours.iter().zip(&theirs) {
+            a.assert_approx_eq::<f32>(b, burn::tensor::Tolerance::absolute(2e-6));
+        }
+    }
+
+    /// GEGLU through [`TrainOps`] and its gradient equal burn's `left * gelu(gate)` on the two
+    /// halves (strided views), as the layer computed it before.
+    #[test]
+    fn geglu_matches_burn_with_gradient() {
+        let d = device();
+        let h = Tensor::<3>::random([2, 5, 2 * 37], Distribution::Normal(0.0, 2.0), &d);
+        let run = |ours: bool| {
+            let h = h.clone().require_grad();
+            let y = if ours {
+                geglu(h.clone())
+            } else {
+                h.clone().narrow(2, 0, 37)
+                    * burn::tensor::activation::gelu(h.clone().narrow(2, 37, 37))
+            };
+            let shape = y.dims();
+            let t = Tensor::<1, Int>::arange(0..shape.iter().product::<usize>() as i64, &d)
+                .float()
+                .reshape(shape)
+                .sin();
+            let grads = (y.clone() * t).sum().backward();
+            [y.into_data(), h.grad(&grads).expect("h grad").into_data()]
+        };
+        let (ours, theirs) = (run(true), run(false));
+        assert_eq!(ours[0].shape().as_slice(), [2, 5, 37]);
         for (a, b) in ours.iter().zip(&theirs) {
             a.assert_approx_eq::<f32>(b, burn::tensor::Tolerance::absolute(2e-6));
         }

@@ -9,7 +9,7 @@
 use burn::module::Module;
 use burn::prelude::*;
 
-use crate::kernels::{gelu, scaled_dot_product_attention, softmax_last};
+use crate::kernels::{geglu, scaled_dot_product_attention, softmax_last};
 use crate::nn::{GroupNorm, LayerNorm, Linear};
 
 /// Multi-head scaled dot-product attention over `[b, n, heads * d]` projections, with an
@@ -156,10 +156,7 @@ impl GEGLU {
     /// # Shapes
     /// - `x`: `[b, n, dim]`; returns `[b, n, inner]`
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let h = self.proj.forward(x);
-        let inner = h.dims()[2] / 2;
-        let gate = h.clone().narrow(2, inner, inner);
-        h.narrow(2, 0, inner) * gelu(gate)
+        geglu(self.proj.forward(x))
     }
 }
 
