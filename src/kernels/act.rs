@@ -87,33 +87,39 @@ fn silu_grad_dispatch(x: &[f32], g: &[f32], out: &mut [MaybeUninit<f32>]) {
         => silu_grad_block(x, g, out))
 }
 
-/// `y = x·σ(x)`.
-pub fn silu(x: &[f32]) -> Vec<f32> {
-    // SAFETY: `silu_block` writes every element of its output chunk (same length as the input
-    // slice it is zipped with).
+/// `block` over `x` in parallel blocks of [`BLOCK`]. `block` must write every element of the
+/// output it is given, whose length is that of the input slice (the `*_block` functions here
+/// zip the two).
+fn elementwise(x: &[f32], block: fn(&[f32], &mut [MaybeUninit<f32>])) -> Vec<f32> {
+    // SAFETY: `block` writes every element of its output chunk (the contract above).
+    unsafe { super::par_new_uninit(x.len(), BLOCK, |i, y| block(&x[i * BLOCK..][..y.len()], y)) }.0
+}
+
+/// [`elementwise`] for an input gradient from `x` and the output gradient `grad`.
+fn elementwise_grad(
+    x: &[f32],
+    grad: &[f32],
+    block: fn(&[f32], &[f32], &mut [MaybeUninit<f32>]),
+) -> Vec<f32> {
+    assert_eq!(x.len(), grad.len(), "x and grad differ in length");
+    // SAFETY: as in `elementwise`.
     unsafe {
-        super::par_new_uninit(x.len(), BLOCK, |i, y| {
-            silu_dispatch(&x[i * BLOCK..][..y.len()], y)
+        super::par_new_uninit(x.len(), BLOCK, |i, o| {
+            let at = i * BLOCK..i * BLOCK + o.len();
+            block(&x[at.clone()], &grad[at], o)
         })
     }
     .0
 }
 
+/// `y = x·σ(x)`.
+pub fn silu(x: &[f32]) -> Vec<f32> {
+    elementwise(x, silu_dispatch)
+}
+
 /// `dx = g·σ(x)·(1 + x·(1 - σ(x)))`.
 pub fn silu_grad(x: &[f32], grad: &[f32]) -> Vec<f32> {
-    assert_eq!(
-        x.len(),
-        grad.len(),
-        "silu_grad: x and grad differ in length"
-    );
-    // SAFETY: `silu_grad_block` writes every element of its output chunk.
-    unsafe {
-        super::par_new_uninit(x.len(), BLOCK, |i, o| {
-            let at = i * BLOCK..i * BLOCK + o.len();
-            silu_grad_dispatch(&x[at.clone()], &grad[at], o)
-        })
-    }
-    .0
+    elementwise_grad(x, grad, silu_grad_dispatch)
 }
 
 /// `(Φ(x), φ(x))`, the standard normal's distribution function and density, for GELU.
@@ -170,30 +176,12 @@ fn gelu_grad_dispatch(x: &[f32], g: &[f32], out: &mut [MaybeUninit<f32>]) {
 
 /// `y = x·Φ(x)`, the exact (erf) GELU of `torch.nn.functional.gelu`.
 pub fn gelu(x: &[f32]) -> Vec<f32> {
-    // SAFETY: `gelu_block` writes every element of its output chunk.
-    unsafe {
-        super::par_new_uninit(x.len(), BLOCK, |i, y| {
-            gelu_dispatch(&x[i * BLOCK..][..y.len()], y)
-        })
-    }
-    .0
+    elementwise(x, gelu_dispatch)
 }
 
 /// `dx = g·(Φ(x) + x·φ(x))`.
 pub fn gelu_grad(x: &[f32], grad: &[f32]) -> Vec<f32> {
-    assert_eq!(
-        x.len(),
-        grad.len(),
-        "gelu_grad: x and grad differ in length"
-    );
-    // SAFETY: `gelu_grad_block` writes every element of its output chunk.
-    unsafe {
-        super::par_new_uninit(x.len(), BLOCK, |i, o| {
-            let at = i * BLOCK..i * BLOCK + o.len();
-            gelu_grad_dispatch(&x[at.clone()], &grad[at], o)
-        })
-    }
-    .0
+    elementwise_grad(x, grad, gelu_grad_dispatch)
 }
 
 #[inline(always)]

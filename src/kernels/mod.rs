@@ -1425,11 +1425,20 @@ impl<B: Backend + TrainOps> Backward<B, 3> for AttentionBackward {
     }
 }
 
-/// Backward step of SiLU: the checkpointed input.
-#[derive(Debug)]
-struct SiluBackward;
+/// An element-wise operation's input gradient from its input and the output gradient.
+type PointwiseGrad<B> = fn(FloatTensor<B>, FloatTensor<B>) -> FloatTensor<B>;
 
-impl<B: Backend + TrainOps> Backward<B, 1> for SiluBackward {
+/// Backward step of an operation on one input (SiLU, GELU, GEGLU): the checkpointed input and
+/// the output gradient through its [`PointwiseGrad`].
+struct PointwiseBackward<B: Backend>(PointwiseGrad<B>);
+
+impl<B: Backend> std::fmt::Debug for PointwiseBackward<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PointwiseBackward")
+    }
+}
+
+impl<B: Backend + TrainOps> Backward<B, 1> for PointwiseBackward<B> {
     type State = NodeId;
 
     fn backward(
@@ -1441,50 +1450,27 @@ impl<B: Backend + TrainOps> Backward<B, 1> for SiluBackward {
         let grad = grads.consume::<B>(&ops.node);
         let x = checkpointer.retrieve_node_output::<FloatTensor<B>>(ops.state);
         if let Some(node) = &ops.parents[0] {
-            grads.register::<B>(node.id, B::silu_input_grad(x, grad));
+            grads.register::<B>(node.id, (self.0)(x, grad));
         }
     }
 }
 
-/// Backward step of GELU: the checkpointed input.
-#[derive(Debug)]
-struct GeluBackward;
-
-impl<B: Backend + TrainOps> Backward<B, 1> for GeluBackward {
-    type State = NodeId;
-
-    fn backward(
-        self,
-        ops: Ops<Self::State, 1>,
-        grads: &mut Gradients,
-        checkpointer: &mut Checkpointer,
-    ) {
-        let grad = grads.consume::<B>(&ops.node);
-        let x = checkpointer.retrieve_node_output::<FloatTensor<B>>(ops.state);
-        if let Some(node) = &ops.parents[0] {
-            grads.register::<B>(node.id, B::gelu_input_grad(x, grad));
+/// Records `forward(x)` on the autodiff graph with `x` checkpointed and `grad` as its backward.
+fn record_pointwise<B: Backend + TrainOps, C: CheckpointStrategy>(
+    x: FloatTensor<Autodiff<B, C>>,
+    forward: fn(FloatTensor<B>) -> FloatTensor<B>,
+    grad: PointwiseGrad<B>,
+) -> FloatTensor<Autodiff<B, C>> {
+    match PointwiseBackward(grad)
+        .prepare::<C>([x.node()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(mut prep) => {
+            let state = prep.checkpoint(&x);
+            prep.finish(state, forward(x.into_primitive()))
         }
-    }
-}
-
-/// Backward step of GEGLU: the checkpointed input.
-#[derive(Debug)]
-struct GegluBackward;
-
-impl<B: Backend + TrainOps> Backward<B, 1> for GegluBackward {
-    type State = NodeId;
-
-    fn backward(
-        self,
-        ops: Ops<Self::State, 1>,
-        grads: &mut Gradients,
-        checkpointer: &mut Checkpointer,
-    ) {
-        let grad = grads.consume::<B>(&ops.node);
-        let h = checkpointer.retrieve_node_output::<FloatTensor<B>>(ops.state);
-        if let Some(node) = &ops.parents[0] {
-            grads.register::<B>(node.id, B::geglu_input_grad(h, grad));
-        }
+        OpsKind::UnTracked(prep) => prep.finish(forward(x.into_primitive())),
     }
 }
 
@@ -1608,45 +1594,15 @@ impl<B: Backend + TrainOps, C: CheckpointStrategy> TrainOps for Autodiff<B, C> {
     }
 
     fn silu_train(x: FloatTensor<Self>) -> FloatTensor<Self> {
-        match SiluBackward
-            .prepare::<C>([x.node()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(mut prep) => {
-                let state = prep.checkpoint(&x);
-                prep.finish(state, B::silu_train(x.into_primitive()))
-            }
-            OpsKind::UnTracked(prep) => prep.finish(B::silu_train(x.into_primitive())),
-        }
+        record_pointwise::<B, C>(x, B::silu_train, B::silu_input_grad)
     }
 
     fn gelu_train(x: FloatTensor<Self>) -> FloatTensor<Self> {
-        match GeluBackward
-            .prepare::<C>([x.node()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(mut prep) => {
-                let state = prep.checkpoint(&x);
-                prep.finish(state, B::gelu_train(x.into_primitive()))
-            }
-            OpsKind::UnTracked(prep) => prep.finish(B::gelu_train(x.into_primitive())),
-        }
+        record_pointwise::<B, C>(x, B::gelu_train, B::gelu_input_grad)
     }
 
     fn geglu_train(h: FloatTensor<Self>) -> FloatTensor<Self> {
-        match GegluBackward
-            .prepare::<C>([h.node()])
-            .compute_bound()
-            .stateful()
-        {
-            OpsKind::Tracked(mut prep) => {
-                let state = prep.checkpoint(&h);
-                prep.finish(state, B::geglu_train(h.into_primitive()))
-            }
-            OpsKind::UnTracked(prep) => prep.finish(B::geglu_train(h.into_primitive())),
-        }
+        record_pointwise::<B, C>(h, B::geglu_train, B::geglu_input_grad)
     }
 }
 
@@ -1833,85 +1789,65 @@ mod tests {
         }
     }
 
-    #[test]
-    fn softmax_matches_burn_with_gradient() {
-        let d = device();
-        let x = Tensor::<4>::random([2, 3, 5, 37], Distribution::Normal(0.0, 2.0), &d);
-        let run = |ours: bool| {
+    /// `ours` and `theirs` on the same input give the same values and the same input gradient
+    /// (of `Σ y·sin(index)`) within `tol`; returns the output's shape.
+    fn same_with_gradient<const D: usize, const E: usize>(
+        x: Tensor<D>,
+        ours: fn(Tensor<D>) -> Tensor<E>,
+        theirs: fn(Tensor<D>) -> Tensor<E>,
+        tol: f32,
+    ) -> [usize; E] {
+        let d = x.device();
+        let run = |f: fn(Tensor<D>) -> Tensor<E>| {
             let x = x.clone().require_grad();
-            let y = if ours {
-                softmax_last(x.clone())
-            } else {
-                burn::tensor::activation::softmax(x.clone(), 3)
-            };
+            let y = f(x.clone());
             let shape = y.dims();
             let t = Tensor::<1, Int>::arange(0..shape.iter().product::<usize>() as i64, &d)
                 .float()
                 .reshape(shape)
                 .sin();
             let grads = (y.clone() * t).sum().backward();
-            [y.into_data(), x.grad(&grads).expect("x grad").into_data()]
+            (
+                shape,
+                [y.into_data(), x.grad(&grads).expect("x grad").into_data()],
+            )
         };
-        let (ours, theirs) = (run(true), run(false));
-        for (a, b) in ours.iter().zip(&theirs) {
-            a.assert_approx_eq::<f32>(b, burn::tensor::Tolerance::absolute(1e-6));
+        let ((shape, a), (_, b)) = (run(ours), run(theirs));
+        for (a, b) in a.iter().zip(&b) {
+            a.assert_approx_eq::<f32>(b, burn::tensor::Tolerance::absolute(tol));
         }
+        shape
+    }
+
+    /// Softmax over the last dimension through [`TrainOps`] and its gradient equal burn's.
+    #[test]
+    fn softmax_matches_burn_with_gradient() {
+        let x = Tensor::<4>::random([2, 3, 5, 37], Distribution::Normal(0.0, 2.0), &device());
+        same_with_gradient(
+            x,
+            softmax_last,
+            |x| burn::tensor::activation::softmax(x, 3),
+            1e-6,
+        );
     }
 
     /// GELU through [`TrainOps`] and its gradient equal burn's (libm `erff`) within the A&S
     /// erf's 1.5e-7 times |x| (inputs up to about ±12).
     #[test]
     fn gelu_matches_burn_with_gradient() {
-        let d = device();
-        let x = Tensor::<4>::random([2, 3, 5, 37], Distribution::Normal(0.0, 3.0), &d);
-        let run = |ours: bool| {
-            let x = x.clone().require_grad();
-            let y = if ours {
-                gelu(x.clone())
-            } else {
-                burn::tensor::activation::gelu(x.clone())
-            };
-            let shape = y.dims();
-            let t = Tensor::<1, Int>::arange(0..shape.iter().product::<usize>() as i64, &d)
-                .float()
-                .reshape(shape)
-                .sin();
-            let grads = (y.clone() * t).sum().backward();
-            [y.into_data(), x.grad(&grads).expect("x grad").into_data()]
-        };
-        let (ours, theirs) = (run(true), run(false));
-        for (a, b) in ours.iter().zip(&theirs) {
-            a.assert_approx_eq::<f32>(b, burn::tensor::Tolerance::absolute(2e-6));
-        }
+        let x = Tensor::<4>::random([2, 3, 5, 37], Distribution::Normal(0.0, 3.0), &device());
+        same_with_gradient(x, gelu, burn::tensor::activation::gelu, 2e-6);
     }
 
     /// GEGLU through [`TrainOps`] and its gradient equal burn's `left * gelu(gate)` on the two
     /// halves (strided views), as the layer computed it before.
     #[test]
     fn geglu_matches_burn_with_gradient() {
-        let d = device();
-        let h = Tensor::<3>::random([2, 5, 2 * 37], Distribution::Normal(0.0, 2.0), &d);
-        let run = |ours: bool| {
-            let h = h.clone().require_grad();
-            let y = if ours {
-                geglu(h.clone())
-            } else {
-                h.clone().narrow(2, 0, 37)
-                    * burn::tensor::activation::gelu(h.clone().narrow(2, 37, 37))
-            };
-            let shape = y.dims();
-            let t = Tensor::<1, Int>::arange(0..shape.iter().product::<usize>() as i64, &d)
-                .float()
-                .reshape(shape)
-                .sin();
-            let grads = (y.clone() * t).sum().backward();
-            [y.into_data(), h.grad(&grads).expect("h grad").into_data()]
+        let h = Tensor::<3>::random([2, 5, 2 * 37], Distribution::Normal(0.0, 2.0), &device());
+        let burns = |h: Tensor<3>| {
+            h.clone().narrow(2, 0, 37) * burn::tensor::activation::gelu(h.narrow(2, 37, 37))
         };
-        let (ours, theirs) = (run(true), run(false));
-        assert_eq!(ours[0].shape().as_slice(), [2, 5, 37]);
-        for (a, b) in ours.iter().zip(&theirs) {
-            a.assert_approx_eq::<f32>(b, burn::tensor::Tolerance::absolute(2e-6));
-        }
+        assert_eq!(same_with_gradient(h, geglu, burns, 2e-6), [2, 5, 37]);
     }
 
     /// Forward values and all three gradients of a transposed convolution through [`TrainOps`]
