@@ -1850,6 +1850,30 @@ mod tests {
         assert_eq!(same_with_gradient(h, geglu, burns, 2e-6), [2, 5, 37]);
     }
 
+    /// The trait's default GEGLU (burn's operations: what CUDA runs) is the function the CPU
+    /// kernel computes, forward and gradient.
+    #[test]
+    fn default_geglu_is_the_kernels_function() {
+        let (hv, gv) = (test_values(3 * 4 * 38, 1), test_values(3 * 4 * 19, 2));
+        let hv: Vec<f32> = hv.iter().map(|v| v * 4.0).collect();
+        let host = |t: FlexTensor| t.into_data().try_into_vec::<f32>().expect("f32");
+        let (h, g) = (
+            flex_tensor(hv.clone(), &[3, 4, 38]),
+            flex_tensor(gv.clone(), &[3, 4, 19]),
+        );
+        let y = host(composed_geglu::<Flex>(h.clone()));
+        let dh = host(composed_geglu_grad::<Flex>(h, g));
+        for (ours, default) in [
+            (act::geglu(&hv, 19), y),
+            (act::geglu_grad(&hv, &gv, 19), dh),
+        ] {
+            assert_eq!(ours.len(), default.len());
+            for (a, b) in ours.iter().zip(&default) {
+                assert!((a - b).abs() < 2e-6 * (1.0 + b.abs()), "{a} vs {b}");
+            }
+        }
+    }
+
     /// Forward values and all three gradients of a transposed convolution through [`TrainOps`]
     /// equal burn's own `conv_transpose2d`, for the up-sampling shapes the models use (k4 s2 p1,
     /// k3 s2 p0) and a stride-1 case that takes the flipped-convolution input gradient.
