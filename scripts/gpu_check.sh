@@ -7,7 +7,8 @@
 #   4. without a usable device index: the error text (no panic)
 #   5. mixed precision: 300 quickstart steps in bf16 and fp16 against f32 (time, final loss)
 #   6. when gpu/bench.xz was carried too: scripts/bench.sh DEVICE=cuda against PyTorch eager
-#      (tutorial128, unet2d32; share of the H200's 67 TFLOP/s f32 peak), installing a carried
+#      (tutorial128, unet2d32, and ldm_quickstart, whose GEGLU and GELU run as burn's own
+#      operations on CUDA; share of the H200's 67 TFLOP/s f32 peak), installing a carried
 #      diffusers wheel (gpu/*.whl) if the machine lacks diffusers
 # Sized for about 6 minutes on one H200.
 #
@@ -105,7 +106,7 @@ if [ -f gpu/bench.xz ]; then
   if ! "$PYTHON" -c "import diffusers" 2> /dev/null; then
     "$PYTHON" -m pip install --quiet --no-deps gpu/*.whl 2> /dev/null || true
   fi
-  BENCH_BIN="$WORK/bench" PYTHON="$PYTHON" DEVICE=cuda PEAK_TFLOPS=67 CASES="tutorial128 unet2d32" \
+  BENCH_BIN="$WORK/bench" PYTHON="$PYTHON" DEVICE=cuda PEAK_TFLOPS=67 CASES="tutorial128 unet2d32 ldm_quickstart" \
     WARMUP=3 STEPS=10 OUT="$WORK/bench.jsonl" scripts/bench.sh > "$WORK/bench.txt" 2>&1
   row "bench.sh DEVICE=cuda" "rc $?, table below" "PyTorch eager, same GPU"
 fi
