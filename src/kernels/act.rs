@@ -226,7 +226,7 @@ fn geglu_grad_dispatch(h: &[f32], g: &[f32], out: &mut [MaybeUninit<f32>], inner
 /// allocated and zero-filled a full-width gradient.
 pub fn geglu(h: &[f32], inner: usize) -> Vec<f32> {
     assert!(
-        inner > 0 && h.len() % (2 * inner) == 0,
+        inner > 0 && h.len().is_multiple_of(2 * inner),
         "geglu: rows of 2·{inner}"
     );
     let rows = rows_per_task(inner);
@@ -244,7 +244,7 @@ pub fn geglu(h: &[f32], inner: usize) -> Vec<f32> {
 pub fn geglu_grad(h: &[f32], grad: &[f32], inner: usize) -> Vec<f32> {
     assert_eq!(h.len(), 2 * grad.len(), "geglu_grad: h is not twice grad");
     assert!(
-        inner > 0 && grad.len() % inner == 0,
+        inner > 0 && grad.len().is_multiple_of(inner),
         "geglu_grad: rows of {inner}"
     );
     let rows = rows_per_task(2 * inner);

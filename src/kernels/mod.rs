@@ -674,7 +674,7 @@ pub fn gelu<const D: usize>(x: Tensor<D>) -> Tensor<D> {
 pub fn geglu<const D: usize>(h: Tensor<D>) -> Tensor<D> {
     let width = h.dims()[D - 1];
     assert!(
-        width % 2 == 0,
+        width.is_multiple_of(2),
         "geglu: the last axis ({width}) must be even"
     );
     Tensor::from_dispatch(<Dispatch as TrainOps>::geglu_train(h.into_dispatch()))
