@@ -252,32 +252,18 @@ impl Linear {
     ///
     /// Computes in `x`'s dtype: f32 weights are cast to it under mixed precision (the cast is
     /// differentiable, so their gradients stay f32).
-    ///
-    /// The leading axes are flattened into one, so the product is a single `[rows, in] · [in,
-    /// out]` GEMM: burn multiplies a `[b, n, in]` input by the broadcast weight as `b` separate
-    /// small GEMMs, and its backward then forms `b` weight gradients `[in, out]` and sums them,
-    /// where one GEMM with inner dimension `b·n` does.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
         let dtype = x.dtype();
         let w = |p: &Param<Tensor<2>>| as_dtype(p.val(), dtype);
-        let dims = x.dims();
-        let rows = dims[..D - 1].iter().product::<usize>();
-        let mut out_dims = dims;
-        out_dims[D - 1] = self.weight.dims()[0];
-        let y = x
-            .clone()
-            .reshape([rows, dims[D - 1]])
-            .matmul(w(&self.weight).transpose())
-            .reshape(out_dims);
+        let y = times_transposed(x.clone(), w(&self.weight));
         let y = match &self.bias {
             Some(b) => y + as_dtype(b.val(), dtype).unsqueeze(),
             None => y,
         };
         match &self.lora {
             Some(l) => {
-                let h =
-                    lora_dropout(x, l.dropout).matmul(w(&l.down.weight).transpose().unsqueeze());
-                let h = h.matmul(w(&l.up.weight).transpose().unsqueeze());
+                let h = times_transposed(lora_dropout(x, l.dropout), w(&l.down.weight));
+                let h = times_transposed(h, w(&l.up.weight));
                 y + h.mul_scalar(l.scale)
             }
             None => y,
@@ -292,6 +278,20 @@ impl Linear {
         }
         self
     }
+}
+
+/// `x · wᵀ` for `x` `[..., in]` and `w` `[out, in]`, with the leading axes flattened into one so
+/// the product is a single `[rows, in] · [in, out]` GEMM: burn multiplies a `[b, n, in]` input by
+/// a broadcast weight as `b` separate small GEMMs, and its backward then forms `b` weight
+/// gradients `[in, out]` and sums them, where one GEMM with inner dimension `b·n` does.
+fn times_transposed<const D: usize>(x: Tensor<D>, w: Tensor<2>) -> Tensor<D> {
+    let dims = x.dims();
+    let rows = dims[..D - 1].iter().product::<usize>();
+    let mut out_dims = dims;
+    out_dims[D - 1] = w.dims()[0];
+    x.reshape([rows, dims[D - 1]])
+        .matmul(w.transpose())
+        .reshape(out_dims)
 }
 
 /// `torch.nn.Conv2d` with square kernel, symmetric zero padding, no groups.

@@ -149,19 +149,24 @@ fn normal_parts(x: f32) -> (f32, f32) {
     (cdf, e * INV_SQRT_2PI)
 }
 
+/// `gelu(x) = x·Φ(x)` and its slope `Φ(x) + x·φ(x)`.
+#[inline(always)]
+fn gelu_and_slope(x: f32) -> (f32, f32) {
+    let (cdf, pdf) = normal_parts(x);
+    (x * cdf, cdf + x * pdf)
+}
+
 #[inline(always)]
 fn gelu_block(x: &[f32], y: &mut [MaybeUninit<f32>]) {
     for (o, v) in y.iter_mut().zip(x) {
-        o.write(*v * normal_parts(*v).0);
+        o.write(gelu_and_slope(*v).0);
     }
 }
 
-/// d gelu / dx = Φ(x) + x·φ(x).
 #[inline(always)]
 fn gelu_grad_block(x: &[f32], g: &[f32], out: &mut [MaybeUninit<f32>]) {
     for ((o, v), d) in out.iter_mut().zip(x).zip(g) {
-        let (cdf, pdf) = normal_parts(*v);
-        o.write(*d * (cdf + *v * pdf));
+        o.write(*d * gelu_and_slope(*v).1);
     }
 }
 
@@ -189,7 +194,7 @@ fn geglu_block(h: &[f32], y: &mut [MaybeUninit<f32>], inner: usize) {
     for (hr, yr) in h.chunks_exact(2 * inner).zip(y.chunks_exact_mut(inner)) {
         let (left, gate) = hr.split_at(inner);
         for ((o, a), v) in yr.iter_mut().zip(left).zip(gate) {
-            o.write(*a * (*v * normal_parts(*v).0));
+            o.write(*a * gelu_and_slope(*v).0);
         }
     }
 }
@@ -203,9 +208,9 @@ fn geglu_grad_block(h: &[f32], g: &[f32], out: &mut [MaybeUninit<f32>], inner: u
         let (d_left, d_gate) = or.split_at_mut(inner);
         let pairs = d_left.iter_mut().zip(d_gate.iter_mut());
         for ((((dl, dg), a), v), d) in pairs.zip(left).zip(gate).zip(gr) {
-            let (cdf, pdf) = normal_parts(*v);
-            dl.write(*d * (*v * cdf));
-            dg.write(*d * *a * (cdf + *v * pdf));
+            let (gelu, slope) = gelu_and_slope(*v);
+            dl.write(*d * gelu);
+            dg.write(*d * *a * slope);
         }
     }
 }
