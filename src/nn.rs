@@ -289,9 +289,7 @@ fn times_transposed<const D: usize>(x: Tensor<D>, w: Tensor<2>) -> Tensor<D> {
     let rows = dims[..D - 1].iter().product::<usize>();
     let mut out_dims = dims;
     out_dims[D - 1] = w.dims()[0];
-    x.reshape([rows, dims[D - 1]])
-        .matmul(w.transpose())
-        .reshape(out_dims)
+    crate::kernels::linear(x.reshape([rows, dims[D - 1]]), w).reshape(out_dims)
 }
 
 /// `torch.nn.Conv2d` with square kernel, symmetric zero padding, no groups.

@@ -46,7 +46,7 @@ fn scores(g: &AttnGeom, qb: &[f32], k: &[f32], rows: usize, s: &mut [f32]) {
         false,
         (qb, g.d, 1),
         (k, 1, g.d),
-        ::gemm::Parallelism::None,
+        super::Product::SERIAL,
     );
 }
 
@@ -75,7 +75,7 @@ pub fn forward(g: &AttnGeom, q: &[f32], k: &[f32], v: &[f32], scale: f32) -> (Ve
                     false,
                     (s, g.m, 1),
                     (vh, g.d, 1),
-                    ::gemm::Parallelism::None,
+                    super::Product::SERIAL,
                 );
             }
         });
@@ -130,7 +130,7 @@ pub fn backward(
                     true,
                     (p, 1, g.m),
                     (gb, g.d, 1),
-                    ::gemm::Parallelism::None,
+                    super::Product::SERIAL,
                 );
                 // dP = dO Vᵀ
                 gemm(
@@ -139,7 +139,7 @@ pub fn backward(
                     false,
                     (gb, g.d, 1),
                     (vh, 1, g.d),
-                    ::gemm::Parallelism::None,
+                    super::Product::SERIAL,
                 );
                 // dS = P ∘ (dP - rowsum(dO ∘ O)), times the scale.
                 act::softmax_backward_rows(p, dp, gb, ob, g.m, g.d, scale);
@@ -150,7 +150,7 @@ pub fn backward(
                     false,
                     (dp, g.m, 1),
                     (kh, g.d, 1),
-                    ::gemm::Parallelism::None,
+                    super::Product::SERIAL,
                 );
                 // dK += dSᵀ Q
                 gemm(
@@ -159,7 +159,7 @@ pub fn backward(
                     true,
                     (dp, 1, g.m),
                     (qb, g.d, 1),
-                    ::gemm::Parallelism::None,
+                    super::Product::SERIAL,
                 );
             }
         });

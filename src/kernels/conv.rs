@@ -21,7 +21,7 @@
 
 use rayon::prelude::*;
 
-use super::matmul;
+use super::{Product, matmul};
 
 /// The shape of one convolution: input `[batch, cin, h, w]`, weight `[cout, cin, k, k]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,6 +34,9 @@ pub struct Conv2dGeom {
     pub k: usize,
     pub stride: usize,
     pub pad: usize,
+    /// The input and weight are bf16 (mixed precision): products run on the bf16 kernel
+    /// ([`Product::bf16`]).
+    pub bf16: bool,
 }
 
 /// At most this many partial sums of the weight gradient (one per chunk of images); a fixed
@@ -77,11 +80,10 @@ impl Conv2dGeom {
     /// How each per-image GEMM runs: alone when there are at least as many images as threads
     /// (the images already keep every thread busy), else spread over the threads (batch 1, as
     /// in Stable Diffusion fine-tuning).
-    fn gemm_par(&self) -> gemm::Parallelism {
-        if self.batch >= rayon::current_num_threads() {
-            gemm::Parallelism::None
-        } else {
-            gemm::Parallelism::Rayon(0)
+    fn gemm_par(&self) -> Product {
+        Product {
+            parallel: self.batch < rayon::current_num_threads(),
+            bf16: self.bf16,
         }
     }
 }
@@ -922,6 +924,7 @@ mod tests {
             k,
             stride,
             pad,
+            bf16: false,
         };
         vec![
             g(3, 2, 5, 3, 3, 1, 1),
@@ -961,6 +964,7 @@ mod tests {
                 k: 3,
                 stride: 1,
                 pad: 1,
+                bf16: false,
             },
         ]
     }
@@ -1006,6 +1010,7 @@ mod tests {
                 k: 3,
                 stride: 1,
                 pad: 1,
+                bf16: false,
             };
             assert!(g.band_rows() < g.out_h(), "{g:?} must need several bands");
             let x = values(g.input_len(), 11);
@@ -1074,6 +1079,7 @@ mod tests {
                 k: 3,
                 stride: 1,
                 pad: 1,
+                bf16: false,
             };
             assert_eq!(g.compact(), hw == 4);
             let x = values(g.input_len(), 7);

@@ -23,7 +23,7 @@ use std::cell::RefCell;
 use rayon::prelude::*;
 
 use super::conv::Conv2dGeom;
-use super::matmul;
+use super::{Product, matmul};
 
 /// Transformed-tile positions: 4x4.
 const TILE: usize = 16;
@@ -112,11 +112,10 @@ fn weight_blocking(g: &Conv2dGeom) -> Blocking {
 
 /// Parallel GEMMs when fewer tasks than threads run them (a small batch); the split is over the
 /// output, so the results are the same either way.
-fn gemm_par(tasks: usize) -> gemm::Parallelism {
-    if tasks < rayon::current_num_threads() {
-        gemm::Parallelism::Rayon(0)
-    } else {
-        gemm::Parallelism::None
+fn gemm_par(g: &Conv2dGeom, tasks: usize) -> Product {
+    Product {
+        parallel: tasks < rayon::current_num_threads(),
+        bf16: g.bf16,
     }
 }
 
@@ -416,7 +415,7 @@ pub(super) fn forward(g: &Conv2dGeom, x: &[f32], weight: &[f32], bias: Option<&[
     if g.batch.div_ceil(group) < rayon::current_num_threads() && band < th {
         return forward_by_bands(g, x, &u, bias, band, lens);
     }
-    let par = gemm_par(g.batch.div_ceil(group));
+    let par = gemm_par(g, g.batch.div_ceil(group));
     let (y, _) = super::par_new(g.output_len(), group * cout * plane, |chunk, ys| {
         let images = ys.len() / (cout * plane);
         with_scratch(lens, |v, m, rows| {
@@ -443,14 +442,7 @@ pub(super) fn forward(g: &Conv2dGeom, x: &[f32], weight: &[f32], bias: Option<&[
 }
 
 /// The forward's 16 GEMMs `M[ξ] (cout x ld) = U[ξ] (cout x cin) · V[ξ] (cin x ld)`.
-fn forward_gemms(
-    g: &Conv2dGeom,
-    u: &[f32],
-    v: &[f32],
-    m: &mut [f32],
-    ld: usize,
-    par: gemm::Parallelism,
-) {
+fn forward_gemms(g: &Conv2dGeom, u: &[f32], v: &[f32], m: &mut [f32], ld: usize, par: Product) {
     let (cin, cout) = (g.cin, g.cout);
     for xi in 0..TILE {
         matmul(
@@ -498,7 +490,17 @@ fn forward_by_bands(
                 for (c, xc) in xb.chunks_exact(plane).enumerate() {
                     transform_input(xc, b, &mut v[c * ld..], cin * ld, rows);
                 }
-                forward_gemms(g, u, v, m, ld, gemm::Parallelism::None);
+                forward_gemms(
+                    g,
+                    u,
+                    v,
+                    m,
+                    ld,
+                    Product {
+                        parallel: false,
+                        bf16: g.bf16,
+                    },
+                );
                 for (o, yo) in out.chunks_mut(out_rows * w).enumerate() {
                     let bias = bias.map_or(0.0, |b| b[o]);
                     transform_output(&m[o * ld..], cout * ld, local, bias, yo, rows);
@@ -567,7 +569,7 @@ pub(super) fn weight_grad(
         .max(1)
         .next_multiple_of(group);
     let tasks = g.batch.div_ceil(per_chunk);
-    let par = gemm_par(tasks);
+    let par = gemm_par(g, tasks);
     let most = group * band * tw;
     let lens = (TILE * cin * most, TILE * cout * most, rows_len(g));
     let bias_len = if with_bias { cout } else { 0 };
@@ -635,6 +637,7 @@ pub(super) mod tests {
             k: 3,
             stride: 1,
             pad: 1,
+            bf16: false,
         };
         vec![
             g(8, 64, 8, 10, 65),
