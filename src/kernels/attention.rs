@@ -14,7 +14,9 @@
 
 use rayon::prelude::*;
 
+use super::Product;
 use super::act;
+use super::bf16_gemm::{self, PackedRhs};
 use super::matmul as gemm;
 
 /// Query rows per block.
@@ -27,6 +29,13 @@ pub struct AttnGeom {
     pub n: usize,
     pub m: usize,
     pub d: usize,
+    /// `q`, `k` and `v` are bf16 (mixed precision): the products whose right operand is the
+    /// same for every block (`q kᵀ`, `p v`, `dO vᵀ`, `dS k`) run on the bf16 kernel with that
+    /// operand packed once per head; the probabilities and their gradients are rounded to bf16
+    /// as they enter them (as a bf16 flash attention does); the softmax and every sum stay f32.
+    /// `dV += pᵀ dO` and `dK += dSᵀ q` stay f32: their left operand would be packed anew for
+    /// every block, which cost more than the bf16 kernel saved (SD LoRA step, 256 px).
+    pub bf16: bool,
 }
 
 impl AttnGeom {
@@ -38,16 +47,29 @@ impl AttnGeom {
     }
 }
 
-/// `s = q_block · kᵀ` `[rows, m]`.
-fn scores(g: &AttnGeom, qb: &[f32], k: &[f32], rows: usize, s: &mut [f32]) {
-    gemm(
-        s,
-        (rows, g.m, g.d),
-        false,
-        (qb, g.d, 1),
-        (k, 1, g.d),
-        super::Product::SERIAL,
-    );
+/// A right-hand operand that every block of a head multiplies (`k x n`): for bf16 heads packed
+/// once per head for the bf16 kernel, not once per block.
+enum Reused<'a> {
+    F32((&'a [f32], usize, usize)),
+    Bf16(PackedRhs),
+}
+
+impl<'a> Reused<'a> {
+    fn new(g: &AttnGeom, rhs: (&'a [f32], usize, usize), (k, n): (usize, usize)) -> Self {
+        if g.bf16 && bf16_gemm::available() {
+            Reused::Bf16(PackedRhs::new(rhs, (k, n)))
+        } else {
+            Reused::F32(rhs)
+        }
+    }
+}
+
+/// `dst = lhs · rhs` with `lhs` `[m, k]` (the `rhs` knows `k` and `n`).
+fn times(dst: &mut [f32], (m, n, k): (usize, usize, usize), lhs: &[f32], rhs: &Reused) {
+    match rhs {
+        Reused::F32(rhs) => gemm(dst, (m, n, k), false, (lhs, k, 1), *rhs, Product::SERIAL),
+        Reused::Bf16(rhs) => bf16_gemm::matmul_packed(dst, m, false, (lhs, k, 1), rhs),
+    }
 }
 
 /// Output `[heads, n, d]` and the log-sum-exp of each row's scaled scores `[heads, n]`.
@@ -63,20 +85,17 @@ pub fn forward(g: &AttnGeom, q: &[f32], k: &[f32], v: &[f32], scale: f32) -> (Ve
                 &k[h * g.kv_len()..][..g.kv_len()],
                 &v[h * g.kv_len()..][..g.kv_len()],
             );
+            let kt = Reused::new(g, (kh, 1, g.d), (g.d, g.m));
+            let vs = Reused::new(g, (vh, g.d, 1), (g.m, g.d));
             let mut s = vec![0.0f32; BLOCK * g.m];
             for r0 in (0..g.n).step_by(BLOCK) {
                 let rows = BLOCK.min(g.n - r0);
                 let s = &mut s[..rows * g.m];
-                scores(g, &qh[r0 * g.d..], kh, rows, s);
+                // S = Q Kᵀ, softmax, O = P V.
+                times(s, (rows, g.m, g.d), &qh[r0 * g.d..][..rows * g.d], &kt);
                 act::softmax_rows_scaled(s, g.m, scale, &mut lh[r0..r0 + rows]);
-                gemm(
-                    &mut oh[r0 * g.d..][..rows * g.d],
-                    (rows, g.d, g.m),
-                    false,
-                    (s, g.m, 1),
-                    (vh, g.d, 1),
-                    super::Product::SERIAL,
-                );
+                let ob = &mut oh[r0 * g.d..][..rows * g.d];
+                times(ob, (rows, g.d, g.m), s, &vs);
             }
         });
     (o, lse)
@@ -111,6 +130,9 @@ pub fn backward(
             );
             let (kh, vh) = (&k[h * kvl..][..kvl], &v[h * kvl..][..kvl]);
             let lh = &lse[h * g.n..(h + 1) * g.n];
+            let kt = Reused::new(g, (kh, 1, g.d), (g.d, g.m));
+            let ks = Reused::new(g, (kh, g.d, 1), (g.m, g.d));
+            let vt = Reused::new(g, (vh, 1, g.d), (g.d, g.m));
             let mut p = vec![0.0f32; BLOCK * g.m];
             let mut dp = vec![0.0f32; BLOCK * g.m];
             for r0 in (0..g.n).step_by(BLOCK) {
@@ -121,7 +143,7 @@ pub fn backward(
                     &oh[r0 * g.d..][..rows * g.d],
                     &gh[r0 * g.d..][..rows * g.d],
                 );
-                scores(g, qb, kh, rows, p);
+                times(p, (rows, g.m, g.d), qb, &kt);
                 act::probabilities_from_lse(p, g.m, scale, &lh[r0..r0 + rows]);
                 // dV += Pᵀ dO
                 gemm(
@@ -130,27 +152,18 @@ pub fn backward(
                     true,
                     (p, 1, g.m),
                     (gb, g.d, 1),
-                    super::Product::SERIAL,
+                    Product::SERIAL,
                 );
                 // dP = dO Vᵀ
-                gemm(
-                    dp,
-                    (rows, g.m, g.d),
-                    false,
-                    (gb, g.d, 1),
-                    (vh, 1, g.d),
-                    super::Product::SERIAL,
-                );
+                times(dp, (rows, g.m, g.d), gb, &vt);
                 // dS = P ∘ (dP - rowsum(dO ∘ O)), times the scale.
                 act::softmax_backward_rows(p, dp, gb, ob, g.m, g.d, scale);
                 // dQ = dS K
-                gemm(
+                times(
                     &mut dqh[r0 * g.d..][..rows * g.d],
                     (rows, g.d, g.m),
-                    false,
-                    (dp, g.m, 1),
-                    (kh, g.d, 1),
-                    super::Product::SERIAL,
+                    dp,
+                    &ks,
                 );
                 // dK += dSᵀ Q
                 gemm(
@@ -159,7 +172,7 @@ pub fn backward(
                     true,
                     (dp, 1, g.m),
                     (qb, g.d, 1),
-                    super::Product::SERIAL,
+                    Product::SERIAL,
                 );
             }
         });
@@ -218,6 +231,7 @@ mod tests {
             n: 2 * BLOCK + 5,
             m: 9,
             d: 4,
+            bf16: false,
         };
         let s = 0.5f32;
         let (q, k, v) = (

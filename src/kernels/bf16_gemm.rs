@@ -66,7 +66,29 @@ fn pair(lo: f32, hi: f32) -> u32 {
 }
 
 /// A matrix operand: (values, row stride, column stride).
-type Operand<'a> = (&'a [f32], usize, usize);
+pub(crate) type Operand<'a, E> = (&'a [E], usize, usize);
+
+/// The values an operand holds: f32 (the kernels' widened values), or bf16 as stored, which
+/// packs without a conversion.
+pub(crate) trait Elem: Copy + Send + Sync + 'static {
+    /// Whether the values are bf16.
+    const BF16: bool;
+    fn to_f32(self) -> f32;
+}
+
+impl Elem for f32 {
+    const BF16: bool = false;
+    fn to_f32(self) -> f32 {
+        self
+    }
+}
+
+impl Elem for half::bf16 {
+    const BF16: bool = true;
+    fn to_f32(self) -> f32 {
+        half::bf16::to_f32(self)
+    }
+}
 
 /// The output pointer shared by the tasks, which write disjoint tiles of it.
 #[derive(Clone, Copy)]
@@ -93,12 +115,12 @@ impl Out {
 /// column stride)`, `dst` row-major `[m, n]`), with both operands rounded to bf16. `parallel`
 /// spreads the work over the thread pool. Callers check [`available`] and the slice extents.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn matmul(
+pub(crate) fn matmul<E: Elem>(
     dst: &mut [f32],
     (m, n, k): (usize, usize, usize),
     accumulate: bool,
-    lhs: Operand,
-    rhs: Operand,
+    lhs: Operand<E>,
+    rhs: Operand<E>,
     parallel: bool,
 ) {
     assert!(available(), "bf16 matmul on a CPU without AVX512-BF16");
@@ -140,28 +162,81 @@ fn with_packs<R>(na: usize, nb: usize, f: impl FnOnce(&mut [u32], &mut [u32]) ->
 
 /// [`matmul`] with buffers `a` and `b` for the packed operands.
 #[allow(clippy::too_many_arguments)]
-fn run(
+fn run<E: Elem>(
     dst: &mut [f32],
     (m, n, k): (usize, usize, usize),
     accumulate: bool,
-    (lhs, rhs): (Operand, Operand),
+    (lhs, rhs): (Operand<E>, Operand<E>),
     parallel: bool,
     a: &mut [u32],
     b: &mut [u32],
 ) {
+    pack((Some(lhs), Some(rhs)), (m, n, k), parallel, (a, b));
+    compute(dst, (m, n, k), accumulate, (a, b), parallel);
+}
+
+/// `rhs` (`k x n`) packed once for several products ([`matmul_packed`]): attention's keys and
+/// values, which every block of queries multiplies.
+pub(crate) struct PackedRhs {
+    values: Vec<u32>,
+    k: usize,
+    n: usize,
+}
+
+impl PackedRhs {
+    /// Packs `rhs` (`k x n`, as in [`matmul`]) on this thread. Callers check [`available`].
+    pub(crate) fn new<E: Elem>(rhs: Operand<E>, (k, n): (usize, usize)) -> Self {
+        assert!(available(), "bf16 matmul on a CPU without AVX512-BF16");
+        let mut values = vec![0u32; n.div_ceil(NR) * k.div_ceil(2) * NR];
+        pack::<E>((None, Some(rhs)), (0, n, k), false, (&mut [], &mut values));
+        Self { values, k, n }
+    }
+}
+
+/// `dst (+)= lhs · rhs` as [`matmul`] for a `rhs` packed beforehand, on this thread.
+pub(crate) fn matmul_packed<E: Elem>(
+    dst: &mut [f32],
+    m: usize,
+    accumulate: bool,
+    lhs: Operand<E>,
+    rhs: &PackedRhs,
+) {
+    let (n, k) = (rhs.n, rhs.k);
+    assert!(dst.len() >= m * n && k > 0);
+    if m == 0 || n == 0 {
+        return;
+    }
+    with_packs(m.div_ceil(MR) * k.div_ceil(2) * MR, 0, |a, _| {
+        pack((Some(lhs), None), (m, n, k), false, (a, &mut []));
+        compute(dst, (m, n, k), accumulate, (a, &rhs.values), false);
+    });
+}
+
+/// Packs `lhs` (`m x k`) into `a` and `rhs` (`k x n`) into `b`, those given.
+fn pack<E: Elem>(
+    (lhs, rhs): (Option<Operand<E>>, Option<Operand<E>>),
+    (m, n, k): (usize, usize, usize),
+    parallel: bool,
+    (a, b): (&mut [u32], &mut [u32]),
+) {
     let kp = k.div_ceil(2);
-    let (blocks, panels) = (m.div_ceil(MR), n.div_ceil(NR));
-    // Both operands packed once, in parallel when the product is.
-    let pack_a = |(blk, out): (usize, &mut [u32])| pack_lhs(lhs, (m, k), blk, out);
+    let pack_a = |(blk, out): (usize, &mut [u32])| {
+        if let Some(lhs) = lhs {
+            pack_lhs(lhs, (m, k), blk, out)
+        }
+    };
     let pack_b = |(pan, out): (usize, &mut [u32])| {
         let col = pan * NR;
-        pack_rhs(rhs, k, (col, NR.min(n - col)), (0, kp), out)
+        if let Some(rhs) = rhs {
+            pack_rhs(rhs, k, (col, NR.min(n - col)), (0, kp), out)
+        }
     };
     // An operand whose rows of `k` are contiguous (a column matrix as `rhs`, a transposed
     // `lhs`) is read a pair of those rows at a time, in order, and spread over the panels
     // (reading it panel by panel walks down all its rows once per panel and stalls on the
     // loads). Each task packs `ROW_PAIRS` pairs.
-    let (a_by_rows, b_by_rows) = (lhs.1 == 1 && available(), rhs.2 == 1 && available());
+    let a_by_rows = lhs.is_some_and(|l| l.1 == 1) && available();
+    let b_by_rows = rhs.is_some_and(|r| r.2 == 1) && available();
     let (pa, pb) = (Packed(a.as_mut_ptr()), Packed(b.as_mut_ptr()));
     let pack_rows = |(t, p0): (usize, usize)| {
         let pairs = p0..(p0 + ROW_PAIRS).min(kp);
@@ -170,9 +245,10 @@ fn run(
         // the other tasks'.
         #[cfg(target_arch = "x86_64")]
         unsafe {
-            match t {
-                0 => pack_rows_avx512::<MR>((lhs.0, lhs.2), (k, m), pairs, pa),
-                _ => pack_rows_avx512::<NR>((rhs.0, rhs.1), (k, n), pairs, pb),
+            match (t, lhs, rhs) {
+                (0, Some(lhs), _) => pack_rows_avx512::<E, MR>((lhs.0, lhs.2), (k, m), pairs, pa),
+                (_, _, Some(rhs)) => pack_rows_avx512::<E, NR>((rhs.0, rhs.1), (k, n), pairs, pb),
+                _ => {}
             }
         };
         #[cfg(not(target_arch = "x86_64"))]
@@ -184,23 +260,36 @@ fn run(
         .filter(|&(_, by_rows)| by_rows)
         .flat_map(|(t, _)| row_tasks(t))
         .collect();
+    let (a_by_blocks, b_by_blocks) = (lhs.is_some() && !a_by_rows, rhs.is_some() && !b_by_rows);
     if parallel {
-        if !a_by_rows {
+        if a_by_blocks {
             a.par_chunks_mut(kp * MR).enumerate().for_each(pack_a);
         }
-        if !b_by_rows {
+        if b_by_blocks {
             b.par_chunks_mut(kp * NR).enumerate().for_each(pack_b);
         }
         row_tasks.into_par_iter().for_each(pack_rows);
     } else {
-        if !a_by_rows {
+        if a_by_blocks {
             a.chunks_mut(kp * MR).enumerate().for_each(pack_a);
         }
-        if !b_by_rows {
+        if b_by_blocks {
             b.chunks_mut(kp * NR).enumerate().for_each(pack_b);
         }
         row_tasks.into_iter().for_each(pack_rows);
     }
+}
+
+/// `dst (+)= a · b` for the packed operands.
+fn compute(
+    dst: &mut [f32],
+    (m, n, k): (usize, usize, usize),
+    accumulate: bool,
+    (a, b): (&[u32], &[u32]),
+    parallel: bool,
+) {
+    let kp = k.div_ceil(2);
+    let (blocks, panels) = (m.div_ceil(MR), n.div_ceil(NR));
     let groups = panels.div_ceil(GROUP);
     // With too few column groups to keep every thread busy, row blocks are split too.
     let chunks = if parallel {
@@ -246,20 +335,20 @@ fn run(
 
 /// Rows `blk·MR..` of `lhs` (`m x k`) as `[pair][row]` into `out` (`kp·MR`), zeros past `m`
 /// and past `k`.
-fn pack_lhs(
-    (lhs, rs, cs): (&[f32], usize, usize),
+fn pack_lhs<E: Elem>(
+    (lhs, rs, cs): Operand<E>,
     (m, k): (usize, usize),
     blk: usize,
     out: &mut [u32],
 ) {
     let rows = MR.min(m - blk * MR);
-    let at = |r: usize, kk: usize| lhs[(blk * MR + r) * rs + kk * cs];
+    let at = |r: usize, kk: usize| lhs[(blk * MR + r) * rs + kk * cs].to_f32();
     let kp = k.div_ceil(2);
     if cs == 1 {
         // Each row's k values are contiguous: 16 pairs of each row per conversion, transposed
         // eight rows at a time.
         let row = |r: usize| (r < rows).then(|| &lhs[(blk * MR + r) * rs..][..k]);
-        let rows: [Option<&[f32]>; MR] = std::array::from_fn(row);
+        let rows: [Option<&[E]>; MR] = std::array::from_fn(row);
         for p0 in (0..kp).step_by(16) {
             let chunks = rows.map(|r| window(r, 2 * p0));
             transposed_pairs(chunks, &mut out[p0 * MR..], MR, (kp - p0).min(16));
@@ -288,8 +377,8 @@ fn pack_lhs(
 
 /// Columns `col..col + cols` and pairs `p0..p0 + pairs` of `rhs` (`k x n`) as `[pair][column]`
 /// into `out` (`KC·NR`), zeros past the columns and past `k`.
-fn pack_rhs(
-    (rhs, rs, cs): (&[f32], usize, usize),
+fn pack_rhs<E: Elem>(
+    (rhs, rs, cs): Operand<E>,
     k: usize,
     (col, cols): (usize, usize),
     (p0, pairs): (usize, usize),
@@ -319,7 +408,7 @@ fn pack_rhs(
             let column = |c: usize| {
                 (c0 + c < cols).then(|| &rhs[(col + c0 + c) * cs + 2 * p0..][..k1 - 2 * p0])
             };
-            let columns: [Option<&[f32]>; 8] = std::array::from_fn(column);
+            let columns: [Option<&[E]>; 8] = std::array::from_fn(column);
             for q0 in (0..pairs).step_by(16) {
                 transposed_pairs(
                     columns.map(|c| window(c, 2 * q0)),
@@ -334,7 +423,7 @@ fn pack_rhs(
             let kk = 2 * (p0 + p);
             for c in 0..NR {
                 out[p * NR + c] = if c < cols {
-                    let at = |kk: usize| rhs[kk * rs + (col + c) * cs];
+                    let at = |kk: usize| rhs[kk * rs + (col + c) * cs].to_f32();
                     pair(at(kk), if kk + 1 < k { at(kk + 1) } else { 0.0 })
                 } else {
                     0
@@ -345,13 +434,13 @@ fn pack_rhs(
 }
 
 /// Values `from..from + 32` of `values` (fewer at its end).
-fn window(values: Option<&[f32]>, from: usize) -> Option<&[f32]> {
+fn window<E>(values: Option<&[E]>, from: usize) -> Option<&[E]> {
     values.map(|v| &v[from..(from + 32).min(v.len())])
 }
 
 /// Eight sources of up to 32 consecutive values (`k` order; `None` is zeros) as pairs,
 /// transposed: pair `p` of source `s` goes to `out[p·stride + s]`, for the first `count` pairs.
-fn transposed_pairs(src: [Option<&[f32]>; 8], out: &mut [u32], stride: usize, count: usize) {
+fn transposed_pairs<E: Elem>(src: [Option<&[E]>; 8], out: &mut [u32], stride: usize, count: usize) {
     debug_assert!(count <= 16 && out.len() >= (count - 1) * stride + 8);
     #[cfg(target_arch = "x86_64")]
     if available() {
@@ -371,7 +460,7 @@ fn transposed_pairs(src: [Option<&[f32]>; 8], out: &mut [u32], stride: usize, co
 }
 
 /// Up to 32 consecutive values (`k` order) as 16 pairs into `out`, zeros past the end.
-fn pairs16(src: &[f32], out: &mut [u32; 16]) {
+fn pairs16<E: Elem>(src: &[E], out: &mut [u32; 16]) {
     debug_assert!(src.len() <= 32);
     #[cfg(target_arch = "x86_64")]
     if available() {
@@ -380,13 +469,13 @@ fn pairs16(src: &[f32], out: &mut [u32; 16]) {
         return;
     }
     for (i, o) in out.iter_mut().enumerate() {
-        let at = |j: usize| src.get(j).copied().unwrap_or(0.0);
+        let at = |j: usize| src.get(j).map_or(0.0, |v| v.to_f32());
         *o = pair(at(2 * i), at(2 * i + 1));
     }
 }
 
 /// `out[i] = pair(lo[i], hi[i])` (`hi` zero when absent) for up to 16 values, zeros past `lo`.
-fn interleave(lo: &[f32], hi: Option<&[f32]>, out: &mut [u32]) {
+fn interleave<E: Elem>(lo: &[E], hi: Option<&[E]>, out: &mut [u32]) {
     debug_assert!(lo.len() <= 16 && out.len() <= 16);
     #[cfg(target_arch = "x86_64")]
     if available() {
@@ -396,7 +485,7 @@ fn interleave(lo: &[f32], hi: Option<&[f32]>, out: &mut [u32]) {
     }
     for (i, o) in out.iter_mut().enumerate() {
         *o = match lo.get(i) {
-            Some(&l) => pair(l, hi.map_or(0.0, |h| h[i])),
+            Some(&l) => pair(l.to_f32(), hi.map_or(0.0, |h| h[i].to_f32())),
             None => 0,
         };
     }
@@ -407,26 +496,80 @@ fn mask(len: usize) -> __mmask16 {
     ((1u32 << len.min(16)) - 1) as __mmask16
 }
 
+/// 16 pairs from the `len` (up to 32) consecutive values at `src` (`k` order), zeros past them.
+///
+/// # Safety
+/// The CPU has the features; `src` points to `len` values.
+#[inline]
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-unsafe fn transposed_pairs_avx512(
-    src: &[Option<&[f32]>; 8],
+unsafe fn consecutive_pairs<E: Elem>(src: *const E, len: usize) -> __m512i {
+    // SAFETY (whole body): the masks keep the loads inside the `len` values.
+    unsafe {
+        if E::BF16 {
+            // bf16 pairs in order are already what the kernel reads.
+            let m = if len >= 32 { !0 } else { (1u32 << len) - 1 };
+            _mm512_maskz_loadu_epi16(m, src as *const i16)
+        } else {
+            let src = src as *const f32;
+            let first = _mm512_maskz_loadu_ps(mask(len), src);
+            let second = _mm512_maskz_loadu_ps(mask(len.saturating_sub(16)), src.add(len.min(16)));
+            // [first as bf16 | second as bf16] is the pairs in order.
+            std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(second, first))
+        }
+    }
+}
+
+/// 16 pairs `(lo[i], hi[i])` (`hi` zero when absent) of the first `len` (up to 16) values,
+/// zeros past them.
+///
+/// # Safety
+/// The CPU has the features; `lo` and `hi` point to `len` values.
+#[inline]
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+unsafe fn row_pairs<E: Elem>(lo: *const E, hi: Option<*const E>, len: usize) -> __m512i {
+    // SAFETY (whole body): the masks keep the loads inside the `len` values.
+    unsafe {
+        let m = mask(len);
+        if E::BF16 {
+            let load = |p: *const E| _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p as _));
+            let l = load(lo);
+            match hi {
+                Some(h) => _mm512_or_si512(l, _mm512_slli_epi32::<16>(load(h))),
+                None => l,
+            }
+        } else {
+            let l = _mm512_maskz_loadu_ps(m, lo as *const f32);
+            let h = match hi {
+                Some(h) => _mm512_maskz_loadu_ps(m, h as *const f32),
+                None => _mm512_setzero_ps(),
+            };
+            // Words [lo0..lo15, hi0..hi15] -> [lo0, hi0, lo1, hi1, ...].
+            let packed = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(h, l));
+            let index = _mm512_set_epi16(
+                31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5,
+                20, 4, 19, 3, 18, 2, 17, 1, 16, 0,
+            );
+            _mm512_permutexvar_epi16(index, packed)
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+unsafe fn transposed_pairs_avx512<E: Elem>(
+    src: &[Option<&[E]>; 8],
     out: &mut [u32],
     stride: usize,
     count: usize,
 ) {
-    // SAFETY (whole body): the masked loads stay in each source; the caller checked `out`.
+    // SAFETY (whole body): the loads stay in each source; the caller checked `out`.
     unsafe {
-        let pairs = |s: &Option<&[f32]>| match s {
-            Some(v) => {
-                let first = _mm512_maskz_loadu_ps(mask(v.len()), v.as_ptr());
-                let rest = v.len().saturating_sub(16);
-                let second = _mm512_maskz_loadu_ps(mask(rest), v.as_ptr().add(v.len().min(16)));
-                std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(second, first))
-            }
+        let rows: [__m512i; 8] = std::array::from_fn(|s| match src[s] {
+            Some(v) => consecutive_pairs(v.as_ptr(), v.len()),
             None => _mm512_setzero_si512(),
-        };
-        let rows: [__m512i; 8] = std::array::from_fn(|s| pairs(&src[s]));
+        });
         for half in 0..2 {
             let r: [__m256i; 8] = std::array::from_fn(|s| match half {
                 0 => _mm512_castsi512_si256(rows[s]),
@@ -488,15 +631,11 @@ fn transpose8x8(r: [__m256i; 8]) -> [__m256i; 8] {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-unsafe fn pairs16_avx512(src: &[f32], out: &mut [u32; 16]) {
-    // SAFETY (whole body): the masks keep the loads inside `src`; `out` holds 16 values.
+unsafe fn pairs16_avx512<E: Elem>(src: &[E], out: &mut [u32; 16]) {
+    // SAFETY: the loads read `src.len()` values; `out` holds 16.
     unsafe {
-        let first = _mm512_maskz_loadu_ps(mask(src.len()), src.as_ptr());
-        let rest = src.len().saturating_sub(16);
-        let second = _mm512_maskz_loadu_ps(mask(rest), src.as_ptr().add(src.len().min(16)));
-        // [first as bf16 | second as bf16] is already the pairs in order.
-        let packed = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(second, first));
-        _mm512_storeu_si512(out.as_mut_ptr() as *mut _, packed);
+        let pairs = consecutive_pairs(src.as_ptr(), src.len());
+        _mm512_storeu_si512(out.as_mut_ptr() as *mut _, pairs);
     }
 }
 
@@ -508,34 +647,25 @@ unsafe fn pairs16_avx512(src: &[f32], out: &mut [u32; 16]) {
 /// The CPU has the features; `out` points to `n.div_ceil(W)·kp·W` values.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-unsafe fn pack_rows_avx512<const W: usize>(
-    (src, rs): (&[f32], usize),
+unsafe fn pack_rows_avx512<E: Elem, const W: usize>(
+    (src, rs): (&[E], usize),
     (k, n): (usize, usize),
     pairs: std::ops::Range<usize>,
     out: Packed,
 ) {
     const { assert!(W.is_multiple_of(16) || W == 8) };
     let (kp, width) = (k.div_ceil(2), n.div_ceil(W) * W);
-    let index = _mm512_set_epi16(
-        31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4,
-        19, 3, 18, 2, 17, 1, 16, 0,
-    );
     let at = |p: usize, c: usize| ((c / W) * kp + p) * W + c % W;
     for p in pairs {
         let lo = &src[2 * p * rs..][..n];
         let hi = (2 * p + 1 < k).then(|| &src[(2 * p + 1) * rs..][..n]);
         for c in (0..width).step_by(16) {
-            let m = mask(n.saturating_sub(c));
-            // SAFETY: the masks keep the loads inside the rows (a zero mask reads nothing);
-            // the stores are pair `p`'s values for columns `c..` (up to `width`) in `out`.
+            let (from, len) = (c.min(n), n.saturating_sub(c).min(16));
+            // SAFETY: the loads read `len` values inside the rows; the stores are pair `p`'s
+            // values for columns `c..` (up to `width`) in `out`.
             unsafe {
-                let l = _mm512_maskz_loadu_ps(m, lo.as_ptr().add(c.min(n)));
-                let h = match hi {
-                    Some(h) => _mm512_maskz_loadu_ps(m, h.as_ptr().add(c.min(n))),
-                    None => _mm512_setzero_ps(),
-                };
-                let packed = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(h, l));
-                let pairs = _mm512_permutexvar_epi16(index, packed);
+                let hi = hi.map(|h| h.as_ptr().add(from));
+                let pairs = row_pairs(lo.as_ptr().add(from), hi, len);
                 if W.is_multiple_of(16) {
                     _mm512_storeu_si512(out.0.add(at(p, c)) as *mut _, pairs);
                 } else {
@@ -551,25 +681,12 @@ unsafe fn pack_rows_avx512<const W: usize>(
     }
 }
 
-#[inline]
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-unsafe fn interleave_avx512(lo: &[f32], hi: Option<&[f32]>, out: &mut [u32]) {
-    // SAFETY (whole body): the masks keep the loads inside `lo`/`hi` and the store in `out`.
+unsafe fn interleave_avx512<E: Elem>(lo: &[E], hi: Option<&[E]>, out: &mut [u32]) {
+    // SAFETY: the loads read `lo.len()` values of `lo` and `hi`; the store stays in `out`.
     unsafe {
-        let m = mask(lo.len());
-        let l = _mm512_maskz_loadu_ps(m, lo.as_ptr());
-        let h = match hi {
-            Some(h) => _mm512_maskz_loadu_ps(m, h.as_ptr()),
-            None => _mm512_setzero_ps(),
-        };
-        // Words [lo0..lo15, hi0..hi15] -> [lo0, hi0, lo1, hi1, ...].
-        let packed = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(h, l));
-        let index = _mm512_set_epi16(
-            31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20,
-            4, 19, 3, 18, 2, 17, 1, 16, 0,
-        );
-        let pairs = _mm512_permutexvar_epi16(index, packed);
+        let pairs = row_pairs(lo.as_ptr(), hi.map(|h| h.as_ptr()), lo.len());
         _mm512_mask_storeu_epi32(out.as_mut_ptr() as *mut _, mask(out.len()), pairs);
     }
 }
@@ -723,6 +840,43 @@ mod tests {
                     .zip(&want)
                     .fold(0f32, |e, (a, b)| e.max((a - b).abs()));
                 assert!(err < 1e-4, "{m}x{n}x{k} {accumulate} {layout}: {err}");
+            }
+        }
+    }
+
+    /// bf16 operands read as stored pack to the same pairs as their values widened to f32, so
+    /// the products are identical bit for bit, over every packing path.
+    #[test]
+    fn bf16_operands_give_the_f32_operands_products() {
+        if !available() {
+            eprintln!("skipped: no AVX512-BF16 on this CPU");
+            return;
+        }
+        let mut state = 11u64;
+        let mut next = || {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            half::bf16::from_f32(((state >> 40) as f32 / (1u64 << 24) as f32) - 0.5)
+        };
+        for &(m, n, k) in &[(13, 45, 7), (9, 17, 33), (19, 300, 600), (70, 33, 513)] {
+            for layout in 0..3 {
+                let lhs: Vec<half::bf16> = (0..m * k).map(|_| next()).collect();
+                let rhs: Vec<half::bf16> = (0..2 * k * n + 1).map(|_| next()).collect();
+                let wide = |v: &[half::bf16]| v.iter().map(|x| x.to_f32()).collect::<Vec<f32>>();
+                let (lhs32, rhs32) = (wide(&lhs), wide(&rhs));
+                let lhs_s = if layout == 1 { (1, m) } else { (k, 1) };
+                let rhs_s = [(n, 1), (1, k), (2 * n, 2)][layout];
+                let mut want = vec![0.0; m * n];
+                let (l, r) = (
+                    (&lhs32[..], lhs_s.0, lhs_s.1),
+                    (&rhs32[..], rhs_s.0, rhs_s.1),
+                );
+                matmul(&mut want, (m, n, k), false, l, r, true);
+                let mut got = vec![0.0; m * n];
+                let (l, r) = ((&lhs[..], lhs_s.0, lhs_s.1), (&rhs[..], rhs_s.0, rhs_s.1));
+                matmul(&mut got, (m, n, k), false, l, r, true);
+                assert_eq!(got, want, "{m}x{n}x{k} layout {layout}");
             }
         }
     }

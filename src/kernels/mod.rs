@@ -827,10 +827,10 @@ pub(crate) fn matmul(
 /// Values this many at a time per thread when converting between f32 and half.
 const CONVERT_CHUNK: usize = 1 << 14;
 
-/// A half tensor's values in f32 (`$h`: `f16` or `bf16`).
+/// A half tensor's values in f32 (`$h`: `f16` or `bf16`), converted by `$convert` (see
+/// [`convert_par`]).
 macro_rules! widen {
-    ($t:expr, $h:ty) => {{
-        use half::slice::HalfFloatSliceExt;
+    ($t:expr, $h:ty, $convert:expr) => {{
         let t: &FlexTensor = $t;
         let owned: Vec<$h>;
         let src: &[$h] = match t.as_slice::<$h>() {
@@ -844,35 +844,72 @@ macro_rules! widen {
                 &owned
             }
         };
-        convert_par(src, |h: &[$h], o: &mut [f32]| h.convert_to_f32_slice(o))
+        convert_par(src, $convert)
     }};
 }
 
-/// `convert` applied chunk by chunk over `src` into a fresh vector, in parallel, without zeroing
-/// the vector first (the conversions are memory-bound: a zeroing pass would cost as much).
-fn convert_par<S: Sync, D: Copy + Default + Send>(
+/// `convert` applied chunk by chunk over `src` into a fresh vector, in parallel. `convert`
+/// writes every element of its output chunk, so the vector is not zeroed first (the conversions
+/// are memory-bound: a zeroing pass would cost as much).
+fn convert_par<S: Sync, D: Send>(
     src: &[S],
-    convert: impl Fn(&[S], &mut [D]) + Sync,
+    convert: impl Fn(&[S], &mut [std::mem::MaybeUninit<D>]) + Sync,
 ) -> Vec<D> {
-    // Converted through a small stack buffer, then copied into the uninitialised output.
-    const STAGE: usize = 512;
     let mut out: Vec<D> = Vec::with_capacity(src.len());
     out.spare_capacity_mut()[..src.len()]
         .par_chunks_mut(CONVERT_CHUNK)
         .zip(src.par_chunks(CONVERT_CHUNK))
-        .for_each(|(o, s)| {
-            let mut buf = [D::default(); STAGE];
-            for (oc, sc) in o.chunks_mut(STAGE).zip(s.chunks(STAGE)) {
-                let b = &mut buf[..sc.len()];
-                convert(sc, b);
-                for (slot, v) in oc.iter_mut().zip(b.iter()) {
-                    slot.write(*v);
-                }
-            }
-        });
-    // SAFETY: the chunks above cover 0..src.len() and wrote every element of it.
+        .for_each(|(o, s)| convert(s, o));
+    // SAFETY: the chunks above cover 0..src.len() and `convert` wrote every element of each.
     unsafe { out.set_len(src.len()) };
     out
+}
+
+/// A slice conversion of the `half` crate (f16, with F16C where the CPU has it) as a
+/// [`convert_par`] chunk conversion: through a small stack buffer into the uninitialised output.
+fn staged<S, D: Copy + Default>(
+    convert: impl Fn(&[S], &mut [D]) + Sync,
+) -> impl Fn(&[S], &mut [std::mem::MaybeUninit<D>]) + Sync {
+    const STAGE: usize = 512;
+    move |s, o| {
+        let mut buf = [D::default(); STAGE];
+        for (oc, sc) in o.chunks_mut(STAGE).zip(s.chunks(STAGE)) {
+            let b = &mut buf[..sc.len()];
+            convert(sc, b);
+            for (slot, v) in oc.iter_mut().zip(b.iter()) {
+                slot.write(*v);
+            }
+        }
+    }
+}
+
+/// bf16 values as f32 (exact: a bf16 is the upper half of an f32; a signalling NaN comes out
+/// quiet), `half::bf16::to_f32` bit for bit, vectorised for the CPU (the `half` crate's slice
+/// conversion runs 4 values at a time).
+fn widen_bf16(src: &[bf16], out: &mut [std::mem::MaybeUninit<f32>]) {
+    multiversion!((src: &[bf16], out: &mut [std::mem::MaybeUninit<f32>]) => {
+        for (o, s) in out.iter_mut().zip(src) {
+            let h = s.to_bits() as u32;
+            let quiet = if h & 0x7FFF > 0x7F80 { 0x40 } else { 0 };
+            o.write(f32::from_bits((h | quiet) << 16));
+        }
+    })
+}
+
+/// f32 values rounded to bf16 to nearest even, NaN kept quiet: `half::bf16::from_f32` bit for
+/// bit, vectorised for the CPU.
+fn narrow_bf16(src: &[f32], out: &mut [std::mem::MaybeUninit<bf16>]) {
+    multiversion!((src: &[f32], out: &mut [std::mem::MaybeUninit<bf16>]) => {
+        for (o, s) in out.iter_mut().zip(src) {
+            let x = s.to_bits();
+            let bits = if x & 0x7FFF_FFFF > 0x7F80_0000 {
+                (x >> 16) | 0x40
+            } else {
+                (x + 0x7FFF + ((x >> 16) & 1)) >> 16
+            };
+            o.write(bf16::from_bits(bits as u16));
+        }
+    })
 }
 
 /// The contiguous `f32` values of a Flex tensor: borrowed when it is f32, widened (in parallel)
@@ -890,35 +927,67 @@ fn f32_values(t: &FlexTensor) -> Option<std::borrow::Cow<'_, [f32]>> {
                 .ok()
                 .map(std::borrow::Cow::Owned),
         },
-        DType::F16 => Some(std::borrow::Cow::Owned(widen!(t, f16))),
-        DType::BF16 => Some(std::borrow::Cow::Owned(widen!(t, bf16))),
+        DType::F16 => {
+            use half::slice::HalfFloatSliceExt;
+            let convert = staged(|h: &[f16], o: &mut [f32]| h.convert_to_f32_slice(o));
+            Some(std::borrow::Cow::Owned(widen!(t, f16, convert)))
+        }
+        DType::BF16 => Some(std::borrow::Cow::Owned(widen!(t, bf16, widen_bf16))),
         _ => None,
     }
 }
 
-/// Two bf16 matrices' values widened to f32 (exactly), or `None` unless both are bf16 and 2-D.
-#[allow(clippy::type_complexity)]
-fn bf16_pair<'a>(
-    a: &'a FlexTensor,
-    b: &'a FlexTensor,
-) -> Option<(std::borrow::Cow<'a, [f32]>, std::borrow::Cow<'a, [f32]>)> {
-    let ok = [a, b]
+/// `lhs · rhs` (`[m, k]·[k, n]`, each given as a tensor with its (row, column) strides) of two
+/// bf16 matrices, as a bf16 tensor `[m, n]`; `None` unless both are bf16 and 2-D. The bf16
+/// GEMM reads the stored values as they are (no f32 copies); CPUs without AVX512-BF16 widen
+/// them and run gemm's f32 kernel.
+fn bf16_product(
+    (lhs, lhs_rs, lhs_cs): (&FlexTensor, usize, usize),
+    (rhs, rhs_rs, rhs_cs): (&FlexTensor, usize, usize),
+    (m, n, k): (usize, usize, usize),
+) -> Option<FlexTensor> {
+    let ok = [lhs, rhs]
         .iter()
         .all(|t| t.dtype() == DType::BF16 && t.shape().num_dims() == 2);
-    if ok {
-        Some((f32_values(a)?, f32_values(b)?))
+    if !ok {
+        return None;
+    }
+    let mut out = vec![0.0f32; m * n];
+    if bf16_gemm::available() {
+        let (l, r) = (bf16_values(lhs), bf16_values(rhs));
+        let (l, r) = ((&l[..], lhs_rs, lhs_cs), (&r[..], rhs_rs, rhs_cs));
+        bf16_gemm::matmul(&mut out, (m, n, k), false, l, r, true);
     } else {
-        None
+        let (l, r) = (f32_values(lhs)?, f32_values(rhs)?);
+        let how = Product {
+            parallel: true,
+            bf16: true,
+        };
+        let (l, r) = ((&l[..], lhs_rs, lhs_cs), (&r[..], rhs_rs, rhs_cs));
+        matmul(&mut out, (m, n, k), false, l, r, how);
+    }
+    Some(flex_tensor_in(out, &[m, n], DType::BF16))
+}
+
+/// A bf16 tensor's stored values, contiguous (borrowed when they already are).
+fn bf16_values(t: &FlexTensor) -> std::borrow::Cow<'_, [bf16]> {
+    match t.as_slice::<bf16>() {
+        Some(s) => std::borrow::Cow::Borrowed(s),
+        None => std::borrow::Cow::Owned(
+            t.to_contiguous()
+                .into_data()
+                .try_into_vec::<bf16>()
+                .expect("a contiguous bf16 tensor"),
+        ),
     }
 }
 
-fn narrow<H>(values: &[f32]) -> Vec<H>
-where
-    H: Default + Copy + Send + Sync,
-    [H]: half::slice::HalfFloatSliceExt,
-{
+fn narrow_f16(values: &[f32]) -> Vec<f16> {
     use half::slice::HalfFloatSliceExt;
-    convert_par(values, |v: &[f32], h: &mut [H]| h.convert_from_f32_slice(v))
+    convert_par(
+        values,
+        staged(|v: &[f32], h: &mut [f16]| h.convert_from_f32_slice(v)),
+    )
 }
 
 fn flex_tensor(values: Vec<f32>, shape: &[usize]) -> FlexTensor {
@@ -930,8 +999,10 @@ fn flex_tensor(values: Vec<f32>, shape: &[usize]) -> FlexTensor {
 fn flex_tensor_in(values: Vec<f32>, shape: &[usize], dtype: DType) -> FlexTensor {
     let shape = shape.to_vec();
     match dtype {
-        DType::F16 => FlexTensor::from_data(TensorData::new(narrow::<f16>(&values), shape)),
-        DType::BF16 => FlexTensor::from_data(TensorData::new(narrow::<bf16>(&values), shape)),
+        DType::F16 => FlexTensor::from_data(TensorData::new(narrow_f16(&values), shape)),
+        DType::BF16 => {
+            FlexTensor::from_data(TensorData::new(convert_par(&values, narrow_bf16), shape))
+        }
         _ => FlexTensor::from_data(TensorData::new(values, shape)),
     }
 }
@@ -1277,73 +1348,25 @@ impl TrainOps for Flex {
     fn linear_train(x: FlexTensor, w: FlexTensor) -> FlexTensor {
         let (xs, ws) = (x.shape(), w.shape());
         let (rows, inner, out) = (xs[0], xs[1], ws[0]);
-        match bf16_pair(&x, &w) {
-            Some((xv, wv)) => {
-                let mut y = vec![0.0f32; rows * out];
-                let how = Product {
-                    parallel: true,
-                    bf16: true,
-                };
-                matmul(
-                    &mut y,
-                    (rows, out, inner),
-                    false,
-                    (&xv, inner, 1),
-                    (&wv, 1, inner),
-                    how,
-                );
-                flex_tensor_in(y, &[rows, out], DType::BF16)
-            }
-            None => Flex::float_matmul(x, Flex::float_transpose(w)),
-        }
+        // y = x wᵀ
+        bf16_product((&x, inner, 1), (&w, 1, inner), (rows, out, inner))
+            .unwrap_or_else(|| Flex::float_matmul(x, Flex::float_transpose(w)))
     }
 
     fn linear_input_grad(w: FlexTensor, grad: FlexTensor) -> FlexTensor {
         let (ws, gs) = (w.shape(), grad.shape());
         let (rows, inner, out) = (gs[0], ws[1], ws[0]);
-        match bf16_pair(&grad, &w) {
-            Some((gv, wv)) => {
-                let mut dx = vec![0.0f32; rows * inner];
-                let how = Product {
-                    parallel: true,
-                    bf16: true,
-                };
-                matmul(
-                    &mut dx,
-                    (rows, inner, out),
-                    false,
-                    (&gv, out, 1),
-                    (&wv, inner, 1),
-                    how,
-                );
-                flex_tensor_in(dx, &[rows, inner], DType::BF16)
-            }
-            None => Flex::float_matmul(grad, w),
-        }
+        // dx = dy w
+        bf16_product((&grad, out, 1), (&w, inner, 1), (rows, inner, out))
+            .unwrap_or_else(|| Flex::float_matmul(grad, w))
     }
 
     fn linear_weight_grad(x: FlexTensor, grad: FlexTensor) -> FlexTensor {
         let (xs, gs) = (x.shape(), grad.shape());
         let (rows, inner, out) = (xs[0], xs[1], gs[1]);
-        match bf16_pair(&grad, &x) {
-            Some((gv, xv)) => {
-                let mut dw = vec![0.0f32; out * inner];
-                let how = Product {
-                    parallel: true,
-                    bf16: true,
-                };
-                matmul(
-                    &mut dw,
-                    (out, inner, rows),
-                    false,
-                    (&gv, 1, out),
-                    (&xv, inner, 1),
-                    how,
-                );
-                flex_tensor_in(dw, &[out, inner], DType::BF16)
-            }
-            None => Flex::float_matmul(Flex::float_transpose(grad), x),
-        }
+        // dw = dyᵀ x
+        bf16_product((&grad, 1, out), (&x, inner, 1), (out, inner, rows))
+            .unwrap_or_else(|| Flex::float_matmul(Flex::float_transpose(grad), x))
     }
 
     fn attention_lse(
@@ -1406,6 +1429,7 @@ fn attention_geometry(
         n: qs[1],
         m: ks[1],
         d: qs[2],
+        bf16: [q, k, v].iter().all(|t| t.dtype() == DType::BF16),
     })
 }
 
@@ -1948,6 +1972,42 @@ mod tests {
         }
     }
 
+    /// The vectorised bf16 conversions give the `half` crate's results bit for bit: every bf16
+    /// widened, and f32 values rounded (ties, carries into the exponent, infinities, NaNs with
+    /// and without payload, denormals, and a sweep of the bit patterns).
+    #[test]
+    fn bf16_conversions_match_the_half_crate() {
+        let all: Vec<bf16> = (0..=u16::MAX).map(bf16::from_bits).collect();
+        let wide = convert_par(&all, widen_bf16);
+        for (h, w) in all.iter().zip(&wide) {
+            assert_eq!(w.to_bits(), h.to_f32().to_bits(), "{:#06x}", h.to_bits());
+        }
+        let mut bits: Vec<u32> = vec![
+            0x3F80_8000, // 1 + 2^-8: a tie, to even (down)
+            0x3F81_8000, // a tie, to even (up)
+            0x3F80_8001,
+            0x7F7F_FFFF, // f32::MAX: rounds to infinity
+            0x7F80_0000,
+            0xFF80_0000,
+            0x7FC0_0000,
+            0x7F80_0001, // signalling NaN: kept a NaN
+            0xFFFF_FFFF,
+            0x0000_0001, // denormals
+            0x807F_FFFF,
+        ];
+        bits.extend((0..1u64 << 32).step_by(65_521).map(|b| b as u32));
+        let values: Vec<f32> = bits.iter().map(|&b| f32::from_bits(b)).collect();
+        let narrow = convert_par(&values, narrow_bf16);
+        for (v, n) in values.iter().zip(&narrow) {
+            assert_eq!(
+                n.to_bits(),
+                bf16::from_f32(*v).to_bits(),
+                "{:#010x}",
+                v.to_bits()
+            );
+        }
+    }
+
     /// The products that run on the bf16 GEMM under bf16 mixed precision (convolutions on the
     /// Winograd, column and pointwise paths, forward and both gradients; linear layers) against
     /// f32 on the same bf16 values: within a few bf16 roundings of the result (the output and
@@ -2001,6 +2061,34 @@ mod tests {
                     "{xs:?} {ws:?} result {k}: {err} of {scale}"
                 );
             }
+        }
+        // Attention: every product of the forward and backward, over two blocks of queries.
+        let [q, k, v] = [[2, 70, 40], [2, 90, 40], [2, 90, 40]]
+            .map(|s| bf16_values(Tensor::<4>::random([1, s[0], s[1], s[2]], dist, &d)));
+        let run = |dtype: DType| {
+            let leaves = [&q, &k, &v].map(|t| t.clone().cast(dtype).require_grad());
+            let [q, k, v] = leaves.clone().map(|t| t.squeeze_dim::<3>(0));
+            let y = scaled_dot_product_attention(q, k, v);
+            let weights = y.clone().cast(DType::F32).sin().detach().cast(dtype);
+            let grads = (y.clone() * weights).sum().backward();
+            let mut out = vec![y.cast(DType::F32).into_data()];
+            out.extend(leaves.map(|t| t.grad(&grads).unwrap().cast(DType::F32).into_data()));
+            out.into_iter()
+                .map(|t| t.try_to_vec::<f32>().unwrap())
+                .collect::<Vec<_>>()
+        };
+        let (want, got) = (run(DType::F32), run(DType::BF16));
+        for (k, (a, b)) in got.iter().zip(&want).enumerate() {
+            let scale = b.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            let err = a
+                .iter()
+                .zip(b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0.0, f32::max);
+            assert!(
+                err <= 1e-2 * scale,
+                "attention result {k}: {err} of {scale}"
+            );
         }
     }
 
