@@ -8,7 +8,8 @@
 //! GroupNorm/LayerNorm (about ten single-threaded passes forward, twenty backward); in the
 //! latent-diffusion U-Net's feed-forward, GELU (scalar libm `erff`).
 //! [`TrainOps`] replaces these operations (convolution, transposed convolution, group norm,
-//! SiLU, GELU, softmax over the last dimension):
+//! SiLU, GELU, softmax over the last dimension), and, under bf16 mixed precision, linear
+//! layers' products (whose bf16 operands `bf16_gemm` multiplies at twice the f32 rate):
 //!
 //! - on burn's Flex (CPU) backend with the kernels in [`conv`], [`norm`] and [`act`];
 //! - under autodiff with a backward step that calls those kernels (one node per operation, so the
@@ -17,7 +18,8 @@
 //!   operations the layers called before.
 //!
 //! Layers call [`conv2d`], [`conv_transpose2d`], [`group_norm`], [`layer_norm`], [`silu`],
-//! [`gelu`] and [`softmax_last`]; nothing else in the crate knows this module exists.
+//! [`gelu`], [`softmax_last`] and [`linear`]; nothing else in the crate knows this module
+//! exists.
 
 /// Runs `$body` compiled for the best instruction set this CPU has. The code is the same in each
 /// arm; only the vector width differs, and every operation is exactly rounded IEEE arithmetic
