@@ -319,8 +319,14 @@ fn compute(
                     // `blk·MR`, column `col`, inside `dst` (`m·n` long), a tile no other task
                     // touches (tasks own disjoint panel groups and row-block ranges).
                     unsafe {
-                        let c = out.at(blk * MR * n + col);
-                        kernel(pairs, ablk.as_ptr(), bpan.as_ptr(), c, n, rows, cols, add);
+                        let tile = Tile {
+                            c: out.at(blk * MR * n + col),
+                            ldc: n,
+                            rows,
+                            cols,
+                            accumulate: add,
+                        };
+                        kernel(pairs, ablk.as_ptr(), bpan.as_ptr(), tile);
                     }
                 }
             }
@@ -691,31 +697,31 @@ unsafe fn interleave_avx512<E: Elem>(lo: &[E], hi: Option<&[E]>, out: &mut [u32]
     }
 }
 
-/// `MR x NR` of `c` (+)= the packed `a` block times the packed `b` panel over `pairs` pairs;
-/// only `rows x cols` of it are stored (at stride `ldc`).
-#[allow(clippy::too_many_arguments)]
-unsafe fn kernel(
-    pairs: usize,
-    a: *const u32,
-    b: *const u32,
+/// Where a kernel call's result goes: `rows x cols` (of its `MR x NR`) at `c`, row stride
+/// `ldc`, added to what is there when `accumulate`.
+#[derive(Clone, Copy)]
+struct Tile {
     c: *mut f32,
     ldc: usize,
     rows: usize,
     cols: usize,
     accumulate: bool,
-) {
+}
+
+/// `tile` (+)= the packed `a` block times the packed `b` panel over `pairs` pairs.
+unsafe fn kernel(pairs: usize, a: *const u32, b: *const u32, tile: Tile) {
     #[cfg(target_arch = "x86_64")]
     // SAFETY: forwarded from the caller; `matmul` checked the features.
     unsafe {
-        match cols.div_ceil(16) {
-            1 => kernel_avx512::<1>(pairs, a, b, c, ldc, rows, cols, accumulate),
-            2 => kernel_avx512::<2>(pairs, a, b, c, ldc, rows, cols, accumulate),
-            _ => kernel_avx512::<NV>(pairs, a, b, c, ldc, rows, cols, accumulate),
+        match tile.cols.div_ceil(16) {
+            1 => kernel_avx512::<1>(pairs, a, b, tile),
+            2 => kernel_avx512::<2>(pairs, a, b, tile),
+            _ => kernel_avx512::<NV>(pairs, a, b, tile),
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (pairs, a, b, c, ldc, rows, cols, accumulate);
+        let _ = (pairs, a, b, tile);
         unreachable!("the bf16 matmul is x86-64 only")
     }
 }
@@ -723,17 +729,14 @@ unsafe fn kernel(
 /// [`kernel`] for panels of `V` vectors (the last panel of a narrow matrix uses fewer).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn kernel_avx512<const V: usize>(
-    pairs: usize,
-    a: *const u32,
-    b: *const u32,
-    c: *mut f32,
-    ldc: usize,
-    rows: usize,
-    cols: usize,
-    accumulate: bool,
-) {
+unsafe fn kernel_avx512<const V: usize>(pairs: usize, a: *const u32, b: *const u32, tile: Tile) {
+    let Tile {
+        c,
+        ldc,
+        rows,
+        cols,
+        accumulate,
+    } = tile;
     // SAFETY (whole body): the caller guarantees the extents documented on `kernel`.
     unsafe {
         let mut acc = [[_mm512_setzero_ps(); V]; MR];
@@ -774,6 +777,17 @@ unsafe fn kernel_avx512<const V: usize>(
 mod tests {
     use super::*;
 
+    /// Pseudo-random bf16 values in [-0.5, 0.5) from `seed`.
+    fn values(seed: u64) -> impl FnMut() -> half::bf16 {
+        let mut state = seed;
+        move || {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            half::bf16::from_f32(((state >> 40) as f32 / (1u64 << 24) as f32) - 0.5)
+        }
+    }
+
     /// Values bf16 holds exactly, so the bf16 product is the f32 one up to summation order, over
     /// shapes that reach every edge (odd `k`, partial row blocks and panels, one- and two-vector
     /// panels, several `k` blocks and column groups, row chunks) and every packing path (rows
@@ -784,13 +798,8 @@ mod tests {
             eprintln!("skipped: no AVX512-BF16 on this CPU");
             return;
         }
-        let mut state = 7u64;
-        let mut next = || {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            half::bf16::from_f32(((state >> 40) as f32 / (1u64 << 24) as f32) - 0.5).to_f32()
-        };
+        let mut bf16_next = values(7);
+        let mut next = || bf16_next().to_f32();
         for &(m, n, k) in &[
             (1, 1, 1),
             (8, 48, 2),
@@ -852,13 +861,7 @@ mod tests {
             eprintln!("skipped: no AVX512-BF16 on this CPU");
             return;
         }
-        let mut state = 11u64;
-        let mut next = || {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            half::bf16::from_f32(((state >> 40) as f32 / (1u64 << 24) as f32) - 0.5)
-        };
+        let mut next = values(11);
         for &(m, n, k) in &[(13, 45, 7), (9, 17, 33), (19, 300, 600), (70, 33, 513)] {
             for layout in 0..3 {
                 let lhs: Vec<half::bf16> = (0..m * k).map(|_| next()).collect();

@@ -2050,19 +2050,8 @@ mod tests {
                 [y, x.grad(&grads).unwrap(), w.grad(&grads).unwrap()]
                     .map(|t| t.cast(DType::F32).into_data().try_to_vec::<f32>().unwrap())
             };
-            let (want, got) = (run(DType::F32), run(DType::BF16));
-            for (k, (a, b)) in got.iter().zip(&want).enumerate() {
-                let scale = b.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-                let err = a
-                    .iter()
-                    .zip(b)
-                    .map(|(x, y)| (x - y).abs())
-                    .fold(0.0, f32::max);
-                assert!(
-                    err <= 1e-2 * scale,
-                    "{xs:?} {ws:?} result {k}: {err} of {scale}"
-                );
-            }
+            let what = format!("{xs:?} {ws:?}");
+            within_a_percent(&run(DType::BF16), &run(DType::F32), &what);
         }
         // Attention: every product of the forward and backward, over two blocks of queries.
         let [q, k, v] = [[2, 70, 40], [2, 90, 40], [2, 90, 40]]
@@ -2079,18 +2068,19 @@ mod tests {
                 .map(|t| t.try_to_vec::<f32>().unwrap())
                 .collect::<Vec<_>>()
         };
-        let (want, got) = (run(DType::F32), run(DType::BF16));
-        for (k, (a, b)) in got.iter().zip(&want).enumerate() {
+        within_a_percent(&run(DType::BF16), &run(DType::F32), "attention");
+    }
+
+    /// Each of `got` within 1% of the largest magnitude of the same result in `want`.
+    fn within_a_percent(got: &[Vec<f32>], want: &[Vec<f32>], what: &str) {
+        for (k, (a, b)) in got.iter().zip(want).enumerate() {
             let scale = b.iter().fold(0.0f32, |m, v| m.max(v.abs()));
             let err = a
                 .iter()
                 .zip(b)
                 .map(|(x, y)| (x - y).abs())
                 .fold(0.0, f32::max);
-            assert!(
-                err <= 1e-2 * scale,
-                "attention result {k}: {err} of {scale}"
-            );
+            assert!(err <= 1e-2 * scale, "{what} result {k}: {err} of {scale}");
         }
     }
 
