@@ -115,12 +115,12 @@ impl Out {
 /// column stride)`, `dst` row-major `[m, n]`), with both operands rounded to bf16. `parallel`
 /// spreads the work over the thread pool. Callers check [`available`] and the slice extents.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn matmul<E: Elem>(
+pub(crate) fn matmul<L: Elem, R: Elem>(
     dst: &mut [f32],
     (m, n, k): (usize, usize, usize),
     accumulate: bool,
-    lhs: Operand<E>,
-    rhs: Operand<E>,
+    lhs: Operand<L>,
+    rhs: Operand<R>,
     parallel: bool,
 ) {
     assert!(available(), "bf16 matmul on a CPU without AVX512-BF16");
@@ -162,11 +162,11 @@ fn with_packs<R>(na: usize, nb: usize, f: impl FnOnce(&mut [u32], &mut [u32]) ->
 
 /// [`matmul`] with buffers `a` and `b` for the packed operands.
 #[allow(clippy::too_many_arguments)]
-fn run<E: Elem>(
+fn run<L: Elem, R: Elem>(
     dst: &mut [f32],
     (m, n, k): (usize, usize, usize),
     accumulate: bool,
-    (lhs, rhs): (Operand<E>, Operand<E>),
+    (lhs, rhs): (Operand<L>, Operand<R>),
     parallel: bool,
     a: &mut [u32],
     b: &mut [u32],
@@ -188,7 +188,7 @@ impl PackedRhs {
     pub(crate) fn new<E: Elem>(rhs: Operand<E>, (k, n): (usize, usize)) -> Self {
         assert!(available(), "bf16 matmul on a CPU without AVX512-BF16");
         let mut values = vec![0u32; n.div_ceil(NR) * k.div_ceil(2) * NR];
-        pack::<E>((None, Some(rhs)), (0, n, k), false, (&mut [], &mut values));
+        pack::<f32, E>((None, Some(rhs)), (0, n, k), false, (&mut [], &mut values));
         Self { values, k, n }
     }
 }
@@ -207,14 +207,14 @@ pub(crate) fn matmul_packed<E: Elem>(
         return;
     }
     with_packs(m.div_ceil(MR) * k.div_ceil(2) * MR, 0, |a, _| {
-        pack((Some(lhs), None), (m, n, k), false, (a, &mut []));
+        pack::<E, f32>((Some(lhs), None), (m, n, k), false, (a, &mut []));
         compute(dst, (m, n, k), accumulate, (a, &rhs.values), false);
     });
 }
 
 /// Packs `lhs` (`m x k`) into `a` and `rhs` (`k x n`) into `b`, those given.
-fn pack<E: Elem>(
-    (lhs, rhs): (Option<Operand<E>>, Option<Operand<E>>),
+fn pack<L: Elem, R: Elem>(
+    (lhs, rhs): (Option<Operand<L>>, Option<Operand<R>>),
     (m, n, k): (usize, usize, usize),
     parallel: bool,
     (a, b): (&mut [u32], &mut [u32]),
@@ -246,8 +246,8 @@ fn pack<E: Elem>(
         #[cfg(target_arch = "x86_64")]
         unsafe {
             match (t, lhs, rhs) {
-                (0, Some(lhs), _) => pack_rows_avx512::<E, MR>((lhs.0, lhs.2), (k, m), pairs, pa),
-                (_, _, Some(rhs)) => pack_rows_avx512::<E, NR>((rhs.0, rhs.1), (k, n), pairs, pb),
+                (0, Some(lhs), _) => pack_rows_avx512::<L, MR>((lhs.0, lhs.2), (k, m), pairs, pa),
+                (_, _, Some(rhs)) => pack_rows_avx512::<R, NR>((rhs.0, rhs.1), (k, n), pairs, pb),
                 _ => {}
             }
         };

@@ -22,6 +22,45 @@
 use rayon::prelude::*;
 
 use super::{Product, matmul};
+use burn::tensor::bf16;
+
+/// A convolution's weight `[cout, cin, k, k]` as the kernels get it: f32, or bf16 as stored.
+/// bf16 is for products on the bf16 GEMM ([`Product::bf16`]), which packs the stored values
+/// without an f32 copy. At SD's deep levels (1280 channels on 4x4 and 8x8 maps, batch 1) a
+/// weight holds as many values as the products do multiply-adds per value, so copying it costs
+/// about as much as using it.
+#[derive(Clone, Copy)]
+pub enum Weights<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [bf16]),
+}
+
+impl<'a> Weights<'a> {
+    /// The values in f32 (widened when bf16), for the paths that transform or rearrange them.
+    fn to_f32(self) -> std::borrow::Cow<'a, [f32]> {
+        match self {
+            Weights::F32(w) => std::borrow::Cow::Borrowed(w),
+            Weights::Bf16(w) => std::borrow::Cow::Owned(super::convert_par(w, super::widen_bf16)),
+        }
+    }
+}
+
+/// `dst (+)= w · rhs` as [`matmul`], with the weight (at strides `rs`, `cs`) on the left.
+fn weight_matmul(
+    dst: &mut [f32],
+    dims: (usize, usize, usize),
+    accumulate: bool,
+    (w, rs, cs): (Weights, usize, usize),
+    rhs: (&[f32], usize, usize),
+    how: Product,
+) {
+    match w {
+        Weights::F32(w) => matmul(dst, dims, accumulate, (w, rs, cs), rhs, how),
+        Weights::Bf16(w) => {
+            super::bf16_gemm::matmul(dst, dims, accumulate, (w, rs, cs), rhs, how.parallel)
+        }
+    }
+}
 
 /// The shape of one convolution: input `[batch, cin, h, w]`, weight `[cout, cin, k, k]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -572,13 +611,19 @@ fn columns<'a>(g: &Conv2dGeom, xb: &'a [f32], col: &'a mut [f32], padded: &mut [
 
 /// Forward: `y = conv2d(x, weight) + bias`, `y` `[batch, cout, oh, ow]`.
 pub fn forward(g: &Conv2dGeom, x: &[f32], weight: &[f32], bias: Option<&[f32]>) -> Vec<f32> {
+    forward_with(g, x, Weights::F32(weight), bias)
+}
+
+/// [`forward`] with the weight as [`Weights`] (bf16 only for products on the bf16 GEMM).
+pub fn forward_with(g: &Conv2dGeom, x: &[f32], weights: Weights, bias: Option<&[f32]>) -> Vec<f32> {
     if super::winograd::applies(g) {
-        return super::winograd::forward(g, x, weight, bias);
+        return super::winograd::forward(g, x, &weights.to_f32(), bias);
     }
     let (kk, l) = (g.rows(), g.cols());
     let shifted = g.shifted();
     // For the shifted form: the weight of vertical tap i as `[cout, cin·k]`.
     let per_tap: Vec<f32> = if shifted {
+        let weight = weights.to_f32();
         let mut w = vec![0.0f32; g.weight_len()];
         for i in 0..g.k {
             for o in 0..g.cout {
@@ -604,11 +649,11 @@ pub fn forward(g: &Conv2dGeom, x: &[f32], weight: &[f32], bias: Option<&[f32]>) 
                         row.fill(*b);
                     }
                 }
-                matmul(
+                weight_matmul(
                     yb,
                     (g.cout, l, kk),
                     bias.is_some(),
-                    (weight, kk, 1),
+                    (weights, kk, 1),
                     (cols, l, 1),
                     g.gemm_par(),
                 );
@@ -636,11 +681,11 @@ pub fn forward(g: &Conv2dGeom, x: &[f32], weight: &[f32], bias: Option<&[f32]>) 
                     }
                 } else {
                     im2col_rows_band(g, padded, col, start, nb);
-                    matmul(
+                    weight_matmul(
                         grid,
                         (g.cout, nb, kk),
                         false,
-                        (weight, kk, 1),
+                        (weights, kk, 1),
                         (&col[..kk * nb], nb, 1),
                         g.gemm_par(),
                     );
@@ -669,6 +714,11 @@ pub fn forward(g: &Conv2dGeom, x: &[f32], weight: &[f32], bias: Option<&[f32]>) 
 /// (that GEMM's column count) is at least [`ADJOINT_MIN_CIN`]: with fewer, the micro-kernel's
 /// 6-column tiles run mostly empty and the scatter form is faster.
 pub fn input_grad(g: &Conv2dGeom, weight: &[f32], grad: &[f32]) -> Vec<f32> {
+    input_grad_with(g, Weights::F32(weight), grad)
+}
+
+/// [`input_grad`] with the weight as [`Weights`] (bf16 only for products on the bf16 GEMM).
+pub fn input_grad_with(g: &Conv2dGeom, weights: Weights, grad: &[f32]) -> Vec<f32> {
     // The adjoint needs the weight flipped and transposed (a pass over `cout·cin·k²` values
     // every call); the column path scatters `cin·k²` values per output position of each
     // image instead. Deep, small levels (SD's 1280-channel 4x4..8x8 maps) have far more
@@ -686,36 +736,28 @@ pub fn input_grad(g: &Conv2dGeom, weight: &[f32], grad: &[f32]) -> Vec<f32> {
             pad: g.k - 1 - g.pad,
             ..*g
         };
-        let kk = g.k * g.k;
-        let mut flipped = vec![0.0f32; g.weight_len()];
-        for o in 0..g.cout {
-            for c in 0..g.cin {
-                let src = &weight[(o * g.cin + c) * kk..][..kk];
-                let dst = &mut flipped[(c * g.cout + o) * kk..][..kk];
-                for (d, s) in dst.iter_mut().zip(src.iter().rev()) {
-                    *d = *s;
-                }
-            }
-        }
-        return forward(&adjoint, grad, &flipped, None);
+        return match weights {
+            Weights::F32(w) => forward_with(&adjoint, grad, Weights::F32(&flipped(g, w)), None),
+            Weights::Bf16(w) => forward_with(&adjoint, grad, Weights::Bf16(&flipped(g, w)), None),
+        };
     }
     let (kk, l, n) = (g.rows(), g.cols(), g.gemm_cols());
     let (dx, _) = super::par_new(g.input_len(), g.image_in(), |b, dxb| {
         let gb = &grad[b * g.image_out()..][..g.image_out()];
         with_scratch(g, Purpose::Gradient, |col, padded, grid| {
             // Wᵀ is `[kk, cout]`: element (r, o) sits at weight[o·kk + r].
-            let wt = (weight, 1, kk);
+            let wt = (weights, 1, kk);
             match g.plan() {
                 Plan::Pointwise => {
-                    matmul(dxb, (kk, l, g.cout), false, wt, (gb, l, 1), g.gemm_par())
+                    weight_matmul(dxb, (kk, l, g.cout), false, wt, (gb, l, 1), g.gemm_par())
                 }
                 Plan::Strided => {
-                    matmul(col, (kk, l, g.cout), false, wt, (gb, l, 1), g.gemm_par());
+                    weight_matmul(col, (kk, l, g.cout), false, wt, (gb, l, 1), g.gemm_par());
                     col2im_add(g, col, dxb);
                 }
                 Plan::PaddedRows => {
                     grad_to_grid(g, gb, grid);
-                    matmul(col, (kk, n, g.cout), false, wt, (grid, n, 1), g.gemm_par());
+                    weight_matmul(col, (kk, n, g.cout), false, wt, (grid, n, 1), g.gemm_par());
                     col2im_rows(g, col, padded);
                     let (wp, plane) = (g.padded_w(), g.padded_plane());
                     for c in 0..g.cin {
@@ -729,6 +771,23 @@ pub fn input_grad(g: &Conv2dGeom, weight: &[f32], grad: &[f32]) -> Vec<f32> {
         })
     });
     dx
+}
+
+/// The adjoint's weight: `weight` `[cout, cin, k, k]` flipped in both kernel axes, with its
+/// channel axes swapped (`[cin, cout, k, k]`).
+fn flipped<T: Copy + Default>(g: &Conv2dGeom, weight: &[T]) -> Vec<T> {
+    let kk = g.k * g.k;
+    let mut flipped = vec![T::default(); g.weight_len()];
+    for o in 0..g.cout {
+        for c in 0..g.cin {
+            let src = &weight[(o * g.cin + c) * kk..][..kk];
+            let dst = &mut flipped[(c * g.cout + o) * kk..][..kk];
+            for (d, s) in dst.iter_mut().zip(src.iter().rev()) {
+                *d = *s;
+            }
+        }
+    }
+    flipped
 }
 
 /// Weight and bias gradients: `dW = Σ_b g[b] · col(x[b])ᵀ` (`[cout, cin, k, k]`) and

@@ -971,6 +971,30 @@ fn bf16_product(
     Some(flex_tensor_in(out, &[m, n], DType::BF16))
 }
 
+/// A convolution weight's values as [`conv::Weights`] wants them: bf16 as stored when the
+/// convolution's products run on the bf16 GEMM (no f32 copy), else f32.
+enum WeightValues<'a> {
+    F32(std::borrow::Cow<'a, [f32]>),
+    Bf16(std::borrow::Cow<'a, [bf16]>),
+}
+
+impl WeightValues<'_> {
+    fn view(&self) -> conv::Weights<'_> {
+        match self {
+            WeightValues::F32(w) => conv::Weights::F32(w),
+            WeightValues::Bf16(w) => conv::Weights::Bf16(w),
+        }
+    }
+}
+
+fn weight_values<'a>(g: &Conv2dGeom, weight: &'a FlexTensor) -> Option<WeightValues<'a>> {
+    if g.bf16 && weight.dtype() == DType::BF16 && bf16_gemm::available() {
+        Some(WeightValues::Bf16(bf16_values(weight)))
+    } else {
+        Some(WeightValues::F32(f32_values(weight)?))
+    }
+}
+
 /// A bf16 tensor's stored values, contiguous (borrowed when they already are).
 fn bf16_values(t: &FlexTensor) -> std::borrow::Cow<'_, [bf16]> {
     match t.as_slice::<bf16>() {
@@ -1091,12 +1115,12 @@ fn flex_conv2d(
     padding: usize,
 ) -> FlexTensor {
     let fast = geometry(&x, &weight, stride, padding).and_then(|g| {
-        let (xv, wv) = (f32_values(&x)?, f32_values(&weight)?);
+        let (xv, wv) = (f32_values(&x)?, weight_values(&g, &weight)?);
         let bv = match &bias {
             Some(b) => Some(f32_values(b)?),
             None => None,
         };
-        let y = conv::forward(&g, &xv, &wv, bv.as_deref());
+        let y = conv::forward_with(&g, &xv, wv.view(), bv.as_deref());
         let shape = [g.batch, g.cout, g.out_h(), g.out_w()];
         Some(flex_tensor_in(y, &shape, x.dtype()))
     });
@@ -1192,7 +1216,8 @@ impl TrainOps for Flex {
         padding: usize,
     ) -> FlexTensor {
         let fast = geometry(&x, &weight, stride, padding).and_then(|g| {
-            let dx = conv::input_grad(&g, &f32_values(&weight)?, &f32_values(&grad)?);
+            let wv = weight_values(&g, &weight)?;
+            let dx = conv::input_grad_with(&g, wv.view(), &f32_values(&grad)?);
             Some(flex_tensor_in(dx, &[g.batch, g.cin, g.h, g.w], x.dtype()))
         });
         fast.unwrap_or_else(|| {
