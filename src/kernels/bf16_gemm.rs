@@ -131,7 +131,8 @@ pub(crate) fn matmul<L: Elem, R: Elem>(
     let kp = k.div_ceil(2);
     let (blocks, panels) = (m.div_ceil(MR), n.div_ceil(NR));
     with_packs(blocks * kp * MR, panels * kp * NR, |a, b| {
-        run(dst, (m, n, k), accumulate, (lhs, rhs), parallel, a, b)
+        pack((Some(lhs), Some(rhs)), (m, n, k), parallel, (a, b));
+        compute(dst, (m, n, k), accumulate, (a, b), parallel);
     });
 }
 
@@ -158,21 +159,6 @@ fn with_packs<R>(na: usize, nb: usize, f: impl FnOnce(&mut [u32], &mut [u32]) ->
         }
         Err(_) => f(&mut vec![0; na], &mut vec![0; nb]),
     })
-}
-
-/// [`matmul`] with buffers `a` and `b` for the packed operands.
-#[allow(clippy::too_many_arguments)]
-fn run<L: Elem, R: Elem>(
-    dst: &mut [f32],
-    (m, n, k): (usize, usize, usize),
-    accumulate: bool,
-    (lhs, rhs): (Operand<L>, Operand<R>),
-    parallel: bool,
-    a: &mut [u32],
-    b: &mut [u32],
-) {
-    pack((Some(lhs), Some(rhs)), (m, n, k), parallel, (a, b));
-    compute(dst, (m, n, k), accumulate, (a, b), parallel);
 }
 
 /// `rhs` (`k x n`) packed once for several products ([`matmul_packed`]): attention's keys and
@@ -228,19 +214,20 @@ fn pack<L: Elem, R: Elem>(
     let pack_b = |(pan, out): (usize, &mut [u32])| {
         let col = pan * NR;
         if let Some(rhs) = rhs {
-            pack_rhs(rhs, k, (col, NR.min(n - col)), (0, kp), out)
+            pack_rhs(rhs, k, (col, NR.min(n - col)), out)
         }
     };
     // An operand whose rows of `k` are contiguous (a column matrix as `rhs`, a transposed
     // `lhs`) is read a pair of those rows at a time, in order, and spread over the panels
     // (reading it panel by panel walks down all its rows once per panel and stalls on the
-    // loads). Each task packs `ROW_PAIRS` pairs.
-    let a_by_rows = lhs.is_some_and(|l| l.1 == 1) && available();
-    let b_by_rows = rhs.is_some_and(|r| r.2 == 1) && available();
+    // loads). Each task packs `ROW_PAIRS` pairs. The other layouts are packed a block of rows
+    // (`lhs`) or a panel of columns (`rhs`) at a time.
+    let a_by_rows = lhs.is_some_and(|l| l.1 == 1);
+    let b_by_rows = rhs.is_some_and(|r| r.2 == 1);
     let (pa, pb) = (Packed(a.as_mut_ptr()), Packed(b.as_mut_ptr()));
     let pack_rows = |(t, p0): (usize, usize)| {
         let pairs = p0..(p0 + ROW_PAIRS).min(kp);
-        // SAFETY: the features were detected; each task writes the values of its own pairs
+        // SAFETY: the callers checked the features; each task writes the values of its own pairs
         // in every panel of `a` (`blocks·kp·MR` long) or `b` (`panels·kp·NR`), disjoint from
         // the other tasks'.
         #[cfg(target_arch = "x86_64")]
@@ -340,7 +327,7 @@ fn compute(
 }
 
 /// Rows `blk·MR..` of `lhs` (`m x k`) as `[pair][row]` into `out` (`kp·MR`), zeros past `m`
-/// and past `k`.
+/// and past `k`. (An `lhs` stored transposed is packed by rows in [`pack`].)
 fn pack_lhs<E: Elem>(
     (lhs, rs, cs): Operand<E>,
     (m, k): (usize, usize),
@@ -359,13 +346,6 @@ fn pack_lhs<E: Elem>(
             let chunks = rows.map(|r| window(r, 2 * p0));
             transposed_pairs(chunks, &mut out[p0 * MR..], MR, (kp - p0).min(16));
         }
-    } else if rs == 1 && rows == MR {
-        // Each k's rows are contiguous: one conversion per pair.
-        for p in 0..kp {
-            let lo = &lhs[blk * MR + 2 * p * cs..][..MR];
-            let hi = (2 * p + 1 < k).then(|| &lhs[blk * MR + (2 * p + 1) * cs..][..MR]);
-            interleave(lo, hi, &mut out[p * MR..][..MR]);
-        }
     } else {
         for r in 0..MR {
             for p in 0..kp {
@@ -381,39 +361,21 @@ fn pack_lhs<E: Elem>(
     }
 }
 
-/// Columns `col..col + cols` and pairs `p0..p0 + pairs` of `rhs` (`k x n`) as `[pair][column]`
-/// into `out` (`KC·NR`), zeros past the columns and past `k`.
+/// Columns `col..col + cols` of `rhs` (`k x n`) as `[pair][column]` into `out` (`kp·NR`),
+/// zeros past the columns and past `k`. (An `rhs` with contiguous rows is packed by rows in
+/// [`pack`].)
 fn pack_rhs<E: Elem>(
     (rhs, rs, cs): Operand<E>,
     k: usize,
     (col, cols): (usize, usize),
-    (p0, pairs): (usize, usize),
     out: &mut [u32],
 ) {
-    if cs == 1 {
-        // Rows contiguous: each pair of rows interleaved, 16 columns at a time.
-        for p in 0..pairs {
-            let kk = 2 * (p0 + p);
-            let lo = &rhs[kk * rs + col..][..cols];
-            let hi = (kk + 1 < k).then(|| &rhs[(kk + 1) * rs + col..][..cols]);
-            let dst = &mut out[p * NR..][..NR];
-            for v in 0..NV {
-                let (from, to) = ((16 * v).min(cols), (16 * v + 16).min(cols));
-                interleave(
-                    &lo[from..to],
-                    hi.map(|h| &h[from..to]),
-                    &mut dst[16 * v..][..16],
-                );
-            }
-        }
-    } else if rs == 1 {
+    let pairs = k.div_ceil(2);
+    if rs == 1 {
         // Columns contiguous: 16 pairs of each column per conversion, transposed eight columns
         // at a time.
-        let k1 = (2 * (p0 + pairs)).min(k);
         for c0 in (0..NR).step_by(8) {
-            let column = |c: usize| {
-                (c0 + c < cols).then(|| &rhs[(col + c0 + c) * cs + 2 * p0..][..k1 - 2 * p0])
-            };
+            let column = |c: usize| (c0 + c < cols).then(|| &rhs[(col + c0 + c) * cs..][..k]);
             let columns: [Option<&[E]>; 8] = std::array::from_fn(column);
             for q0 in (0..pairs).step_by(16) {
                 transposed_pairs(
@@ -426,7 +388,7 @@ fn pack_rhs<E: Elem>(
         }
     } else {
         for p in 0..pairs {
-            let kk = 2 * (p0 + p);
+            let kk = 2 * p;
             for c in 0..NR {
                 out[p * NR + c] = if c < cols {
                     let at = |kk: usize| rhs[kk * rs + (col + c) * cs].to_f32();
@@ -447,54 +409,14 @@ fn window<E>(values: Option<&[E]>, from: usize) -> Option<&[E]> {
 /// Eight sources of up to 32 consecutive values (`k` order; `None` is zeros) as pairs,
 /// transposed: pair `p` of source `s` goes to `out[p·stride + s]`, for the first `count` pairs.
 fn transposed_pairs<E: Elem>(src: [Option<&[E]>; 8], out: &mut [u32], stride: usize, count: usize) {
-    debug_assert!(count <= 16 && out.len() >= (count - 1) * stride + 8);
+    assert!(count <= 16 && out.len() >= (count - 1) * stride + 8);
+    // SAFETY: the callers checked the features; the stores stay in `out` (asserted above).
     #[cfg(target_arch = "x86_64")]
-    if available() {
-        // SAFETY: the features were detected; the stores stay in `out` (asserted above).
-        unsafe { transposed_pairs_avx512(&src, out, stride, count) };
-        return;
-    }
-    for (s, values) in src.iter().enumerate() {
-        let mut tmp = [0u32; 16];
-        if let Some(values) = values {
-            pairs16(values, &mut tmp);
-        }
-        for (p, v) in tmp.iter().take(count).enumerate() {
-            out[p * stride + s] = *v;
-        }
-    }
-}
-
-/// Up to 32 consecutive values (`k` order) as 16 pairs into `out`, zeros past the end.
-fn pairs16<E: Elem>(src: &[E], out: &mut [u32; 16]) {
-    debug_assert!(src.len() <= 32);
-    #[cfg(target_arch = "x86_64")]
-    if available() {
-        // SAFETY: the features were detected; the masked loads read `src.len()` values.
-        unsafe { pairs16_avx512(src, out) };
-        return;
-    }
-    for (i, o) in out.iter_mut().enumerate() {
-        let at = |j: usize| src.get(j).map_or(0.0, |v| v.to_f32());
-        *o = pair(at(2 * i), at(2 * i + 1));
-    }
-}
-
-/// `out[i] = pair(lo[i], hi[i])` (`hi` zero when absent) for up to 16 values, zeros past `lo`.
-fn interleave<E: Elem>(lo: &[E], hi: Option<&[E]>, out: &mut [u32]) {
-    debug_assert!(lo.len() <= 16 && out.len() <= 16);
-    #[cfg(target_arch = "x86_64")]
-    if available() {
-        // SAFETY: the features were detected; the masked loads and store stay in the slices.
-        unsafe { interleave_avx512(lo, hi, out) };
-        return;
-    }
-    for (i, o) in out.iter_mut().enumerate() {
-        *o = match lo.get(i) {
-            Some(&l) => pair(l.to_f32(), hi.map_or(0.0, |h| h[i].to_f32())),
-            None => 0,
-        };
-    }
+    unsafe {
+        transposed_pairs_avx512(&src, out, stride, count)
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("the bf16 matmul is x86-64 only")
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -635,16 +557,6 @@ fn transpose8x8(r: [__m256i; 8]) -> [__m256i; 8] {
     })
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-unsafe fn pairs16_avx512<E: Elem>(src: &[E], out: &mut [u32; 16]) {
-    // SAFETY: the loads read `src.len()` values; `out` holds 16.
-    unsafe {
-        let pairs = consecutive_pairs(src.as_ptr(), src.len());
-        _mm512_storeu_si512(out.as_mut_ptr() as *mut _, pairs);
-    }
-}
-
 /// Pairs `pairs` of `src` (`k x n` with contiguous rows at stride `rs`) into every panel of
 /// `out` (`[panel][pair][column]`, panels `W` columns wide, `kp` pairs each), zeros past `n`
 /// and `k`. Packs `rhs` (`W = NR`), and `lhs` stored transposed (`W = MR`, its rows as columns).
@@ -684,16 +596,6 @@ unsafe fn pack_rows_avx512<E: Elem, const W: usize>(
                 }
             }
         }
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-unsafe fn interleave_avx512<E: Elem>(lo: &[E], hi: Option<&[E]>, out: &mut [u32]) {
-    // SAFETY: the loads read `lo.len()` values of `lo` and `hi`; the store stays in `out`.
-    unsafe {
-        let pairs = row_pairs(lo.as_ptr(), hi.map(|h| h.as_ptr()), lo.len());
-        _mm512_mask_storeu_epi32(out.as_mut_ptr() as *mut _, mask(out.len()), pairs);
     }
 }
 
