@@ -829,24 +829,21 @@ pub(crate) fn matmul(
 /// Values this many at a time per thread when converting between f32 and half.
 const CONVERT_CHUNK: usize = 1 << 14;
 
-/// A half tensor's values in f32 (`$h`: `f16` or `bf16`), converted by `$convert` (see
-/// [`convert_par`]).
-macro_rules! widen {
-    ($t:expr, $h:ty, $convert:expr) => {{
+/// A Flex tensor's stored values of type `$h` (`f16` or `bf16`), contiguous: a borrowed
+/// `Cow` when they already are. (A macro: `as_slice` wants `bytemuck::Pod`, which this crate
+/// does not depend on.)
+macro_rules! stored {
+    ($t:expr, $h:ty) => {{
         let t: &FlexTensor = $t;
-        let owned: Vec<$h>;
-        let src: &[$h] = match t.as_slice::<$h>() {
-            Some(s) => s,
-            None => {
-                owned = t
-                    .to_contiguous()
+        match t.as_slice::<$h>() {
+            Some(s) => std::borrow::Cow::Borrowed(s),
+            None => std::borrow::Cow::Owned(
+                t.to_contiguous()
                     .into_data()
                     .try_into_vec::<$h>()
-                    .expect("a contiguous half tensor");
-                &owned
-            }
-        };
-        convert_par(src, $convert)
+                    .expect("a contiguous tensor of its own dtype"),
+            ),
+        }
     }};
 }
 
@@ -932,9 +929,15 @@ fn f32_values(t: &FlexTensor) -> Option<std::borrow::Cow<'_, [f32]>> {
         DType::F16 => {
             use half::slice::HalfFloatSliceExt;
             let convert = staged(|h: &[f16], o: &mut [f32]| h.convert_to_f32_slice(o));
-            Some(std::borrow::Cow::Owned(widen!(t, f16, convert)))
+            Some(std::borrow::Cow::Owned(convert_par(
+                &stored!(t, f16),
+                convert,
+            )))
         }
-        DType::BF16 => Some(std::borrow::Cow::Owned(widen!(t, bf16, widen_bf16))),
+        DType::BF16 => Some(std::borrow::Cow::Owned(convert_par(
+            &stored!(t, bf16),
+            widen_bf16,
+        ))),
         _ => None,
     }
 }
@@ -956,7 +959,7 @@ fn bf16_product(
     }
     let mut out = vec![0.0f32; m * n];
     if bf16_gemm::available() {
-        let (l, r) = (bf16_values(lhs), bf16_values(rhs));
+        let (l, r) = (stored!(lhs, bf16), stored!(rhs, bf16));
         let (l, r) = ((&l[..], lhs_rs, lhs_cs), (&r[..], rhs_rs, rhs_cs));
         bf16_gemm::matmul(&mut out, (m, n, k), false, l, r, true);
     } else {
@@ -988,23 +991,10 @@ impl WeightValues<'_> {
 }
 
 fn weight_values<'a>(g: &Conv2dGeom, weight: &'a FlexTensor) -> Option<WeightValues<'a>> {
-    if g.bf16 && weight.dtype() == DType::BF16 && bf16_gemm::available() {
-        Some(WeightValues::Bf16(bf16_values(weight)))
+    if g.bf16 && bf16_gemm::available() {
+        Some(WeightValues::Bf16(stored!(weight, bf16)))
     } else {
         Some(WeightValues::F32(f32_values(weight)?))
-    }
-}
-
-/// A bf16 tensor's stored values, contiguous (borrowed when they already are).
-fn bf16_values(t: &FlexTensor) -> std::borrow::Cow<'_, [bf16]> {
-    match t.as_slice::<bf16>() {
-        Some(s) => std::borrow::Cow::Borrowed(s),
-        None => std::borrow::Cow::Owned(
-            t.to_contiguous()
-                .into_data()
-                .try_into_vec::<bf16>()
-                .expect("a contiguous bf16 tensor"),
-        ),
     }
 }
 
