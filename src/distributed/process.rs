@@ -44,11 +44,8 @@ fn spawn_reader(peer: usize, stream: TcpStream, events: Sender<(usize, Event)>) 
                         }
                     }
                     Err(e) => {
-                        let why = if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                            "its connection closed: the process exited or was killed".to_string()
-                        } else {
-                            format!("its connection failed: {e}")
-                        };
+                        let why =
+                            why_closed(&e).unwrap_or_else(|| format!("its connection failed: {e}"));
                         let _ = events.send((peer, Event::Closed(why)));
                         return;
                     }
@@ -56,6 +53,19 @@ fn spawn_reader(peer: usize, stream: TcpStream, events: Sender<(usize, Event)>) 
             }
         })
         .expect("cannot spawn a connection reader thread");
+}
+
+/// Why a connection ended, from the error its read or write gave. A killed process's socket
+/// reads as an end of file, or as a reset when data it had not read was still queued for it; a
+/// write to it fails with a broken pipe or a reset. All of these mean the process is gone.
+fn why_closed(e: &std::io::Error) -> Option<String> {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
+    let gone = "its connection closed: the process exited or was killed";
+    match e.kind() {
+        UnexpectedEof => Some(gone.to_string()),
+        ConnectionReset | ConnectionAborted | BrokenPipe => Some(format!("{gone} ({e})")),
+        _ => None,
+    }
 }
 
 struct Inner {
@@ -399,10 +409,10 @@ impl ProcessGroup {
             if let Some(w) = w
                 && let Err(e) = w.write_all(&answer).and_then(|_| w.flush())
             {
-                let err = SyncError::PeerFailed {
-                    rank: r,
-                    message: format!("rank 0 could not send it the result of {what}: {e}"),
-                };
+                let message = why_closed(&e).unwrap_or_else(|| {
+                    format!("rank 0 could not send it the result of {what}: {e}")
+                });
+                let err = SyncError::PeerFailed { rank: r, message };
                 self.tell_all(inner, &err);
                 return Err(err);
             }
@@ -717,6 +727,26 @@ mod tests {
                 "{t}"
             );
         }
+    }
+
+    #[test]
+    fn a_reset_connection_is_a_closed_one() {
+        use std::io::{Error, ErrorKind};
+        // A killed peer with unread data queued for it resets the connection (CI saw this).
+        let closed = |kind| why_closed(&Error::from(kind)).unwrap();
+        let reset = closed(ErrorKind::ConnectionReset);
+        assert!(
+            reset.starts_with("its connection closed: the process exited or was killed ("),
+            "{reset}"
+        );
+        let pipe = closed(ErrorKind::BrokenPipe);
+        assert!(pipe.starts_with("its connection closed: "), "{pipe}");
+        let eof = closed(ErrorKind::UnexpectedEof);
+        assert_eq!(
+            eof,
+            "its connection closed: the process exited or was killed"
+        );
+        assert_eq!(why_closed(&Error::from(ErrorKind::TimedOut)), None);
     }
 
     #[test]
