@@ -17,7 +17,12 @@
 //!   two such rows at a time and spread over the panels, which keeps the reads sequential;
 //! - the output is split in groups of [`GROUP`] panels (and, when parallel with few groups,
 //!   its row blocks in chunks); each task walks `k` in blocks of [`KC`] pairs, so one panel's
-//!   block stays in L1 and a group's in L2, and runs the kernel over its row blocks and panels.
+//!   block stays in L1 and a group's in L2, and runs the kernel over its row blocks and panels;
+//! - with few rows (up to [`FEW`]) and a large `rhs`, each packed panel would be used only a
+//!   few times after a round trip through memory: [`streamed`] packs `rhs` a block of `k` at a
+//!   time inside each task instead. With few columns and many rows, [`transposed`] computes the
+//!   transposed product that way. SD's deep levels at batch 1 (1280 channels, 16 to 80
+//!   positions, weights of 1280 x 11520) are such products.
 //!
 //! Each output element is summed in the same order whatever the thread count, so results do
 //! not depend on the machine's parallelism.
@@ -39,6 +44,11 @@ const KC: usize = 128;
 const GROUP: usize = 6;
 /// `k` pairs per packing task when `rhs` is packed by rows.
 const ROW_PAIRS: usize = 32;
+/// Products with at most this many rows are [`streamed`]; with at most this many columns (and
+/// many rows), [`transposed`]; when the other operand has at least [`BIG`] values.
+const FEW: usize = 96;
+/// See [`FEW`]: below this, packing the larger operand whole costs little.
+const BIG: usize = 1 << 19;
 
 /// Whether this CPU has the instructions the kernel needs.
 pub(crate) fn available() -> bool {
@@ -128,11 +138,195 @@ pub(crate) fn matmul<L: Elem, R: Elem>(
     if m == 0 || n == 0 {
         return;
     }
+    match Path::of(m, n, k) {
+        Path::Transposed => transposed(dst, (m, n, k), accumulate, lhs, rhs, parallel),
+        Path::Streamed => streamed(dst, (m, n, k), accumulate, lhs, rhs, parallel),
+        Path::Blocked => blocked(dst, (m, n, k), accumulate, lhs, rhs, parallel),
+    }
+}
+
+/// How [`matmul`] computes a product of a shape.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Path {
+    Blocked,
+    Streamed,
+    Transposed,
+}
+
+impl Path {
+    fn of(m: usize, n: usize, k: usize) -> Self {
+        if n <= FEW && m >= 2 * n.max(NR) && m * k >= BIG {
+            Path::Transposed
+        } else if m <= FEW && n > NR && n * k >= BIG {
+            Path::Streamed
+        } else {
+            Path::Blocked
+        }
+    }
+}
+
+/// [`matmul`] with both operands packed whole before the kernels run.
+fn blocked<L: Elem, R: Elem>(
+    dst: &mut [f32],
+    (m, n, k): (usize, usize, usize),
+    accumulate: bool,
+    lhs: Operand<L>,
+    rhs: Operand<R>,
+    parallel: bool,
+) {
     let kp = k.div_ceil(2);
     let (blocks, panels) = (m.div_ceil(MR), n.div_ceil(NR));
     with_packs(blocks * kp * MR, panels * kp * NR, |a, b| {
         pack((Some(lhs), Some(rhs)), (m, n, k), parallel, (a, b));
         compute(dst, (m, n, k), accumulate, (a, b), parallel);
+    });
+}
+
+/// [`matmul`] for `m <= FEW` rows: `lhs` is packed whole, and each task packs its panels of
+/// `rhs` (up to [`GROUP`]) a block of [`KC`] pairs at a time, just before the kernels use
+/// them, so they stay in cache. With so few rows each packed panel is used at most `FEW / MR`
+/// times: packed whole, `rhs` (a weight of SD's deep levels: 1280 x 11520) would be written
+/// out and read back from memory, which took longer than the products (1.1-2.4x faster on
+/// those shapes).
+fn streamed<L: Elem, R: Elem>(
+    dst: &mut [f32],
+    (m, n, k): (usize, usize, usize),
+    accumulate: bool,
+    lhs: Operand<L>,
+    rhs: Operand<R>,
+    parallel: bool,
+) {
+    let kp = k.div_ceil(2);
+    let (blocks, panels) = (m.div_ceil(MR), n.div_ceil(NR));
+    let out = Out(dst.as_mut_ptr());
+    with_packs(blocks * kp * MR, 0, |a, _| {
+        pack::<L, R>((Some(lhs), None), (m, n, k), parallel, (a, &mut []));
+        let a = &*a;
+        // Each task packs a block of `k` of its panels at once (the rows of an `rhs` with
+        // contiguous rows are read along, not down), then runs the kernels over them.
+        let per_task = match parallel {
+            true => panels.div_ceil(4 * rayon::current_num_threads()).min(GROUP),
+            false => GROUP,
+        };
+        let task = |t: usize| {
+            let pans = t * per_task..((t + 1) * per_task).min(panels);
+            let (col0, width) = (pans.start * NR, (n - pans.start * NR).min(pans.len() * NR));
+            with_panel_buffer(pans.len() * KC * NR, |b| {
+                for p0 in (0..kp).step_by(KC) {
+                    let pairs = KC.min(kp - p0);
+                    pack_rhs(rhs, k, (col0, width), p0..p0 + pairs, b);
+                    for (i, pan) in pans.clone().enumerate() {
+                        let (col, cols) = (pan * NR, NR.min(n - pan * NR));
+                        let bpan = &b[i * pairs * NR..][..pairs * NR];
+                        for blk in 0..blocks {
+                            let ablk = &a[(blk * kp + p0) * MR..][..pairs * MR];
+                            // SAFETY: as in `compute`: `ablk` and `bpan` hold `pairs` pairs of
+                            // the block and the panel; the tile lies in `dst` and belongs to
+                            // this task's panels alone.
+                            unsafe {
+                                let tile = Tile {
+                                    c: out.at(blk * MR * n + col),
+                                    ldc: n,
+                                    rows: MR.min(m - blk * MR),
+                                    cols,
+                                    accumulate: accumulate || p0 > 0,
+                                };
+                                kernel(pairs, ablk.as_ptr(), bpan.as_ptr(), tile);
+                            }
+                        }
+                    }
+                }
+            });
+        };
+        let tasks = panels.div_ceil(per_task);
+        if parallel {
+            (0..tasks).into_par_iter().for_each(task);
+        } else {
+            (0..tasks).for_each(task);
+        }
+    });
+}
+
+thread_local! {
+    /// Each thread's buffer for [`streamed`]'s packed panels, kept between calls.
+    static PANELS: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` with this thread's panel buffer cut to `len` values (a fresh one when in use).
+fn with_panel_buffer(len: usize, f: impl FnOnce(&mut [u32])) {
+    PANELS.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut b) => {
+            if b.len() < len {
+                b.resize(len, 0);
+            }
+            f(&mut b[..len])
+        }
+        Err(_) => f(&mut vec![0; len]),
+    })
+}
+
+thread_local! {
+    /// Each thread's buffer for [`transposed`]'s product, kept between calls.
+    static TRANSPOSED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// [`matmul`] for `n <= FEW` columns and many rows: `dstᵀ (+)= rhsᵀ · lhsᵀ` ([`streamed`])
+/// in a buffer, transposed into `dst`. Computed directly, the kernels' 16-column vectors
+/// would run mostly empty (SD's deep levels at batch 1 have 16 to 80 positions) and `lhs`,
+/// often a large weight, would be packed whole. Each product is the same sum in the same
+/// order, so the result is bitwise that of [`blocked`].
+fn transposed<L: Elem, R: Elem>(
+    dst: &mut [f32],
+    (m, n, k): (usize, usize, usize),
+    accumulate: bool,
+    (lhs, lrs, lcs): Operand<L>,
+    (rhs, rrs, rcs): Operand<R>,
+    parallel: bool,
+) {
+    let mut run = |t: &mut [f32]| {
+        let d = &mut dst[..m * n];
+        if accumulate {
+            // The sums start from `dst`, as in `blocked` (not added to it at the end).
+            let columns = |(j, tj): (usize, &mut [f32])| {
+                tj.iter_mut()
+                    .enumerate()
+                    .for_each(|(i, x)| *x = d[i * n + j]);
+            };
+            match parallel {
+                true => t.par_chunks_mut(m).enumerate().for_each(columns),
+                false => t.chunks_mut(m).enumerate().for_each(columns),
+            }
+        }
+        streamed(
+            t,
+            (n, m, k),
+            accumulate,
+            (rhs, rcs, rrs),
+            (lhs, lcs, lrs),
+            parallel,
+        );
+        // dst[i][j] = t[j][i], 16 rows of `dst` per task.
+        let rows = |(chunk, d): (usize, &mut [f32])| {
+            for (r, row) in d.chunks_mut(n).enumerate() {
+                let i = chunk * 16 + r;
+                row.iter_mut()
+                    .enumerate()
+                    .for_each(|(j, x)| *x = t[j * m + i]);
+            }
+        };
+        match parallel {
+            true => d.par_chunks_mut(16 * n).enumerate().for_each(rows),
+            false => d.chunks_mut(16 * n).enumerate().for_each(rows),
+        }
+    };
+    TRANSPOSED.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut t) => {
+            if t.len() < m * n {
+                t.resize(m * n, 0.0);
+            }
+            run(&mut t[..m * n])
+        }
+        Err(_) => run(&mut vec![0.0; m * n]),
     });
 }
 
@@ -214,7 +408,7 @@ fn pack<L: Elem, R: Elem>(
     let pack_b = |(pan, out): (usize, &mut [u32])| {
         let col = pan * NR;
         if let Some(rhs) = rhs {
-            pack_rhs(rhs, k, (col, NR.min(n - col)), out)
+            pack_rhs(rhs, k, (col, NR.min(n - col)), 0..kp, out)
         }
     };
     // An operand whose rows of `k` are contiguous (a column matrix as `rhs`, a transposed
@@ -233,8 +427,12 @@ fn pack<L: Elem, R: Elem>(
         #[cfg(target_arch = "x86_64")]
         unsafe {
             match (t, lhs, rhs) {
-                (0, Some(lhs), _) => pack_rows_avx512::<L, MR>((lhs.0, lhs.2), (k, m), pairs, pa),
-                (_, _, Some(rhs)) => pack_rows_avx512::<R, NR>((rhs.0, rhs.1), (k, n), pairs, pb),
+                (0, Some(lhs), _) => {
+                    pack_rows_avx512::<L, MR>((lhs.0, lhs.2), (k, m), pairs, (pa, kp, 0))
+                }
+                (_, _, Some(rhs)) => {
+                    pack_rows_avx512::<R, NR>((rhs.0, rhs.1), (k, n), pairs, (pb, kp, 0))
+                }
                 _ => {}
             }
         };
@@ -361,41 +559,56 @@ fn pack_lhs<E: Elem>(
     }
 }
 
-/// Columns `col..col + cols` of `rhs` (`k x n`) as `[pair][column]` into `out` (`kp·NR`),
-/// zeros past the columns and past `k`. (An `rhs` with contiguous rows is packed by rows in
-/// [`pack`].)
+/// Pairs `pairs` of columns `col..col + cols` of `rhs` (`k x n`) into `out`, as
+/// `[panel][pair][column]` (`pairs.len()` pairs per panel), zeros past the columns and past
+/// `k`. (When all of `rhs` is packed, [`pack`] reads an `rhs` with contiguous rows by rows.)
 fn pack_rhs<E: Elem>(
     (rhs, rs, cs): Operand<E>,
     k: usize,
     (col, cols): (usize, usize),
+    pairs: std::ops::Range<usize>,
     out: &mut [u32],
 ) {
-    let pairs = k.div_ceil(2);
-    if rs == 1 {
-        // Columns contiguous: 16 pairs of each column per conversion, transposed eight columns
-        // at a time.
-        for c0 in (0..NR).step_by(8) {
-            let column = |c: usize| (c0 + c < cols).then(|| &rhs[(col + c0 + c) * cs..][..k]);
-            let columns: [Option<&[E]>; 8] = std::array::from_fn(column);
-            for q0 in (0..pairs).step_by(16) {
-                transposed_pairs(
-                    columns.map(|c| window(c, 2 * q0)),
-                    &mut out[q0 * NR + c0..],
-                    NR,
-                    (pairs - q0).min(16),
-                );
+    let (first, kp) = (pairs.start, pairs.len());
+    assert!(out.len() >= cols.div_ceil(NR) * kp * NR && pairs.end <= k.div_ceil(2));
+    if cs == 1 {
+        // SAFETY: the CPU has the features (callers check `available`); `out` holds the
+        // panels (asserted above); the rows' columns `col..col + cols` exist.
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            let out = (Packed(out.as_mut_ptr()), kp, first);
+            pack_rows_avx512::<E, NR>((&rhs[col..], rs), (k, cols), pairs, out)
+        };
+        return;
+    }
+    for (pan, out) in out.chunks_mut(kp * NR).take(cols.div_ceil(NR)).enumerate() {
+        let (col, cols) = (col + pan * NR, (cols - pan * NR).min(NR));
+        if rs == 1 {
+            // Columns contiguous: 16 pairs of each column per conversion, transposed eight
+            // columns at a time.
+            for c0 in (0..NR).step_by(8) {
+                let column = |c: usize| (c0 + c < cols).then(|| &rhs[(col + c0 + c) * cs..][..k]);
+                let columns: [Option<&[E]>; 8] = std::array::from_fn(column);
+                for q0 in pairs.clone().step_by(16) {
+                    transposed_pairs(
+                        columns.map(|c| window(c, 2 * q0)),
+                        &mut out[(q0 - first) * NR + c0..],
+                        NR,
+                        (pairs.end - q0).min(16),
+                    );
+                }
             }
-        }
-    } else {
-        for p in 0..pairs {
-            let kk = 2 * p;
-            for c in 0..NR {
-                out[p * NR + c] = if c < cols {
-                    let at = |kk: usize| rhs[kk * rs + (col + c) * cs].to_f32();
-                    pair(at(kk), if kk + 1 < k { at(kk + 1) } else { 0.0 })
-                } else {
-                    0
-                };
+        } else {
+            for p in pairs.clone() {
+                let kk = 2 * p;
+                for c in 0..NR {
+                    out[(p - first) * NR + c] = if c < cols {
+                        let at = |kk: usize| rhs[kk * rs + (col + c) * cs].to_f32();
+                        pair(at(kk), if kk + 1 < k { at(kk + 1) } else { 0.0 })
+                    } else {
+                        0
+                    };
+                }
             }
         }
     }
@@ -558,25 +771,38 @@ fn transpose8x8(r: [__m256i; 8]) -> [__m256i; 8] {
 }
 
 /// Pairs `pairs` of `src` (`k x n` with contiguous rows at stride `rs`) into every panel of
-/// `out` (`[panel][pair][column]`, panels `W` columns wide, `kp` pairs each), zeros past `n`
-/// and `k`. Packs `rhs` (`W = NR`), and `lhs` stored transposed (`W = MR`, its rows as columns).
+/// `out` (`[panel][pair][column]`, panels `W` columns wide, `kp` pairs each, from pair
+/// `first`), zeros past `n` and `k`. Packs `rhs` (`W = NR`), and `lhs` stored transposed
+/// (`W = MR`, its rows as columns).
 ///
 /// # Safety
-/// The CPU has the features; `out` points to `n.div_ceil(W)·kp·W` values.
+/// The CPU has the features; `out` points to `n.div_ceil(W)·kp·W` values, and `pairs` lies in
+/// `first..first + kp`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
 unsafe fn pack_rows_avx512<E: Elem, const W: usize>(
     (src, rs): (&[E], usize),
     (k, n): (usize, usize),
     pairs: std::ops::Range<usize>,
-    out: Packed,
+    (out, kp, first): (Packed, usize, usize),
 ) {
     const { assert!(W.is_multiple_of(16) || W == 8) };
-    let (kp, width) = (k.div_ceil(2), n.div_ceil(W) * W);
-    let at = |p: usize, c: usize| ((c / W) * kp + p) * W + c % W;
+    let width = n.div_ceil(W) * W;
+    let at = |p: usize, c: usize| ((c / W) * kp + p - first) * W + c % W;
+    // Short row pieces (a few panels of a wide `rhs`, streamed) are fetched ahead: the
+    // hardware does not follow reads that jump from row to row.
+    let size = std::mem::size_of::<E>();
+    let ahead = n * size <= 1024;
     for p in pairs {
         let lo = &src[2 * p * rs..][..n];
         let hi = (2 * p + 1 < k).then(|| &src[(2 * p + 1) * rs..][..n]);
+        if ahead && 2 * (p + 4) + 1 < k {
+            let next = src.as_ptr().wrapping_add(2 * (p + 4) * rs) as *const i8;
+            for off in (0..n * size).step_by(64) {
+                _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(off));
+                _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(rs * size + off));
+            }
+        }
         for c in (0..width).step_by(16) {
             let (from, len) = (c.min(n), n.saturating_sub(c).min(16));
             // SAFETY: the loads read `len` values inside the rows; the stores are pair `p`'s
@@ -751,6 +977,59 @@ mod tests {
                     .zip(&want)
                     .fold(0f32, |e, (a, b)| e.max((a - b).abs()));
                 assert!(err < 1e-4, "{m}x{n}x{k} {accumulate} {layout}: {err}");
+            }
+        }
+    }
+
+    /// Few rows or few columns take the streamed and transposed paths, which sum each product
+    /// in the blocked path's order: bitwise its results, over odd `k`, partial blocks and
+    /// panels, every `rhs` layout (rows or columns contiguous, general strides), bf16 and f32
+    /// operands, accumulating or not, serial and parallel.
+    #[test]
+    fn streamed_and_transposed_products_are_the_blocked_ones_bit_for_bit() {
+        if !available() {
+            eprintln!("skipped: no AVX512-BF16 on this CPU");
+            return;
+        }
+        let mut next = values(13);
+        for &(m, n, k, path) in &[
+            (1029, 37, 515, Path::Transposed),
+            (700, 90, 801, Path::Transposed),
+            (37, 1100, 513, Path::Streamed),
+            (5, 2000, 300, Path::Streamed),
+            (90, 700, 777, Path::Streamed),
+        ] {
+            assert_eq!(Path::of(m, n, k), path, "{m}x{n}x{k}");
+            for (accumulate, layout, parallel) in [
+                (false, 0, true),
+                (true, 1, false),
+                (false, 2, true),
+                (true, 1, true),
+            ] {
+                let lhs: Vec<half::bf16> = (0..m * k).map(|_| next()).collect();
+                let rhs: Vec<f32> = (0..2 * k * n + 1).map(|_| next().to_f32()).collect();
+                let start: Vec<f32> = (0..m * n).map(|_| next().to_f32()).collect();
+                let l = match layout {
+                    1 => (&lhs[..], 1, m),
+                    _ => (&lhs[..], k, 1),
+                };
+                let r = match layout {
+                    0 => (&rhs[..], n, 1),
+                    1 => (&rhs[..], 1, k),
+                    _ => (&rhs[..], 2 * n, 2),
+                };
+                let mut want = start.clone();
+                blocked(&mut want, (m, n, k), accumulate, l, r, parallel);
+                let mut got = start.clone();
+                matmul(&mut got, (m, n, k), accumulate, l, r, parallel);
+                let same = got
+                    .iter()
+                    .zip(&want)
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(
+                    same,
+                    "{m}x{n}x{k} {path:?} {accumulate} {layout} {parallel}"
+                );
             }
         }
     }
