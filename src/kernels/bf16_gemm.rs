@@ -392,6 +392,45 @@ pub(crate) fn matmul_packed<E: Elem>(
     });
 }
 
+/// `lhs` (`m x k`) packed once for several products ([`matmul_lhs_packed`]): Winograd's
+/// transformed weights, which every block of tiles multiplies.
+pub(crate) struct PackedLhs {
+    values: Vec<u32>,
+    m: usize,
+    k: usize,
+}
+
+impl PackedLhs {
+    /// Packs `lhs` (`m x k`, as in [`matmul`]) on this thread. Callers check [`available`].
+    pub(crate) fn new<E: Elem>(lhs: Operand<E>, (m, k): (usize, usize)) -> Self {
+        assert!(available(), "bf16 matmul on a CPU without AVX512-BF16");
+        let mut values = vec![0u32; m.div_ceil(MR) * k.div_ceil(2) * MR];
+        pack::<E, f32>((Some(lhs), None), (m, 0, k), false, (&mut values, &mut []));
+        Self { values, m, k }
+    }
+}
+
+/// `dst (+)= lhs · rhs` as [`matmul`] for an `lhs` packed beforehand: the same sums as
+/// [`blocked`], bit for bit.
+pub(crate) fn matmul_lhs_packed<E: Elem>(
+    dst: &mut [f32],
+    n: usize,
+    accumulate: bool,
+    lhs: &PackedLhs,
+    rhs: Operand<E>,
+    parallel: bool,
+) {
+    let (m, k) = (lhs.m, lhs.k);
+    assert!(dst.len() >= m * n && k > 0);
+    if m == 0 || n == 0 {
+        return;
+    }
+    with_packs(0, n.div_ceil(NR) * k.div_ceil(2) * NR, |_, b| {
+        pack::<f32, E>((None, Some(rhs)), (m, n, k), parallel, (&mut [], b));
+        compute(dst, (m, n, k), accumulate, (&lhs.values, b), parallel);
+    });
+}
+
 /// Packs `lhs` (`m x k`) into `a` and `rhs` (`k x n`) into `b`, those given.
 fn pack<L: Elem, R: Elem>(
     (lhs, rhs): (Option<Operand<L>>, Option<Operand<R>>),
@@ -982,11 +1021,12 @@ mod tests {
     }
 
     /// Few rows or few columns take the streamed and transposed paths, which sum each product
-    /// in the blocked path's order: bitwise its results, over odd `k`, partial blocks and
+    /// in the blocked path's order: bitwise its results, as is a product with `lhs` packed
+    /// beforehand, over odd `k`, partial blocks and
     /// panels, every `rhs` layout (rows or columns contiguous, general strides), bf16 and f32
     /// operands, accumulating or not, serial and parallel.
     #[test]
-    fn streamed_and_transposed_products_are_the_blocked_ones_bit_for_bit() {
+    fn streamed_transposed_and_prepacked_products_are_the_blocked_ones_bit_for_bit() {
         if !available() {
             eprintln!("skipped: no AVX512-BF16 on this CPU");
             return;
@@ -1020,16 +1060,20 @@ mod tests {
                 };
                 let mut want = start.clone();
                 blocked(&mut want, (m, n, k), accumulate, l, r, parallel);
+                let same = |got: &[f32]| {
+                    got.iter()
+                        .zip(&want)
+                        .all(|(a, b)| a.to_bits() == b.to_bits())
+                };
                 let mut got = start.clone();
                 matmul(&mut got, (m, n, k), accumulate, l, r, parallel);
-                let same = got
-                    .iter()
-                    .zip(&want)
-                    .all(|(a, b)| a.to_bits() == b.to_bits());
-                assert!(
-                    same,
-                    "{m}x{n}x{k} {path:?} {accumulate} {layout} {parallel}"
-                );
+                let case = format!("{m}x{n}x{k} {accumulate} {layout} {parallel}");
+                assert!(same(&got), "{case} {path:?}");
+                // And with `lhs` packed beforehand (Winograd's weights).
+                let mut got = start.clone();
+                let packed = PackedLhs::new(l, (m, k));
+                matmul_lhs_packed(&mut got, n, accumulate, &packed, r, parallel);
+                assert!(same(&got), "{case} packed lhs");
             }
         }
     }

@@ -23,7 +23,7 @@ use std::cell::RefCell;
 use rayon::prelude::*;
 
 use super::conv::Conv2dGeom;
-use super::{Product, matmul};
+use super::{Product, bf16_gemm, matmul};
 
 /// Transformed-tile positions: 4x4.
 const TILE: usize = 16;
@@ -119,31 +119,55 @@ fn gemm_par(g: &Conv2dGeom, tasks: usize) -> Product {
     }
 }
 
-/// `U[ξ][o][c] = (G w[o][c] Gᵀ)[ξ]`, `G = [[1, 0, 0], [½, ½, ½], [½, -½, ½], [0, 0, 1]]`.
+/// `U[o][ξ][c] = (G w[o][c] Gᵀ)[ξ]`, `G = [[1, 0, 0], [½, ½, ½], [½, -½, ½], [0, 0, 1]]`: for
+/// each `ξ`, a `cout x cin` matrix at row stride `16·cin`. One output channel per task.
 fn transform_weight(g: &Conv2dGeom, weight: &[f32]) -> Vec<f32> {
-    let (cin, cout) = (g.cin, g.cout);
-    let mut u = vec![0.0f32; TILE * cout * cin];
+    let cin = g.cin;
+    let mut u = vec![0.0f32; TILE * g.cout * cin];
     let rows = |a: f32, b: f32, c: f32| [a, 0.5 * (a + b + c), 0.5 * (a - b + c), c];
-    for o in 0..cout {
-        for c in 0..cin {
-            let w = &weight[(o * cin + c) * 9..][..9];
-            // G w: 4 rows of 3.
-            let mut gw = [[0.0f32; 3]; 4];
-            for j in 0..3 {
-                let col = rows(w[j], w[3 + j], w[6 + j]);
-                for (n, v) in col.into_iter().enumerate() {
-                    gw[n][j] = v;
+    u.par_chunks_mut(TILE * cin)
+        .enumerate()
+        .for_each(|(o, uo)| {
+            for c in 0..cin {
+                let w = &weight[(o * cin + c) * 9..][..9];
+                // G w: 4 rows of 3.
+                let mut gw = [[0.0f32; 3]; 4];
+                for j in 0..3 {
+                    let col = rows(w[j], w[3 + j], w[6 + j]);
+                    for (n, v) in col.into_iter().enumerate() {
+                        gw[n][j] = v;
+                    }
+                }
+                // (G w) Gᵀ: 4 rows of 4.
+                for (n, r) in gw.iter().enumerate() {
+                    for (m, v) in rows(r[0], r[1], r[2]).into_iter().enumerate() {
+                        uo[(n * 4 + m) * cin + c] = v;
+                    }
                 }
             }
-            // (G w) Gᵀ: 4 rows of 4.
-            for (n, r) in gw.iter().enumerate() {
-                for (m, v) in rows(r[0], r[1], r[2]).into_iter().enumerate() {
-                    u[((n * 4 + m) * cout + o) * cin + c] = v;
-                }
-            }
-        }
-    }
+        });
     u
+}
+
+/// The transformed weight as the 16 GEMMs read it: `U` from [`transform_weight`], or for
+/// products on the bf16 GEMM each `U[ξ]` packed once for all the tile blocks (packing it
+/// for each block of 64 tiles cost as much as the products).
+enum Transformed {
+    F32(Vec<f32>),
+    Bf16(Vec<bf16_gemm::PackedLhs>),
+}
+
+impl Transformed {
+    fn new(g: &Conv2dGeom, weight: &[f32]) -> Self {
+        let u = transform_weight(g, weight);
+        if !(g.bf16 && bf16_gemm::available()) {
+            return Transformed::F32(u);
+        }
+        let (cin, cout) = (g.cin, g.cout);
+        let pack =
+            |xi: usize| bf16_gemm::PackedLhs::new((&u[xi * cin..], TILE * cin, 1), (cout, cin));
+        Transformed::Bf16((0..TILE).into_par_iter().map(pack).collect())
+    }
 }
 
 /// Per-thread buffers, kept between calls: `(v, m, rows)`.
@@ -408,7 +432,7 @@ pub(super) fn forward(g: &Conv2dGeom, x: &[f32], weight: &[f32], bias: Option<&[
     debug_assert!(applies(g));
     let (h, w, cin, cout) = (g.h, g.w, g.cin, g.cout);
     let (th, tw, plane) = (h / 2, w / 2, h * w);
-    let u = transform_weight(g, weight);
+    let u = Transformed::new(g, weight);
     let Blocking { group, band } = forward_blocking(g);
     let most = group * band * tw;
     let lens = (TILE * cin * most, TILE * cout * most, rows_len(g));
@@ -442,17 +466,29 @@ pub(super) fn forward(g: &Conv2dGeom, x: &[f32], weight: &[f32], bias: Option<&[
 }
 
 /// The forward's 16 GEMMs `M[ξ] (cout x ld) = U[ξ] (cout x cin) · V[ξ] (cin x ld)`.
-fn forward_gemms(g: &Conv2dGeom, u: &[f32], v: &[f32], m: &mut [f32], ld: usize, par: Product) {
+fn forward_gemms(
+    g: &Conv2dGeom,
+    u: &Transformed,
+    v: &[f32],
+    m: &mut [f32],
+    ld: usize,
+    par: Product,
+) {
     let (cin, cout) = (g.cin, g.cout);
     for xi in 0..TILE {
-        matmul(
+        let (dst, vxi) = (
             &mut m[xi * cout * ld..][..cout * ld],
-            (cout, ld, cin),
-            false,
-            (&u[xi * cout * cin..][..cout * cin], cin, 1),
-            (&v[xi * cin * ld..][..cin * ld], ld, 1),
-            par,
+            &v[xi * cin * ld..][..cin * ld],
         );
+        match u {
+            Transformed::F32(u) => {
+                let uxi = (&u[xi * cin..], TILE * cin, 1);
+                matmul(dst, (cout, ld, cin), false, uxi, (vxi, ld, 1), par)
+            }
+            Transformed::Bf16(u) => {
+                bf16_gemm::matmul_lhs_packed(dst, ld, false, &u[xi], (vxi, ld, 1), par.parallel)
+            }
+        }
     }
 }
 
@@ -462,7 +498,7 @@ fn forward_gemms(g: &Conv2dGeom, u: &[f32], v: &[f32], m: &mut [f32], ld: usize,
 fn forward_by_bands(
     g: &Conv2dGeom,
     x: &[f32],
-    u: &[f32],
+    u: &Transformed,
     bias: Option<&[f32]>,
     band: usize,
     lens: (usize, usize, usize),
