@@ -14,7 +14,9 @@
 //!   into blocks of [`MR`] rows, `[block][pair][row]`, each `(k, k+1)` pair one `u32` that the
 //!   kernel broadcasts; `rhs` (`k x n`) into panels of [`NR`] columns, `[panel][pair][column]`.
 //!   An operand whose rows of `k` are contiguous (a column matrix, a transposed weight) is read
-//!   two such rows at a time and spread over the panels, which keeps the reads sequential;
+//!   two such rows at a time and spread over the panels, which keeps the reads sequential. A
+//!   bf16 `lhs` with contiguous rows and even `k` is not packed: its rows already hold the
+//!   pairs, and the kernel broadcasts them in place;
 //! - the output is split in groups of [`GROUP`] panels (and, when parallel with few groups,
 //!   its row blocks in chunks); each task walks `k` in blocks of [`KC`] pairs, so one panel's
 //!   block stays in L1 and a group's in L2, and runs the kernel over its row blocks and panels;
@@ -176,8 +178,16 @@ fn blocked<L: Elem, R: Elem>(
 ) {
     let kp = k.div_ceil(2);
     let (blocks, panels) = (m.div_ceil(MR), n.div_ceil(NR));
-    with_packs(blocks * kp * MR, panels * kp * NR, |a, b| {
-        pack((Some(lhs), Some(rhs)), (m, n, k), parallel, (a, b));
+    let in_place = Lhs::in_place(lhs, k);
+    let a_len = if in_place.is_some() {
+        0
+    } else {
+        blocks * kp * MR
+    };
+    with_packs(a_len, panels * kp * NR, |a, b| {
+        let packed_lhs = in_place.is_none().then_some(lhs);
+        pack((packed_lhs, Some(rhs)), (m, n, k), parallel, (a, b));
+        let a = in_place.map_or(Lhs::Packed(a), Lhs::Rows);
         compute(dst, (m, n, k), accumulate, (a, b), parallel);
     });
 }
@@ -231,7 +241,7 @@ fn streamed<L: Elem, R: Elem>(
                                     cols,
                                     accumulate: accumulate || p0 > 0,
                                 };
-                                kernel(pairs, ablk.as_ptr(), bpan.as_ptr(), tile);
+                                kernel(pairs, Block::Packed(ablk.as_ptr()), bpan.as_ptr(), tile);
                             }
                         }
                     }
@@ -386,8 +396,17 @@ pub(crate) fn matmul_packed<E: Elem>(
     if m == 0 || n == 0 {
         return;
     }
-    with_packs(m.div_ceil(MR) * k.div_ceil(2) * MR, 0, |a, _| {
-        pack::<E, f32>((Some(lhs), None), (m, n, k), false, (a, &mut []));
+    let in_place = Lhs::in_place(lhs, k);
+    let a_len = if in_place.is_some() {
+        0
+    } else {
+        m.div_ceil(MR) * k.div_ceil(2) * MR
+    };
+    with_packs(a_len, 0, |a, _| {
+        if in_place.is_none() {
+            pack::<E, f32>((Some(lhs), None), (m, n, k), false, (a, &mut []));
+        }
+        let a = in_place.map_or(Lhs::Packed(a), Lhs::Rows);
         compute(dst, (m, n, k), accumulate, (a, &rhs.values), false);
     });
 }
@@ -427,7 +446,13 @@ pub(crate) fn matmul_lhs_packed<E: Elem>(
     }
     with_packs(0, n.div_ceil(NR) * k.div_ceil(2) * NR, |_, b| {
         pack::<f32, E>((None, Some(rhs)), (m, n, k), parallel, (&mut [], b));
-        compute(dst, (m, n, k), accumulate, (&lhs.values, b), parallel);
+        compute(
+            dst,
+            (m, n, k),
+            accumulate,
+            (Lhs::Packed(&lhs.values), b),
+            parallel,
+        );
     });
 }
 
@@ -504,12 +529,55 @@ fn pack<L: Elem, R: Elem>(
     }
 }
 
+/// Where the kernels read `lhs`: packed (`[block][pair][row]`), or in place: a bf16 `lhs` with
+/// contiguous rows and even `k` already holds each row's pairs as consecutive `u32`s, which
+/// the kernel broadcasts from its rows directly (a weight row-major, as convolutions and
+/// linear layers store it).
+#[derive(Clone, Copy)]
+enum Lhs<'a> {
+    Packed(&'a [u32]),
+    Rows(InPlace),
+}
+
+/// A bf16 `lhs` read in place: its first value, and its row stride in values.
+#[derive(Clone, Copy)]
+struct InPlace(*const half::bf16, usize);
+// SAFETY: the kernels only read through it, while the `lhs` it points into is borrowed.
+unsafe impl Send for InPlace {}
+unsafe impl Sync for InPlace {}
+
+impl Lhs<'_> {
+    /// `lhs` read in place when it can be.
+    fn in_place<L: Elem>((values, rs, cs): Operand<L>, k: usize) -> Option<InPlace> {
+        (L::BF16 && cs == 1 && k.is_multiple_of(2))
+            .then_some(InPlace(values.as_ptr() as *const half::bf16, rs))
+    }
+
+    /// Block `blk` (its first `rows` rows valid) for the pairs `p0..p0 + pairs` of `kp`.
+    fn block(self, (blk, rows): (usize, usize), (kp, p0, pairs): (usize, usize, usize)) -> Block {
+        match self {
+            Lhs::Packed(a) => Block::Packed(a[(blk * kp + p0) * MR..][..pairs * MR].as_ptr()),
+            // Rows past `m` read the last row again; the kernel does not store their results.
+            Lhs::Rows(InPlace(base, rs)) => Block::Rows(std::array::from_fn(|r| {
+                base.wrapping_add((blk * MR + r.min(rows - 1)) * rs + 2 * p0) as *const u32
+            })),
+        }
+    }
+}
+
+/// One block of `lhs` as a kernel call reads it: packed pairs, or `MR` row pointers.
+#[derive(Clone, Copy)]
+enum Block {
+    Packed(*const u32),
+    Rows([*const u32; MR]),
+}
+
 /// `dst (+)= a · b` for the packed operands.
 fn compute(
     dst: &mut [f32],
     (m, n, k): (usize, usize, usize),
     accumulate: bool,
-    (a, b): (&[u32], &[u32]),
+    (a, b): (Lhs, &[u32]),
     parallel: bool,
 ) {
     let kp = k.div_ceil(2);
@@ -534,14 +602,14 @@ fn compute(
             let add = accumulate || p0 > 0;
             for blk in b0..b1 {
                 let rows = MR.min(m - blk * MR);
-                let ablk = &a[(blk * kp + p0) * MR..][..pairs * MR];
+                let ablk = a.block((blk, rows), (kp, p0, pairs));
                 for pan in pan0..pan1 {
                     let (col, bpan) = (pan * NR, &b[(pan * kp + p0) * NR..][..pairs * NR]);
                     let cols = NR.min(n - col);
-                    // SAFETY: `ablk` holds `pairs` pairs of `MR` rows and `bpan` `pairs` pairs
-                    // of `NR` columns; the kernel writes `rows x cols` at stride `n` from row
-                    // `blk·MR`, column `col`, inside `dst` (`m·n` long), a tile no other task
-                    // touches (tasks own disjoint panel groups and row-block ranges).
+                    // SAFETY: `ablk` reads `pairs` pairs of `MR` rows and `bpan` holds `pairs`
+                    // pairs of `NR` columns; the kernel writes `rows x cols` at stride `n` from
+                    // row `blk·MR`, column `col`, inside `dst` (`m·n` long), a tile no other
+                    // task touches (tasks own disjoint panel groups and row-block ranges).
                     unsafe {
                         let tile = Tile {
                             c: out.at(blk * MR * n + col),
@@ -550,7 +618,7 @@ fn compute(
                             cols,
                             accumulate: add,
                         };
-                        kernel(pairs, ablk.as_ptr(), bpan.as_ptr(), tile);
+                        kernel(pairs, ablk, bpan.as_ptr(), tile);
                     }
                 }
             }
@@ -875,15 +943,14 @@ struct Tile {
     accumulate: bool,
 }
 
-/// `tile` (+)= the packed `a` block times the packed `b` panel over `pairs` pairs.
-unsafe fn kernel(pairs: usize, a: *const u32, b: *const u32, tile: Tile) {
+/// `tile` (+)= the `a` block times the packed `b` panel over `pairs` pairs.
+unsafe fn kernel(pairs: usize, a: Block, b: *const u32, tile: Tile) {
     #[cfg(target_arch = "x86_64")]
     // SAFETY: forwarded from the caller; `matmul` checked the features.
     unsafe {
-        match tile.cols.div_ceil(16) {
-            1 => kernel_avx512::<1>(pairs, a, b, tile),
-            2 => kernel_avx512::<2>(pairs, a, b, tile),
-            _ => kernel_avx512::<NV>(pairs, a, b, tile),
+        match a {
+            Block::Packed(a) => kernel_vectors(pairs, PackedA(a), b, tile),
+            Block::Rows(rows) => kernel_vectors(pairs, RowsA(rows), b, tile),
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -893,10 +960,56 @@ unsafe fn kernel(pairs: usize, a: *const u32, b: *const u32, tile: Tile) {
     }
 }
 
+/// [`kernel`] for the panel's width in vectors.
+#[cfg(target_arch = "x86_64")]
+unsafe fn kernel_vectors<A: ReadA>(pairs: usize, a: A, b: *const u32, tile: Tile) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        match tile.cols.div_ceil(16) {
+            1 => kernel_avx512::<1, A>(pairs, a, b, tile),
+            2 => kernel_avx512::<2, A>(pairs, a, b, tile),
+            _ => kernel_avx512::<NV, A>(pairs, a, b, tile),
+        }
+    }
+}
+
+/// How a kernel call reads its block of `lhs`.
+trait ReadA: Copy {
+    /// Pair `p` of row `r`.
+    ///
+    /// # Safety
+    /// `r < MR` and `p` is below the call's pair count.
+    unsafe fn at(self, r: usize, p: usize) -> u32;
+}
+
+/// A packed block: `[pair][row]`.
+#[derive(Clone, Copy)]
+struct PackedA(*const u32);
+
+impl ReadA for PackedA {
+    #[inline(always)]
+    unsafe fn at(self, r: usize, p: usize) -> u32 {
+        // SAFETY: the block holds the call's pairs of `MR` rows.
+        unsafe { *self.0.add(p * MR + r) }
+    }
+}
+
+/// A block read in place: each row's pairs are consecutive `u32`s (of bf16 values).
+#[derive(Clone, Copy)]
+struct RowsA([*const u32; MR]);
+
+impl ReadA for RowsA {
+    #[inline(always)]
+    unsafe fn at(self, r: usize, p: usize) -> u32 {
+        // SAFETY: each row pointer reaches the call's pairs; bf16 rows need not be 4-aligned.
+        unsafe { self.0[r].add(p).read_unaligned() }
+    }
+}
+
 /// [`kernel`] for panels of `V` vectors (the last panel of a narrow matrix uses fewer).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-unsafe fn kernel_avx512<const V: usize>(pairs: usize, a: *const u32, b: *const u32, tile: Tile) {
+unsafe fn kernel_avx512<const V: usize, A: ReadA>(pairs: usize, a: A, b: *const u32, tile: Tile) {
     let Tile {
         c,
         ldc,
@@ -915,10 +1028,9 @@ unsafe fn kernel_avx512<const V: usize>(pairs: usize, a: *const u32, b: *const u
                     bp.add(16 * v) as *const _
                 ));
             }
-            let ap = a.add(p * MR);
             for (r, acc_r) in acc.iter_mut().enumerate() {
                 let av =
-                    std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(*ap.add(r) as i32));
+                    std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(a.at(r, p) as i32));
                 for v in 0..V {
                     acc_r[v] = _mm512_dpbf16_ps(acc_r[v], av, bv[v]);
                 }
@@ -1078,8 +1190,9 @@ mod tests {
         }
     }
 
-    /// bf16 operands read as stored pack to the same pairs as their values widened to f32, so
-    /// the products are identical bit for bit, over every packing path.
+    /// bf16 operands read as stored pack to the same pairs as their values widened to f32 (or
+    /// are those pairs, read in place), so the products are identical bit for bit, over every
+    /// packing path.
     #[test]
     fn bf16_operands_give_the_f32_operands_products() {
         if !available() {
@@ -1087,7 +1200,15 @@ mod tests {
             return;
         }
         let mut next = values(11);
-        for &(m, n, k) in &[(13, 45, 7), (9, 17, 33), (19, 300, 600), (70, 33, 513)] {
+        // Even `k` with contiguous rows: the bf16 `lhs` is read in place, not packed.
+        let shapes = [
+            (13, 45, 7),
+            (9, 17, 33),
+            (19, 300, 600),
+            (70, 33, 513),
+            (70, 33, 514),
+        ];
+        for &(m, n, k) in &shapes {
             for layout in 0..3 {
                 let lhs: Vec<half::bf16> = (0..m * k).map(|_| next()).collect();
                 let rhs: Vec<half::bf16> = (0..2 * k * n + 1).map(|_| next()).collect();
@@ -1105,6 +1226,10 @@ mod tests {
                 let (l, r) = ((&lhs[..], lhs_s.0, lhs_s.1), (&rhs[..], rhs_s.0, rhs_s.1));
                 matmul(&mut got, (m, n, k), false, l, r, true);
                 assert_eq!(got, want, "{m}x{n}x{k} layout {layout}");
+                // With `rhs` packed beforehand (attention's keys and values).
+                let mut got = vec![0.0; m * n];
+                matmul_packed(&mut got, m, false, l, &PackedRhs::new(r, (k, n)));
+                assert_eq!(got, want, "{m}x{n}x{k} layout {layout}, packed rhs");
             }
         }
     }
