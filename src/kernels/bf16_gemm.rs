@@ -421,11 +421,50 @@ pub(crate) struct PackedLhs {
 
 impl PackedLhs {
     /// Packs `lhs` (`m x k`, as in [`matmul`]) on this thread. Callers check [`available`].
+    #[cfg(test)]
     pub(crate) fn new<E: Elem>(lhs: Operand<E>, (m, k): (usize, usize)) -> Self {
         assert!(available(), "bf16 matmul on a CPU without AVX512-BF16");
         let mut values = vec![0u32; m.div_ceil(MR) * k.div_ceil(2) * MR];
         pack::<E, f32>((Some(lhs), None), (m, 0, k), false, (&mut values, &mut []));
         Self { values, m, k }
+    }
+
+    /// `count` matrices of `m x k`, made and packed a block of rows at a time, in parallel:
+    /// `rows(r0..r1, values)` writes rows `r0..r1` (up to [`MR`] of them) of every matrix into
+    /// `values`, `[matrix][MR][k]` (row `r0` first). No matrix exists whole in f32.
+    pub(crate) fn many(
+        count: usize,
+        (m, k): (usize, usize),
+        rows: impl Fn(std::ops::Range<usize>, &mut [f32]) + Sync,
+    ) -> Vec<Self> {
+        assert!(available(), "bf16 matmul on a CPU without AVX512-BF16");
+        let (blocks, kp) = (m.div_ceil(MR), k.div_ceil(2));
+        let mut all: Vec<Self> = (0..count)
+            .map(|_| Self {
+                values: vec![0u32; blocks * kp * MR],
+                m,
+                k,
+            })
+            .collect();
+        let outs: Vec<Packed> = all
+            .iter_mut()
+            .map(|p| Packed(p.values.as_mut_ptr()))
+            .collect();
+        let fill = |f32s: &mut Vec<f32>, blk: usize| {
+            let valid = MR.min(m - blk * MR);
+            rows(blk * MR..blk * MR + valid, f32s);
+            for (i, out) in outs.iter().enumerate() {
+                // SAFETY: block `blk` of matrix `i` (`kp·MR` values from `blk·kp·MR`) is
+                // written by this task alone, inside that matrix's `blocks·kp·MR` values.
+                let out =
+                    unsafe { std::slice::from_raw_parts_mut(out.0.add(blk * kp * MR), kp * MR) };
+                pack_lhs((&f32s[i * MR * k..], k, 1), (valid, k), 0, out);
+            }
+        };
+        (0..blocks)
+            .into_par_iter()
+            .for_each_init(|| vec![0.0f32; count * MR * k], fill);
+        all
     }
 }
 

@@ -119,54 +119,66 @@ fn gemm_par(g: &Conv2dGeom, tasks: usize) -> Product {
     }
 }
 
-/// `U[o][ξ][c] = (G w[o][c] Gᵀ)[ξ]`, `G = [[1, 0, 0], [½, ½, ½], [½, -½, ½], [0, 0, 1]]`: for
-/// each `ξ`, a `cout x cin` matrix at row stride `16·cin`. One output channel per task.
-fn transform_weight(g: &Conv2dGeom, weight: &[f32]) -> Vec<f32> {
-    let cin = g.cin;
-    let mut u = vec![0.0f32; TILE * g.cout * cin];
+/// `(G w Gᵀ)[ξ]` for the 16 `ξ` of one 3x3 kernel `w`, `G = [[1, 0, 0], [½, ½, ½], [½, -½, ½],
+/// [0, 0, 1]]`.
+fn transform_kernel(w: &[f32]) -> [f32; TILE] {
     let rows = |a: f32, b: f32, c: f32| [a, 0.5 * (a + b + c), 0.5 * (a - b + c), c];
-    u.par_chunks_mut(TILE * cin)
-        .enumerate()
-        .for_each(|(o, uo)| {
-            for c in 0..cin {
-                let w = &weight[(o * cin + c) * 9..][..9];
-                // G w: 4 rows of 3.
-                let mut gw = [[0.0f32; 3]; 4];
-                for j in 0..3 {
-                    let col = rows(w[j], w[3 + j], w[6 + j]);
-                    for (n, v) in col.into_iter().enumerate() {
-                        gw[n][j] = v;
-                    }
-                }
-                // (G w) Gᵀ: 4 rows of 4.
-                for (n, r) in gw.iter().enumerate() {
-                    for (m, v) in rows(r[0], r[1], r[2]).into_iter().enumerate() {
-                        uo[(n * 4 + m) * cin + c] = v;
-                    }
-                }
-            }
-        });
+    // G w: 4 rows of 3.
+    let mut gw = [[0.0f32; 3]; 4];
+    for j in 0..3 {
+        let col = rows(w[j], w[3 + j], w[6 + j]);
+        for (n, v) in col.into_iter().enumerate() {
+            gw[n][j] = v;
+        }
+    }
+    // (G w) Gᵀ: 4 rows of 4.
+    let mut u = [0.0f32; TILE];
+    for (n, r) in gw.iter().enumerate() {
+        u[n * 4..][..4].copy_from_slice(&rows(r[0], r[1], r[2]));
+    }
     u
 }
 
-/// The transformed weight as the 16 GEMMs read it: `U` from [`transform_weight`], or for
-/// products on the bf16 GEMM each `U[ξ]` packed once for all the tile blocks (packing it
-/// for each block of 64 tiles cost as much as the products).
+/// The transformed weight as the 16 GEMMs read it.
 enum Transformed {
+    /// `U[o][ξ][c]`: for each `ξ`, a `cout x cin` matrix at row stride `16·cin`.
     F32(Vec<f32>),
+    /// For products on the bf16 GEMM, each `U[ξ]` packed once for all the tile blocks (packing
+    /// it for each block of 64 tiles cost as much as the products), made a block of output
+    /// channels at a time: `U` never exists whole in f32.
     Bf16(Vec<bf16_gemm::PackedLhs>),
 }
 
 impl Transformed {
+    /// One output channel (f32) or block of them (bf16) per task.
     fn new(g: &Conv2dGeom, weight: &[f32]) -> Self {
-        let u = transform_weight(g, weight);
-        if !(g.bf16 && bf16_gemm::available()) {
-            return Transformed::F32(u);
-        }
         let (cin, cout) = (g.cin, g.cout);
-        let pack =
-            |xi: usize| bf16_gemm::PackedLhs::new((&u[xi * cin..], TILE * cin, 1), (cout, cin));
-        Transformed::Bf16((0..TILE).into_par_iter().map(pack).collect())
+        let kernel = |o: usize, c: usize| transform_kernel(&weight[(o * cin + c) * 9..][..9]);
+        if g.bf16 && bf16_gemm::available() {
+            // `values` is `[ξ][block rows][cin]` for output channels `os`.
+            let rows = |os: std::ops::Range<usize>, values: &mut [f32]| {
+                let per_xi = values.len() / TILE;
+                for (i, o) in os.enumerate() {
+                    for c in 0..cin {
+                        for (xi, v) in kernel(o, c).into_iter().enumerate() {
+                            values[xi * per_xi + i * cin + c] = v;
+                        }
+                    }
+                }
+            };
+            return Transformed::Bf16(bf16_gemm::PackedLhs::many(TILE, (cout, cin), rows));
+        }
+        let mut u = vec![0.0f32; TILE * cout * cin];
+        u.par_chunks_mut(TILE * cin)
+            .enumerate()
+            .for_each(|(o, uo)| {
+                for c in 0..cin {
+                    for (xi, v) in kernel(o, c).into_iter().enumerate() {
+                        uo[xi * cin + c] = v;
+                    }
+                }
+            });
+        Transformed::F32(u)
     }
 }
 
