@@ -29,12 +29,14 @@ pub struct AttnGeom {
     pub n: usize,
     pub m: usize,
     pub d: usize,
-    /// `q`, `k` and `v` are bf16 (mixed precision): the products whose right operand is the
-    /// same for every block (`q kᵀ`, `p v`, `dO vᵀ`, `dS k`) run on the bf16 kernel with that
-    /// operand packed once per head; the probabilities and their gradients are rounded to bf16
-    /// as they enter them (as a bf16 flash attention does); the softmax and every sum stay f32.
-    /// `dV += pᵀ dO` and `dK += dSᵀ q` stay f32: their left operand would be packed anew for
-    /// every block, which cost more than the bf16 kernel saved (SD LoRA step, 256 px).
+    /// `q`, `k` and `v` are bf16 (mixed precision): every product runs on the bf16 kernel. Those
+    /// whose right operand is the same for every block (`q kᵀ`, `p v`, `dO vᵀ`, `dS k`) have
+    /// it packed once per head. The key and value gradients are accumulated transposed,
+    /// `dVᵀ += dOᵀ p` and `dKᵀ += qᵀ dS`, so the block's probabilities and their gradients
+    /// are the right operand, packed by rows while they are in cache (as `pᵀ` on the left they
+    /// were packed by columns, which cost more than the bf16 kernel saved), and transposed
+    /// once per head. The probabilities and their gradients are rounded to bf16 as they enter
+    /// the products (as a bf16 flash attention does); the softmax and every sum stay f32.
     pub bf16: bool,
 }
 
@@ -135,6 +137,21 @@ pub fn backward(
             let vt = Reused::new(g, (vh, 1, g.d), (g.d, g.m));
             let mut p = vec![0.0f32; BLOCK * g.m];
             let mut dp = vec![0.0f32; BLOCK * g.m];
+            // bf16: `dVᵀ` and `dKᵀ` (`[d, m]`), transposed into `dvh`, `dkh` at the end.
+            let bf16 = g.bf16 && bf16_gemm::available();
+            let mut transposed = vec![0.0f32; if bf16 { 2 * g.kv_len() } else { 0 }];
+            let (dvt, dkt) = transposed.split_at_mut(if bf16 { g.kv_len() } else { 0 });
+            // `dst (+)= lhsᵀ · rhs` over the block's rows: `(lhs, rhs)` are `(p, dO)` or
+            // `(dS, q)`, `dst` `dV` or `dK` (`dVᵀ` or `dKᵀ` in bf16).
+            let gradient = |dst: &mut [f32], t: &mut [f32], (lhs, rhs): (&[f32], &[f32]), rows| {
+                if bf16 {
+                    let (l, r) = ((rhs, 1, g.d), (lhs, g.m, 1));
+                    bf16_gemm::matmul(t, (g.d, g.m, rows), true, l, r, false);
+                } else {
+                    let (l, r) = ((lhs, 1, g.m), (rhs, g.d, 1));
+                    gemm(dst, (g.m, g.d, rows), true, l, r, Product::SERIAL);
+                }
+            };
             for r0 in (0..g.n).step_by(BLOCK) {
                 let rows = BLOCK.min(g.n - r0);
                 let (p, dp) = (&mut p[..rows * g.m], &mut dp[..rows * g.m]);
@@ -146,14 +163,7 @@ pub fn backward(
                 times(p, (rows, g.m, g.d), qb, &kt);
                 act::probabilities_from_lse(p, g.m, scale, &lh[r0..r0 + rows]);
                 // dV += Pᵀ dO
-                gemm(
-                    dvh,
-                    (g.m, g.d, rows),
-                    true,
-                    (p, 1, g.m),
-                    (gb, g.d, 1),
-                    Product::SERIAL,
-                );
+                gradient(dvh, dvt, (p, gb), rows);
                 // dP = dO Vᵀ
                 times(dp, (rows, g.m, g.d), gb, &vt);
                 // dS = P ∘ (dP - rowsum(dO ∘ O)), times the scale.
@@ -166,14 +176,16 @@ pub fn backward(
                     &ks,
                 );
                 // dK += dSᵀ Q
-                gemm(
-                    dkh,
-                    (g.m, g.d, rows),
-                    true,
-                    (dp, 1, g.m),
-                    (qb, g.d, 1),
-                    Product::SERIAL,
-                );
+                gradient(dkh, dkt, (dp, qb), rows);
+            }
+            if bf16 {
+                for (dst, t) in [(dvh, &*dvt), (dkh, &*dkt)] {
+                    for (j, row) in dst.chunks_mut(g.d).enumerate() {
+                        row.iter_mut()
+                            .enumerate()
+                            .for_each(|(c, x)| *x = t[c * g.m + j]);
+                    }
+                }
             }
         });
     (dq, dk, dv)
