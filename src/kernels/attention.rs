@@ -141,12 +141,16 @@ pub fn backward(
             let bf16 = g.bf16 && bf16_gemm::available();
             let mut transposed = vec![0.0f32; if bf16 { 2 * g.kv_len() } else { 0 }];
             let (dvt, dkt) = transposed.split_at_mut(if bf16 { g.kv_len() } else { 0 });
+            let (dv_sum, dk_sum) = match bf16 {
+                true => (&mut *dvt, &mut *dkt),
+                false => (&mut *dvh, &mut *dkh),
+            };
             // `dst (+)= lhsᵀ · rhs` over the block's rows: `(lhs, rhs)` are `(p, dO)` or
             // `(dS, q)`, `dst` `dV` or `dK` (`dVᵀ` or `dKᵀ` in bf16).
-            let gradient = |dst: &mut [f32], t: &mut [f32], (lhs, rhs): (&[f32], &[f32]), rows| {
+            let gradient = |dst: &mut [f32], (lhs, rhs): (&[f32], &[f32]), rows| {
                 if bf16 {
                     let (l, r) = ((rhs, 1, g.d), (lhs, g.m, 1));
-                    bf16_gemm::matmul(t, (g.d, g.m, rows), true, l, r, false);
+                    bf16_gemm::matmul(dst, (g.d, g.m, rows), true, l, r, false);
                 } else {
                     let (l, r) = ((lhs, 1, g.m), (rhs, g.d, 1));
                     gemm(dst, (g.m, g.d, rows), true, l, r, Product::SERIAL);
@@ -163,7 +167,7 @@ pub fn backward(
                 times(p, (rows, g.m, g.d), qb, &kt);
                 act::probabilities_from_lse(p, g.m, scale, &lh[r0..r0 + rows]);
                 // dV += Pᵀ dO
-                gradient(dvh, dvt, (p, gb), rows);
+                gradient(dv_sum, (p, gb), rows);
                 // dP = dO Vᵀ
                 times(dp, (rows, g.m, g.d), gb, &vt);
                 // dS = P ∘ (dP - rowsum(dO ∘ O)), times the scale.
@@ -176,7 +180,7 @@ pub fn backward(
                     &ks,
                 );
                 // dK += dSᵀ Q
-                gradient(dkh, dkt, (dp, qb), rows);
+                gradient(dk_sum, (dp, qb), rows);
             }
             if bf16 {
                 for (dst, t) in [(dvh, &*dvt), (dkh, &*dkt)] {

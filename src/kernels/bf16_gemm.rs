@@ -167,7 +167,8 @@ impl Path {
     }
 }
 
-/// [`matmul`] with both operands packed whole before the kernels run.
+/// [`matmul`] with `rhs` packed whole before the kernels run, and `lhs` too unless it is read
+/// in place.
 fn blocked<L: Elem, R: Elem>(
     dst: &mut [f32],
     (m, n, k): (usize, usize, usize),
@@ -176,23 +177,33 @@ fn blocked<L: Elem, R: Elem>(
     rhs: Operand<R>,
     parallel: bool,
 ) {
-    let kp = k.div_ceil(2);
-    let (blocks, panels) = (m.div_ceil(MR), n.div_ceil(NR));
-    let in_place = Lhs::in_place(lhs, k);
-    let a_len = if in_place.is_some() {
-        0
-    } else {
-        blocks * kp * MR
-    };
-    with_packs(a_len, panels * kp * NR, |a, b| {
-        let packed_lhs = in_place.is_none().then_some(lhs);
-        pack((packed_lhs, Some(rhs)), (m, n, k), parallel, (a, b));
-        let a = in_place.map_or(Lhs::Packed(a), Lhs::Rows);
-        compute(dst, (m, n, k), accumulate, (a, b), parallel);
+    let b_len = n.div_ceil(NR) * k.div_ceil(2) * NR;
+    with_lhs(lhs, (m, k), parallel, |a| {
+        with_buffer(&PACKED_RHS, b_len, |b| {
+            pack::<f32, R>((None, Some(rhs)), (m, n, k), parallel, (&mut [], b));
+            compute(dst, (m, n, k), accumulate, (a, b), parallel);
+        })
     });
 }
 
-/// [`matmul`] for `m <= FEW` rows: `lhs` is packed whole, and each task packs its panels of
+/// Runs `f` with `lhs` (`m x k`) as the kernels read it: in place when it can be (see [`Lhs`]),
+/// else packed into this thread's buffer.
+fn with_lhs<L: Elem, T>(
+    lhs: Operand<L>,
+    (m, k): (usize, usize),
+    parallel: bool,
+    f: impl FnOnce(Lhs) -> T,
+) -> T {
+    if let Some(rows) = Lhs::in_place(lhs, (m, k)) {
+        return f(Lhs::Rows(rows));
+    }
+    with_buffer(&PACKED_LHS, m.div_ceil(MR) * k.div_ceil(2) * MR, |a| {
+        pack::<L, f32>((Some(lhs), None), (m, 0, k), parallel, (a, &mut []));
+        f(Lhs::Packed(a))
+    })
+}
+
+/// [`matmul`] for `m <= FEW` rows: `lhs` is read as [`blocked`] reads it, and each task packs its panels of
 /// `rhs` (up to [`GROUP`]) a block of [`KC`] pairs at a time, just before the kernels use
 /// them, so they stay in cache. With so few rows each packed panel is used at most `FEW / MR`
 /// times: packed whole, `rhs` (a weight of SD's deep levels: 1280 x 11520) would be written
@@ -209,9 +220,7 @@ fn streamed<L: Elem, R: Elem>(
     let kp = k.div_ceil(2);
     let (blocks, panels) = (m.div_ceil(MR), n.div_ceil(NR));
     let out = Out(dst.as_mut_ptr());
-    with_packs(blocks * kp * MR, 0, |a, _| {
-        pack::<L, R>((Some(lhs), None), (m, n, k), parallel, (a, &mut []));
-        let a = &*a;
+    with_lhs(lhs, (m, k), parallel, |a| {
         // Each task packs a block of `k` of its panels at once (the rows of an `rhs` with
         // contiguous rows are read along, not down), then runs the kernels over them.
         let per_task = match parallel {
@@ -221,7 +230,7 @@ fn streamed<L: Elem, R: Elem>(
         let task = |t: usize| {
             let pans = t * per_task..((t + 1) * per_task).min(panels);
             let (col0, width) = (pans.start * NR, (n - pans.start * NR).min(pans.len() * NR));
-            with_panel_buffer(pans.len() * KC * NR, |b| {
+            with_buffer(&PANELS, pans.len() * KC * NR, |b| {
                 for p0 in (0..kp).step_by(KC) {
                     let pairs = KC.min(kp - p0);
                     pack_rhs(rhs, k, (col0, width), p0..p0 + pairs, b);
@@ -229,19 +238,20 @@ fn streamed<L: Elem, R: Elem>(
                         let (col, cols) = (pan * NR, NR.min(n - pan * NR));
                         let bpan = &b[i * pairs * NR..][..pairs * NR];
                         for blk in 0..blocks {
-                            let ablk = &a[(blk * kp + p0) * MR..][..pairs * MR];
-                            // SAFETY: as in `compute`: `ablk` and `bpan` hold `pairs` pairs of
-                            // the block and the panel; the tile lies in `dst` and belongs to
-                            // this task's panels alone.
+                            let rows = MR.min(m - blk * MR);
+                            let ablk = a.block((blk, rows), (kp, p0, pairs));
+                            // SAFETY: as in `compute`: `ablk` reads and `bpan` holds `pairs`
+                            // pairs of the block and the panel; the tile lies in `dst` and
+                            // belongs to this task's panels alone.
                             unsafe {
                                 let tile = Tile {
                                     c: out.at(blk * MR * n + col),
                                     ldc: n,
-                                    rows: MR.min(m - blk * MR),
+                                    rows,
                                     cols,
                                     accumulate: accumulate || p0 > 0,
                                 };
-                                kernel(pairs, Block::Packed(ablk.as_ptr()), bpan.as_ptr(), tile);
+                                kernel(pairs, ablk, bpan.as_ptr(), tile);
                             }
                         }
                     }
@@ -257,29 +267,6 @@ fn streamed<L: Elem, R: Elem>(
     });
 }
 
-thread_local! {
-    /// Each thread's buffer for [`streamed`]'s packed panels, kept between calls.
-    static PANELS: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// Runs `f` with this thread's panel buffer cut to `len` values (a fresh one when in use).
-fn with_panel_buffer(len: usize, f: impl FnOnce(&mut [u32])) {
-    PANELS.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut b) => {
-            if b.len() < len {
-                b.resize(len, 0);
-            }
-            f(&mut b[..len])
-        }
-        Err(_) => f(&mut vec![0; len]),
-    })
-}
-
-thread_local! {
-    /// Each thread's buffer for [`transposed`]'s product, kept between calls.
-    static TRANSPOSED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
 /// [`matmul`] for `n <= FEW` columns and many rows: `dstᵀ (+)= rhsᵀ · lhsᵀ` ([`streamed`])
 /// in a buffer, transposed into `dst`. Computed directly, the kernels' 16-column vectors
 /// would run mostly empty (SD's deep levels at batch 1 have 16 to 80 positions) and `lhs`,
@@ -293,7 +280,7 @@ fn transposed<L: Elem, R: Elem>(
     (rhs, rrs, rcs): Operand<R>,
     parallel: bool,
 ) {
-    let mut run = |t: &mut [f32]| {
+    let run = |t: &mut [f32]| {
         let d = &mut dst[..m * n];
         if accumulate {
             // The sums start from `dst`, as in `blocked` (not added to it at the end).
@@ -329,39 +316,35 @@ fn transposed<L: Elem, R: Elem>(
             false => d.chunks_mut(16 * n).enumerate().for_each(rows),
         }
     };
-    TRANSPOSED.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut t) => {
-            if t.len() < m * n {
-                t.resize(m * n, 0.0);
-            }
-            run(&mut t[..m * n])
-        }
-        Err(_) => run(&mut vec![0.0; m * n]),
-    });
+    with_buffer(&TRANSPOSED, m * n, run);
 }
+
+type Buffer<T> = std::cell::RefCell<Vec<T>>;
 
 thread_local! {
-    /// Each thread's packed operands, kept between calls (packing writes every value it uses).
-    static PACKS: std::cell::RefCell<(Vec<u32>, Vec<u32>)> = const {
-        std::cell::RefCell::new((Vec::new(), Vec::new()))
-    };
+    /// Each thread's buffers, kept between calls: the packed `lhs` and `rhs`, [`streamed`]'s
+    /// panels and [`transposed`]'s product.
+    static PACKED_LHS: Buffer<u32> = const { Buffer::new(Vec::new()) };
+    static PACKED_RHS: Buffer<u32> = const { Buffer::new(Vec::new()) };
+    static PANELS: Buffer<u32> = const { Buffer::new(Vec::new()) };
+    static TRANSPOSED: Buffer<f32> = const { Buffer::new(Vec::new()) };
 }
 
-/// Runs `f` with this thread's pack buffers cut to `na` and `nb` values (fresh ones when the
-/// thread's are in use: a call nested under a parallel section of another).
-fn with_packs<R>(na: usize, nb: usize, f: impl FnOnce(&mut [u32], &mut [u32]) -> R) -> R {
-    PACKS.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut packs) => {
-            let (a, b) = &mut *packs;
-            if a.len() < na {
-                a.resize(na, 0);
+/// Runs `f` with this thread's buffer `key` cut to `len` values (a fresh one when it is in use:
+/// a call nested under a parallel section of another). Users write every value they read.
+fn with_buffer<T: Copy + Default, R>(
+    key: &'static std::thread::LocalKey<Buffer<T>>,
+    len: usize,
+    f: impl FnOnce(&mut [T]) -> R,
+) -> R {
+    key.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut b) => {
+            if b.len() < len {
+                b.resize(len, T::default());
             }
-            if b.len() < nb {
-                b.resize(nb, 0);
-            }
-            f(&mut a[..na], &mut b[..nb])
+            f(&mut b[..len])
         }
-        Err(_) => f(&mut vec![0; na], &mut vec![0; nb]),
+        Err(_) => f(&mut vec![T::default(); len]),
     })
 }
 
@@ -396,18 +379,8 @@ pub(crate) fn matmul_packed<E: Elem>(
     if m == 0 || n == 0 {
         return;
     }
-    let in_place = Lhs::in_place(lhs, k);
-    let a_len = if in_place.is_some() {
-        0
-    } else {
-        m.div_ceil(MR) * k.div_ceil(2) * MR
-    };
-    with_packs(a_len, 0, |a, _| {
-        if in_place.is_none() {
-            pack::<E, f32>((Some(lhs), None), (m, n, k), false, (a, &mut []));
-        }
-        let a = in_place.map_or(Lhs::Packed(a), Lhs::Rows);
-        compute(dst, (m, n, k), accumulate, (a, &rhs.values), false);
+    with_lhs(lhs, (m, k), false, |a| {
+        compute(dst, (m, n, k), accumulate, (a, &rhs.values), false)
     });
 }
 
@@ -483,7 +456,7 @@ pub(crate) fn matmul_lhs_packed<E: Elem>(
     if m == 0 || n == 0 {
         return;
     }
-    with_packs(0, n.div_ceil(NR) * k.div_ceil(2) * NR, |_, b| {
+    with_buffer(&PACKED_RHS, n.div_ceil(NR) * k.div_ceil(2) * NR, |b| {
         pack::<f32, E>((None, Some(rhs)), (m, n, k), parallel, (&mut [], b));
         compute(
             dst,
@@ -586,10 +559,15 @@ unsafe impl Send for InPlace {}
 unsafe impl Sync for InPlace {}
 
 impl Lhs<'_> {
-    /// `lhs` read in place when it can be.
-    fn in_place<L: Elem>((values, rs, cs): Operand<L>, k: usize) -> Option<InPlace> {
-        (L::BF16 && cs == 1 && k.is_multiple_of(2))
-            .then_some(InPlace(values.as_ptr() as *const half::bf16, rs))
+    /// `lhs` (`m x k`) read in place when it can be.
+    fn in_place<L: Elem>((values, rs, cs): Operand<L>, (m, k): (usize, usize)) -> Option<InPlace> {
+        let can = L::BF16 && cs == 1 && k.is_multiple_of(2) && m > 0;
+        // The kernels read it through pointers: every row's `k` values lie in `values`.
+        assert!(
+            !can || values.len() >= (m - 1) * rs + k,
+            "bf16 matmul: lhs too small"
+        );
+        can.then_some(InPlace(values.as_ptr() as *const half::bf16, rs))
     }
 
     /// Block `blk` (its first `rows` rows valid) for the pairs `p0..p0 + pairs` of `kp`.
