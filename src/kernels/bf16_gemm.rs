@@ -112,7 +112,7 @@ unsafe impl Sync for Out {}
 /// A packed operand shared by the packing tasks, which write disjoint pairs of it.
 #[derive(Clone, Copy)]
 struct Packed(*mut u32);
-// SAFETY: see `run`: each task writes its own pairs.
+// SAFETY: the tasks sharing one write disjoint values of it (`pack_by_rows`, `PackedLhs::many`).
 unsafe impl Send for Packed {}
 unsafe impl Sync for Packed {}
 
@@ -180,7 +180,7 @@ fn blocked<L: Elem, R: Elem>(
     let b_len = n.div_ceil(NR) * k.div_ceil(2) * NR;
     with_lhs(lhs, (m, k), parallel, |a| {
         with_buffer(&PACKED_RHS, b_len, |b| {
-            pack::<f32, R>((None, Some(rhs)), (m, n, k), parallel, (&mut [], b));
+            pack_rhs_whole(rhs, (n, k), parallel, b);
             compute(dst, (m, n, k), accumulate, (a, b), parallel);
         })
     });
@@ -198,7 +198,7 @@ fn with_lhs<L: Elem, T>(
         return f(Lhs::Rows(rows));
     }
     with_buffer(&PACKED_LHS, m.div_ceil(MR) * k.div_ceil(2) * MR, |a| {
-        pack::<L, f32>((Some(lhs), None), (m, 0, k), parallel, (a, &mut []));
+        pack_lhs_whole(lhs, (m, k), parallel, a);
         f(Lhs::Packed(a))
     })
 }
@@ -361,7 +361,7 @@ impl PackedRhs {
     pub(crate) fn new<E: Elem>(rhs: Operand<E>, (k, n): (usize, usize)) -> Self {
         assert!(available(), "bf16 matmul on a CPU without AVX512-BF16");
         let mut values = vec![0u32; n.div_ceil(NR) * k.div_ceil(2) * NR];
-        pack::<f32, E>((None, Some(rhs)), (0, n, k), false, (&mut [], &mut values));
+        pack_rhs_whole(rhs, (n, k), false, &mut values);
         Self { values, k, n }
     }
 }
@@ -398,7 +398,7 @@ impl PackedLhs {
     pub(crate) fn new<E: Elem>(lhs: Operand<E>, (m, k): (usize, usize)) -> Self {
         assert!(available(), "bf16 matmul on a CPU without AVX512-BF16");
         let mut values = vec![0u32; m.div_ceil(MR) * k.div_ceil(2) * MR];
-        pack::<E, f32>((Some(lhs), None), (m, 0, k), false, (&mut values, &mut []));
+        pack_lhs_whole(lhs, (m, k), false, &mut values);
         Self { values, m, k }
     }
 
@@ -457,7 +457,7 @@ pub(crate) fn matmul_lhs_packed<E: Elem>(
         return;
     }
     with_buffer(&PACKED_RHS, n.div_ceil(NR) * k.div_ceil(2) * NR, |b| {
-        pack::<f32, E>((None, Some(rhs)), (m, n, k), parallel, (&mut [], b));
+        pack_rhs_whole(rhs, (n, k), parallel, b);
         compute(
             dst,
             (m, n, k),
@@ -468,76 +468,69 @@ pub(crate) fn matmul_lhs_packed<E: Elem>(
     });
 }
 
-/// Packs `lhs` (`m x k`) into `a` and `rhs` (`k x n`) into `b`, those given.
-fn pack<L: Elem, R: Elem>(
-    (lhs, rhs): (Option<Operand<L>>, Option<Operand<R>>),
-    (m, n, k): (usize, usize, usize),
+/// Packs all of `lhs` (`m x k`) into `a`, `[block][pair][row]`.
+fn pack_lhs_whole<L: Elem>(lhs: Operand<L>, (m, k): (usize, usize), parallel: bool, a: &mut [u32]) {
+    let kp = k.div_ceil(2);
+    if lhs.1 == 1 {
+        // SAFETY: `a` holds `blocks·kp·MR` values.
+        unsafe { pack_by_rows::<L, MR>((lhs.0, lhs.2), (k, m), parallel, a) };
+    } else {
+        let block = |(blk, out): (usize, &mut [u32])| pack_lhs(lhs, (m, k), blk, out);
+        match parallel {
+            true => a.par_chunks_mut(kp * MR).enumerate().for_each(block),
+            false => a.chunks_mut(kp * MR).enumerate().for_each(block),
+        }
+    }
+}
+
+/// Packs all of `rhs` (`k x n`) into `b`, `[panel][pair][column]`.
+fn pack_rhs_whole<R: Elem>(rhs: Operand<R>, (n, k): (usize, usize), parallel: bool, b: &mut [u32]) {
+    let kp = k.div_ceil(2);
+    if rhs.2 == 1 {
+        // SAFETY: `b` holds `panels·kp·NR` values.
+        unsafe { pack_by_rows::<R, NR>((rhs.0, rhs.1), (k, n), parallel, b) };
+    } else {
+        let panel = |(pan, out): (usize, &mut [u32])| {
+            let col = pan * NR;
+            pack_rhs(rhs, k, (col, NR.min(n - col)), 0..kp, out)
+        };
+        match parallel {
+            true => b.par_chunks_mut(kp * NR).enumerate().for_each(panel),
+            false => b.chunks_mut(kp * NR).enumerate().for_each(panel),
+        }
+    }
+}
+
+/// Packs all of an operand whose rows of `k` are contiguous (`src` `k x n` at row stride `rs`:
+/// a column matrix as `rhs`, a transposed `lhs`) into `out`, panels `W` wide. It is read a pair
+/// of rows at a time, in order, and spread over the panels (reading it panel by panel walks down
+/// all its rows once per panel and stalls on the loads); each task packs `ROW_PAIRS` pairs.
+///
+/// # Safety
+/// `out` holds `n.div_ceil(W)·kp·W` values.
+unsafe fn pack_by_rows<E: Elem, const W: usize>(
+    src: (&[E], usize),
+    (k, n): (usize, usize),
     parallel: bool,
-    (a, b): (&mut [u32], &mut [u32]),
+    out: &mut [u32],
 ) {
     let kp = k.div_ceil(2);
-    let pack_a = |(blk, out): (usize, &mut [u32])| {
-        if let Some(lhs) = lhs {
-            pack_lhs(lhs, (m, k), blk, out)
-        }
-    };
-    let pack_b = |(pan, out): (usize, &mut [u32])| {
-        let col = pan * NR;
-        if let Some(rhs) = rhs {
-            pack_rhs(rhs, k, (col, NR.min(n - col)), 0..kp, out)
-        }
-    };
-    // An operand whose rows of `k` are contiguous (a column matrix as `rhs`, a transposed
-    // `lhs`) is read a pair of those rows at a time, in order, and spread over the panels
-    // (reading it panel by panel walks down all its rows once per panel and stalls on the
-    // loads). Each task packs `ROW_PAIRS` pairs. The other layouts are packed a block of rows
-    // (`lhs`) or a panel of columns (`rhs`) at a time.
-    let a_by_rows = lhs.is_some_and(|l| l.1 == 1);
-    let b_by_rows = rhs.is_some_and(|r| r.2 == 1);
-    let (pa, pb) = (Packed(a.as_mut_ptr()), Packed(b.as_mut_ptr()));
-    let pack_rows = |(t, p0): (usize, usize)| {
+    let out = Packed(out.as_mut_ptr());
+    let task = |p0: usize| {
         let pairs = p0..(p0 + ROW_PAIRS).min(kp);
-        // SAFETY: the callers checked the features; each task writes the values of its own pairs
-        // in every panel of `a` (`blocks·kp·MR` long) or `b` (`panels·kp·NR`), disjoint from
-        // the other tasks'.
+        // SAFETY: the callers checked the features; each task writes the values of its own
+        // pairs in every panel of `out`, disjoint from the other tasks'.
         #[cfg(target_arch = "x86_64")]
         unsafe {
-            match (t, lhs, rhs) {
-                (0, Some(lhs), _) => {
-                    pack_rows_avx512::<L, MR>((lhs.0, lhs.2), (k, m), pairs, (pa, kp, 0))
-                }
-                (_, _, Some(rhs)) => {
-                    pack_rows_avx512::<R, NR>((rhs.0, rhs.1), (k, n), pairs, (pb, kp, 0))
-                }
-                _ => {}
-            }
+            pack_rows_avx512::<E, W>(src, (k, n), pairs, (out, kp, 0))
         };
         #[cfg(not(target_arch = "x86_64"))]
-        let _ = (t, pairs, pa, pb);
+        let _ = (pairs, out);
     };
-    let row_tasks = |t: usize| (0..kp).step_by(ROW_PAIRS).map(move |p0| (t, p0));
-    let row_tasks: Vec<(usize, usize)> = [(0, a_by_rows), (1, b_by_rows)]
-        .into_iter()
-        .filter(|&(_, by_rows)| by_rows)
-        .flat_map(|(t, _)| row_tasks(t))
-        .collect();
-    let (a_by_blocks, b_by_blocks) = (lhs.is_some() && !a_by_rows, rhs.is_some() && !b_by_rows);
-    if parallel {
-        if a_by_blocks {
-            a.par_chunks_mut(kp * MR).enumerate().for_each(pack_a);
-        }
-        if b_by_blocks {
-            b.par_chunks_mut(kp * NR).enumerate().for_each(pack_b);
-        }
-        row_tasks.into_par_iter().for_each(pack_rows);
-    } else {
-        if a_by_blocks {
-            a.chunks_mut(kp * MR).enumerate().for_each(pack_a);
-        }
-        if b_by_blocks {
-            b.chunks_mut(kp * NR).enumerate().for_each(pack_b);
-        }
-        row_tasks.into_iter().for_each(pack_rows);
+    let tasks = (0..kp).step_by(ROW_PAIRS);
+    match parallel {
+        true => tasks.collect::<Vec<_>>().into_par_iter().for_each(task),
+        false => tasks.for_each(task),
     }
 }
 
@@ -649,7 +642,7 @@ fn compute(
 }
 
 /// Rows `blk·MR..` of `lhs` (`m x k`) as `[pair][row]` into `out` (`kp·MR`), zeros past `m`
-/// and past `k`. (An `lhs` stored transposed is packed by rows in [`pack`].)
+/// and past `k`. (An `lhs` stored transposed is packed by rows in [`pack_by_rows`].)
 fn pack_lhs<E: Elem>(
     (lhs, rs, cs): Operand<E>,
     (m, k): (usize, usize),
@@ -685,7 +678,7 @@ fn pack_lhs<E: Elem>(
 
 /// Pairs `pairs` of columns `col..col + cols` of `rhs` (`k x n`) into `out`, as
 /// `[panel][pair][column]` (`pairs.len()` pairs per panel), zeros past the columns and past
-/// `k`. (When all of `rhs` is packed, [`pack`] reads an `rhs` with contiguous rows by rows.)
+/// `k`. (When all of `rhs` is packed, [`pack_by_rows`] reads an `rhs` with contiguous rows by rows.)
 fn pack_rhs<E: Elem>(
     (rhs, rs, cs): Operand<E>,
     k: usize,
