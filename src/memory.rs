@@ -9,12 +9,16 @@
 //! 1280 channels); profiled, page faults and unmapping were ~40% of the step. This allocator
 //! sits in front of the system allocator: blocks of at least [`LARGE`] bytes are kept, by exact
 //! size, in a cache of at most `cap` bytes, and handed out again for the next request of that
-//! size (zeroed first when the caller asked for zeroed memory). Everything smaller goes straight
-//! to the system allocator. The binaries opt in with `#[global_allocator]`; the library does not
+//! size (zeroed first when the caller asked for zeroed memory). A request the cache cannot serve
+//! first frees the least recently freed blocks worth its size, so blocks of sizes the program
+//! stopped asking for (training's, once sampling starts) do not stay resident beside the new
+//! ones: resident memory stays near what the program holds live, while a training step, which
+//! asks for the same sizes every time, is served from the cache. A full cache likewise drops its
+//! oldest blocks for a newer one. Everything smaller goes straight to the system allocator. The binaries opt in with `#[global_allocator]`; the library does not
 //! impose it on programs that embed it.
 
 use std::alloc::{GlobalAlloc, Layout, System};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -23,9 +27,54 @@ pub const LARGE: usize = 1 << 20;
 
 #[derive(Default)]
 struct Cache {
-    /// Free blocks by (size, align).
-    free: HashMap<(usize, usize), Vec<usize>>,
+    /// Free blocks by (size, align), as (when freed, address), oldest first.
+    free: HashMap<(usize, usize), Vec<(u64, usize)>>,
+    /// Every free block's (size, align) by when it was freed: the eviction order.
+    order: BTreeMap<u64, (usize, usize)>,
+    /// Counts the blocks kept.
+    clock: u64,
     bytes: usize,
+}
+
+impl Cache {
+    /// Takes the least recently freed blocks out of the cache until at least `need` bytes
+    /// (or all of them) are out, and returns them for the caller to free once the lock is
+    /// released.
+    fn evict(&mut self, need: usize) -> Vec<(usize, Layout)> {
+        let mut out = Vec::new();
+        let mut freed = 0;
+        while freed < need {
+            let Some((when, (size, align))) = self.order.pop_first() else {
+                break;
+            };
+            let list = self
+                .free
+                .get_mut(&(size, align))
+                .expect("an ordered block has a list");
+            // Blocks are pushed in freeing order, so the oldest of this size is first.
+            debug_assert_eq!(list[0].0, when);
+            let (_, ptr) = list.remove(0);
+            if list.is_empty() {
+                self.free.remove(&(size, align));
+            }
+            self.bytes -= size;
+            freed += size;
+            out.push((
+                ptr,
+                Layout::from_size_align(size, align).expect("a cached block's layout"),
+            ));
+        }
+        out
+    }
+}
+
+/// Returns evicted blocks to the system.
+fn free_all(blocks: Vec<(usize, Layout)>) {
+    for (ptr, layout) in blocks {
+        // SAFETY: a cached block came from `System` with this layout and is owned by the caller
+        // alone once evicted.
+        unsafe { System.dealloc(ptr as *mut u8, layout) };
+    }
 }
 
 /// The caching allocator. It caches nothing until [`CachingAllocator::set_cap`] gives it a
@@ -66,46 +115,72 @@ impl CachingAllocator {
             Ok(mut guard) => guard.take(),
             Err(_) => None,
         };
-        for ((size, align), blocks) in cache.map(|c| c.free).unwrap_or_default() {
-            let layout = Layout::from_size_align(size, align).expect("a cached block's layout");
-            for ptr in blocks {
-                // SAFETY: a cached block came from `System` with this layout and is owned by the
-                // cache alone, which no longer lists it.
-                unsafe { System.dealloc(ptr as *mut u8, layout) };
-            }
+        if let Some(mut cache) = cache {
+            free_all(cache.evict(usize::MAX));
         }
     }
 
+    /// A cached block of exactly this layout. On a miss, frees the least recently freed blocks
+    /// worth at least its size first: the caller is about to take that much fresh memory from
+    /// the system, and blocks the program stopped asking for (another phase's sizes) should
+    /// not stay resident beside it.
     fn take(&self, layout: Layout) -> Option<*mut u8> {
-        let mut guard = self.cache.lock().ok()?;
-        let cache = guard.as_mut()?;
-        let list = cache.free.get_mut(&(layout.size(), layout.align()))?;
-        let ptr = list.pop()?;
-        cache.bytes -= layout.size();
-        Some(ptr as *mut u8)
+        let evicted = {
+            let mut guard = self.cache.lock().ok()?;
+            let cache = guard.as_mut()?;
+            let key = (layout.size(), layout.align());
+            if let Some(list) = cache.free.get_mut(&key)
+                && let Some((when, ptr)) = list.pop()
+            {
+                if list.is_empty() {
+                    cache.free.remove(&key);
+                }
+                cache.order.remove(&when);
+                cache.bytes -= layout.size();
+                return Some(ptr as *mut u8);
+            }
+            cache.evict(layout.size())
+        };
+        free_all(evicted);
+        None
     }
 
-    /// Keeps the block if the cache has room (and no [`uncached`] section is running); returns
-    /// it otherwise.
+    /// Keeps the block (and no [`uncached`] section is running), freeing the least recently
+    /// freed ones when the cache would exceed its budget; returns false when the block goes
+    /// back to the system instead.
     fn keep(&self, ptr: *mut u8, layout: Layout) -> bool {
         if UNCACHED.load(Ordering::Relaxed) > 0
             && INSTALLED.get().is_some_and(|a| std::ptr::eq(*a, self))
         {
             return false;
         }
-        let Ok(mut guard) = self.cache.lock() else {
-            return false;
-        };
-        let cache = guard.get_or_insert_with(Cache::default);
-        if cache.bytes + layout.size() > self.cap.load(Ordering::Relaxed) {
+        let cap = self.cap.load(Ordering::Relaxed);
+        if layout.size() > cap {
             return false;
         }
-        cache.bytes += layout.size();
-        cache
-            .free
-            .entry((layout.size(), layout.align()))
-            .or_default()
-            .push(ptr as usize);
+        let evicted = {
+            let Ok(mut guard) = self.cache.lock() else {
+                return false;
+            };
+            let cache = guard.get_or_insert_with(Cache::default);
+            let over = (cache.bytes + layout.size()).saturating_sub(cap);
+            let evicted = if over > 0 {
+                cache.evict(over)
+            } else {
+                Vec::new()
+            };
+            cache.clock += 1;
+            let key = (layout.size(), layout.align());
+            cache
+                .free
+                .entry(key)
+                .or_default()
+                .push((cache.clock, ptr as usize));
+            cache.order.insert(cache.clock, key);
+            cache.bytes += layout.size();
+            evicted
+        };
+        free_all(evicted);
         true
     }
 }
@@ -262,6 +337,64 @@ mod tests {
             // `release` hands every cached block back.
             a.release();
             assert!(a.take(layout).is_none());
+        }
+    }
+
+    #[test]
+    fn a_miss_or_a_full_cache_frees_the_least_recently_freed_blocks_first() {
+        const KIB: usize = 1 << 10;
+        let layout = |kib: usize| Layout::from_size_align(kib * KIB, 64).unwrap();
+        // (cached KiB, the cached blocks' sizes in KiB)
+        let cached = |a: &CachingAllocator| {
+            let guard = a.cache.lock().unwrap();
+            let c = guard.as_ref().unwrap();
+            let mut sizes: Vec<usize> = c
+                .free
+                .iter()
+                .flat_map(|(k, v)| std::iter::repeat_n(k.0 / KIB, v.len()))
+                .collect();
+            sizes.sort();
+            (c.bytes / KIB, sizes)
+        };
+        let a = CachingAllocator::new();
+        a.set_cap(16 * LARGE);
+        // SAFETY: the test frees every block it allocates with its layout.
+        unsafe {
+            let s1 = a.alloc(layout(1024));
+            let b1 = a.alloc(layout(2048));
+            let s2 = a.alloc(layout(1024));
+            a.dealloc(s1, layout(1024));
+            a.dealloc(b1, layout(2048));
+            a.dealloc(s2, layout(1024));
+            assert_eq!(cached(&a), (4096, vec![1024, 1024, 2048]));
+            // A hit takes the block and evicts nothing; freed again, it is the newest.
+            let b2 = a.alloc(layout(2048));
+            assert_eq!(b2, b1);
+            assert_eq!(cached(&a), (2048, vec![1024, 1024]));
+            a.dealloc(b2, layout(2048));
+            // A miss (1.5 MiB) frees at least its size, oldest first: both 1 MiB blocks.
+            let o = a.alloc(layout(1536));
+            assert_eq!(cached(&a), (2048, vec![2048]));
+            a.dealloc(o, layout(1536));
+            assert_eq!(cached(&a), (3584, vec![1536, 2048]));
+            a.release();
+        }
+        let a = CachingAllocator::new();
+        a.set_cap(4 * LARGE);
+        // SAFETY: as above.
+        unsafe {
+            let x = a.alloc(layout(2048));
+            let y = a.alloc(layout(1024));
+            let z = a.alloc(layout(2048));
+            a.dealloc(x, layout(2048));
+            a.dealloc(y, layout(1024));
+            // Over the budget, the oldest block (x) makes room for the newest.
+            a.dealloc(z, layout(2048));
+            assert_eq!(cached(&a), (3072, vec![1024, 2048]));
+            // A block larger than the budget is not kept (its miss emptied the cache).
+            let h = a.alloc(layout(5120));
+            a.dealloc(h, layout(5120));
+            assert_eq!(cached(&a), (0, vec![]));
         }
     }
 
