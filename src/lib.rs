@@ -71,6 +71,21 @@ fn tune_glibc() {
     }
 }
 
+/// Runs `f` on a thread of rayon's global pool (built here with a large stack), so the
+/// program's own thread is one of the pool's rather than a third thread beside them: the
+/// kernels' parallel loops then run part of their work on the calling thread instead of
+/// handing all of it to the pool and sleeping until it is done, a sleep and a wake-up per
+/// parallel operation.
+pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    // Autodiff's backward pass and the checkpoint code recurse; the main thread has 8 MiB.
+    const STACK: usize = 64 << 20;
+    // Already built (by a test, or an embedding program): use it as it is.
+    let _ = rayon::ThreadPoolBuilder::new()
+        .stack_size(STACK)
+        .build_global();
+    rayon::scope(|_| f())
+}
+
 /// What every binary's `main` does with its result: print the error chain once, exit 1.
 /// Runs a binary's body turning a panic (burn and cubecl panic on device errors such as a GPU
 /// running out of memory) into an error that says what happened and what to do, without a stack

@@ -266,5 +266,6 @@ difftrain::global_allocator!();
 
 fn main() -> std::process::ExitCode {
     tune_allocator();
-    difftrain::exit_code(run(Args::parse()))
+    let args = Args::parse();
+    difftrain::exit_code(difftrain::on_pool(|| run(args)))
 }

@@ -125,25 +125,30 @@ where
 {
     let b = batch.shape[0];
     let per = b / parts;
+    let part = |k: usize| {
+        let replica = crate::optim::grad::replicate(model);
+        let slice = batch.slice(k * per..(k + 1) * per);
+        let mut objective = objective.clone();
+        let mut rng = rng.clone();
+        move || {
+            let loss = objective.loss(&replica, &slice, &mut rng, device);
+            // mean over the batch = sum over parts of (per / b) * mean over the part
+            let (grads, value) = backward_scaled(loss, scale * per as f64 / b as f64, &replica);
+            (grads, value, rng)
+        }
+    };
+    // Part 0 on this thread, which is one of the thread pool's in the binaries
+    // ([`crate::on_pool`]): waiting in a join instead, it would leave the other parts' parallel
+    // kernels one thread fewer.
     let results: Vec<(GradientsParams, f64, ChaCha8Rng)> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..parts)
-            .map(|k| {
-                let replica = crate::optim::grad::replicate(model);
-                let slice = batch.slice(k * per..(k + 1) * per);
-                let mut objective = objective.clone();
-                let mut rng = rng.clone();
-                s.spawn(move || {
-                    let loss = objective.loss(&replica, &slice, &mut rng, device);
-                    // mean over the batch = sum over parts of (per / b) * mean over the part
-                    let (grads, value) =
-                        backward_scaled(loss, scale * per as f64 / b as f64, &replica);
-                    (grads, value, rng)
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("a batch-split worker panicked"))
+        let handles: Vec<_> = (1..parts).map(|k| s.spawn(part(k))).collect();
+        let first = part(0)();
+        std::iter::once(first)
+            .chain(
+                handles
+                    .into_iter()
+                    .map(|h| h.join().expect("a batch-split worker panicked")),
+            )
             .collect()
     });
     let mut accumulator = burn::optim::GradientsAccumulator::new();
