@@ -2035,12 +2035,14 @@ mod tests {
         let d = device();
         let dist = Distribution::Normal(0.0, 1.0);
         let bf16_values = |t: Tensor<4>| t.cast(DType::BF16).cast(DType::F32);
-        // (x, weight, stride, padding): Winograd (64 channels, 8x8, 256 output pixels; then 68
-        // output channels, a partial block of the packed transformed weight), a strided
-        // convolution (columns), a pointwise one, and a linear layer as a 1x1 map.
+        // (x, weight, stride, padding): Winograd (64 channels, 8x8, 1024 output pixels, bf16's
+        // least; then 68 output channels, a partial block of the packed transformed weight), the
+        // same 3x3 convolution on fewer pixels (columns), a strided convolution (columns), a
+        // pointwise one, and a linear layer as a 1x1 map.
         let cases = [
+            ([16, 64, 8, 8], [64, 64, 3, 3], 1, 1),
+            ([16, 72, 8, 8], [68, 72, 3, 3], 1, 1),
             ([4, 64, 8, 8], [64, 64, 3, 3], 1, 1),
-            ([4, 72, 8, 8], [68, 72, 3, 3], 1, 1),
             ([1, 16, 9, 9], [24, 16, 3, 3], 2, 1),
             ([2, 32, 6, 6], [48, 32, 1, 1], 1, 0),
             ([1, 1, 70, 96], [40, 96, 1, 1], 0, 0),

@@ -45,6 +45,13 @@ const MIN_CHANNELS: usize = 64;
 /// peak), from 256 pixels 3.49 s (5.15 GB), from 1024 pixels 3.76 s (4.87 GB).
 const MIN_PIXELS: usize = 256;
 
+/// [`MIN_PIXELS`] for products on the bf16 GEMM, whose column-matrix path reads the bf16 weight
+/// in place where Winograd transforms and packs `16/9` as many values every call. Measured on
+/// the same step in bf16 (s, two interleaved runs each): from 64 pixels 1.99 / 2.17, from 256
+/// 1.66 / 1.65, from 1024 1.60 / 1.56, from 4096 1.75 / 1.70; at 512 px from 256 6.92 / 7.16,
+/// from 1024 6.55 / 6.89, from 4096 7.00.
+const MIN_PIXELS_BF16: usize = 1024;
+
 /// The forward's tile GEMMs take about this many columns: the tiles of several small images side
 /// by side, or a band of tile rows of a large one. Small enough that the transformed tiles
 /// (`16·(cin + cout)` values per tile) stay in the core's cache. Measured on 2 threads (ms for
@@ -58,9 +65,18 @@ const GROUP_TILES: usize = 64;
 /// 30.3 / 30.5 / 38.1; 19.8 / 19.4 / 23.5; and 256 -> 256 at 8x8, batch 8: 2.8 / 4.1 / 4.2.
 const WEIGHT_GROUP_TILES: usize = 64;
 
+/// [`MIN_PIXELS_BF16`] when `g`'s products run on the bf16 kernel, else [`MIN_PIXELS`].
+fn min_pixels(g: &Conv2dGeom) -> usize {
+    if g.bf16 && bf16_gemm::available() {
+        MIN_PIXELS_BF16
+    } else {
+        MIN_PIXELS
+    }
+}
+
 /// Whether [`forward`] computes `g`: a 3x3 kernel, stride 1, padding 1, even output sizes,
-/// enough channels on both sides ([`MIN_CHANNELS`]) and enough pixels ([`MIN_PIXELS`], which
-/// also rules out empty maps).
+/// enough channels on both sides ([`MIN_CHANNELS`]) and enough pixels ([`MIN_PIXELS`],
+/// [`MIN_PIXELS_BF16`]; which also rules out empty maps).
 pub(super) fn applies(g: &Conv2dGeom) -> bool {
     g.k == 3
         && g.stride == 1
@@ -69,7 +85,7 @@ pub(super) fn applies(g: &Conv2dGeom) -> bool {
         && g.w.is_multiple_of(2)
         && g.cin >= MIN_CHANNELS
         && g.cout >= MIN_CHANNELS
-        && g.batch * g.h * g.w >= MIN_PIXELS
+        && g.batch * g.h * g.w >= min_pixels(g)
         && (g.h * g.w >= 64 || g.cin.min(g.cout) >= 2 * MIN_CHANNELS)
 }
 
@@ -880,6 +896,17 @@ pub(super) mod tests {
             (lhs - rhs).abs() < 1e-4 * lhs.abs().max(1.0),
             "{lhs} vs {rhs}"
         );
+    }
+
+    #[test]
+    fn bf16_products_take_winograd_from_more_pixels() {
+        // 8 images of 8x10: 640 output pixels.
+        let mut g = geometries()[0];
+        assert!(applies(&g));
+        g.bf16 = true;
+        assert_eq!(applies(&g), !bf16_gemm::available());
+        g.batch = 13;
+        assert!(applies(&g), "1040 output pixels");
     }
 
     #[test]
