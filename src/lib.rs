@@ -86,6 +86,23 @@ pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     rayon::scope(|_| f())
 }
 
+/// Waits until `done()`, running the thread pool's pending work meanwhile when called on one of
+/// its threads ([`on_pool`]): a pool thread that only waited for threads of its own making,
+/// whose parallel loops run on the pool, would leave those loops one thread fewer.
+pub fn help_pool_until(done: impl Fn() -> bool) {
+    let mut nap = std::time::Duration::from_micros(20);
+    while !done() {
+        match rayon::yield_now() {
+            Some(rayon::Yield::Executed) => nap = std::time::Duration::from_micros(20),
+            // Nothing to run (or not a pool thread): poll again shortly, backing off to 1 ms.
+            _ => {
+                std::thread::sleep(nap);
+                nap = (nap * 2).min(std::time::Duration::from_millis(1));
+            }
+        }
+    }
+}
+
 /// What every binary's `main` does with its result: print the error chain once, exit 1.
 /// Runs a binary's body turning a panic (burn and cubecl panic on device errors such as a GPU
 /// running out of memory) into an error that says what happened and what to do, without a stack
@@ -149,5 +166,28 @@ pub fn exit_code(result: anyhow::Result<()>) -> std::process::ExitCode {
             eprintln!("error: {e:#}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rayon::prelude::*;
+
+    #[test]
+    fn a_pool_thread_waiting_for_its_own_threads_runs_their_parallel_work() {
+        // One pool thread, which waits for a thread whose parallel loop runs on that pool:
+        // without the waiting thread running it, the loop would never run.
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(1)
+            .build()
+            .unwrap();
+        let sum = pool.install(|| {
+            std::thread::scope(|s| {
+                let h = s.spawn(|| pool.install(|| (0..1000u64).into_par_iter().sum::<u64>()));
+                super::help_pool_until(|| h.is_finished());
+                h.join().unwrap()
+            })
+        });
+        assert_eq!(sum, 499_500);
     }
 }
