@@ -12,13 +12,15 @@
 //! size (zeroed first when the caller asked for zeroed memory). A request the cache cannot serve
 //! first frees the least recently freed blocks worth its size, so blocks of sizes the program
 //! stopped asking for (training's, once sampling starts) do not stay resident beside the new
-//! ones: resident memory stays near what the program holds live, while a training step, which
-//! asks for the same sizes every time, is served from the cache. A full cache likewise drops its
-//! oldest blocks for a newer one. Everything smaller goes straight to the system allocator. The binaries opt in with `#[global_allocator]`; the library does not
-//! impose it on programs that embed it.
+//! ones: resident memory stays near what the program holds live. The cost falls on steps whose
+//! mix of sizes shifts within the step: a miss can evict a block the same step asks for later,
+//! which then misses too (the f32 SD LoRA step at 512 px takes ~0.47M page faults per step; the
+//! bf16 one at 256 px none). A full cache likewise drops its oldest blocks for a newer one.
+//! Everything smaller goes straight to the system allocator. The binaries opt in with
+//! `#[global_allocator]`; the library does not impose it on programs that embed it.
 
 use std::alloc::{GlobalAlloc, Layout, System};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -28,7 +30,7 @@ pub const LARGE: usize = 1 << 20;
 #[derive(Default)]
 struct Cache {
     /// Free blocks by (size, align), as (when freed, address), oldest first.
-    free: HashMap<(usize, usize), Vec<(u64, usize)>>,
+    free: HashMap<(usize, usize), VecDeque<(u64, usize)>>,
     /// Every free block's (size, align) by when it was freed: the eviction order.
     order: BTreeMap<u64, (usize, usize)>,
     /// Counts the blocks kept.
@@ -52,8 +54,8 @@ impl Cache {
                 .get_mut(&(size, align))
                 .expect("an ordered block has a list");
             // Blocks are pushed in freeing order, so the oldest of this size is first.
-            debug_assert_eq!(list[0].0, when);
-            let (_, ptr) = list.remove(0);
+            let (first, ptr) = list.pop_front().expect("an ordered block is listed");
+            debug_assert_eq!(first, when);
             if list.is_empty() {
                 self.free.remove(&(size, align));
             }
@@ -130,7 +132,7 @@ impl CachingAllocator {
             let cache = guard.as_mut()?;
             let key = (layout.size(), layout.align());
             if let Some(list) = cache.free.get_mut(&key)
-                && let Some((when, ptr)) = list.pop()
+                && let Some((when, ptr)) = list.pop_back()
             {
                 if list.is_empty() {
                     cache.free.remove(&key);
@@ -163,19 +165,14 @@ impl CachingAllocator {
                 return false;
             };
             let cache = guard.get_or_insert_with(Cache::default);
-            let over = (cache.bytes + layout.size()).saturating_sub(cap);
-            let evicted = if over > 0 {
-                cache.evict(over)
-            } else {
-                Vec::new()
-            };
+            let evicted = cache.evict((cache.bytes + layout.size()).saturating_sub(cap));
             cache.clock += 1;
             let key = (layout.size(), layout.align());
             cache
                 .free
                 .entry(key)
                 .or_default()
-                .push((cache.clock, ptr as usize));
+                .push_back((cache.clock, ptr as usize));
             cache.order.insert(cache.clock, key);
             cache.bytes += layout.size();
             evicted

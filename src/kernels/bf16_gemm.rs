@@ -203,12 +203,12 @@ fn with_lhs<L: Elem, T>(
     })
 }
 
-/// [`matmul`] for `m <= FEW` rows: `lhs` is read as [`blocked`] reads it, and each task packs its panels of
-/// `rhs` (up to [`GROUP`]) a block of [`KC`] pairs at a time, just before the kernels use
-/// them, so they stay in cache. With so few rows each packed panel is used at most `FEW / MR`
-/// times: packed whole, `rhs` (a weight of SD's deep levels: 1280 x 11520) would be written
-/// out and read back from memory, which took longer than the products (1.1-2.4x faster on
-/// those shapes).
+/// [`matmul`] for `m <= FEW` rows: `lhs` is read as [`blocked`] reads it, and each task packs
+/// its panels of `rhs` (up to [`GROUP`]) a block of [`KC`] pairs at a time, just before the
+/// kernels use them, so they stay in cache. With so few rows each packed panel is used at most
+/// `FEW / MR` times: packed whole, `rhs` (a weight of SD's deep levels: 1280 x 11520) would be
+/// written out and read back from memory, which took longer than the products (1.1-2.4x
+/// faster on those shapes).
 fn streamed<L: Elem, R: Elem>(
     dst: &mut [f32],
     (m, n, k): (usize, usize, usize),
@@ -678,7 +678,8 @@ fn pack_lhs<E: Elem>(
 
 /// Pairs `pairs` of columns `col..col + cols` of `rhs` (`k x n`) into `out`, as
 /// `[panel][pair][column]` (`pairs.len()` pairs per panel), zeros past the columns and past
-/// `k`. (When all of `rhs` is packed, [`pack_by_rows`] reads an `rhs` with contiguous rows by rows.)
+/// `k`. (When all of `rhs` is packed, [`pack_by_rows`] reads an `rhs` with contiguous rows by
+/// rows.)
 fn pack_rhs<E: Elem>(
     (rhs, rs, cs): Operand<E>,
     k: usize,
