@@ -93,6 +93,7 @@ fn measure<M: Module>(
         grad::clip_global_norm(&model, &mut g, t.max_grad_norm);
         let t_clip = start.elapsed().as_secs_f64();
         model = optim.step(t.learning_rate, model, g);
+        difftrain::memory::iteration();
         let t_step = start.elapsed().as_secs_f64();
         if i >= args.warmup {
             m.timed.push(t_step);

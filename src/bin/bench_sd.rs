@@ -142,6 +142,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                 let forward = start.elapsed().as_secs_f64();
                 let grads = loss.backward();
                 drop(grads);
+                difftrain::memory::iteration();
                 let total = start.elapsed().as_secs_f64();
                 if i >= warmup {
                     times.push(total);
@@ -221,6 +222,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                 }
                 unet = optim.step(1e-4, unet, grads);
                 let _ = unet.conv_in.weight.val().into_data();
+                difftrain::memory::iteration();
                 if i >= warmup {
                     times.push(start.elapsed().as_secs_f64());
                 }

@@ -193,6 +193,9 @@ fn write_samples<M: Module>(
     out: &Path,
     events: Option<&mut EventWriter>,
 ) -> Result<PathBuf, TrainError> {
+    // Sampling asks for other sizes than training: the cached training blocks go back first
+    // rather than stay resident beside them (the next steps cache theirs again).
+    crate::memory::release_cached();
     let grid = outputs.grid(&st.sampling_weights(), device)?;
     let path = out.join("samples").join(format!("step-{}.png", st.step));
     let png = io::image::save_grid(&grid, &path)?;
@@ -635,6 +638,10 @@ fn run_rank<O: Objective, P: Outputs<O::Model>>(
         }
         st.model = objective.after_step(st.model, &mut st.rng);
         st.step += 1;
+        if writer.is_some() {
+            // Once per step (rank 0's: in-process ranks share the allocator).
+            crate::memory::iteration();
+        }
         st.position = loader.position();
         st.last_loss = loss_sum;
         losses.push(loss_sum);
