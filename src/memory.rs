@@ -387,22 +387,29 @@ mod tests {
         }
     }
 
+    const KIB: usize = 1 << 10;
+
+    fn layout(kib: usize) -> Layout {
+        Layout::from_size_align(kib * KIB, 64).unwrap()
+    }
+
+    /// (cached KiB, the cached blocks' sizes in KiB)
+    fn cached(a: &CachingAllocator) -> (usize, Vec<usize>) {
+        let guard = a.cache.lock().unwrap();
+        let Some(c) = guard.as_ref() else {
+            return (0, Vec::new());
+        };
+        let mut sizes: Vec<usize> = c
+            .free
+            .iter()
+            .flat_map(|(k, v)| std::iter::repeat_n(k.0 / KIB, v.len()))
+            .collect();
+        sizes.sort();
+        (c.bytes / KIB, sizes)
+    }
+
     #[test]
     fn a_miss_or_a_full_cache_frees_the_least_recently_freed_blocks_first() {
-        const KIB: usize = 1 << 10;
-        let layout = |kib: usize| Layout::from_size_align(kib * KIB, 64).unwrap();
-        // (cached KiB, the cached blocks' sizes in KiB)
-        let cached = |a: &CachingAllocator| {
-            let guard = a.cache.lock().unwrap();
-            let c = guard.as_ref().unwrap();
-            let mut sizes: Vec<usize> = c
-                .free
-                .iter()
-                .flat_map(|(k, v)| std::iter::repeat_n(k.0 / KIB, v.len()))
-                .collect();
-            sizes.sort();
-            (c.bytes / KIB, sizes)
-        };
         let a = CachingAllocator::new();
         a.set_cap(16 * LARGE);
         // SAFETY: the test frees every block it allocates with its layout.
@@ -447,22 +454,7 @@ mod tests {
 
     #[test]
     fn inside_a_loop_a_miss_spares_the_previous_iterations_blocks() {
-        const KIB: usize = 1 << 10;
-        let layout = |kib: usize| Layout::from_size_align(kib * KIB, 64).unwrap();
-        let cached = |a: &CachingAllocator| {
-            let guard = a.cache.lock().unwrap();
-            let mut sizes: Vec<usize> = guard
-                .as_ref()
-                .map(|c| {
-                    c.free
-                        .iter()
-                        .flat_map(|(k, v)| std::iter::repeat_n(k.0 / KIB, v.len()))
-                        .collect()
-                })
-                .unwrap_or_default();
-            sizes.sort();
-            sizes
-        };
+        let cached = |a: &CachingAllocator| cached(a).1;
         let a = CachingAllocator::new();
         a.set_cap(16 * LARGE);
         // SAFETY: the test frees every block it allocates with its layout.
