@@ -283,6 +283,12 @@ impl Replica {
         self.rank == 0
     }
 
+    /// The first rank in this process: every rank of a multi-process launch, rank 0 among
+    /// in-process worker threads (which share the process's allocator).
+    pub fn first_in_process(&self) -> bool {
+        matches!(self.group, Some(Meet::Processes(_))) || self.rank == 0
+    }
+
     pub fn all_reduces(&self) -> usize {
         self.all_reduces
     }

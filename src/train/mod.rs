@@ -638,8 +638,8 @@ fn run_rank<O: Objective, P: Outputs<O::Model>>(
         }
         st.model = objective.after_step(st.model, &mut st.rng);
         st.step += 1;
-        if writer.is_some() {
-            // Once per step (rank 0's: in-process ranks share the allocator).
+        if replica.first_in_process() {
+            // Once per step and process (in-process ranks share the allocator).
             crate::memory::iteration();
         }
         st.position = loader.position();
