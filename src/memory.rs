@@ -145,17 +145,24 @@ impl CachingAllocator {
     /// every time), and blocks that stayed unused through a whole iteration go back to the
     /// system at its end. [`CachingAllocator::release`] ends the loop.
     pub fn iteration(&self) {
-        let i = self.iterations.fetch_add(1, Ordering::Relaxed) + 1;
-        if i < 2 {
-            return;
-        }
+        self.iterations.fetch_add(1, Ordering::Relaxed);
+        let spared = self.spared_from();
         let evicted = match self.cache.lock() {
             Ok(mut guard) => guard
                 .as_mut()
-                .map_or_else(Vec::new, |c| c.evict_older(usize::MAX, i - 1)),
+                .map_or_else(Vec::new, |c| c.evict_older(usize::MAX, spared)),
             Err(_) => Vec::new(),
         };
         free_all(evicted);
+    }
+
+    /// The first iteration whose freed blocks a miss spares: the previous one inside a loop,
+    /// none outside.
+    fn spared_from(&self) -> u64 {
+        match self.iterations.load(Ordering::Relaxed) {
+            0 => u64::MAX,
+            i => i - 1,
+        }
     }
 
     /// A cached block of exactly this layout. On a miss, frees the least recently freed blocks
@@ -178,10 +185,7 @@ impl CachingAllocator {
                 cache.bytes -= layout.size();
                 return Some(ptr as *mut u8);
             }
-            match self.iterations.load(Ordering::Relaxed) {
-                i if i >= 1 => cache.evict_older(layout.size(), i - 1),
-                _ => cache.evict(layout.size()),
-            }
+            cache.evict_older(layout.size(), self.spared_from())
         };
         free_all(evicted);
         None

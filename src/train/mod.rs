@@ -13,7 +13,7 @@ pub mod progress;
 pub mod run;
 mod sync;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -31,6 +31,7 @@ use crate::optim::grad;
 use crate::optim::lr::LrScheduler;
 use crate::optim::precision::ScalerStep;
 use crate::tensorboard::{EventError, EventWriter};
+use objective::write_samples;
 pub use objective::{Objective, Outputs};
 use progress::{Progress, StepReport};
 use run::RunState;
@@ -182,27 +183,6 @@ pub fn run_devices(cfg: &Config) -> Result<(Vec<Device>, bool), TrainError> {
         .device_request()
         .map_err(|e| TrainError::Device(DeviceError::Invalid(e)))?;
     Ok(request.resolve()?)
-}
-
-/// Samples with the weights sampling should use (EMA when on), writes
-/// `samples/step-<N>.png` and, when logging, a TensorBoard image.
-fn write_samples<M: Module>(
-    outputs: &impl Outputs<M>,
-    st: &RunState<M>,
-    device: &Device,
-    out: &Path,
-    events: Option<&mut EventWriter>,
-) -> Result<PathBuf, TrainError> {
-    // Sampling asks for other sizes than training: the cached training blocks go back first
-    // rather than stay resident beside them (the next steps cache theirs again).
-    crate::memory::release_cached();
-    let grid = outputs.grid(&st.sampling_weights(), device)?;
-    let path = out.join("samples").join(format!("step-{}.png", st.step));
-    let png = io::image::save_grid(&grid, &path)?;
-    if let Some(ev) = events {
-        ev.image("samples", &png.png, png.height, png.width, st.step as u64)?;
-    }
-    Ok(path)
 }
 
 /// Running means between two TensorBoard scalar writes.

@@ -5,7 +5,7 @@
 //! (sample grids, the export) is [`Outputs`], implemented by `pipelines` next to the code that
 //! reads those files back.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use burn::module::Module;
 use burn::optim::GradientsParams;
@@ -13,8 +13,11 @@ use burn::prelude::*;
 use rand_chacha::ChaCha8Rng;
 
 use super::TrainError;
+use super::run::RunState;
 use crate::data::{Batch, Dataset};
+use crate::io;
 use crate::io::image::Grid;
+use crate::tensorboard::EventWriter;
 
 pub trait Objective {
     type Model: Module;
@@ -176,4 +179,25 @@ pub trait Outputs<M> {
 
     /// Writes `weights` (EMA when on) and `raw` (the training weights, with EMA) under `dir`.
     fn export(&self, weights: &M, raw: Option<&M>, dir: &Path) -> Result<(), TrainError>;
+}
+
+/// Samples with the weights sampling should use (EMA when on), writes
+/// `samples/step-<N>.png` and, when logging, a TensorBoard image.
+pub(super) fn write_samples<M: Module>(
+    outputs: &impl Outputs<M>,
+    st: &RunState<M>,
+    device: &Device,
+    out: &Path,
+    events: Option<&mut EventWriter>,
+) -> Result<PathBuf, TrainError> {
+    // Sampling asks for other sizes than training: the cached training blocks go back first
+    // rather than stay resident beside them (the next steps cache theirs again).
+    crate::memory::release_cached();
+    let grid = outputs.grid(&st.sampling_weights(), device)?;
+    let path = out.join("samples").join(format!("step-{}.png", st.step));
+    let png = io::image::save_grid(&grid, &path)?;
+    if let Some(ev) = events {
+        ev.image("samples", &png.png, png.height, png.width, st.step as u64)?;
+    }
+    Ok(path)
 }
