@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{Config, Resume};
+use crate::resume::ResumeRules;
 
 /// The file in the output directory naming the newest complete checkpoint.
 pub const LATEST: &str = "latest";
@@ -456,75 +457,17 @@ pub fn resolve(out_dir: &Path, resume: &Resume) -> Result<Start, CheckpointError
     }
 }
 
-/// Config keys whose change makes a checkpoint meaningless or resume inexact. Everything else
-/// (`train.max_steps`, the learning rate, logging, sampling, EMA settings...) may change.
-const BREAKING: &[&str] = &[
-    "run.seed",
-    "model.",
-    "data.source",
-    "data.resolution",
-    "data.color",
-    "diffusion.num_train_timesteps",
-    "diffusion.beta_schedule",
-    "diffusion.beta_start",
-    "diffusion.beta_end",
-    "diffusion.prediction_type",
-    "train.batch_size",
-    "train.gradient_accumulation_steps",
-];
-
-fn flatten(prefix: &str, value: &toml::Value, out: &mut BTreeMap<String, String>) {
-    match value {
-        toml::Value::Table(t) => {
-            for (k, v) in t {
-                let key = if prefix.is_empty() {
-                    k.clone()
-                } else {
-                    format!("{prefix}.{k}")
-                };
-                flatten(&key, v, out);
-            }
-        }
-        other => {
-            out.insert(prefix.to_string(), other.to_string());
-        }
-    }
-}
-
-fn flat(cfg: &Config) -> BTreeMap<String, String> {
-    let mut out = BTreeMap::new();
-    let value = toml::Value::try_from(cfg).expect("the config serialises");
-    flatten("", &value, &mut out);
-    out
-}
-
 /// Differences between the config a checkpoint was trained with and the current one:
-/// `(breaking, allowed)`, each line `key: old -> new`.
+/// `(breaking, allowed)`, each line `key: old -> new` (breaking ones say what they would do).
+/// Which changes break resume is each config section's rule ([`ResumeRules`]).
 pub fn compare_configs(saved: &Config, now: &Config) -> (Vec<String>, Vec<String>) {
-    let (old, new) = (flat(saved), flat(now));
-    let keys: std::collections::BTreeSet<&String> = old.keys().chain(new.keys()).collect();
-    let (mut breaking, mut allowed) = (Vec::new(), Vec::new());
-    for key in keys {
-        let (a, b) = (old.get(key), new.get(key));
-        if a == b || key == "checkpoint.resume" {
-            continue;
-        }
-        let show = |v: Option<&String>| v.cloned().unwrap_or_else(|| "(unset)".into());
-        let line = format!("{key}: {} -> {}", show(a), show(b));
-        let is_breaking = BREAKING.iter().any(|p| {
-            if p.ends_with('.') {
-                key.starts_with(p)
-            } else {
-                key == p
-            }
-        });
-        if is_breaking {
-            breaking.push(line);
-        } else {
-            allowed.push(line);
-        }
-    }
-    (breaking, allowed)
+    let breaking = now.breaks_resume(saved, "");
+    let allowed = crate::resume::differences("", saved, now)
+        .into_iter()
+        .filter(|(key, _, _)| key != "checkpoint.resume" && !breaking.iter().any(|c| &c.key == key))
+        .map(|(key, old, new)| format!("{key}: {old} -> {new}"))
+        .collect();
+    (breaking.iter().map(|c| c.to_string()).collect(), allowed)
 }
 
 #[cfg(test)]

@@ -23,6 +23,7 @@ use crate::models::{Architecture, Family};
 use crate::optim::ema::EmaConfig;
 use crate::optim::lr::LrSchedule;
 use crate::optim::precision::MixedPrecision;
+use crate::resume::{Change, ResumeRules, every_key, field};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -88,6 +89,20 @@ impl Default for RunConfig {
             devices: None,
             sync_timeout_secs: 600.0,
         }
+    }
+}
+
+impl ResumeRules for RunConfig {
+    fn breaks_resume(&self, old: &Self, prefix: &str) -> Vec<Change> {
+        field(
+            prefix,
+            "seed",
+            &old.seed,
+            &self.seed,
+            "changes the data order and every random draw",
+        )
+        .into_iter()
+        .collect()
     }
 }
 
@@ -203,6 +218,13 @@ impl Default for ModelConfig {
     }
 }
 
+impl ResumeRules for ModelConfig {
+    /// Any change: the checkpoint's weights belong to the model it describes.
+    fn breaks_resume(&self, old: &Self, prefix: &str) -> Vec<Change> {
+        every_key(prefix, old, self, "changes the model")
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum OnNonFinite {
@@ -269,6 +291,27 @@ impl Default for TrainConfig {
     }
 }
 
+impl ResumeRules for TrainConfig {
+    /// The batches: the loader's position and the random stream count micro-batches of this
+    /// size. Everything else (steps, learning rate, clipping, precision...) may change.
+    fn breaks_resume(&self, old: &Self, prefix: &str) -> Vec<Change> {
+        let why = "changes the batches the checkpoint's position counts";
+        [
+            field(prefix, "batch_size", &old.batch_size, &self.batch_size, why),
+            field(
+                prefix,
+                "gradient_accumulation_steps",
+                &old.gradient_accumulation_steps,
+                &self.gradient_accumulation_steps,
+                why,
+            ),
+        ]
+        .into_iter()
+        .flatten()
+        .collect()
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SampleConfig {
@@ -309,6 +352,13 @@ impl Default for SampleConfig {
     }
 }
 
+impl ResumeRules for SampleConfig {
+    /// Nothing a checkpoint depends on: every field may change on resume.
+    fn breaks_resume(&self, _old: &Self, _prefix: &str) -> Vec<Change> {
+        Vec::new()
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ExportConfig {
@@ -319,6 +369,13 @@ pub struct ExportConfig {
 impl Default for ExportConfig {
     fn default() -> Self {
         Self { enabled: true }
+    }
+}
+
+impl ResumeRules for ExportConfig {
+    /// Nothing a checkpoint depends on: every field may change on resume.
+    fn breaks_resume(&self, _old: &Self, _prefix: &str) -> Vec<Change> {
+        Vec::new()
     }
 }
 
@@ -340,6 +397,13 @@ impl Default for LoggingConfig {
             sample_every: 0,
             tensorboard: true,
         }
+    }
+}
+
+impl ResumeRules for LoggingConfig {
+    /// Nothing a checkpoint depends on: every field may change on resume.
+    fn breaks_resume(&self, _old: &Self, _prefix: &str) -> Vec<Change> {
+        Vec::new()
     }
 }
 
@@ -391,6 +455,13 @@ impl Default for CheckpointConfig {
             keep_last: 3,
             resume: Resume::None,
         }
+    }
+}
+
+impl ResumeRules for CheckpointConfig {
+    /// Nothing a checkpoint depends on: every field may change on resume.
+    fn breaks_resume(&self, _old: &Self, _prefix: &str) -> Vec<Change> {
+        Vec::new()
     }
 }
 
@@ -687,6 +758,40 @@ impl Config {
 
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot serialise config: {e}\n"))
+    }
+}
+
+impl ResumeRules for Config {
+    /// Every section's rules (destructured, so a new section is a compile error here until
+    /// its rules are written). `[lora]` counts only for LoRA runs.
+    fn breaks_resume(&self, old: &Self, _prefix: &str) -> Vec<Change> {
+        let Config {
+            run,
+            data,
+            model,
+            diffusion,
+            train,
+            sample,
+            export,
+            logging,
+            checkpoint,
+            ema,
+            lora,
+        } = self;
+        let mut changes = run.breaks_resume(&old.run, "run");
+        changes.extend(data.breaks_resume(&old.data, "data"));
+        changes.extend(model.breaks_resume(&old.model, "model"));
+        changes.extend(diffusion.breaks_resume(&old.diffusion, "diffusion"));
+        changes.extend(train.breaks_resume(&old.train, "train"));
+        changes.extend(sample.breaks_resume(&old.sample, "sample"));
+        changes.extend(export.breaks_resume(&old.export, "export"));
+        changes.extend(logging.breaks_resume(&old.logging, "logging"));
+        changes.extend(checkpoint.breaks_resume(&old.checkpoint, "checkpoint"));
+        changes.extend(ema.breaks_resume(&old.ema, "ema"));
+        if old.model.architecture == Architecture::SdLora {
+            changes.extend(lora.breaks_resume(&old.lora, "lora"));
+        }
+        changes
     }
 }
 

@@ -450,6 +450,31 @@ fn lora_run_trains_adapters_exports_both_formats_and_resumes_bitwise_after_sigki
         );
     }
 
+    // A changed adapter scale or shape is refused by name before anything is loaded (it used to
+    // train silently with the new scale, or fail as "undecodable" and walk back through every
+    // older checkpoint as if they were corrupt).
+    for (set, key, why) in [
+        ("lora.alpha=16.0", "lora.alpha: 8.0 -> 16.0", "scale"),
+        ("lora.rank=8", "lora.rank: 4 -> 8", "shape"),
+    ] {
+        let (ok, err) = output(&mut train(
+            &b,
+            &[
+                "--resume",
+                "latest",
+                "--set",
+                "train.max_steps=16",
+                "--set",
+                set,
+            ],
+        ));
+        assert!(!ok && err.contains(key) && err.contains(why), "{set}: {err}");
+        assert!(
+            !err.contains("undecodable") && !err.contains("older"),
+            "{set}: {err}"
+        );
+    }
+
     // A different base is refused, naming both hashes.
     let vae = base.join("vae/diffusion_pytorch_model.fp16.safetensors");
     let mut bytes = std::fs::read(&vae).unwrap();

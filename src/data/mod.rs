@@ -45,6 +45,23 @@ pub struct DataConfig {
     pub cache_text_embeddings: bool,
 }
 
+impl crate::resume::ResumeRules for DataConfig {
+    /// What the images are: another source, size or colour mode makes other training data.
+    /// The path and the loading options may change (a moved dataset, more workers).
+    fn breaks_resume(&self, old: &Self, prefix: &str) -> Vec<crate::resume::Change> {
+        use crate::resume::field;
+        let why = "changes the training images";
+        [
+            field(prefix, "source", &old.source, &self.source, why),
+            field(prefix, "resolution", &old.resolution, &self.resolution, why),
+            field(prefix, "color", &old.color, &self.color, why),
+        ]
+        .into_iter()
+        .flatten()
+        .collect()
+    }
+}
+
 impl DataConfig {
     pub fn problems(&self) -> Vec<String> {
         let mut p = Vec::new();

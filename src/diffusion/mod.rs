@@ -44,6 +44,43 @@ impl Default for DiffusionConfig {
     }
 }
 
+impl crate::resume::ResumeRules for DiffusionConfig {
+    /// The noise schedule and the prediction target; min-SNR, noise offset and input
+    /// perturbation may change.
+    fn breaks_resume(&self, old: &Self, prefix: &str) -> Vec<crate::resume::Change> {
+        use crate::resume::field;
+        let schedule = "changes the noise schedule the model was trained on";
+        [
+            field(
+                prefix,
+                "num_train_timesteps",
+                &old.num_train_timesteps,
+                &self.num_train_timesteps,
+                schedule,
+            ),
+            field(
+                prefix,
+                "beta_schedule",
+                &old.beta_schedule,
+                &self.beta_schedule,
+                schedule,
+            ),
+            field(prefix, "beta_start", &old.beta_start, &self.beta_start, schedule),
+            field(prefix, "beta_end", &old.beta_end, &self.beta_end, schedule),
+            field(
+                prefix,
+                "prediction_type",
+                &old.prediction_type,
+                &self.prediction_type,
+                "changes what the model predicts",
+            ),
+        ]
+        .into_iter()
+        .flatten()
+        .collect()
+    }
+}
+
 impl DiffusionConfig {
     /// The discrete schedule these settings describe.
     pub fn schedule(&self) -> NoiseSchedule {

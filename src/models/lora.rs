@@ -75,6 +75,44 @@ impl Default for LoraConfig {
     }
 }
 
+impl crate::resume::ResumeRules for LoraConfig {
+    /// The adapters a checkpoint holds: their shape, scale and the layers they sit on.
+    /// Dropout, init (used only when adapters are created) and the text encoder's learning
+    /// rate may change.
+    fn breaks_resume(&self, old: &Self, prefix: &str) -> Vec<crate::resume::Change> {
+        use crate::resume::field;
+        let layers = "changes which layers carry adapters";
+        [
+            field(prefix, "rank", &old.rank, &self.rank, "changes the adapters' shape"),
+            field(prefix, "alpha", &old.alpha, &self.alpha, "changes the adapters' scale"),
+            field(
+                prefix,
+                "target_modules",
+                &old.target_modules,
+                &self.target_modules,
+                layers,
+            ),
+            field(
+                prefix,
+                "text_encoder",
+                &old.text_encoder,
+                &self.text_encoder,
+                layers,
+            ),
+            field(
+                prefix,
+                "text_encoder_target_modules",
+                &old.text_encoder_target_modules,
+                &self.text_encoder_target_modules,
+                layers,
+            ),
+        ]
+        .into_iter()
+        .flatten()
+        .collect()
+    }
+}
+
 impl LoraConfig {
     pub fn problems(&self) -> Vec<String> {
         let mut p = Vec::new();

@@ -41,6 +41,14 @@ impl Default for EmaConfig {
     }
 }
 
+impl crate::resume::ResumeRules for EmaConfig {
+    /// EMA settings may change on resume (turning EMA on starts its shadow from the resumed
+    /// weights, with a warning).
+    fn breaks_resume(&self, _old: &Self, _prefix: &str) -> Vec<crate::resume::Change> {
+        Vec::new()
+    }
+}
+
 impl EmaConfig {
     pub fn problems(&self) -> Vec<String> {
         let mut p = Vec::new();
