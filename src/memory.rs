@@ -21,6 +21,17 @@
 //! sampling). A full cache drops its oldest blocks for a newer one.
 //! Everything smaller goes straight to the system allocator. The binaries opt in with
 //! `#[global_allocator]`; the library does not impose it on programs that embed it.
+//!
+//! **The lock invariant.** The cache is one `Mutex`, and the allocator runs inside every
+//! allocation of the process, including the cache's own. So, while the lock is held:
+//! - only the cache's bookkeeping allocates (its map nodes and queues), and those requests are
+//!   smaller than [`LARGE`], which go straight to the system allocator without touching the
+//!   lock (a request of [`LARGE`] or more there would deadlock);
+//! - no block is returned to the system: evicted blocks are collected and freed by
+//!   `free_all` after the guard is dropped, so a slow `munmap` never blocks other threads'
+//!   allocations;
+//! - nothing panics that a user can cause; a poisoned lock is treated as an empty cache (the
+//!   block goes to the system allocator), never unwrapped.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -344,21 +355,40 @@ pub fn check_fits(need: u64, what: &str) -> Result<(), String> {
 }
 
 /// The cache budget for this machine: a quarter of physical memory, at most 8 GiB
-/// (`DIFFTRAIN_ALLOC_CACHE_MB` overrides; 0 turns caching off).
+/// (`DIFFTRAIN_ALLOC_CACHE_MB` overrides, clamped to physical memory; 0 turns caching off).
 pub fn default_cap() -> usize {
-    if let Some(mb) = std::env::var("DIFFTRAIN_ALLOC_CACHE_MB")
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok())
-    {
-        return mb << 20;
+    cap_for(
+        std::env::var("DIFFTRAIN_ALLOC_CACHE_MB").ok().as_deref(),
+        total_memory().unwrap_or(8 << 30),
+    )
+}
+
+/// [`default_cap`] for the variable's value `mb` on a machine of `total` bytes. A value that
+/// does not parse is ignored; a larger one than the machine has is clamped to it (and cannot
+/// overflow the shift).
+fn cap_for(mb: Option<&str>, total: u64) -> usize {
+    let total = usize::try_from(total).unwrap_or(usize::MAX);
+    match mb.and_then(|v| v.trim().parse::<u64>().ok()) {
+        Some(mb) => usize::try_from(mb).unwrap_or(usize::MAX).min(total >> 20) << 20,
+        None => (total / 4).min(8 << 30),
     }
-    let total = total_memory().unwrap_or(8 << 30) as usize;
-    (total / 4).min(8 << 30)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_budget_variable_is_clamped_to_the_machine() {
+        let gib = 1u64 << 30;
+        assert_eq!(cap_for(None, 16 * gib), 4 << 30);
+        assert_eq!(cap_for(None, 64 * gib), 8 << 30);
+        assert_eq!(cap_for(Some("0"), 16 * gib), 0);
+        assert_eq!(cap_for(Some("512"), 16 * gib), 512 << 20);
+        // Larger than the machine (or than a shift by 20 can hold): the machine's memory.
+        assert_eq!(cap_for(Some("99999999999999999"), 16 * gib), 16 << 30);
+        assert_eq!(cap_for(Some("lots"), 16 * gib), 4 << 30);
+    }
 
     #[test]
     fn large_blocks_are_reused_and_zeroed_on_request() {

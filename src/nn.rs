@@ -15,7 +15,7 @@ use burn::prelude::*;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::optim::precision::as_dtype;
+use crate::dtype::as_dtype;
 
 thread_local! {
     static INIT_RNG: RefCell<ChaCha8Rng> = RefCell::new(ChaCha8Rng::seed_from_u64(0));
@@ -593,7 +593,7 @@ mod tests {
         let run = |dtype: DType| {
             let y = lin.forward(norm.forward(conv.forward(x.clone().cast(dtype))));
             assert_eq!(y.dtype(), dtype);
-            let loss = crate::optim::precision::to_f32(y).sin().sum();
+            let loss = crate::dtype::to_f32(y).sin().sum();
             let grads = loss.backward();
             let (gc, gl) = (
                 conv.weight.grad(&grads).unwrap(),

@@ -171,7 +171,8 @@ fn run(args: Args) -> anyhow::Result<()> {
         } => {
             use burn::optim::GradientsParams;
             use difftrain::models::lora::{LoraConfig, attach};
-            use difftrain::optim::precision::{MixedPrecision, compute_dtype, hold_frozen, to_f32};
+            use difftrain::dtype::to_f32;
+            use difftrain::optim::precision::{MixedPrecision, compute_dtype, hold_frozen};
             let mixed: MixedPrecision = serde_json::from_value(serde_json::json!(precision))
                 .context("--precision: no, bf16 or fp16")?;
             let dtype = compute_dtype(mixed);
@@ -376,5 +377,5 @@ difftrain::global_allocator!();
 fn main() -> std::process::ExitCode {
     tune_allocator();
     let args = Args::parse();
-    difftrain::exit_code(difftrain::on_pool(|| run(args)))
+    difftrain::exit_code(difftrain::threads::on_pool(|| run(args)))
 }

@@ -66,5 +66,5 @@ difftrain::global_allocator!();
 fn main() -> std::process::ExitCode {
     tune_allocator();
     let args = Args::parse();
-    difftrain::exit_code(difftrain::on_pool(|| run(args)))
+    difftrain::exit_code(difftrain::threads::on_pool(|| run(args)))
 }

@@ -162,5 +162,5 @@ difftrain::global_allocator!();
 fn main() -> std::process::ExitCode {
     tune_allocator();
     let args = Args::parse();
-    difftrain::exit_code(difftrain::run_guarded(|| difftrain::on_pool(|| run(args))))
+    difftrain::exit_code(difftrain::run_guarded(|| difftrain::threads::on_pool(|| run(args))))
 }

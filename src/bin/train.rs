@@ -122,5 +122,5 @@ fn main() -> std::process::ExitCode {
     tune_allocator();
     difftrain::signals::install();
     let args = Args::parse();
-    difftrain::exit_code(difftrain::run_guarded(|| difftrain::on_pool(|| run(args))))
+    difftrain::exit_code(difftrain::run_guarded(|| difftrain::threads::on_pool(|| run(args))))
 }

@@ -16,7 +16,7 @@ use rand_distr::StandardNormal;
 
 use super::DiffusionConfig;
 use super::schedule::NoiseSchedule;
-use crate::optim::precision::to_f32;
+use crate::dtype::to_f32;
 
 /// Host-side randomness and coefficients for one micro-batch of the diffusion loss.
 pub struct NoiseDraw {

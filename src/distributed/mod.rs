@@ -442,7 +442,7 @@ pub fn run_ranks<I: Send, T: Send, E: Send + std::fmt::Display>(
                     .expect("cannot spawn a rank thread")
             })
             .collect();
-        crate::help_pool_until(|| handles.iter().all(|h| h.is_finished()));
+        crate::threads::help_pool_until(|| handles.iter().all(|h| h.is_finished()));
         handles
             .into_iter()
             .map(|h| h.join().expect("rank threads catch their panics"))

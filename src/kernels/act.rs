@@ -1,5 +1,6 @@
 //! SiLU (`x·σ(x)`, PyTorch's `torch.nn.functional.silu`) and GELU (`x·Φ(x)`, its exact `gelu`)
-//! forward and backward on `f32` slices in one pass each, and the softmax rows of attention.
+//! forward and backward on `f32` slices in one pass each, GEGLU, and softmax over rows (the
+//! attention kernel's own softmax rows are in `attention`).
 //!
 //! burn's `silu` is `x * sigmoid(x)`: a sigmoid (scalar libm `expf` behind a branch, one thread)
 //! then a multiply, and its backward runs four more element-wise ops. Here the exponential is the
@@ -17,7 +18,7 @@ const BLOCK: usize = 1 << 14;
 /// `e^x` for `x` in `[-87.3, 88.7]`; below that range (including `-inf`) 0, above it (including
 /// `+inf`) `e^88.7`; NaN stays NaN.
 #[inline(always)]
-fn exp(x: f32) -> f32 {
+pub(super) fn exp(x: f32) -> f32 {
     let (underflow, nan) = (x < -87.3, x.is_nan());
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     // ln 2 split in two so that `n·C1` is exact (Cody-Waite reduction).
@@ -92,7 +93,7 @@ fn silu_grad_dispatch(x: &[f32], g: &[f32], out: &mut [MaybeUninit<f32>]) {
 /// zip the two).
 fn elementwise(x: &[f32], block: fn(&[f32], &mut [MaybeUninit<f32>])) -> Vec<f32> {
     // SAFETY: `block` writes every element of its output chunk (the contract above).
-    unsafe { super::par_new_uninit(x.len(), BLOCK, |i, y| block(&x[i * BLOCK..][..y.len()], y)) }.0
+    unsafe { super::parallel::par_new_uninit(x.len(), BLOCK, |i, y| block(&x[i * BLOCK..][..y.len()], y)) }.0
 }
 
 /// [`elementwise`] for an input gradient from `x` and the output gradient `grad`.
@@ -104,7 +105,7 @@ fn elementwise_grad(
     assert_eq!(x.len(), grad.len(), "x and grad differ in length");
     // SAFETY: as in `elementwise`.
     unsafe {
-        super::par_new_uninit(x.len(), BLOCK, |i, o| {
+        super::parallel::par_new_uninit(x.len(), BLOCK, |i, o| {
             let at = i * BLOCK..i * BLOCK + o.len();
             block(&x[at.clone()], &grad[at], o)
         })
@@ -237,7 +238,7 @@ pub fn geglu(h: &[f32], inner: usize) -> Vec<f32> {
     let rows = rows_per_task(inner);
     // SAFETY: `geglu_block` writes every element of its output chunk (whole rows).
     unsafe {
-        super::par_new_uninit(h.len() / 2, rows * inner, |i, y| {
+        super::parallel::par_new_uninit(h.len() / 2, rows * inner, |i, y| {
             let start = i * rows * 2 * inner;
             geglu_dispatch(&h[start..start + 2 * y.len()], y, inner)
         })
@@ -255,7 +256,7 @@ pub fn geglu_grad(h: &[f32], grad: &[f32], inner: usize) -> Vec<f32> {
     let rows = rows_per_task(2 * inner);
     // SAFETY: `geglu_grad_block` writes every element of its output chunk (whole rows).
     unsafe {
-        super::par_new_uninit(h.len(), rows * 2 * inner, |i, o| {
+        super::parallel::par_new_uninit(h.len(), rows * 2 * inner, |i, o| {
             let start = i * rows * 2 * inner;
             let g = &grad[start / 2..start / 2 + o.len() / 2];
             geglu_grad_dispatch(&h[start..start + o.len()], g, o, inner)
@@ -271,7 +272,7 @@ fn rows_per_task(len: usize) -> usize {
 
 /// `Σ v` in 16 interleaved lanes (a fixed order the compiler can vectorise).
 #[inline(always)]
-fn lane_sum(v: &[f32]) -> f32 {
+pub(super) fn lane_sum(v: &[f32]) -> f32 {
     let mut acc = [0.0f32; 16];
     let chunks = v.chunks_exact(16);
     let tail: f32 = chunks.remainder().iter().sum();
@@ -324,7 +325,7 @@ fn softmax_grad_dispatch(y: &[f32], g: &[f32], out: &mut [f32], len: usize) {
 /// passes on one thread with libm `expf`).
 pub fn softmax(x: &[f32], len: usize) -> Vec<f32> {
     let rows = rows_per_task(len);
-    super::par_new(x.len(), rows * len.max(1), |i, y| {
+    super::parallel::par_new(x.len(), rows * len.max(1), |i, y| {
         softmax_dispatch(&x[i * rows * len..][..y.len()], y, len.max(1))
     })
     .0
@@ -338,7 +339,7 @@ pub fn softmax_grad(y: &[f32], grad: &[f32], len: usize) -> Vec<f32> {
         "softmax_grad: y and grad differ in length"
     );
     let rows = rows_per_task(len);
-    super::par_new(y.len(), rows * len.max(1), |i, o| {
+    super::parallel::par_new(y.len(), rows * len.max(1), |i, o| {
         let at = i * rows * len..i * rows * len + o.len();
         softmax_grad_dispatch(&y[at.clone()], &grad[at], o, len.max(1))
     })
@@ -520,80 +521,4 @@ mod tests {
         let generic: Vec<f32> = generic.iter().map(|v| unsafe { v.assume_init() }).collect();
         assert_eq!(gelu(&x), generic);
     }
-}
-
-#[inline(always)]
-fn softmax_rows_scaled_block(s: &mut [f32], len: usize, scale: f32, lse: &mut [f32]) {
-    for (row, l) in s.chunks_mut(len).zip(lse.iter_mut()) {
-        let max = row.iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v)) * scale;
-        for v in row.iter_mut() {
-            *v = exp(*v * scale - max);
-        }
-        let sum = lane_sum(row);
-        let inv = 1.0 / sum;
-        for v in row.iter_mut() {
-            *v *= inv;
-        }
-        *l = max + sum.ln();
-    }
-}
-
-/// Rows of `len` raw scores become `softmax(scale · s)` in place; `lse` receives each row's
-/// `log Σ exp(scale · s)` (the attention kernel's state for its backward). `scale > 0`.
-pub(crate) fn softmax_rows_scaled(s: &mut [f32], len: usize, scale: f32, lse: &mut [f32]) {
-    multiversion!((s: &mut [f32], len: usize, scale: f32, lse: &mut [f32])
-        => softmax_rows_scaled_block(s, len, scale, lse))
-}
-
-#[inline(always)]
-fn probabilities_block(s: &mut [f32], len: usize, scale: f32, lse: &[f32]) {
-    for (row, l) in s.chunks_mut(len).zip(lse) {
-        for v in row.iter_mut() {
-            *v = exp(*v * scale - *l);
-        }
-    }
-}
-
-/// Rows of raw scores become the probabilities `exp(scale · s - lse)` the forward computed.
-pub(crate) fn probabilities_from_lse(s: &mut [f32], len: usize, scale: f32, lse: &[f32]) {
-    multiversion!((s: &mut [f32], len: usize, scale: f32, lse: &[f32])
-        => probabilities_block(s, len, scale, lse))
-}
-
-#[inline(always)]
-fn softmax_backward_block(
-    p: &[f32],
-    dp: &mut [f32],
-    grad: &[f32],
-    out: &[f32],
-    len: usize,
-    width: usize,
-    scale: f32,
-) {
-    let rows = dp.chunks_mut(len).zip(p.chunks(len));
-    for ((dpr, pr), (gr, or)) in rows.zip(grad.chunks(width).zip(out.chunks(width))) {
-        let mut dot = [0.0f32; 1];
-        for (g, o) in gr.iter().zip(or) {
-            dot[0] += g * o;
-        }
-        let d = dot[0];
-        for (x, p) in dpr.iter_mut().zip(pr) {
-            *x = p * (*x - d) * scale;
-        }
-    }
-}
-
-/// The scores' gradient of softmax attention, in place of `dp` (rows of `len`):
-/// `scale · P ∘ (dP - rowsum(dO ∘ O))`, with `dO` and `O` rows of `width`.
-pub(crate) fn softmax_backward_rows(
-    p: &[f32],
-    dp: &mut [f32],
-    grad: &[f32],
-    out: &[f32],
-    len: usize,
-    width: usize,
-    scale: f32,
-) {
-    multiversion!((p: &[f32], dp: &mut [f32], grad: &[f32], out: &[f32], len: usize,
-        width: usize, scale: f32) => softmax_backward_block(p, dp, grad, out, len, width, scale))
 }

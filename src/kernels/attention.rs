@@ -14,10 +14,10 @@
 
 use rayon::prelude::*;
 
-use super::Product;
+use super::gemm::Product;
 use super::act;
 use super::bf16_gemm::{self, PackedRhs};
-use super::matmul as gemm;
+use super::gemm::matmul as gemm;
 
 /// Query rows per block.
 const BLOCK: usize = 64;
@@ -95,7 +95,7 @@ pub fn forward(g: &AttnGeom, q: &[f32], k: &[f32], v: &[f32], scale: f32) -> (Ve
                 let s = &mut s[..rows * g.m];
                 // S = Q Kᵀ, softmax, O = P V.
                 times(s, (rows, g.m, g.d), &qh[r0 * g.d..][..rows * g.d], &kt);
-                act::softmax_rows_scaled(s, g.m, scale, &mut lh[r0..r0 + rows]);
+                softmax_rows_scaled(s, g.m, scale, &mut lh[r0..r0 + rows]);
                 let ob = &mut oh[r0 * g.d..][..rows * g.d];
                 times(ob, (rows, g.d, g.m), s, &vs);
             }
@@ -165,13 +165,13 @@ pub fn backward(
                     &gh[r0 * g.d..][..rows * g.d],
                 );
                 times(p, (rows, g.m, g.d), qb, &kt);
-                act::probabilities_from_lse(p, g.m, scale, &lh[r0..r0 + rows]);
+                probabilities_from_lse(p, g.m, scale, &lh[r0..r0 + rows]);
                 // dV += Pᵀ dO
                 gradient(dv_sum, (p, gb), rows);
                 // dP = dO Vᵀ
                 times(dp, (rows, g.m, g.d), gb, &vt);
                 // dS = P ∘ (dP - rowsum(dO ∘ O)), times the scale.
-                act::softmax_backward_rows(p, dp, gb, ob, g.m, g.d, scale);
+                softmax_backward_rows(p, dp, gb, ob, g.m, g.d, scale);
                 // dQ = dS K
                 times(
                     &mut dqh[r0 * g.d..][..rows * g.d],
@@ -193,6 +193,84 @@ pub fn backward(
             }
         });
     (dq, dk, dv)
+}
+
+// ------------------------------------------------------------------------- softmax rows
+
+#[inline(always)]
+fn softmax_rows_scaled_block(s: &mut [f32], len: usize, scale: f32, lse: &mut [f32]) {
+    for (row, l) in s.chunks_mut(len).zip(lse.iter_mut()) {
+        let max = row.iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v)) * scale;
+        for v in row.iter_mut() {
+            *v = act::exp(*v * scale - max);
+        }
+        let sum = act::lane_sum(row);
+        let inv = 1.0 / sum;
+        for v in row.iter_mut() {
+            *v *= inv;
+        }
+        *l = max + sum.ln();
+    }
+}
+
+/// Rows of `len` raw scores become `softmax(scale · s)` in place; `lse` receives each row's
+/// `log Σ exp(scale · s)` (the attention kernel's state for its backward). `scale > 0`.
+fn softmax_rows_scaled(s: &mut [f32], len: usize, scale: f32, lse: &mut [f32]) {
+    multiversion!((s: &mut [f32], len: usize, scale: f32, lse: &mut [f32])
+        => softmax_rows_scaled_block(s, len, scale, lse))
+}
+
+#[inline(always)]
+fn probabilities_block(s: &mut [f32], len: usize, scale: f32, lse: &[f32]) {
+    for (row, l) in s.chunks_mut(len).zip(lse) {
+        for v in row.iter_mut() {
+            *v = act::exp(*v * scale - *l);
+        }
+    }
+}
+
+/// Rows of raw scores become the probabilities `exp(scale · s - lse)` the forward computed.
+fn probabilities_from_lse(s: &mut [f32], len: usize, scale: f32, lse: &[f32]) {
+    multiversion!((s: &mut [f32], len: usize, scale: f32, lse: &[f32])
+        => probabilities_block(s, len, scale, lse))
+}
+
+#[inline(always)]
+fn softmax_backward_block(
+    p: &[f32],
+    dp: &mut [f32],
+    grad: &[f32],
+    out: &[f32],
+    len: usize,
+    width: usize,
+    scale: f32,
+) {
+    let rows = dp.chunks_mut(len).zip(p.chunks(len));
+    for ((dpr, pr), (gr, or)) in rows.zip(grad.chunks(width).zip(out.chunks(width))) {
+        let mut dot = [0.0f32; 1];
+        for (g, o) in gr.iter().zip(or) {
+            dot[0] += g * o;
+        }
+        let d = dot[0];
+        for (x, p) in dpr.iter_mut().zip(pr) {
+            *x = p * (*x - d) * scale;
+        }
+    }
+}
+
+/// The scores' gradient of softmax attention, in place of `dp` (rows of `len`):
+/// `scale · P ∘ (dP - rowsum(dO ∘ O))`, with `dO` and `O` rows of `width`.
+fn softmax_backward_rows(
+    p: &[f32],
+    dp: &mut [f32],
+    grad: &[f32],
+    out: &[f32],
+    len: usize,
+    width: usize,
+    scale: f32,
+) {
+    multiversion!((p: &[f32], dp: &mut [f32], grad: &[f32], out: &[f32], len: usize,
+        width: usize, scale: f32) => softmax_backward_block(p, dp, grad, out, len, width, scale))
 }
 
 #[cfg(test)]

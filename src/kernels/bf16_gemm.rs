@@ -123,7 +123,7 @@ impl Out {
     }
 }
 
-/// `dst (+)= lhs · rhs` as [`super::matmul`] (same operand convention: `(slice, row stride,
+/// `dst (+)= lhs · rhs` as [`super::gemm::matmul`] (same operand convention: `(slice, row stride,
 /// column stride)`, `dst` row-major `[m, n]`), with both operands rounded to bf16. `parallel`
 /// spreads the work over the thread pool. Callers check [`available`] and the slice extents.
 #[allow(clippy::too_many_arguments)]
@@ -1117,13 +1117,13 @@ mod tests {
                     _ => (2 * n, 2),
                 };
                 let mut want = start.clone();
-                super::super::matmul(
+                super::super::gemm::matmul(
                     &mut want,
                     (m, n, k),
                     accumulate,
                     (&lhs, lhs_s.0, lhs_s.1),
                     (&rhs, rhs_s.0, rhs_s.1),
-                    super::super::Product::SERIAL,
+                    super::super::gemm::Product::SERIAL,
                 );
                 let mut got = start.clone();
                 matmul(

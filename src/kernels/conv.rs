@@ -21,7 +21,7 @@
 
 use rayon::prelude::*;
 
-use super::{Product, matmul};
+use super::gemm::{Product, matmul};
 use burn::tensor::bf16;
 
 /// A convolution's weight `[cout, cin, k, k]` as the kernels get it: f32, or bf16 as stored.
@@ -40,7 +40,7 @@ impl<'a> Weights<'a> {
     fn to_f32(self) -> std::borrow::Cow<'a, [f32]> {
         match self {
             Weights::F32(w) => std::borrow::Cow::Borrowed(w),
-            Weights::Bf16(w) => std::borrow::Cow::Owned(super::convert_par(w, super::widen_bf16)),
+            Weights::Bf16(w) => std::borrow::Cow::Owned(super::convert::convert_par(w, super::convert::widen_bf16)),
         }
     }
 }
@@ -639,7 +639,7 @@ pub fn forward_with(g: &Conv2dGeom, x: &[f32], weights: Weights, bias: Option<&[
     } else {
         Vec::new()
     };
-    let (y, _) = super::par_new(g.output_len(), g.image_out(), |b, yb| {
+    let (y, _) = super::parallel::par_new(g.output_len(), g.image_out(), |b, yb| {
         let xb = &x[b * g.image_in()..][..g.image_in()];
         with_scratch(g, Purpose::Forward, |col, padded, grid| {
             if g.plan() != Plan::PaddedRows || g.compact() {
@@ -742,7 +742,7 @@ pub fn input_grad_with(g: &Conv2dGeom, weights: Weights, grad: &[f32]) -> Vec<f3
         };
     }
     let (kk, l, n) = (g.rows(), g.cols(), g.gemm_cols());
-    let (dx, _) = super::par_new(g.input_len(), g.image_in(), |b, dxb| {
+    let (dx, _) = super::parallel::par_new(g.input_len(), g.image_in(), |b, dxb| {
         let gb = &grad[b * g.image_out()..][..g.image_out()];
         with_scratch(g, Purpose::Gradient, |col, padded, grid| {
             // Wᵀ is `[kk, cout]`: element (r, o) sits at weight[o·kk + r].
@@ -913,7 +913,7 @@ pub fn weight_grad(
             (dw, db)
         })
         .collect();
-    super::sum_in_order(partials, (g.weight_len(), bias_len))
+    super::parallel::sum_in_order(partials, (g.weight_len(), bias_len))
 }
 
 #[cfg(test)]
@@ -954,7 +954,7 @@ mod tests {
     }
 
     fn values(n: usize, seed: u32) -> Vec<f32> {
-        super::super::test_values(n, seed)
+        super::super::tests::test_values(n, seed)
     }
 
     fn close(a: &[f32], b: &[f32], what: &str) {

@@ -125,7 +125,7 @@ pub fn forward(g: &NormGeom, x: &[f32], weight: &[f32], bias: &[f32]) -> Vec<f32
     // SAFETY: `forward_group` writes every element of its group (`spatial`-long channel chunks
     // covering the group, or one per element for LayerNorm).
     unsafe {
-        super::par_new_uninit(g.len(), glen, |row, yg| {
+        super::parallel::par_new_uninit(g.len(), glen, |row, yg| {
             let xg = &x[row * glen..][..yg.len()];
             let c0 = (row % g.groups) * cpg;
             let (w, b) = (&weight[c0..c0 + cpg], &bias[c0..c0 + cpg]);
@@ -218,7 +218,7 @@ pub fn backward(
     let (cpg, glen, sample) = (g.channels / g.groups, g.group_len(), g.sample());
     let chunks = g.batch.clamp(1, AFFINE_GRAD_CHUNKS);
     let per_chunk = g.batch.div_ceil(chunks).max(1);
-    let (dx, partials) = super::par_new(g.len(), per_chunk * sample, |chunk, dx_chunk| {
+    let (dx, partials) = super::parallel::par_new(g.len(), per_chunk * sample, |chunk, dx_chunk| {
         let mut dw = vec![0.0f32; g.channels];
         let mut db = vec![0.0f32; g.channels];
         let first = chunk * per_chunk * sample;
@@ -239,7 +239,7 @@ pub fn backward(
         }
         (dw, db)
     });
-    let (dw, db) = super::sum_in_order(partials, (g.channels, g.channels));
+    let (dw, db) = super::parallel::sum_in_order(partials, (g.channels, g.channels));
     (dx, dw, db)
 }
 
@@ -249,7 +249,7 @@ mod tests {
 
     /// Values in `[-1.5, 2.5]`.
     fn values(n: usize, seed: u32) -> Vec<f32> {
-        super::super::test_values(n, seed)
+        super::super::tests::test_values(n, seed)
             .iter()
             .map(|v| 2.0 * v + 0.5)
             .collect()

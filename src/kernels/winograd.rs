@@ -23,7 +23,8 @@ use std::cell::RefCell;
 use rayon::prelude::*;
 
 use super::conv::Conv2dGeom;
-use super::{Product, bf16_gemm, matmul};
+use super::bf16_gemm;
+use super::gemm::{Product, matmul};
 
 /// Transformed-tile positions: 4x4.
 const TILE: usize = 16;
@@ -536,7 +537,7 @@ pub(super) fn forward(g: &Conv2dGeom, x: &[f32], weight: &[f32], bias: Option<&[
         return forward_by_bands(g, x, &u, bias, band, lens);
     }
     let par = gemm_par(g, g.batch.div_ceil(group));
-    let (y, _) = super::par_new(g.output_len(), group * cout * plane, |chunk, ys| {
+    let (y, _) = super::parallel::par_new(g.output_len(), group * cout * plane, |chunk, ys| {
         let images = ys.len() / (cout * plane);
         with_scratch(lens, |v, m, rows| {
             for ty0 in (0..th).step_by(band) {
@@ -734,7 +735,7 @@ pub(super) fn weight_grad(
             (untransform_weight_grad(g, &du), db)
         })
         .collect();
-    super::sum_in_order(partials, (cout * cin * 9, bias_len))
+    super::parallel::sum_in_order(partials, (cout * cin * 9, bias_len))
 }
 
 #[cfg(test)]
@@ -848,7 +849,7 @@ pub(super) mod tests {
         // 21 kernels: a whole vector of them and a partial one; into rows of 21 (dense) and of
         // 23 (the rest untouched).
         let n = LANES + 5;
-        let w = super::super::test_values(n * 9, 7);
+        let w = super::super::tests::test_values(n * 9, 7);
         for ld in [n, n + 2] {
             let mut u = vec![-1.0f32; TILE * ld];
             transform_kernels(&w, &mut u, ld);
@@ -878,7 +879,7 @@ pub(super) mod tests {
             }
         }
         // <U(w), dU> = <w, Uᵀ(dU)> for the pairs from the third on.
-        let du = super::super::test_values(TILE * n, 8);
+        let du = super::super::tests::test_values(TILE * n, 8);
         let mut u = vec![0.0f32; TILE * n];
         transform_kernels(&w, &mut u, n);
         let mut dw = vec![0.0f32; (n - 2) * 9];
@@ -917,9 +918,9 @@ pub(super) mod tests {
         assert!(gs.iter().any(|g| g.batch % weight_blocking(g).group != 0));
         for g in gs {
             assert!(applies(&g), "{g:?}");
-            let x = super::super::test_values(g.input_len(), 1);
-            let w = super::super::test_values(g.weight_len(), 2);
-            let b = super::super::test_values(g.cout, 3);
+            let x = super::super::tests::test_values(g.input_len(), 1);
+            let w = super::super::tests::test_values(g.weight_len(), 2);
+            let b = super::super::tests::test_values(g.cout, 3);
             let err = relative_error(&forward(&g, &x, &w, Some(&b)), &direct(&g, &x, &w, &b));
             assert!(err < 1e-6, "{g:?}: relative error {err}");
             let zero = vec![0.0; g.cout];
@@ -931,8 +932,8 @@ pub(super) mod tests {
     #[test]
     fn weight_grad_matches_the_direct_sum() {
         for g in geometries() {
-            let x = super::super::test_values(g.input_len(), 4);
-            let gr = super::super::test_values(g.output_len(), 5);
+            let x = super::super::tests::test_values(g.input_len(), 4);
+            let gr = super::super::tests::test_values(g.output_len(), 5);
             let (dw, db) = weight_grad(&g, &x, &gr, true, 16);
             let err = relative_error(&dw, &direct_weight_grad(&g, &x, &gr));
             assert!(err < 1e-6, "{g:?}: relative error {err}");
@@ -956,9 +957,9 @@ pub(super) mod tests {
     fn results_do_not_depend_on_the_thread_count() {
         let gs = geometries();
         for g in [gs[1], gs[gs.len() - 1]] {
-            let x = super::super::test_values(g.input_len(), 6);
-            let w = super::super::test_values(g.weight_len(), 7);
-            let gr = super::super::test_values(g.output_len(), 8);
+            let x = super::super::tests::test_values(g.input_len(), 6);
+            let w = super::super::tests::test_values(g.weight_len(), 7);
+            let gr = super::super::tests::test_values(g.output_len(), 8);
             let run = |threads| {
                 rayon::ThreadPoolBuilder::new()
                     .num_threads(threads)

@@ -284,7 +284,7 @@ impl CLIPTextModel {
         let positions = Tensor::<1, Int>::arange(0..n as i64, &device);
         let pos = t.embeddings.position_embedding.forward(positions);
         let h = tokens.reshape([b, n, d]) + pos.unsqueeze::<3>();
-        let mut h = crate::optim::precision::as_dtype(h, dtype);
+        let mut h = crate::dtype::as_dtype(h, dtype);
         let layers = t.encoder.layers.len();
         let run = layers - (clip_skip.max(1) - 1).min(layers - 1);
         for layer in &t.encoder.layers[..run] {

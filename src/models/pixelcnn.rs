@@ -20,7 +20,7 @@ use burn::tensor::activation::{relu, sigmoid};
 use serde::{Deserialize, Serialize};
 
 use crate::nn::{Conv2d, Embedding};
-use crate::optim::precision::{as_dtype, to_f32};
+use crate::dtype::{as_dtype, to_f32};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]

@@ -19,7 +19,7 @@ use super::unet_2d_blocks::{
 use crate::io::config_json::ConfigJson;
 use crate::kernels::silu;
 use crate::nn::{Conv2d, Embedding, GroupNorm};
-use crate::optim::precision::as_dtype;
+use crate::dtype::as_dtype;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum CondDownBlockType {

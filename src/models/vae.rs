@@ -167,7 +167,7 @@ impl DiagonalGaussian {
     /// Splits `[b, 2c, h, w]` moments into mean and log-variance, in f32 whatever the encoder
     /// computed in (mixed precision).
     pub fn new(moments: Tensor<4>) -> Self {
-        let moments = crate::optim::precision::to_f32(moments);
+        let moments = crate::dtype::to_f32(moments);
         let c = moments.dims()[1] / 2;
         let mean = moments.clone().narrow(1, 0, c);
         let logvar = moments.narrow(1, c, c).clamp(-30.0, 20.0);

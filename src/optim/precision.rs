@@ -18,6 +18,8 @@ use burn::prelude::*;
 use burn::tensor::{DType, FloatDType};
 use serde::{Deserialize, Serialize};
 
+use crate::dtype::as_dtype;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum MixedPrecision {
@@ -33,16 +35,6 @@ pub fn compute_dtype(precision: MixedPrecision) -> FloatDType {
         MixedPrecision::Fp16 => FloatDType::F16,
         MixedPrecision::Bf16 => FloatDType::BF16,
     }
-}
-
-/// `t` in f32 (a no-op when it already is).
-pub fn to_f32<const D: usize>(t: Tensor<D>) -> Tensor<D> {
-    as_dtype(t, DType::F32)
-}
-
-/// `t` in `dtype` (a no-op, with no graph node, when it already is).
-pub fn as_dtype<const D: usize>(t: Tensor<D>, dtype: DType) -> Tensor<D> {
-    if t.dtype() == dtype { t } else { t.cast(dtype) }
 }
 
 /// Casts every float parameter of `module`, a network that does not train (a frozen first

@@ -141,7 +141,7 @@ where
         }
     };
     // Part 0 on this thread, which is one of the thread pool's in the binaries
-    // ([`crate::on_pool`]): waiting in a join instead, it would leave the other parts' parallel
+    // ([`crate::threads::on_pool`]): waiting in a join instead, it would leave the other parts' parallel
     // kernels one thread fewer.
     let results: Vec<(GradientsParams, f64, ChaCha8Rng)> = std::thread::scope(|s| {
         let handles: Vec<_> = (1..parts).map(|k| s.spawn(part(k))).collect();

@@ -15,7 +15,8 @@ use rand_distr::StandardNormal;
 use crate::data::Batch;
 use crate::models::autoencoder_kl::AutoencoderKL;
 use crate::models::latent_diffusion::{AutoencoderTrainConfig, ReconLoss};
-use crate::optim::precision::{MixedPrecision, as_dtype, compute_dtype, to_f32};
+use crate::dtype::{as_dtype, to_f32};
+use crate::optim::precision::{MixedPrecision, compute_dtype};
 use crate::train::TrainError;
 use crate::train::objective::Objective;
 

@@ -10,7 +10,8 @@ use rand_chacha::ChaCha8Rng;
 use crate::data::Batch;
 use crate::models::pixelcnn::{GatedPixelCNN, GatedPixelCNNConfig};
 use crate::models::vqvae::{VQVAE, VQVAEConfig};
-use crate::optim::precision::{MixedPrecision, as_dtype, compute_dtype, hold_frozen, to_f32};
+use crate::dtype::{as_dtype, to_f32};
+use crate::optim::precision::{MixedPrecision, compute_dtype, hold_frozen};
 use crate::train::TrainError;
 use crate::train::objective::Objective;
 
