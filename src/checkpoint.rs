@@ -241,12 +241,7 @@ pub fn write(
     }
     std::fs::rename(&tmp, &dest).map_err(write_err(&dest))?;
     sync_dir(out_dir);
-    crate::io::write_atomic(&out_dir.join(LATEST), format!("{name}\n").as_bytes()).map_err(
-        |e| CheckpointError::Write {
-            path: out_dir.join(LATEST),
-            source: std::io::Error::other(e.to_string()),
-        },
-    )?;
+    crate::io::write_atomic(&out_dir.join(LATEST), format!("{name}\n").as_bytes())?;
     if replaced {
         let _ = std::fs::remove_dir_all(&old);
     }
@@ -402,7 +397,7 @@ pub fn resolve(out_dir: &Path, resume: &Resume) -> Result<Start, CheckpointError
                         });
                     }
                     Err(e) => {
-                        failures.push(e.to_string());
+                        failures.push(crate::error::chain(&e));
                         *step
                     }
                 },
@@ -435,7 +430,7 @@ pub fn resolve(out_dir: &Path, resume: &Resume) -> Result<Start, CheckpointError
                             notes,
                         });
                     }
-                    Err(e) => failures.push(e.to_string()),
+                    Err(e) => failures.push(crate::error::chain(&e)),
                 }
             }
             if failures.is_empty() {

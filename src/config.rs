@@ -35,6 +35,12 @@ pub enum ConfigError {
     },
     #[error("{path}: {message}")]
     Parse { path: PathBuf, message: String },
+    #[error("{path}")]
+    Spelling {
+        path: PathBuf,
+        #[source]
+        source: crate::models::latent_diffusion::BothSpellings,
+    },
     #[error("--set {assignment}: {message}")]
     Override { assignment: String, message: String },
     #[error("{path}: invalid configuration:\n  - {}", problems.join("\n  - "))]
@@ -58,7 +64,7 @@ pub struct Config {
     pub checkpoint: CheckpointConfig,
     pub ema: EmaConfig,
     /// `architecture = "sd_lora"`: the adapters.
-    pub lora: crate::models::lora::LoraConfig,
+    pub lora: crate::lora::LoraConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -525,7 +531,10 @@ impl Config {
             path: path.to_path_buf(),
             source,
         })?;
-        let mut config = Self::parse(path, &text, overrides)?;
+        let (mut config, read_notes) = Self::parse_with_notes(path, &text, overrides)?;
+        for note in read_notes {
+            eprintln!("note: {}: {note}", path.display());
+        }
         for note in config.adjust() {
             eprintln!("note: {note}");
         }
@@ -549,26 +558,51 @@ impl Config {
 
     /// Parses without the cross-field checks (used by `load` and by tests).
     pub fn parse(path: &Path, text: &str, overrides: &[String]) -> Result<Self, ConfigError> {
+        Self::parse_with_notes(path, text, overrides).map(|(c, _)| c)
+    }
+
+    /// [`Config::parse`], with notes on older spellings it read (`[model.ldm.unet]`).
+    fn parse_with_notes(
+        path: &Path,
+        text: &str,
+        overrides: &[String],
+    ) -> Result<(Self, Vec<String>), ConfigError> {
         // First pass on the text itself, so errors carry line and column.
-        let config: Config = toml::from_str(text).map_err(|e| parse_error(path, e))?;
-        if overrides.is_empty() {
-            return Ok(config);
-        }
+        let mut config: Config = toml::from_str(text).map_err(|e| parse_error(path, e))?;
         let mut root: toml::Table = toml::from_str(text).map_err(|e| parse_error(path, e))?;
-        for assignment in overrides {
-            apply_override(&mut root, assignment)?;
-            // Re-validate after each one so the error names the assignment that broke it.
-            Config::deserialize(toml::Value::Table(root.clone())).map_err(|e| {
-                ConfigError::Override {
-                    assignment: assignment.clone(),
-                    message: e.to_string().trim_end().to_string(),
+        if !overrides.is_empty() {
+            for assignment in overrides {
+                apply_override(&mut root, assignment)?;
+                // Re-validate after each one so the error names the assignment that broke it.
+                Config::deserialize(toml::Value::Table(root.clone())).map_err(|e| {
+                    ConfigError::Override {
+                        assignment: assignment.clone(),
+                        message: e.to_string().trim_end().to_string(),
+                    }
+                })?;
+            }
+            config = Config::deserialize(toml::Value::Table(root.clone())).map_err(|e| {
+                ConfigError::Parse {
+                    path: path.to_path_buf(),
+                    message: e.to_string(),
                 }
             })?;
         }
-        Config::deserialize(toml::Value::Table(root)).map_err(|e| ConfigError::Parse {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })
+        let backbone_given = root
+            .get("model")
+            .and_then(|m| m.get("ldm"))
+            .and_then(|l| l.get("backbone"))
+            .is_some();
+        let notes =
+            config
+                .model
+                .ldm
+                .migrate(backbone_given)
+                .map_err(|source| ConfigError::Spelling {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+        Ok((config, notes.into_iter().map(String::from).collect()))
     }
 
     pub fn output_dir(&self) -> PathBuf {
@@ -584,7 +618,7 @@ impl Config {
     }
 
     /// The devices of the run: `run.devices` when set, else `[run.device]`.
-    pub fn device_request(&self) -> Result<DeviceRequest, String> {
+    pub fn device_request(&self) -> Result<DeviceRequest, crate::device::DeviceError> {
         DeviceRequest::parse(&self.run.device, self.run.devices.as_ref())
     }
 
@@ -636,7 +670,7 @@ impl Config {
         }
         match self.device_request() {
             Err(_) if self.run.devices.is_none() => {} // run.device, reported above
-            Err(e) => p.push(e),
+            Err(e) => p.push(e.to_string()),
             Ok(DeviceRequest::List(specs)) if specs.len() > 1 => {
                 let world = specs.len();
                 let b = self.train.batch_size;
@@ -836,7 +870,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.train.max_steps, 7);
-        assert_eq!(DeviceSpec::parse(&c.run.device), Ok(DeviceSpec::Cuda(1)));
+        assert_eq!(
+            DeviceSpec::parse(&c.run.device).ok(),
+            Some(DeviceSpec::Cuda(1))
+        );
         let err = parse("", &["train.max_step=7"]).unwrap_err().to_string();
         assert!(
             err.contains("--set train.max_step=7") && err.contains("max_steps"),
@@ -858,6 +895,35 @@ mod tests {
         assert!(p.iter().any(|m| m.contains("sample_size")), "{p:?}");
         assert!(p.iter().any(|m| m.contains("batch_size")), "{p:?}");
         assert!(p.iter().any(|m| m.contains("run.device")), "{p:?}");
+    }
+
+    #[test]
+    fn the_older_unet_section_reads_as_the_backbone_and_both_are_refused() {
+        let old = "[model]\narchitecture = \"latent_diffusion\"\n[model.ldm.unet]\n\
+                   block_out_channels = [32, 64]\ncross_attention_dim = 48\n";
+        let new = "[model]\narchitecture = \"latent_diffusion\"\n[model.ldm.backbone]\n\
+                   type = \"unet_2d_condition\"\nblock_out_channels = [32, 64]\n\
+                   cross_attention_dim = 48\n";
+        let (a, b) = (parse(old, &[]).unwrap(), parse(new, &[]).unwrap());
+        assert_eq!(a, b);
+        let unet = a.model.ldm.backbone.as_unet().unwrap();
+        assert_eq!(
+            (unet.cross_attention_dim, unet.block_out_channels.len()),
+            (48, 2)
+        );
+        // Written back in the new spelling only.
+        let text = a.to_toml();
+        assert!(text.contains("[model.ldm.backbone]") && !text.contains("[model.ldm.unet]"));
+        // An override in the old spelling on a new file names the new one.
+        let err = crate::error::chain(&parse(new, &["model.ldm.unet.sample_size=16"]).unwrap_err());
+        assert!(
+            err.contains("[model.ldm.backbone]") && err.contains("unet_2d_condition"),
+            "{err}"
+        );
+        let err = parse("[model.ldm.backbone]\ntype = \"dit\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unet_2d_condition"), "{err}");
     }
 
     #[test]

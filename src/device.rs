@@ -12,8 +12,23 @@ use serde::{Deserialize, Serialize};
 pub enum DeviceError {
     #[error("device {0:?} needs the `cuda` cargo feature: rebuild with `--features cuda`")]
     NoCuda(String),
+    #[error("{0:?} is not one of \"cpu\", \"cpu:N\", \"cuda\", \"cuda:N\"")]
+    Unknown(String),
+    #[error("run.devices = {0:?}: expected \"all\" or a list such as [\"cuda:0\", \"cuda:1\"]")]
+    BadKeyword(String),
+    #[error("run.devices is empty: list at least one device")]
+    Empty,
+    #[error("run.devices: {0}")]
+    InList(Box<DeviceError>),
+    #[error("run.devices = {0:?} mixes CPU and CUDA devices; use one kind")]
+    Mixed(Vec<String>),
+    #[error("run.devices lists {0:?} twice")]
+    Twice(String),
+    /// What the CUDA driver said about a device.
     #[error("{0}")]
     Invalid(String),
+    #[error(transparent)]
+    Launch(#[from] crate::distributed::launch::LaunchError),
 }
 
 /// Where a run's tensors live.
@@ -26,7 +41,7 @@ pub enum DeviceSpec {
 
 impl DeviceSpec {
     /// `cpu`, `cpu:N`, `cuda` or `cuda:N`.
-    pub fn parse(text: &str) -> Result<Self, String> {
+    pub fn parse(text: &str) -> Result<Self, DeviceError> {
         let index = |prefix: &str| text.strip_prefix(prefix).map(str::parse::<usize>);
         match text {
             "cpu" => Ok(Self::Cpu(0)),
@@ -34,9 +49,7 @@ impl DeviceSpec {
             _ => match (index("cpu:"), index("cuda:")) {
                 (Some(Ok(i)), _) => Ok(Self::Cpu(i)),
                 (_, Some(Ok(i))) => Ok(Self::Cuda(i)),
-                _ => Err(format!(
-                    "{text:?} is not one of \"cpu\", \"cpu:N\", \"cuda\", \"cuda:N\""
-                )),
+                _ => Err(DeviceError::Unknown(text.to_string())),
             },
         }
     }
@@ -54,6 +67,16 @@ pub enum DeviceList {
     List(Vec<String>),
 }
 
+impl std::fmt::Display for DeviceList {
+    /// As the TOML says it: `"all"`, `["cuda:0", "cuda:1"]`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Keyword(k) => write!(f, "{k:?}"),
+            Self::List(l) => write!(f, "{l:?}"),
+        }
+    }
+}
+
 /// What `run.device` / `run.devices` ask for once parsed; `AllCuda` is resolved when the run
 /// starts.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,33 +87,27 @@ pub enum DeviceRequest {
 
 impl DeviceRequest {
     /// The devices of a run: `devices` when set, else `[device]`.
-    pub fn parse(device: &str, devices: Option<&DeviceList>) -> Result<Self, String> {
+    pub fn parse(device: &str, devices: Option<&DeviceList>) -> Result<Self, DeviceError> {
         let list = match devices {
             None => vec![device.to_string()],
             Some(DeviceList::Keyword(k)) if k == "all" => return Ok(Self::AllCuda),
             Some(DeviceList::Keyword(k)) if DeviceSpec::parse(k).is_ok() => vec![k.clone()],
-            Some(DeviceList::Keyword(k)) => {
-                return Err(format!(
-                    "run.devices = {k:?}: expected \"all\" or a list such as [\"cuda:0\", \"cuda:1\"]"
-                ));
-            }
+            Some(DeviceList::Keyword(k)) => return Err(DeviceError::BadKeyword(k.clone())),
             Some(DeviceList::List(l)) => l.clone(),
         };
         if list.is_empty() {
-            return Err("run.devices is empty: list at least one device".into());
+            return Err(DeviceError::Empty);
         }
         let specs = list
             .iter()
-            .map(|d| DeviceSpec::parse(d).map_err(|e| format!("run.devices: {e}")))
+            .map(|d| DeviceSpec::parse(d).map_err(|e| DeviceError::InList(Box::new(e))))
             .collect::<Result<Vec<_>, _>>()?;
         if specs.iter().any(|d| d.is_cuda()) && !specs.iter().all(|d| d.is_cuda()) {
-            return Err(format!(
-                "run.devices = {list:?} mixes CPU and CUDA devices; use one kind"
-            ));
+            return Err(DeviceError::Mixed(list));
         }
         for (i, d) in specs.iter().enumerate() {
             if specs[..i].contains(d) {
-                return Err(format!("run.devices lists {:?} twice", list[i]));
+                return Err(DeviceError::Twice(list[i].clone()));
             }
         }
         Ok(Self::List(specs))

@@ -341,15 +341,28 @@ pub fn total_memory() -> Option<u64> {
     Some(kib << 10)
 }
 
+/// Something that needs more memory than the machine has.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{what} needs at least {:.1} GB of memory; this machine has {:.1} GB",
+    *need as f64 / 1e9,
+    *total as f64 / 1e9
+)]
+pub struct DoesNotFit {
+    pub what: String,
+    pub need: u64,
+    pub total: u64,
+}
+
 /// Refuses `need` bytes for `what` when they exceed this machine's physical memory, rather than
 /// aborting inside an allocation later.
-pub fn check_fits(need: u64, what: &str) -> Result<(), String> {
+pub fn check_fits(need: u64, what: &str) -> Result<(), DoesNotFit> {
     match total_memory() {
-        Some(total) if need > total => Err(format!(
-            "{what} needs at least {:.1} GB of memory; this machine has {:.1} GB",
-            need as f64 / 1e9,
-            total as f64 / 1e9
-        )),
+        Some(total) if need > total => Err(DoesNotFit {
+            what: what.to_string(),
+            need,
+            total,
+        }),
         _ => Ok(()),
     }
 }

@@ -183,7 +183,7 @@ fn ldm_config(
     c.model.architecture = Architecture::LatentDiffusion;
     c.model.ldm.first_stage = stage1.to_path_buf();
     c.model.ldm.first_stage_config = Some(stage1_config.to_path_buf());
-    let u = &mut c.model.ldm.unet;
+    let u = c.model.ldm.backbone.as_unet_mut().unwrap();
     u.in_channels = 4;
     u.out_channels = 4;
     u.block_out_channels = vec![32, 32];
@@ -577,15 +577,16 @@ fn text_path_gradients_match_torch() {
     let ids =
         Tensor::<2, Int>::from_data(TensorData::new(ids, r["grad.ids"].shape.clone()), &device);
     let model = difftrain::models::latent_diffusion::LatentDiffusionModel {
-        unet: sd.unet.clone(),
-        text_encoder: Some(sd.text_encoder.clone()),
+        backbone: difftrain::models::backbone::Backbone::Unet2DCondition(sd.unet.clone()),
+        text_encoders: vec![Some(sd.text_encoders[0].model.clone())],
     };
+    let unet = model.backbone.as_unet().unwrap();
     let x_t = tensor::<4>(&r["grad.x_t"], &device).require_grad();
     let t = tensor::<1>(&r["grad.t"], &device);
     let w = tensor::<4>(&r["grad.w"], &device);
     // Once through the whole chain (parameter gradients), once from a leaf context (its own).
-    let context = model.text_encoder.as_ref().unwrap().forward(ids, 1);
-    let out = model.unet.forward(x_t.clone(), t.clone(), &context, None);
+    let context = model.text_encoders[0].as_ref().unwrap().forward(ids, 1);
+    let out = unet.forward(x_t.clone(), t.clone(), &context, None);
     let check = |name: &str, ours: Vec<f32>, key: &str| {
         let d = rel_diff(&ours, &r[key].data);
         assert!(d < 2e-4, "{name}: relative difference {d}");
@@ -611,7 +612,7 @@ fn text_path_gradients_match_torch() {
         );
     }
     let leaf = context.detach().require_grad();
-    let out = model.unet.forward(x_t.detach(), t, &leaf, None);
+    let out = unet.forward(x_t.detach(), t, &leaf, None);
     let grads = (out * w).sum().backward();
     check(
         "d context",

@@ -16,8 +16,8 @@ use burn::prelude::*;
 use difftrain::config::Config;
 use difftrain::io::lora::{self as lora_io, Component, ModuleName};
 use difftrain::io::safetensors::{HostTensor, load_safetensors};
+use difftrain::lora::{Linears, LoraConfig, Targets, attach};
 use difftrain::models::Architecture;
-use difftrain::models::lora::{Linears, LoraConfig, Targets, attach};
 use difftrain::optim::precision::MixedPrecision;
 use difftrain::pipelines::lora::apply_file;
 use difftrain::pipelines::stable_diffusion::{self, Pretrained, StableDiffusion};
@@ -73,7 +73,7 @@ fn lora_files_written_by_diffusers_apply_as_diffusers_applies_them() {
     let r = &reference.r;
     // The base first: the fixture's inputs give the fixture's outputs.
     let sd = tiny_sd(&device);
-    let context = sd.text_encoder.forward(reference.ids(&device), 1);
+    let context = sd.text_encoders[0].model.forward(reference.ids(&device), 1);
     assert!(max_diff(context.clone(), &r["context_base"]) < 1e-4);
     assert!(max_diff(reference.unet(&sd, &context, &device), &r["out_base"]) < 1e-4);
     for (file, format) in [
@@ -87,22 +87,28 @@ fn lora_files_written_by_diffusers_apply_as_diffusers_applies_them() {
             lora.format
         );
         let mut sd = tiny_sd(&device);
-        let n = apply_file(&lora, 1.0, &mut sd.unet, &mut sd.text_encoder).unwrap();
+        let n = apply_file(
+            &lora,
+            1.0,
+            &mut sd.unet,
+            &mut [&mut sd.text_encoders[0].model],
+        )
+        .unwrap();
         assert_eq!(n, lora.modules.len());
         assert!(
             lora.modules
                 .keys()
-                .any(|(c, _)| *c == Component::TextEncoder),
+                .any(|(c, _)| *c == Component::TextEncoder(0)),
             "{file}"
         );
-        let context = sd.text_encoder.forward(reference.ids(&device), 1);
+        let context = sd.text_encoders[0].model.forward(reference.ids(&device), 1);
         let d = max_diff(context.clone(), &r["context_lora"]);
         assert!(d < 1e-4, "{file}: text encoder differs by {d}");
         let d = max_diff(reference.unet(&sd, &context, &device), &r["out_lora"]);
         assert!(d < 1e-4, "{file}: U-Net differs by {d}");
         // And at half strength (the U-Net's LoRA at 0.5, the text encoder's base context).
         let mut sd = tiny_sd(&device);
-        let mut te = sd.text_encoder.clone();
+        let mut te = sd.text_encoders[0].model.clone();
         let half = lora_io::LoraFile {
             modules: lora
                 .modules
@@ -112,7 +118,7 @@ fn lora_files_written_by_diffusers_apply_as_diffusers_applies_them() {
                 .collect(),
             ..lora.clone()
         };
-        apply_file(&half, 0.5, &mut sd.unet, &mut te).unwrap();
+        apply_file(&half, 0.5, &mut sd.unet, &mut [&mut te]).unwrap();
         let context = tensor::<3>(&r["context_base"], &device);
         let d = max_diff(
             reference.unet(&sd, &context, &device),
@@ -136,7 +142,7 @@ fn factored_adapters_match_diffusers() {
     let (mut unet, adapted) =
         attach(sd.unet.clone(), &cfg, &cfg.target_modules, "unet", &device).unwrap();
     let (mut te, _) = attach(
-        sd.text_encoder.clone(),
+        sd.text_encoders[0].model.clone(),
         &cfg,
         &cfg.text_encoder_target_modules,
         "te",
@@ -163,15 +169,12 @@ fn factored_adapters_match_diffusers() {
     });
     te.linears("", &mut |p, l| {
         if l.lora.is_some() {
-            set(Component::TextEncoder, p, l)
+            set(Component::TextEncoder(0), p, l)
         }
     });
-    let sd = StableDiffusion {
-        unet,
-        text_encoder: te,
-        ..sd
-    };
-    let context = sd.text_encoder.forward(reference.ids(&device), 1);
+    let mut sd = StableDiffusion { unet, ..sd };
+    sd.text_encoders[0].model = te;
+    let context = sd.text_encoders[0].model.forward(reference.ids(&device), 1);
     assert!(max_diff(context.clone(), &reference.r["context_lora"]) < 1e-4);
     let d = max_diff(
         reference.unet(&sd, &context, &device),
@@ -310,11 +313,11 @@ fn lora_run_trains_adapters_exports_both_formats_and_resumes_bitwise_after_sigki
     let merged = |file: &str| {
         let f = lora_io::read(&export.join(file)).unwrap();
         let mut sd = tiny_sd(&device);
-        apply_file(&f, 1.0, &mut sd.unet, &mut sd.text_encoder).unwrap();
+        apply_file(&f, 1.0, &mut sd.unet, &mut [&mut sd.text_encoders[0].model]).unwrap();
         (
             f,
             difftrain::io::safetensors::named_tensors(&sd.unet),
-            difftrain::io::safetensors::named_tensors(&sd.text_encoder),
+            difftrain::io::safetensors::named_tensors(&sd.text_encoders[0].model),
         )
     };
     let (fd, ud, td) = merged("pytorch_lora_weights.safetensors");
@@ -468,7 +471,10 @@ fn lora_run_trains_adapters_exports_both_formats_and_resumes_bitwise_after_sigki
                 set,
             ],
         ));
-        assert!(!ok && err.contains(key) && err.contains(why), "{set}: {err}");
+        assert!(
+            !ok && err.contains(key) && err.contains(why),
+            "{set}: {err}"
+        );
         assert!(
             !err.contains("undecodable") && !err.contains("older"),
             "{set}: {err}"
@@ -646,7 +652,7 @@ fn lora_moves_samples_toward_the_training_image() {
     b.model.architecture = Architecture::LatentDiffusion;
     b.model.ldm.first_stage = tmp.path().join("vae");
     b.model.ldm.first_stage_config = Some(v_path);
-    let u = &mut b.model.ldm.unet;
+    let u = b.model.ldm.backbone.as_unet_mut().unwrap();
     u.in_channels = 4;
     u.out_channels = 4;
     u.block_out_channels = vec![32, 32];
@@ -873,8 +879,8 @@ fn merge_writes_a_folder_or_an_original_layout_single_file() {
         (named(&from_folder.unet), named(&from_file.unet)),
         (named(&from_folder.vae), named(&from_file.vae)),
         (
-            named(&from_folder.text_encoder),
-            named(&from_file.text_encoder),
+            named(&from_folder.text_encoders[0].model),
+            named(&from_file.text_encoders[0].model),
         ),
     ] {
         assert_eq!(x.keys().collect::<Vec<_>>(), y.keys().collect::<Vec<_>>());

@@ -160,6 +160,8 @@ fn strict_loading_reports_every_problem_sorted() {
 #[test]
 fn unsupported_diffusers_options_are_refused() {
     let json = serde_json::json!({"_class_name": "UNet2DModel", "time_embedding_type": "fourier"});
-    let err = UNet2DConfig::from_diffusers_json(&json).unwrap_err();
+    let err = UNet2DConfig::from_diffusers_json(&json)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("time_embedding_type"), "{err}");
 }

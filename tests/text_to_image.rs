@@ -95,8 +95,8 @@ fn single_file_checkpoint_loads_the_folders_weights() {
         io::named_tensors(&folder.vae)
     );
     assert_eq!(
-        io::named_tensors(&single.text_encoder),
-        io::named_tensors(&folder.text_encoder)
+        io::named_tensors(&single.text_encoders[0].model),
+        io::named_tensors(&folder.text_encoders[0].model)
     );
 }
 

@@ -176,7 +176,10 @@ fn run(args: Args) -> anyhow::Result<()> {
 /// output), the config's diffusion loss. The first stage and the text encoder are left out on
 /// both sides, so the figure is the U-Net's.
 fn run_ldm_unet(args: &Args, cfg: &Config) -> anyhow::Result<()> {
-    let unet_cfg = cfg.model.ldm.unet_config(&cfg.model.conditioning);
+    let backbone = cfg.model.ldm.backbone_config(&cfg.model.conditioning);
+    let Some(unet_cfg) = backbone.as_unet().cloned() else {
+        bail!("the latent_diffusion bench measures U-Net backbones");
+    };
     if let Some(path) = &args.diffusers_config {
         let json = serde_json::to_string_pretty(&unet_cfg.to_diffusers_json())?;
         std::fs::write(path, json)?;

@@ -24,7 +24,9 @@ use difftrain::io;
 use difftrain::models::autoencoder_kl::AutoencoderKLConfig;
 use difftrain::models::clip::CLIPTextConfig;
 use difftrain::models::unet_2d_condition::UNet2DConditionConfig;
-use difftrain::pipelines::stable_diffusion::{self, Pretrained, StableDiffusion};
+use difftrain::pipelines::stable_diffusion::{
+    self, Pretrained, PretrainedTextEncoder, StableDiffusion,
+};
 use difftrain::pipelines::text_to_image::{TextToImage, text_to_image};
 use difftrain::tokenizer::ClipTokenizer;
 use rand::{Rng, SeedableRng};
@@ -170,8 +172,8 @@ fn run(args: Args) -> anyhow::Result<()> {
             precision,
         } => {
             use burn::optim::GradientsParams;
-            use difftrain::models::lora::{LoraConfig, attach};
             use difftrain::dtype::to_f32;
+            use difftrain::lora::{LoraConfig, attach};
             use difftrain::optim::precision::{MixedPrecision, compute_dtype, hold_frozen};
             let mixed: MixedPrecision = serde_json::from_value(serde_json::json!(precision))
                 .context("--precision: no, bf16 or fp16")?;
@@ -195,15 +197,12 @@ fn run(args: Args) -> anyhow::Result<()> {
             difftrain::memory::release_cached();
             let setup_peak = peak_rss_mib();
             let _ = std::fs::write("/proc/self/clear_refs", "5");
-            let (mut unet, _) = attach(base, &lora, &lora.target_modules, "lora", &train)
-                .map_err(anyhow::Error::msg)?;
-            let trainable = difftrain::io::safetensors::tensors_where(
-                &unet,
-                difftrain::models::lora::is_adapter_key,
-            )
-            .values()
-            .map(|t| t.num_elements())
-            .sum::<usize>();
+            let (mut unet, _) = attach(base, &lora, &lora.target_modules, "lora", &train)?;
+            let adapters = difftrain::lora::adapter_param_ids(&mut unet);
+            let trainable = difftrain::io::safetensors::tensors_of(&unet, &adapters)
+                .values()
+                .map(|t| t.num_elements())
+                .sum::<usize>();
             let mut optim = burn::optim::AdamWConfig::new().init();
             let x = randn([1, 4, latent, latent], &mut rng, &train);
             let target = randn([1, 4, latent, latent], &mut rng, &train);
@@ -252,12 +251,15 @@ fn run(args: Args) -> anyhow::Result<()> {
             let sd = StableDiffusion {
                 unet: unet_config.init(&device),
                 vae: vae_config.init(&device),
-                text_encoder: text_config.init(&device),
+                text_encoders: vec![PretrainedTextEncoder {
+                    model: text_config.init(&device),
+                    config: text_config,
+                    tokenizer: ClipTokenizer::from_dir(&tokenizer)?,
+                }],
                 unet_config,
                 vae_config,
-                text_config,
-                tokenizer: ClipTokenizer::from_dir(&tokenizer)?,
                 scheduler: sd15_scheduler(),
+                base: difftrain::io::base_model::BaseModel::Sd1,
             };
             let req = TextToImage {
                 prompt: "a photo of a mountain at sunrise".into(),

@@ -33,7 +33,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     let loras = args
         .loras
         .iter()
-        .map(|a| parse_lora_arg(a).map_err(anyhow::Error::msg))
+        .map(|a| parse_lora_arg(a).map_err(anyhow::Error::from))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let device = parse_device("cpu")?;
     let source = Pretrained::detect(&args.base, args.config_from.as_deref())?;

@@ -121,7 +121,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         loras: args
             .loras
             .iter()
-            .map(|a| pipelines::lora::parse_lora_arg(a).map_err(anyhow::Error::msg))
+            .map(|a| pipelines::lora::parse_lora_arg(a).map_err(anyhow::Error::from))
             .collect::<anyhow::Result<_>>()?,
     };
     // Refused before generating: a grid is PNG, anything else is a folder of PNGs.
@@ -162,5 +162,7 @@ difftrain::global_allocator!();
 fn main() -> std::process::ExitCode {
     tune_allocator();
     let args = Args::parse();
-    difftrain::exit_code(difftrain::run_guarded(|| difftrain::threads::on_pool(|| run(args))))
+    difftrain::exit_code(difftrain::run_guarded(|| {
+        difftrain::threads::on_pool(|| run(args))
+    }))
 }

@@ -32,12 +32,9 @@ fn run(args: Args) -> anyhow::Result<()> {
         cfg.checkpoint.resume = Resume::from(r);
     }
     // A torchrun/SLURM launch: this process is one rank, on cuda:LOCAL_RANK (or the CPU).
-    let launch = difftrain::distributed::launch::from_env(|k| std::env::var(k).ok())
-        .map_err(anyhow::Error::msg)?;
+    let launch = difftrain::distributed::launch::from_env(|k| std::env::var(k).ok())?;
     let device = match &launch {
-        Some(l) => l
-            .device_for(&cfg.run.device, cfg.run.devices.as_ref())
-            .map_err(anyhow::Error::msg)?,
+        Some(l) => l.device_for(&cfg.run.device, cfg.run.devices.as_ref())?,
         None => cfg.run.device.clone(),
     };
     // Before any compute (and before writing anything): the output folder must be writable
@@ -55,9 +52,9 @@ fn run(args: Args) -> anyhow::Result<()> {
         Some(_) => difftrain::device::DeviceRequest::parse(&device, None),
         None => cfg.device_request(),
     };
-    let request = request.map_err(anyhow::Error::msg)?;
+    let request = request?;
     difftrain::device::pin_default_device(&request);
-    let (devices, _) = request.resolve().map_err(anyhow::Error::msg)?;
+    let (devices, _) = request.resolve()?;
     drop(devices);
     difftrain::memory::check_fits(
         cfg.step_memory_lower_bound(),
@@ -65,8 +62,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             "a training step at data.resolution = {} with train.batch_size = {}",
             cfg.data.resolution, cfg.train.batch_size
         ),
-    )
-    .map_err(anyhow::Error::msg)?;
+    )?;
     if args.check {
         print!("{}", cfg.to_toml());
         if let Some(l) = &launch {
@@ -81,8 +77,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     if let Some(l) = &launch {
         let timeout = std::time::Duration::from_secs_f64(cfg.run.sync_timeout_secs);
         let cuda = device.starts_with("cuda");
-        let group = difftrain::distributed::launch::join(l, &cfg.to_toml(), timeout, cuda)
-            .map_err(anyhow::Error::msg)?;
+        let group = difftrain::distributed::launch::join(l, &cfg.to_toml(), timeout, cuda)?;
         if l.rank == 0 {
             eprintln!(
                 "launch ({}): {} processes met at {}",
@@ -122,5 +117,7 @@ fn main() -> std::process::ExitCode {
     tune_allocator();
     difftrain::signals::install();
     let args = Args::parse();
-    difftrain::exit_code(difftrain::run_guarded(|| difftrain::threads::on_pool(|| run(args))))
+    difftrain::exit_code(difftrain::run_guarded(|| {
+        difftrain::threads::on_pool(|| run(args))
+    }))
 }

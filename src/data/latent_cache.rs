@@ -64,10 +64,7 @@ impl LatentCache {
         if let Some(cache) = Self::load(&dir, dataset.len())? {
             return Ok((cache, false));
         }
-        let transform = Transform {
-            random_flip: false,
-            ..transform
-        };
+        let transform = transform.without_flip();
         let (c, r) = (transform.channels(), transform.resolution);
         let mut values = Vec::new();
         let mut shape = [0; 3];
@@ -79,7 +76,7 @@ impl LatentCache {
             for i in start..start + n {
                 let img = dataset.decode(i).map_err(|e| IoError::Read {
                     path: dataset.path().to_path_buf(),
-                    source: std::io::Error::other(e.to_string()),
+                    source: std::io::Error::other(e),
                 })?;
                 // Center crop, no flip: the transform draws nothing.
                 let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0);
@@ -140,9 +137,9 @@ impl LatentCache {
         for s in 0..len.div_ceil(SHARD) {
             let path = dir.join(format!("shard-{s:05}.safetensors"));
             let file = SafetensorsFile::open(&path)?;
-            let data = file.read("moments").map_err(|message| IoError::Format {
+            let data = file.read("moments").map_err(|source| IoError::Tensor {
                 path: path.clone(),
-                message,
+                source,
             })?;
             let dims = data.shape().to_vec();
             if dims.len() != 6 {

@@ -202,6 +202,30 @@ impl Transform {
         self.color.channels()
     }
 
+    /// This transform without random flips (fixed batches: grids, the latent scale, caches).
+    pub fn without_flip(self) -> Self {
+        Self {
+            random_flip: false,
+            ..self
+        }
+    }
+
+    /// The dataset's images `indices` through this transform, one after the other with draws
+    /// from `rng`: `(pixels, [n, c, r, r])`.
+    pub fn batch(
+        &self,
+        dataset: &Dataset,
+        indices: &[usize],
+        rng: &mut impl Rng,
+    ) -> Result<(Vec<f32>, [usize; 4]), DataError> {
+        let mut images = Vec::new();
+        for &i in indices {
+            images.extend(self.apply(dataset.decode(i)?, rng));
+        }
+        let r = self.resolution;
+        Ok((images, [indices.len(), self.channels(), r, r]))
+    }
+
     /// Resize (shorter side), crop, flip, and scale to [-1, 1]; returns CHW floats.
     pub fn apply(&self, img: image::DynamicImage, rng: &mut impl Rng) -> Vec<f32> {
         self.apply_flip(img, rng).0

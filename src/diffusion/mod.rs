@@ -65,7 +65,13 @@ impl crate::resume::ResumeRules for DiffusionConfig {
                 &self.beta_schedule,
                 schedule,
             ),
-            field(prefix, "beta_start", &old.beta_start, &self.beta_start, schedule),
+            field(
+                prefix,
+                "beta_start",
+                &old.beta_start,
+                &self.beta_start,
+                schedule,
+            ),
             field(prefix, "beta_end", &old.beta_end, &self.beta_end, schedule),
             field(
                 prefix,

@@ -29,17 +29,21 @@ pub struct SchedulerConfig {
 
 impl SchedulerConfig {
     /// Reads a `scheduler_config.json` (its `_class_name` decides the defaults).
-    pub fn from_diffusers_json(value: &serde_json::Value) -> Result<Self, String> {
+    pub fn from_diffusers_json(
+        value: &serde_json::Value,
+    ) -> Result<Self, crate::io::config_json::ConfigJsonError> {
         let class = value
             .get("_class_name")
             .and_then(|v| v.as_str())
             .unwrap_or("DDIMScheduler");
         let kind = SamplerKind::from_diffusers_class(class).ok_or_else(|| {
-            format!(
-                "_class_name = {class:?} is not a scheduler difftrain implements (DDPMScheduler, \
-                 DDIMScheduler, PNDMScheduler, EulerDiscreteScheduler, \
-                 EulerAncestralDiscreteScheduler, DPMSolverMultistepScheduler)"
-            )
+            crate::io::config_json::ConfigJsonError::UnsupportedClass {
+                what: format!("_class_name = {class:?}"),
+                supported: "a scheduler difftrain implements (DDPMScheduler, DDIMScheduler, \
+                            PNDMScheduler, EulerDiscreteScheduler, \
+                            EulerAncestralDiscreteScheduler, DPMSolverMultistepScheduler)"
+                    .into(),
+            }
         })?;
         let json = ConfigJson::new(value, class)?;
         json.expect("trained_betas", &[])?;
@@ -129,7 +133,7 @@ impl SchedulerConfig {
         };
         serde_json::json!({
             "_class_name": class,
-            "_diffusers_version": "0.32.0",
+            "_diffusers_version": crate::io::layout::DIFFUSERS_VERSION,
             "num_train_timesteps": self.num_train_timesteps,
             "beta_schedule": self.beta_schedule,
             "beta_start": self.beta_start,

@@ -12,6 +12,17 @@ use std::time::Duration;
 use super::process::{ProcessGroup, Rendezvous};
 use crate::device::{DeviceList, DeviceSpec};
 
+/// A launch environment or device request a multi-process launch cannot mean.
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    /// The launcher's variables (`WORLD_SIZE`, `RANK`, `MASTER_ADDR`...), named in the message.
+    #[error("{0}")]
+    Environment(String),
+    /// `run.device` / `run.devices` against the launch.
+    #[error("{0}")]
+    Device(String),
+}
+
 /// torchrun's default port, also used under SLURM when `MASTER_PORT` is unset.
 pub const DEFAULT_PORT: u16 = 29500;
 
@@ -29,7 +40,11 @@ pub struct LaunchEnv {
 
 /// Reads the launch from an environment (`get` is `std::env::var` in the binary): `None` for a
 /// single process (no `WORLD_SIZE`, or `WORLD_SIZE=1`, and no multi-task SLURM step).
-pub fn from_env(get: impl Fn(&str) -> Option<String>) -> Result<Option<LaunchEnv>, String> {
+pub fn from_env(get: impl Fn(&str) -> Option<String>) -> Result<Option<LaunchEnv>, LaunchError> {
+    from_env_text(get).map_err(LaunchError::Environment)
+}
+
+fn from_env_text(get: impl Fn(&str) -> Option<String>) -> Result<Option<LaunchEnv>, String> {
     let num = |key: &str, source: &str| -> Result<Option<usize>, String> {
         match get(key) {
             None => Ok(None),
@@ -110,10 +125,19 @@ impl LaunchEnv {
     /// This process's device for a config asking for `device` (`run.device`) and maybe
     /// `devices` (`run.devices`): `cuda:LOCAL_RANK` for CUDA, the CPU otherwise. Refuses what a
     /// launch cannot mean.
-    pub fn device_for(&self, device: &str, devices: Option<&DeviceList>) -> Result<String, String> {
+    pub fn device_for(
+        &self,
+        device: &str,
+        devices: Option<&DeviceList>,
+    ) -> Result<String, LaunchError> {
+        self.device_text(device, devices)
+            .map_err(LaunchError::Device)
+    }
+
+    fn device_text(&self, device: &str, devices: Option<&DeviceList>) -> Result<String, String> {
         if let Some(list) = devices {
             return Err(format!(
-                "run.devices = {list:?} with a {}-process launch ({}): each process trains on \
+                "run.devices = {list} with a {}-process launch ({}): each process trains on \
                  one device (cuda:LOCAL_RANK). Remove run.devices and set run.device = \"cuda\" \
                  (or \"cpu\")",
                 self.world, self.source
@@ -175,7 +199,7 @@ pub fn join(
     config: &str,
     timeout: Duration,
     cuda: bool,
-) -> Result<Arc<ProcessGroup>, String> {
+) -> Result<Arc<ProcessGroup>, super::process::RendezvousError> {
     if let Some(g) = current() {
         return Ok(g);
     }
@@ -205,7 +229,7 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        from_env(|k| map.get(k).cloned())
+        from_env(|k| map.get(k).cloned()).map_err(|e| e.to_string())
     }
 
     #[test]
@@ -281,9 +305,15 @@ mod tests {
         assert!(
             l.device_for("cuda:0", None)
                 .unwrap_err()
+                .to_string()
                 .contains("LOCAL_RANK=1")
         );
-        assert!(l.device_for("cpu", None).unwrap_err().contains("loopback"));
+        assert!(
+            l.device_for("cpu", None)
+                .unwrap_err()
+                .to_string()
+                .contains("loopback")
+        );
         let local = LaunchEnv {
             master: "127.0.0.1:29500".into(),
             ..l.clone()
@@ -294,6 +324,7 @@ mod tests {
             local
                 .device_for("cpu", Some(&all))
                 .unwrap_err()
+                .to_string()
                 .contains("Remove run.devices")
         );
     }

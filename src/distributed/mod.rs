@@ -346,7 +346,8 @@ impl Replica {
                     unreachable!("NCCL between processes has a process group")
                 };
                 let sum = nccl::all_reduce_sum(ordinal, self.rank, self.world, p.nccl_id(), &data)
-                    .map_err(|message| {
+                    .map_err(|e| {
+                        let message = e.0;
                         p.fail(&message);
                         SyncError::PeerFailed {
                             rank: self.rank,
@@ -390,7 +391,7 @@ fn host_values(flat: Tensor<1>) -> Vec<f32> {
 /// when `nccl`, else the host), rank = position in `devices`, and returns
 /// every rank's result in rank order. A rank that returns an error or panics fails the group,
 /// so the others stop at their next collective or barrier with [`SyncError::PeerFailed`].
-pub fn run_ranks<I: Send, T: Send, E: Send + std::fmt::Display>(
+pub fn run_ranks<I: Send, T: Send, E: Send + std::error::Error + 'static>(
     devices: &[Device],
     nccl: bool,
     timeout: Duration,
@@ -429,7 +430,7 @@ pub fn run_ranks<I: Send, T: Send, E: Send + std::fmt::Display>(
                         match outcome {
                             Ok(Ok(v)) => Ok(v),
                             Ok(Err(e)) => {
-                                group.fail(rank, e.to_string());
+                                group.fail(rank, crate::error::chain(&e));
                                 Err(RankFailure::Error(e))
                             }
                             Err(payload) => {

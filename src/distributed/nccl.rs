@@ -6,19 +6,25 @@
 //! -> NCCL buffer -> host -> device: two extra PCIe copies of the gradients per optimizer step,
 //! counted in `scripts/cost_model.py`. Unverified on a GPU in this version (docs/distributed.md).
 
+/// What NCCL (or its absence) said; cudarc's errors are only `Debug`, so they arrive as text.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{0}")]
+pub struct NcclError(pub String);
+
 #[cfg(feature = "cuda")]
 mod imp {
+    use super::NcclError;
     use std::cell::RefCell;
 
     use cudarc::driver::CudaContext;
     use cudarc::nccl::{Comm, Id, ReduceOp};
 
-    pub fn mint_id() -> Result<Vec<u8>, String> {
+    pub fn mint_id() -> Result<Vec<u8>, NcclError> {
         let id = Id::new().map_err(|e| {
-            format!(
+            NcclError(format!(
                 "rank 0 cannot create an NCCL unique id ({e:?}): is the NCCL library (libnccl.so.2) \
                  installed and on the library path?"
-            )
+            ))
         })?;
         Ok(id.internal().iter().map(|&c| c as u8).collect())
     }
@@ -34,9 +40,11 @@ mod imp {
         world: usize,
         id: &[u8],
         data: &[f32],
-    ) -> Result<Vec<f32>, String> {
+    ) -> Result<Vec<f32>, NcclError> {
         let fail = |what: &str, e: &dyn std::fmt::Debug| {
-            format!("NCCL {what} on cuda:{ordinal} (rank {rank} of {world}): {e:?}")
+            NcclError(format!(
+                "NCCL {what} on cuda:{ordinal} (rank {rank} of {world}): {e:?}"
+            ))
         };
         COMM.with(|cell| {
             let mut cell = cell.borrow_mut();
@@ -45,10 +53,10 @@ mod imp {
                 let stream = ctx.new_stream().map_err(|e| fail("stream", &e))?;
                 let mut internal = [0 as std::ffi::c_char; 128];
                 if id.len() != internal.len() {
-                    return Err(format!(
+                    return Err(NcclError(format!(
                         "the NCCL id from rank 0 has {} bytes, not 128",
                         id.len()
-                    ));
+                    )));
                 }
                 internal
                     .iter_mut()
@@ -70,8 +78,12 @@ mod imp {
 
 #[cfg(not(feature = "cuda"))]
 mod imp {
-    pub fn mint_id() -> Result<Vec<u8>, String> {
-        Err("a CUDA multi-process launch needs the `cuda` cargo feature".into())
+    use super::NcclError;
+
+    pub fn mint_id() -> Result<Vec<u8>, NcclError> {
+        Err(NcclError(
+            "a CUDA multi-process launch needs the `cuda` cargo feature".into(),
+        ))
     }
 
     pub fn all_reduce_sum(
@@ -80,8 +92,8 @@ mod imp {
         _world: usize,
         _id: &[u8],
         _data: &[f32],
-    ) -> Result<Vec<f32>, String> {
-        Err("NCCL needs the `cuda` cargo feature".into())
+    ) -> Result<Vec<f32>, NcclError> {
+        Err(NcclError("NCCL needs the `cuda` cargo feature".into()))
     }
 }
 

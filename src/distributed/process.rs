@@ -96,6 +96,64 @@ pub struct Rendezvous {
     pub timeout: Duration,
 }
 
+/// Why the processes of a launch did not meet.
+#[derive(Debug, thiserror::Error)]
+pub enum RendezvousError {
+    #[error("rank 0 cannot listen on {bind} (MASTER_ADDR/MASTER_PORT {master})")]
+    Listen {
+        bind: SocketAddr,
+        master: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot resolve MASTER_ADDR:MASTER_PORT = {master}")]
+    Resolve {
+        master: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("MASTER_ADDR:MASTER_PORT = {0} resolves to no address")]
+    NoAddress(String),
+    #[error(
+        "rank 0 waited {seconds:.0} s at {master} for the other {others} process(es) to join; \
+         joined so far: [{joined}]. Start every rank with the same MASTER_ADDR, MASTER_PORT and \
+         WORLD_SIZE, or raise run.sync_timeout_secs"
+    )]
+    JoinTimeout {
+        seconds: f64,
+        master: String,
+        others: usize,
+        joined: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "rank {rank} could not reach rank 0 at {master} within {seconds:.0} s; is rank 0 \
+         running, and MASTER_ADDR/MASTER_PORT the same everywhere?"
+    )]
+    Unreachable {
+        rank: usize,
+        master: String,
+        seconds: f64,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Rank 0 refused the launch (or this is rank 0 refusing it), with every reason.
+    #[error("{0}")]
+    Refused(String),
+    #[error("rank {rank} {what} at the rendezvous")]
+    Connection {
+        rank: usize,
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("rank 0 answered {0} at the rendezvous")]
+    Unexpected(String),
+    #[error(transparent)]
+    Nccl(#[from] super::nccl::NcclError),
+}
+
 impl ProcessGroup {
     /// Meets the other processes: rank 0 accepts `world - 1` connections and checks that every
     /// process runs the same version on the same resolved `config` (refusing the launch by
@@ -103,8 +161,11 @@ impl ProcessGroup {
     pub fn rendezvous(
         rv: &Rendezvous,
         config: &str,
-        mint_nccl_id: impl FnOnce() -> Result<Vec<u8>, String>,
-    ) -> Result<Arc<Self>, String> {
+        mint_nccl_id: impl FnOnce() -> Result<Vec<u8>, super::nccl::NcclError>,
+    ) -> Result<Arc<Self>, RendezvousError> {
+        let conn = |rank: usize, what: &'static str| {
+            move |source: std::io::Error| RendezvousError::Connection { rank, what, source }
+        };
         let deadline = Instant::now() + rv.timeout;
         let (tx, rx) = channel();
         let mut links: Vec<Option<BufWriter<TcpStream>>> = (0..rv.world).map(|_| None).collect();
@@ -114,22 +175,24 @@ impl ProcessGroup {
             let mut hellos: Vec<(usize, String, String, BufReader<TcpStream>)> = Vec::new();
             let mut problems = Vec::new();
             while hellos.len() + problems.len() < rv.world - 1 {
-                let stream = accept_until(&listener, deadline).map_err(|e| {
+                let stream = accept_until(&listener, deadline).map_err(|source| {
                     let joined: Vec<String> = hellos.iter().map(|h| h.0.to_string()).collect();
-                    format!(
-                        "rank 0 waited {:.0} s at {} for the other {} process(es) to join; \
-                         joined so far: [{}] ({e}). Start every rank with the same MASTER_ADDR, \
-                         MASTER_PORT and WORLD_SIZE, or raise run.sync_timeout_secs",
-                        rv.timeout.as_secs_f64(),
-                        rv.master,
-                        rv.world - 1,
-                        joined.join(", ")
-                    )
+                    RendezvousError::JoinTimeout {
+                        seconds: rv.timeout.as_secs_f64(),
+                        master: rv.master.clone(),
+                        others: rv.world - 1,
+                        joined: joined.join(", "),
+                        source,
+                    }
                 })?;
-                let mut reader = BufReader::new(stream.try_clone().map_err(|e| e.to_string())?);
+                let mut reader = BufReader::new(
+                    stream
+                        .try_clone()
+                        .map_err(conn(0, "could not keep a link"))?,
+                );
                 stream
                     .set_read_timeout(Some(rv.timeout))
-                    .map_err(|e| e.to_string())?;
+                    .map_err(conn(0, "could not set a timeout"))?;
                 match decode(&mut reader) {
                     Ok(Msg::Hello {
                         rank,
@@ -199,15 +262,20 @@ impl ProcessGroup {
                         },
                     );
                 }
-                return Err(message);
+                return Err(RendezvousError::Refused(message));
             }
             let id = match mint_nccl_id() {
                 Ok(id) => id,
                 Err(e) => {
                     for w in links.iter_mut().flatten() {
-                        let _ = send(w, &Msg::Refuse { message: e.clone() });
+                        let _ = send(
+                            w,
+                            &Msg::Refuse {
+                                message: e.to_string(),
+                            },
+                        );
                     }
-                    return Err(e);
+                    return Err(RendezvousError::Nccl(e));
                 }
             };
             for w in links.iter_mut().flatten() {
@@ -217,25 +285,30 @@ impl ProcessGroup {
                         nccl_id: id.clone(),
                     },
                 )
-                .map_err(|e| format!("rank 0 could not answer a process at the rendezvous: {e}"))?;
+                .map_err(conn(0, "could not answer a process"))?;
             }
             for (rank, _, _, reader) in hellos {
                 let stream = reader.into_inner();
-                stream.set_read_timeout(None).map_err(|e| e.to_string())?;
+                stream
+                    .set_read_timeout(None)
+                    .map_err(conn(0, "could not clear a timeout"))?;
                 spawn_reader(rank, stream, tx.clone());
             }
             id
         } else {
-            let stream = connect_until(&rv.master, deadline).map_err(|e| {
-                format!(
-                    "rank {} could not reach rank 0 at {} within {:.0} s ({e}); is rank 0 \
-                     running, and MASTER_ADDR/MASTER_PORT the same everywhere?",
-                    rv.rank,
-                    rv.master,
-                    rv.timeout.as_secs_f64()
-                )
+            let stream = connect_until(&rv.master, deadline).map_err(|source| {
+                RendezvousError::Unreachable {
+                    rank: rv.rank,
+                    master: rv.master.clone(),
+                    seconds: rv.timeout.as_secs_f64(),
+                    source,
+                }
             })?;
-            let mut w = BufWriter::new(stream.try_clone().map_err(|e| e.to_string())?);
+            let mut w = BufWriter::new(
+                stream
+                    .try_clone()
+                    .map_err(conn(rv.rank, "could not keep a link"))?,
+            );
             send(
                 &mut w,
                 &Msg::Hello {
@@ -245,24 +318,27 @@ impl ProcessGroup {
                     config: config.to_string(),
                 },
             )
-            .map_err(|e| format!("rank {} could not greet rank 0: {e}", rv.rank))?;
+            .map_err(conn(rv.rank, "could not greet rank 0"))?;
             stream
                 .set_read_timeout(Some(rv.timeout))
-                .map_err(|e| e.to_string())?;
+                .map_err(conn(rv.rank, "could not set a timeout"))?;
             let mut reader = BufReader::new(stream);
             let id = match decode(&mut reader) {
                 Ok(Msg::Welcome { nccl_id }) => nccl_id,
-                Ok(Msg::Refuse { message }) => return Err(message),
-                Ok(other) => return Err(format!("rank 0 answered {other:?} at the rendezvous")),
-                Err(e) => {
-                    return Err(format!(
-                        "rank {} lost rank 0 at the rendezvous: {e}",
-                        rv.rank
-                    ));
+                Ok(Msg::Refuse { message }) => return Err(RendezvousError::Refused(message)),
+                Ok(other) => return Err(RendezvousError::Unexpected(format!("{other:?}"))),
+                Err(source) => {
+                    return Err(RendezvousError::Connection {
+                        rank: rv.rank,
+                        what: "lost rank 0",
+                        source: std::io::Error::other(source),
+                    });
                 }
             };
             let stream = reader.into_inner();
-            stream.set_read_timeout(None).map_err(|e| e.to_string())?;
+            stream
+                .set_read_timeout(None)
+                .map_err(conn(rv.rank, "could not clear a timeout"))?;
             links[0] = Some(w);
             spawn_reader(0, stream, tx.clone());
             id
@@ -534,7 +610,7 @@ fn config_diff(ours: &str, theirs: &str) -> String {
 /// Rank 0's listening socket on `master`'s port: on loopback when `master` is a loopback
 /// address, else on every interface (as torchrun does: `MASTER_ADDR` is how the others reach
 /// this machine, which may not be an address it can bind).
-fn listen(master: &str) -> Result<TcpListener, String> {
+fn listen(master: &str) -> Result<TcpListener, RendezvousError> {
     let addr = resolve(master)?;
     let bind: SocketAddr = if addr.ip().is_loopback() {
         addr
@@ -543,42 +619,48 @@ fn listen(master: &str) -> Result<TcpListener, String> {
     } else {
         SocketAddr::from(([0u16; 8], addr.port()))
     };
-    let listener = TcpListener::bind(bind).map_err(|e| {
-        format!("rank 0 cannot listen on {bind} (MASTER_ADDR/MASTER_PORT {master}): {e}")
-    })?;
-    listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+    let fail = |source| RendezvousError::Listen {
+        bind,
+        master: master.to_string(),
+        source,
+    };
+    let listener = TcpListener::bind(bind).map_err(fail)?;
+    listener.set_nonblocking(true).map_err(fail)?;
     Ok(listener)
 }
 
-fn resolve(master: &str) -> Result<SocketAddr, String> {
+fn resolve(master: &str) -> Result<SocketAddr, RendezvousError> {
     master
         .to_socket_addrs()
-        .map_err(|e| format!("cannot resolve MASTER_ADDR:MASTER_PORT = {master}: {e}"))?
+        .map_err(|source| RendezvousError::Resolve {
+            master: master.to_string(),
+            source,
+        })?
         .next()
-        .ok_or_else(|| format!("MASTER_ADDR:MASTER_PORT = {master} resolves to no address"))
+        .ok_or_else(|| RendezvousError::NoAddress(master.to_string()))
 }
 
-fn accept_until(listener: &TcpListener, deadline: Instant) -> Result<TcpStream, String> {
+fn accept_until(listener: &TcpListener, deadline: Instant) -> std::io::Result<TcpStream> {
     loop {
         match listener.accept() {
             Ok((stream, _)) => {
-                stream.set_nonblocking(false).map_err(|e| e.to_string())?;
-                stream.set_nodelay(true).map_err(|e| e.to_string())?;
+                stream.set_nonblocking(false)?;
+                stream.set_nodelay(true)?;
                 return Ok(stream);
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 if Instant::now() >= deadline {
-                    return Err("timed out".into());
+                    return Err(std::io::ErrorKind::TimedOut.into());
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
-            Err(e) => return Err(e.to_string()),
+            Err(e) => return Err(e),
         }
     }
 }
 
-fn connect_until(master: &str, deadline: Instant) -> Result<TcpStream, String> {
-    let mut last = String::from("timed out");
+fn connect_until(master: &str, deadline: Instant) -> std::io::Result<TcpStream> {
+    let mut last: std::io::Error = std::io::ErrorKind::TimedOut.into();
     while Instant::now() < deadline {
         // Resolved again each try: a DNS name may appear only once rank 0's machine is up.
         if let Ok(addr) = resolve(master) {
@@ -588,10 +670,10 @@ fn connect_until(master: &str, deadline: Instant) -> Result<TcpStream, String> {
                 .max(Duration::from_millis(1));
             match TcpStream::connect_timeout(&addr, wait) {
                 Ok(s) => {
-                    s.set_nodelay(true).map_err(|e| e.to_string())?;
+                    s.set_nodelay(true)?;
                     return Ok(s);
                 }
-                Err(e) => last = e.to_string(),
+                Err(e) => last = e,
             }
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -630,7 +712,10 @@ mod tests {
                     s.spawn(move || ProcessGroup::rendezvous(&rv, &config, || Ok(vec![7; 128])))
                 })
                 .collect();
-            handles.into_iter().map(|h| h.join().unwrap()).collect()
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap().map_err(|e| crate::error::chain(&e)))
+                .collect()
         })
     }
 

@@ -36,7 +36,11 @@ pub fn grid_columns(n: usize) -> usize {
 }
 
 /// Encodes images `[n, c, h, w]` in [-1, 1] as one RGB PNG grid with `ncol` columns.
-pub fn grid_png(images: &[f32], shape: [usize; 4], ncol: usize) -> Result<GridPng, String> {
+pub fn grid_png(
+    images: &[f32],
+    shape: [usize; 4],
+    ncol: usize,
+) -> Result<GridPng, ::image::ImageError> {
     let [n, c, h, w] = shape;
     let ncol = ncol.clamp(1, n.max(1));
     let nrow = n.div_ceil(ncol);
@@ -61,8 +65,7 @@ pub fn grid_png(images: &[f32], shape: [usize; 4], ncol: usize) -> Result<GridPn
     grid.write_to(
         &mut std::io::Cursor::new(&mut png),
         ::image::ImageFormat::Png,
-    )
-    .map_err(|e| e.to_string())?;
+    )?;
     Ok(GridPng {
         png,
         width: gw as u32,
@@ -73,9 +76,9 @@ pub fn grid_png(images: &[f32], shape: [usize; 4], ncol: usize) -> Result<GridPn
 /// Writes a grid as one PNG with 2px gaps.
 pub fn save_grid(grid: &Grid, path: &Path) -> Result<GridPng, IoError> {
     let grid =
-        grid_png(&grid.images, grid.shape, grid.columns).map_err(|message| IoError::Image {
+        grid_png(&grid.images, grid.shape, grid.columns).map_err(|source| IoError::Image {
             path: path.to_path_buf(),
-            message,
+            source,
         })?;
     write_atomic(path, &grid.png)?;
     Ok(grid)
@@ -93,9 +96,9 @@ pub fn save_images(grid: &Grid, dir: &Path) -> Result<Vec<std::path::PathBuf>, I
                 shape: [1, c, h, w],
                 columns: 1,
             };
-            let png = single_png(&one).map_err(|message| IoError::Image {
+            let png = single_png(&one).map_err(|source| IoError::Image {
                 path: path.clone(),
-                message,
+                source,
             })?;
             write_atomic(&path, &png)?;
             Ok(path)
@@ -104,7 +107,7 @@ pub fn save_images(grid: &Grid, dir: &Path) -> Result<Vec<std::path::PathBuf>, I
 }
 
 /// One image without the grid's border.
-fn single_png(grid: &Grid) -> Result<Vec<u8>, String> {
+fn single_png(grid: &Grid) -> Result<Vec<u8>, ::image::ImageError> {
     let [_, c, h, w] = grid.shape;
     let to_u8 = |v: f32| (((v.clamp(-1.0, 1.0) + 1.0) * 127.5).round()) as u8;
     let mut img = ::image::RgbImage::new(w as u32, h as u32);
@@ -118,7 +121,6 @@ fn single_png(grid: &Grid) -> Result<Vec<u8>, String> {
     img.write_to(
         &mut std::io::Cursor::new(&mut png),
         ::image::ImageFormat::Png,
-    )
-    .map_err(|e| e.to_string())?;
+    )?;
     Ok(png)
 }

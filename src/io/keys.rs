@@ -11,7 +11,7 @@ use std::ops::Range;
 
 use burn::tensor::TensorData;
 
-use super::safetensors::TensorSource;
+use super::safetensors::{TensorError, TensorSource};
 
 /// Where a model key's tensor comes from.
 #[derive(Debug, Clone, PartialEq)]
@@ -79,11 +79,11 @@ impl<S: TensorSource + ?Sized> TensorSource for View<'_, S> {
         Some(shape)
     }
 
-    fn read(&self, key: &str) -> Result<TensorData, String> {
+    fn read(&self, key: &str) -> Result<TensorData, TensorError> {
         let e = self
             .entries
             .get(key)
-            .ok_or_else(|| format!("no tensor {key:?}"))?;
+            .ok_or_else(|| TensorError::Missing(key.to_string()))?;
         let data = self.source.read(&e.key)?;
         let data = match &e.rows {
             None => data,
@@ -94,10 +94,12 @@ impl<S: TensorSource + ?Sized> TensorSource for View<'_, S> {
                 let bytes = data.as_bytes();
                 let (start, end) = (rows.start * per_row * width, rows.end * per_row * width);
                 if end > bytes.len() {
-                    return Err(format!(
-                        "{}: rows {rows:?} exceed its shape {shape:?}",
-                        e.key
-                    ));
+                    return Err(TensorError::Rows {
+                        key: e.key.clone(),
+                        start: rows.start,
+                        end: rows.end,
+                        shape,
+                    });
                 }
                 let mut new_shape = shape;
                 new_shape[0] = rows.len();

@@ -21,28 +21,63 @@ use burn::tensor::TensorData;
 use sha2::{Digest, Sha256};
 
 use super::IoError;
+use super::base_model::BaseModel;
 use super::safetensors::{HostTensor, SafetensorsFile, tensors_bytes};
 
-/// Which network a LoRA module belongs to.
+/// Which network a LoRA module belongs to: the U-Net, or the i-th text encoder (0-based, in
+/// the pipeline's order).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Component {
     Unet,
-    TextEncoder,
+    TextEncoder(usize),
 }
 
 impl Component {
-    pub fn diffusers_prefix(self) -> &'static str {
+    /// diffusers' component name: `unet`, `text_encoder`, `text_encoder_2`...
+    pub fn diffusers_prefix(self) -> String {
         match self {
-            Self::Unet => "unet",
-            Self::TextEncoder => "text_encoder",
+            Self::Unet => "unet".into(),
+            Self::TextEncoder(i) => super::layout::component_name("text_encoder", i),
         }
     }
 
-    fn kohya_prefix(self) -> &'static str {
+    /// kohya's key prefix: `lora_unet_`, and `lora_te_` when the model has one text encoder,
+    /// `lora_te1_`, `lora_te2_` when it has two (SDXL).
+    fn kohya_prefix(self, text_encoders: usize) -> String {
         match self {
-            Self::Unet => "lora_unet_",
-            Self::TextEncoder => "lora_te_",
+            Self::Unet => "lora_unet_".into(),
+            Self::TextEncoder(_) if text_encoders <= 1 => "lora_te_".into(),
+            Self::TextEncoder(i) => format!("lora_te{}_", i + 1),
         }
+    }
+
+    /// The component a diffusers/PEFT key prefix names (`unet.`, `text_encoder.`,
+    /// `text_encoder_2.`), with the rest of the key.
+    fn from_diffusers_key(key: &str) -> Option<(Self, &str)> {
+        if let Some(r) = key.strip_prefix("unet.") {
+            return Some((Self::Unet, r));
+        }
+        let r = key.strip_prefix("text_encoder")?;
+        let (index, rest) = r.split_once('.')?;
+        let i = match index {
+            "" => 0,
+            n => n.strip_prefix('_')?.parse::<usize>().ok()?.checked_sub(1)?,
+        };
+        Some((Self::TextEncoder(i), rest))
+    }
+
+    /// The component a kohya key prefix names, with the rest of the key.
+    fn from_kohya_key(key: &str) -> Option<(Self, &str)> {
+        if let Some(r) = key.strip_prefix("lora_unet_") {
+            return Some((Self::Unet, r));
+        }
+        if let Some(r) = key.strip_prefix("lora_te_") {
+            return Some((Self::TextEncoder(0), r));
+        }
+        let r = key.strip_prefix("lora_te")?;
+        let (n, rest) = r.split_once('_')?;
+        let i = n.parse::<usize>().ok()?.checked_sub(1)?;
+        Some((Self::TextEncoder(i), rest))
     }
 }
 
@@ -80,6 +115,58 @@ pub struct LoraFile {
     pub format: &'static str,
 }
 
+impl LoraFile {
+    /// The file's modules of `component` keyed by the model's layer path, given every layer
+    /// path the model has, and the names that name no layer. kohya names a layer by its path
+    /// with each `.` as `_` (`down_blocks_0_attentions_0_..._to_q`), which is resolved here
+    /// against the model's own paths (the one place that undoes kohya's renaming).
+    pub fn modules_by_path<'a>(
+        &'a self,
+        component: Component,
+        layer_paths: &[String],
+    ) -> (HashMap<String, &'a LoraModule>, Vec<String>) {
+        let by_underscored: HashMap<String, &String> = layer_paths
+            .iter()
+            .map(|p| (p.replace('.', "_"), p))
+            .collect();
+        let known: std::collections::HashSet<&String> = layer_paths.iter().collect();
+        let (mut found, mut unmatched) = (HashMap::new(), Vec::new());
+        for ((comp, name), m) in &self.modules {
+            if *comp != component {
+                continue;
+            }
+            let path = match name {
+                ModuleName::Path(p) => known.contains(p).then(|| p.clone()),
+                ModuleName::Underscored(u) => by_underscored.get(u).map(|p| (*p).clone()),
+            };
+            match path {
+                Some(p) => {
+                    found.insert(p, m);
+                }
+                None => unmatched.push(match name {
+                    ModuleName::Path(p) => p.clone(),
+                    ModuleName::Underscored(u) => u.clone(),
+                }),
+            }
+        }
+        (found, unmatched)
+    }
+
+    /// The components the file has modules for.
+    pub fn components(&self) -> Vec<Component> {
+        let mut c: Vec<Component> = self.modules.keys().map(|(c, _)| *c).collect();
+        c.dedup();
+        c
+    }
+}
+
+fn tensor_error(path: &Path, source: super::safetensors::TensorError) -> IoError {
+    IoError::Tensor {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
 fn bad(path: &Path, message: String) -> IoError {
     IoError::Format {
         path: path.to_path_buf(),
@@ -95,11 +182,9 @@ pub fn read(path: &Path) -> Result<LoraFile, IoError> {
     if tensors.is_empty() {
         return Err(bad(path, "holds no tensors".into()));
     }
-    let kohya = tensors.keys().all(|k| {
-        ["lora_unet_", "lora_te_", "lora_te1_"]
-            .iter()
-            .any(|p| k.starts_with(p))
-    });
+    let kohya = tensors
+        .keys()
+        .all(|k| Component::from_kohya_key(k).is_some());
     if kohya {
         return read_kohya(path, &tensors);
     }
@@ -110,14 +195,7 @@ fn read_kohya(path: &Path, tensors: &BTreeMap<String, HostTensor>) -> Result<Lor
     let mut parts: BTreeMap<(Component, String), [Option<&HostTensor>; 3]> = BTreeMap::new();
     let mut unknown = Vec::new();
     for (k, t) in tensors {
-        let (comp, rest) = if let Some(r) = k.strip_prefix("lora_unet_") {
-            (Component::Unet, r)
-        } else if let Some(r) = k
-            .strip_prefix("lora_te1_")
-            .or_else(|| k.strip_prefix("lora_te_"))
-        {
-            (Component::TextEncoder, r)
-        } else {
+        let Some((comp, rest)) = Component::from_kohya_key(k) else {
             unknown.push(k.clone());
             continue;
         };
@@ -216,15 +294,15 @@ fn read_diffusers(
     let mut peft = false;
     let mut unknown = Vec::new();
     for (k, t) in tensors {
-        let (comp, rest) = if let Some(r) = k.strip_prefix("unet.") {
-            (Component::Unet, r)
-        } else if let Some(r) = k.strip_prefix("text_encoder.") {
-            (Component::TextEncoder, r)
-        } else if let Some(r) = k.strip_prefix("base_model.model.") {
-            (Component::Unet, r)
-        } else {
-            unknown.push(k.clone());
-            continue;
+        let (comp, rest) = match Component::from_diffusers_key(k) {
+            Some(found) => found,
+            None => match k.strip_prefix("base_model.model.") {
+                Some(r) => (Component::Unet, r),
+                None => {
+                    unknown.push(k.clone());
+                    continue;
+                }
+            },
         };
         // diffusers' old attention-processor spelling.
         let rest = rest
@@ -252,7 +330,8 @@ fn read_diffusers(
             Some((stem, slot, is_peft)) => {
                 peft |= is_peft;
                 // transformers 5 saves CLIPTextModel without its `text_model.` level.
-                let stem = if comp == Component::TextEncoder && !stem.starts_with("text_model.") {
+                let text = matches!(comp, Component::TextEncoder(_));
+                let stem = if text && !stem.starts_with("text_model.") {
                     format!("text_model.{stem}")
                 } else {
                     stem
@@ -327,13 +406,12 @@ pub fn write_diffusers(
         // diffusers writes (and reads back) a text encoder's factors as `lora_linear_layer`.
         let factor = match comp {
             Component::Unet => "lora",
-            Component::TextEncoder => "lora_linear_layer",
+            Component::TextEncoder(_) => "lora_linear_layer",
         };
         tensors.insert(format!("{p}.{module}.{factor}.down.weight"), data(&m.down));
         tensors.insert(format!("{p}.{module}.{factor}.up.weight"), data(&up));
     }
-    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-    write(path, &tensors, &meta)
+    write(path, &tensors, &super::layout::pt_metadata())
 }
 
 fn write(
@@ -341,7 +419,7 @@ fn write(
     tensors: &BTreeMap<String, TensorData>,
     meta: &HashMap<String, String>,
 ) -> Result<(), IoError> {
-    let bytes = tensors_bytes(tensors, meta).map_err(|m| bad(path, m))?;
+    let bytes = tensors_bytes(tensors, meta).map_err(|source| tensor_error(path, source))?;
     super::write_atomic(path, &bytes)
 }
 
@@ -349,8 +427,9 @@ fn write(
 pub struct KohyaInfo {
     pub rank: usize,
     pub alpha: f64,
-    /// `sd_v1` or `sd_v2`.
-    pub base_model_version: &'static str,
+    /// The model the LoRA is for (`ss_base_model_version`, `modelspec.architecture`, the text
+    /// encoders' key prefixes).
+    pub base_model: BaseModel,
     pub output_name: String,
     /// Anything else (`ss_*` training settings).
     pub extra: Vec<(String, String)>,
@@ -364,7 +443,8 @@ pub fn write_kohya(
 ) -> Result<(), IoError> {
     let mut tensors = BTreeMap::new();
     for ((comp, module), m) in modules {
-        let stem = format!("{}{}", comp.kohya_prefix(), module.replace('.', "_"));
+        let prefix = comp.kohya_prefix(info.base_model.text_encoders());
+        let stem = format!("{prefix}{}", module.replace('.', "_"));
         let rank = m.down.shape[0] as f64;
         tensors.insert(format!("{stem}.lora_down.weight"), data(&m.down));
         tensors.insert(format!("{stem}.lora_up.weight"), data(&m.up));
@@ -374,12 +454,15 @@ pub fn write_kohya(
             TensorData::new(vec![alpha], Vec::<usize>::new()),
         );
     }
-    let v2 = info.base_model_version == "sd_v2";
+    let v2 = info.base_model.is_v2();
     let mut ss: HashMap<String, String> = [
         ("ss_network_module", "networks.lora".to_string()),
         ("ss_network_dim", info.rank.to_string()),
         ("ss_network_alpha", format!("{}", info.alpha)),
-        ("ss_base_model_version", info.base_model_version.to_string()),
+        (
+            "ss_base_model_version",
+            info.base_model.kohya_version().to_string(),
+        ),
         ("ss_v2", if v2 { "True" } else { "False" }.to_string()),
         ("ss_output_name", info.output_name.clone()),
     ]
@@ -393,19 +476,14 @@ pub fn write_kohya(
         .filter(|(k, _)| k.starts_with("ss_"))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
-    let bytes = tensors_bytes(&tensors, &ss_only).map_err(|m| bad(path, m))?;
+    let bytes = tensors_bytes(&tensors, &ss_only).map_err(|source| tensor_error(path, source))?;
     let (model_hash, legacy_hash) = kohya_hashes(&bytes);
     let mut meta = ss;
     meta.insert("sshs_model_hash".into(), model_hash);
     meta.insert("sshs_legacy_hash".into(), legacy_hash);
     meta.insert(
         "modelspec.architecture".into(),
-        if v2 {
-            "stable-diffusion-v2-512/lora"
-        } else {
-            "stable-diffusion-v1/lora"
-        }
-        .into(),
+        info.base_model.modelspec_lora_architecture().into(),
     );
     meta.insert("modelspec.sai_model_spec".into(), "1.0.0".into());
     meta.insert(

@@ -5,9 +5,11 @@
 //! left out, so a model's key is its diffusers key. Later key formats (the original single-file
 //! Stable Diffusion names, PEFT/kohya LoRA names) are translated here and nowhere else.
 
+pub mod base_model;
 pub mod config_json;
 pub mod image;
 pub mod keys;
+pub mod layout;
 pub mod lora;
 pub mod safetensors;
 pub mod single_file;
@@ -31,13 +33,23 @@ pub enum IoError {
     },
     #[error("{path}: not a valid safetensors file: {message}")]
     Format { path: PathBuf, message: String },
+    #[error("{path}")]
+    Tensor {
+        path: PathBuf,
+        #[source]
+        source: safetensors::TensorError,
+    },
     #[error("{path}: weights do not match the model:\n  {}", problems.join("\n  "))]
     Mismatch {
         path: PathBuf,
         problems: Vec<String>,
     },
-    #[error("cannot encode image {path}: {message}")]
-    Image { path: PathBuf, message: String },
+    #[error("cannot encode image {path}")]
+    Image {
+        path: PathBuf,
+        #[source]
+        source: ::image::ImageError,
+    },
 }
 
 /// Writes `path` via a temporary file in the same folder: `fill` writes the contents, then

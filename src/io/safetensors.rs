@@ -19,25 +19,103 @@ use burn::tensor::DType;
 
 use super::{IoError, write_atomic_with};
 
+/// What is wrong with one tensor of a safetensors file, or with a file's header.
+#[derive(Debug, thiserror::Error)]
+pub enum TensorError {
+    #[error("no tensor named {0:?}")]
+    Missing(String),
+    #[error("tensor {key:?} has dtype {dtype}; only float tensors are supported")]
+    NotFloat { key: String, dtype: String },
+    #[error("reading {key:?}")]
+    Read {
+        key: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{key}: rows {start}..{end} exceed its shape {shape:?}")]
+    Rows {
+        key: String,
+        start: usize,
+        end: usize,
+        shape: Vec<usize>,
+    },
+    #[error("tensor {key} has dtype {dtype:?}, which safetensors cannot store")]
+    Unstorable { key: String, dtype: DType },
+    #[error("bad header")]
+    Header(#[source] serde_json::Error),
+    #[error("the header describes {end} bytes but the file has {total} (truncated or padded)")]
+    Length { end: u64, total: u64 },
+}
+
 /// Tracks the dotted path while a visitor or mapper walks a module.
+///
+/// Struct fields and `Vec` indices are joined by dots; enum variant names are left out, so a
+/// model's key is its diffusers key. Two kinds of field name the pipeline component they hold,
+/// as diffusers names a pipeline's components (so a latent diffusion model's keys are
+/// `unet.*`, `text_encoder.*`, the prefixes of diffusers' LoRA files too):
+/// - a field `backbone` holding the enum `Backbone` takes the component name of its variant
+///   ([`backbone_component`]);
+/// - a field `text_encoders` (a `Vec`) names its i-th element `text_encoder`,
+///   `text_encoder_2`, ... ([`super::layout::component_name`]).
 #[derive(Default)]
 pub(crate) struct PathStack {
     parts: Vec<String>,
-    pushed: Vec<bool>,
+    /// What each `enter` did, undone by its `exit`.
+    entered: Vec<Entered>,
+}
+
+enum Entered {
+    Pushed,
+    Skipped,
+    /// The last part was replaced; the old name comes back on exit.
+    Renamed(String),
+}
+
+/// The pipeline component a variant of `models::backbone::Backbone` is (diffusers' name of the
+/// folder and of the key prefix); `None` for an unknown variant, which is then left out.
+pub(crate) fn backbone_component(variant: &str) -> Option<&'static str> {
+    match variant {
+        "Unet2DCondition" => Some("unet"),
+        _ => None,
+    }
 }
 
 impl PathStack {
     pub(crate) fn enter(&mut self, name: &str, container: &str) {
-        let push = !container.starts_with("Enum:");
-        if push {
-            self.parts.push(name.to_string());
-        }
-        self.pushed.push(push);
+        let last = self.parts.last().map(String::as_str);
+        let rename = match (container, last) {
+            ("Enum:Backbone", Some("backbone")) => backbone_component(name).map(str::to_string),
+            ("Vec", Some("text_encoders")) => name
+                .parse::<usize>()
+                .ok()
+                .map(|i| super::layout::component_name("text_encoder", i)),
+            _ => None,
+        };
+        let entered = match rename {
+            Some(component) => {
+                let last = self.parts.last_mut().expect("matched a last part above");
+                Entered::Renamed(std::mem::replace(last, component))
+            }
+            None if container.starts_with("Enum:") => Entered::Skipped,
+            None => {
+                self.parts.push(name.to_string());
+                Entered::Pushed
+            }
+        };
+        self.entered.push(entered);
     }
 
     pub(crate) fn exit(&mut self) {
-        if self.pushed.pop() == Some(true) {
-            self.parts.pop();
+        match self.entered.pop() {
+            Some(Entered::Pushed) => {
+                self.parts.pop();
+            }
+            Some(Entered::Renamed(old)) => {
+                if let Some(last) = self.parts.last_mut() {
+                    *last = old;
+                }
+            }
+            Some(Entered::Skipped) | None => {}
         }
     }
 
@@ -181,7 +259,10 @@ impl SafetensorsFile<'static> {
         }
         let mut header = vec![0u8; n as usize];
         file.read_exact(&mut header).map_err(read_err)?;
-        let header = parse_header(&header, 8 + n, file_len).map_err(format)?;
+        let header = parse_header(&header, 8 + n, file_len).map_err(|source| IoError::Tensor {
+            path: path.to_path_buf(),
+            source,
+        })?;
         Ok(Self {
             path: path.to_path_buf(),
             bytes: Bytes::File(file),
@@ -195,14 +276,15 @@ fn parse_header(
     header: &[u8],
     data_start: u64,
     total_len: u64,
-) -> Result<::safetensors::tensor::Metadata, String> {
+) -> Result<::safetensors::tensor::Metadata, TensorError> {
     let header: ::safetensors::tensor::Metadata =
-        serde_json::from_slice(header).map_err(|e| format!("bad header: {e}"))?;
+        serde_json::from_slice(header).map_err(TensorError::Header)?;
     let end = data_start + header.data_len() as u64;
     if end != total_len {
-        return Err(format!(
-            "the header describes {end} bytes but the file has {total_len} (truncated or padded)"
-        ));
+        return Err(TensorError::Length {
+            end,
+            total: total_len,
+        });
     }
     Ok(header)
 }
@@ -222,7 +304,11 @@ impl<'a> SafetensorsFile<'a> {
             .ok()
             .and_then(|n| bytes.get(8..8 + n))
             .ok_or_else(|| format(format!("header size {n} exceeds the file")))?;
-        let header = parse_header(header, 8 + n, bytes.len() as u64).map_err(format)?;
+        let header =
+            parse_header(header, 8 + n, bytes.len() as u64).map_err(|source| IoError::Tensor {
+                path: path.to_path_buf(),
+                source,
+            })?;
         Ok(Self {
             path: path.to_path_buf(),
             bytes: Bytes::Memory(bytes),
@@ -252,16 +338,14 @@ impl<'a> SafetensorsFile<'a> {
     }
 
     /// One tensor in its stored dtype.
-    pub fn read(&self, name: &str) -> Result<TensorData, String> {
+    pub fn read(&self, name: &str) -> Result<TensorData, TensorError> {
         let info = self
             .header
             .info(name)
-            .ok_or_else(|| format!("no tensor named {name:?}"))?;
-        let dtype = burn_dtype(info.dtype).ok_or_else(|| {
-            format!(
-                "tensor {name:?} has dtype {:?}; only float tensors are supported",
-                info.dtype
-            )
+            .ok_or_else(|| TensorError::Missing(name.to_string()))?;
+        let dtype = burn_dtype(info.dtype).ok_or_else(|| TensorError::NotFloat {
+            key: name.to_string(),
+            dtype: format!("{:?}", info.dtype),
         })?;
         let (start, end) = info.data_offsets;
         let bytes = match &self.bytes {
@@ -273,7 +357,10 @@ impl<'a> SafetensorsFile<'a> {
                 use std::os::unix::fs::FileExt;
                 let mut buf = vec![0u8; end - start];
                 f.read_exact_at(&mut buf, self.data_start + start as u64)
-                    .map_err(|e| format!("reading {name:?}: {e}"))?;
+                    .map_err(|source| TensorError::Read {
+                        key: name.to_string(),
+                        source,
+                    })?;
                 buf
             }
         };
@@ -285,9 +372,9 @@ impl<'a> SafetensorsFile<'a> {
         self.keys()
             .into_iter()
             .map(|k| {
-                let data = self.read(&k).map_err(|message| IoError::Format {
+                let data = self.read(&k).map_err(|source| IoError::Tensor {
                     path: self.path.clone(),
-                    message,
+                    source,
                 })?;
                 let shape = data.shape().to_vec();
                 Ok((
@@ -312,7 +399,7 @@ pub trait TensorSource {
     /// Every key, sorted.
     fn keys(&self) -> Vec<String>;
     fn shape(&self, key: &str) -> Option<Vec<usize>>;
-    fn read(&self, key: &str) -> Result<TensorData, String>;
+    fn read(&self, key: &str) -> Result<TensorData, TensorError>;
 }
 
 impl TensorSource for SafetensorsFile<'_> {
@@ -322,7 +409,7 @@ impl TensorSource for SafetensorsFile<'_> {
     fn shape(&self, key: &str) -> Option<Vec<usize>> {
         SafetensorsFile::shape(self, key)
     }
-    fn read(&self, key: &str) -> Result<TensorData, String> {
+    fn read(&self, key: &str) -> Result<TensorData, TensorError> {
         SafetensorsFile::read(self, key)
     }
 }
@@ -334,16 +421,18 @@ impl TensorSource for BTreeMap<String, HostTensor> {
     fn shape(&self, key: &str) -> Option<Vec<usize>> {
         self.get(key).map(|t| t.shape.clone())
     }
-    fn read(&self, key: &str) -> Result<TensorData, String> {
-        let t = self.get(key).ok_or_else(|| format!("no tensor {key:?}"))?;
+    fn read(&self, key: &str) -> Result<TensorData, TensorError> {
+        let t = self
+            .get(key)
+            .ok_or_else(|| TensorError::Missing(key.to_string()))?;
         Ok(TensorData::new(t.data.clone(), t.shape.clone()))
     }
 }
 
 struct Loader<'a, S: ?Sized> {
     path: PathStack,
-    /// Only parameters whose key passes are loaded (the others keep their values).
-    keep: fn(&str) -> bool,
+    /// Only these parameters are loaded (`None`: all; the others keep their values).
+    only: Option<&'a std::collections::HashSet<ParamId>>,
     source: &'a S,
     used: Vec<String>,
     problems: Vec<String>,
@@ -357,10 +446,10 @@ impl<S: TensorSource + ?Sized> ModuleMapper for Loader<'_, S> {
         self.path.exit();
     }
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-        let key = self.path.key();
-        if !(self.keep)(&key) {
+        if self.only.is_some_and(|ids| !ids.contains(&param.id)) {
             return param;
         }
+        let key = self.path.key();
         let want = param.lazy_shape().dims::<D>().to_vec();
         let Some(shape) = self.source.shape(&key) else {
             self.problems
@@ -377,7 +466,7 @@ impl<S: TensorSource + ?Sized> ModuleMapper for Loader<'_, S> {
         let data = match self.source.read(&key) {
             Ok(d) => d,
             Err(e) => {
-                self.problems.push(e);
+                self.problems.push(crate::error::chain(&e));
                 return param;
             }
         };
@@ -399,21 +488,21 @@ pub fn load_into<M: Module, S: TensorSource + ?Sized>(
     source: &S,
     path: &Path,
 ) -> Result<M, IoError> {
-    load_into_where(module, source, path, |_| true)
+    load_into_only(module, source, path, None)
 }
 
-/// [`load_into`] for the parameters whose key passes `keep` (e.g. only the LoRA adapters of a
-/// model whose base comes from elsewhere): each of them must be in `source`, and `source` must
+/// [`load_into`] for the parameters `only` names (`None`: all), e.g. only the LoRA adapters of
+/// a model whose base comes from elsewhere: each of them must be in `source`, and `source` must
 /// hold nothing else.
-pub fn load_into_where<M: Module, S: TensorSource + ?Sized>(
+pub fn load_into_only<M: Module, S: TensorSource + ?Sized>(
     module: M,
     source: &S,
     path: &Path,
-    keep: fn(&str) -> bool,
+    only: Option<&std::collections::HashSet<ParamId>>,
 ) -> Result<M, IoError> {
     let mut loader = Loader {
         path: PathStack::default(),
-        keep,
+        only,
         source,
         used: Vec::new(),
         problems: Vec::new(),
@@ -520,7 +609,7 @@ fn header_bytes(
 fn module_layout<M: Module>(
     module: &M,
     dtype: Option<DType>,
-) -> Result<Vec<(String, Dtype, Vec<usize>)>, String> {
+) -> Result<Vec<(String, Dtype, Vec<usize>)>, TensorError> {
     let mut layout = Layout::default();
     module.visit(&mut layout);
     layout
@@ -528,9 +617,9 @@ fn module_layout<M: Module>(
         .into_iter()
         .map(|(k, d, s)| {
             let d = dtype.unwrap_or(d);
-            file_dtype(d).map(|fd| (k.clone(), fd, s)).ok_or_else(|| {
-                format!("parameter {k} has dtype {d:?}, which safetensors cannot store")
-            })
+            file_dtype(d)
+                .map(|fd| (k.clone(), fd, s))
+                .ok_or(TensorError::Unstorable { key: k, dtype: d })
         })
         .collect()
 }
@@ -558,20 +647,28 @@ pub fn write_module<M: Module>(
 pub fn module_bytes<M: Module>(
     module: &M,
     metadata: &HashMap<String, String>,
-) -> Result<Vec<u8>, String> {
-    let mut out = Vec::new();
-    write_module(&mut out, module, None, metadata).map_err(|e| e.to_string())?;
+) -> Result<Vec<u8>, TensorError> {
+    let layout = module_layout(module, None)?;
+    let mut out = header_bytes(&layout, metadata);
+    let mut streamer = Streamer {
+        out: &mut out,
+        dtype: None,
+        result: Ok(()),
+    };
+    module.visit(&mut streamer);
+    // Writes into a Vec cannot fail.
+    streamer.result.expect("writing into memory");
     Ok(out)
 }
 
 #[derive(Default)]
-struct DataCollector {
+struct DataCollector<'a> {
     path: PathStack,
-    keep: Option<fn(&str) -> bool>,
+    only: Option<&'a std::collections::HashSet<ParamId>>,
     out: BTreeMap<String, TensorData>,
 }
 
-impl ModuleVisitor for DataCollector {
+impl ModuleVisitor for DataCollector<'_> {
     fn enter_module(&mut self, name: &str, container: &str) {
         self.path.enter(name, container);
     }
@@ -579,20 +676,19 @@ impl ModuleVisitor for DataCollector {
         self.path.exit();
     }
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        let key = self.path.key();
-        if self.keep.is_none_or(|keep| keep(&key)) {
-            self.out.insert(key, param.val().into_data());
+        if self.only.is_none_or(|ids| ids.contains(&param.id)) {
+            self.out.insert(self.path.key(), param.val().into_data());
         }
     }
 }
 
-/// The float parameters of `module` whose key passes `keep`, in their own dtype, by key.
-pub fn tensors_where<M: Module>(
+/// The float parameters of `module` that `only` names, in their own dtype, by key.
+pub fn tensors_of<M: Module>(
     module: &M,
-    keep: fn(&str) -> bool,
+    only: &std::collections::HashSet<ParamId>,
 ) -> BTreeMap<String, TensorData> {
     let mut c = DataCollector {
-        keep: Some(keep),
+        only: Some(only),
         ..DataCollector::default()
     };
     module.visit(&mut c);
@@ -603,11 +699,13 @@ pub fn tensors_where<M: Module>(
 pub fn tensors_bytes(
     tensors: &BTreeMap<String, TensorData>,
     metadata: &HashMap<String, String>,
-) -> Result<Vec<u8>, String> {
+) -> Result<Vec<u8>, TensorError> {
     let mut layout = Vec::with_capacity(tensors.len());
     for (k, t) in tensors {
-        let dtype =
-            file_dtype(t.dtype()).ok_or_else(|| format!("tensor {k} has dtype {:?}", t.dtype()))?;
+        let dtype = file_dtype(t.dtype()).ok_or_else(|| TensorError::Unstorable {
+            key: k.clone(),
+            dtype: t.dtype(),
+        })?;
         layout.push((k.clone(), dtype, t.shape().to_vec()));
     }
     let mut out = header_bytes(&layout, metadata);
@@ -650,9 +748,9 @@ pub fn save_tensors(
 /// A parameter id derived from the parameter's key (FNV-1a), so a rebuilt model gets the same
 /// ids and optimizer state saved by id (burn's `OptimizerRecord`) finds its parameters again.
 fn key_id(key: &str) -> u64 {
-    key.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
-    })
+    super::layout::Fnv1a::default()
+        .bytes(key.as_bytes())
+        .value()
 }
 
 #[derive(Default)]
@@ -753,7 +851,7 @@ mod tests {
         // A truncated file is named, not mis-read.
         let short = tmp.path().join("short.safetensors");
         std::fs::write(&short, &bytes[..bytes.len() - 1]).unwrap();
-        let err = SafetensorsFile::open(&short).err().unwrap().to_string();
+        let err = crate::error::chain(&SafetensorsFile::open(&short).err().unwrap());
         assert!(
             err.contains("short.safetensors") && err.contains("truncated"),
             "{err}"

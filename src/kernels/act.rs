@@ -93,7 +93,10 @@ fn silu_grad_dispatch(x: &[f32], g: &[f32], out: &mut [MaybeUninit<f32>]) {
 /// zip the two).
 fn elementwise(x: &[f32], block: fn(&[f32], &mut [MaybeUninit<f32>])) -> Vec<f32> {
     // SAFETY: `block` writes every element of its output chunk (the contract above).
-    unsafe { super::parallel::par_new_uninit(x.len(), BLOCK, |i, y| block(&x[i * BLOCK..][..y.len()], y)) }.0
+    unsafe {
+        super::parallel::par_new_uninit(x.len(), BLOCK, |i, y| block(&x[i * BLOCK..][..y.len()], y))
+    }
+    .0
 }
 
 /// [`elementwise`] for an input gradient from `x` and the output gradient `grad`.

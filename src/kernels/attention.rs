@@ -14,9 +14,9 @@
 
 use rayon::prelude::*;
 
-use super::gemm::Product;
 use super::act;
 use super::bf16_gemm::{self, PackedRhs};
+use super::gemm::Product;
 use super::gemm::matmul as gemm;
 
 /// Query rows per block.

@@ -11,7 +11,6 @@ use burn::backend::{Autodiff, Backend};
 
 use super::ops::TrainOps;
 
-
 /// Backward step of a convolution with `N` parents: `x`, `weight` and, when `N == 3`, `bias`.
 #[derive(Debug)]
 struct Conv2dBackward<const N: usize>;

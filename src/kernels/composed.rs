@@ -122,7 +122,10 @@ pub(super) fn composed_geglu<B: Backend>(h: FloatTensor<B>) -> FloatTensor<B> {
 }
 
 /// burn's operations for [`TrainOps::geglu_input_grad`].
-pub(super) fn composed_geglu_grad<B: Backend>(h: FloatTensor<B>, grad: FloatTensor<B>) -> FloatTensor<B> {
+pub(super) fn composed_geglu_grad<B: Backend>(
+    h: FloatTensor<B>,
+    grad: FloatTensor<B>,
+) -> FloatTensor<B> {
     let last = h.shape().num_dims() - 1;
     let [left, gate] = halves::<B>(h);
     let d_left = B::float_mul(grad.clone(), B::gelu(gate.clone()));
@@ -136,7 +139,11 @@ pub(super) fn composed_silu<B: Backend>(x: FloatTensor<B>) -> FloatTensor<B> {
 }
 
 /// `(scale · q kᵀ, its row maxima)` `[h, n, m]`, `[h, n, 1]`.
-pub(super) fn scaled_scores<B: Backend>(q: FloatTensor<B>, k: FloatTensor<B>, scale: f64) -> FloatTensor<B> {
+pub(super) fn scaled_scores<B: Backend>(
+    q: FloatTensor<B>,
+    k: FloatTensor<B>,
+    scale: f64,
+) -> FloatTensor<B> {
     B::float_mul_scalar(
         B::float_matmul(q, B::float_swap_dims(k, 1, 2)),
         scale.into(),
@@ -193,14 +200,20 @@ pub(super) fn composed_softmax<B: Backend>(x: FloatTensor<B>) -> FloatTensor<B> 
 }
 
 /// burn's operations for [`TrainOps::softmax_last_grad`].
-pub(super) fn composed_softmax_grad<B: Backend>(y: FloatTensor<B>, grad: FloatTensor<B>) -> FloatTensor<B> {
+pub(super) fn composed_softmax_grad<B: Backend>(
+    y: FloatTensor<B>,
+    grad: FloatTensor<B>,
+) -> FloatTensor<B> {
     let d = y.shape().num_dims() - 1;
     let dot = B::float_sum_dim(B::float_mul(grad.clone(), y.clone()), d);
     B::float_mul(y, B::float_sub(grad, dot))
 }
 
 /// burn's operations for [`TrainOps::silu_input_grad`].
-pub(super) fn composed_silu_grad<B: Backend>(x: FloatTensor<B>, grad: FloatTensor<B>) -> FloatTensor<B> {
+pub(super) fn composed_silu_grad<B: Backend>(
+    x: FloatTensor<B>,
+    grad: FloatTensor<B>,
+) -> FloatTensor<B> {
     let s = B::sigmoid(x.clone());
     let one_minus_s = B::float_add_scalar(B::float_neg(s.clone()), 1.0.into());
     let inner = B::float_add_scalar(B::float_mul(x, one_minus_s), 1.0.into());

@@ -40,7 +40,9 @@ impl<'a> Weights<'a> {
     fn to_f32(self) -> std::borrow::Cow<'a, [f32]> {
         match self {
             Weights::F32(w) => std::borrow::Cow::Borrowed(w),
-            Weights::Bf16(w) => std::borrow::Cow::Owned(super::convert::convert_par(w, super::convert::widen_bf16)),
+            Weights::Bf16(w) => {
+                std::borrow::Cow::Owned(super::convert::convert_par(w, super::convert::widen_bf16))
+            }
         }
     }
 }

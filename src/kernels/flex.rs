@@ -3,17 +3,16 @@
 //! inputs widened, results rounded back to the input's dtype), and otherwise falls back to
 //! burn's path.
 
-use burn::backend::ops::{ActivationOps, FloatTensorOps, ModuleOps};
-use rayon::prelude::*;
-use burn::backend::{Flex, TensorMetadata};
 use burn::backend::flex::FlexTensor;
+use burn::backend::ops::{ActivationOps, FloatTensorOps, ModuleOps};
+use burn::backend::{Flex, TensorMetadata};
 use burn::tensor::{DType, bf16};
+use rayon::prelude::*;
 
 use super::composed::{
     composed_attention_grads, composed_attention_lse, composed_conv_transpose2d_grads,
     composed_conv2d_param_grads, composed_geglu, composed_geglu_grad, composed_group_norm,
-    composed_silu, composed_silu_grad, composed_softmax,
-    composed_softmax_grad,
+    composed_silu, composed_silu_grad, composed_softmax, composed_softmax_grad,
 };
 use super::conv::{self, Conv2dGeom};
 use super::convert::{f32_values, flex_tensor, flex_tensor_in};

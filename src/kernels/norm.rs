@@ -218,27 +218,28 @@ pub fn backward(
     let (cpg, glen, sample) = (g.channels / g.groups, g.group_len(), g.sample());
     let chunks = g.batch.clamp(1, AFFINE_GRAD_CHUNKS);
     let per_chunk = g.batch.div_ceil(chunks).max(1);
-    let (dx, partials) = super::parallel::par_new(g.len(), per_chunk * sample, |chunk, dx_chunk| {
-        let mut dw = vec![0.0f32; g.channels];
-        let mut db = vec![0.0f32; g.channels];
-        let first = chunk * per_chunk * sample;
-        for (r, dxg) in dx_chunk.chunks_mut(glen.max(1)).enumerate() {
-            let off = first + r * glen;
-            let (xg, gg) = (&x[off..off + glen], &grad[off..off + glen]);
-            let c0 = ((off / glen) % g.groups) * cpg;
-            backward_group_dispatch(
-                xg,
-                gg,
-                dxg,
-                &weight[c0..c0 + cpg],
-                &mut dw[c0..c0 + cpg],
-                &mut db[c0..c0 + cpg],
-                g.spatial,
-                g.eps,
-            );
-        }
-        (dw, db)
-    });
+    let (dx, partials) =
+        super::parallel::par_new(g.len(), per_chunk * sample, |chunk, dx_chunk| {
+            let mut dw = vec![0.0f32; g.channels];
+            let mut db = vec![0.0f32; g.channels];
+            let first = chunk * per_chunk * sample;
+            for (r, dxg) in dx_chunk.chunks_mut(glen.max(1)).enumerate() {
+                let off = first + r * glen;
+                let (xg, gg) = (&x[off..off + glen], &grad[off..off + glen]);
+                let c0 = ((off / glen) % g.groups) * cpg;
+                backward_group_dispatch(
+                    xg,
+                    gg,
+                    dxg,
+                    &weight[c0..c0 + cpg],
+                    &mut dw[c0..c0 + cpg],
+                    &mut db[c0..c0 + cpg],
+                    g.spatial,
+                    g.eps,
+                );
+            }
+            (dw, db)
+        });
     let (dw, db) = super::parallel::sum_in_order(partials, (g.channels, g.channels));
     (dx, dw, db)
 }

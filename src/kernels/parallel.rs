@@ -55,7 +55,10 @@ pub(crate) unsafe fn par_new_uninit<R: Send>(
 
 /// Adds per-chunk partial gradients `(a, b)` in chunk order (zeros of `lens` when there are none):
 /// the fixed summation order that makes the kernels' batch sums independent of threading.
-pub(crate) fn sum_in_order(partials: Vec<(Vec<f32>, Vec<f32>)>, lens: (usize, usize)) -> (Vec<f32>, Vec<f32>) {
+pub(crate) fn sum_in_order(
+    partials: Vec<(Vec<f32>, Vec<f32>)>,
+    lens: (usize, usize),
+) -> (Vec<f32>, Vec<f32>) {
     let mut parts = partials.into_iter();
     let (mut a, mut b) = parts
         .next()

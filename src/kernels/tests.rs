@@ -460,13 +460,11 @@ fn conv_and_silu_match_burn_with_gradients() {
         let b = Tensor::<1>::random([cout], Distribution::Normal(0.0, 0.3), &d);
         let target = |y: Tensor<4>| {
             let shape = y.dims();
-            let weights = Tensor::<1, Int>::arange(
-                0..shape.iter().product::<usize>() as i64,
-                &y.device(),
-            )
-            .float()
-            .reshape(shape)
-            .sin();
+            let weights =
+                Tensor::<1, Int>::arange(0..shape.iter().product::<usize>() as i64, &y.device())
+                    .float()
+                    .reshape(shape)
+                    .sin();
             (y * weights).sum()
         };
         let run = |ours: bool| {
@@ -519,8 +517,7 @@ fn without_autodiff_the_forward_is_the_same() {
     let w = Tensor::<4>::random([4, 3, 3, 3], Distribution::Normal(0.0, 0.3), &d);
     let options = ConvOptions::new([2, 2], [1, 1], [1, 1], 1);
     let ours = silu(conv2d(x.clone(), w.clone(), None, 2, 1));
-    let theirs =
-        burn::tensor::activation::silu(burn::tensor::module::conv2d(x, w, None, options));
+    let theirs = burn::tensor::activation::silu(burn::tensor::module::conv2d(x, w, None, options));
     ours.into_data()
         .assert_approx_eq::<f32>(&theirs.into_data(), burn::tensor::Tolerance::absolute(1e-5));
 }
@@ -591,8 +588,7 @@ fn norms_match_burn_with_gradients() {
         } else {
             let flat: Tensor<2> = x.clone().reshape([5, -1]);
             let (var, mean) = flat.clone().var_mean_bias(1);
-            let normed: Tensor<4> =
-                (flat - mean).div((var + 1e-5).sqrt()).reshape([5, 4, 3, 6]);
+            let normed: Tensor<4> = (flat - mean).div((var + 1e-5).sqrt()).reshape([5, 4, 3, 6]);
             normed * w.clone().unsqueeze() + b.clone().unsqueeze()
         };
         let grads = (y.clone() * weights.clone()).sum().backward();

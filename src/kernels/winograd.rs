@@ -22,8 +22,8 @@ use std::cell::RefCell;
 
 use rayon::prelude::*;
 
-use super::conv::Conv2dGeom;
 use super::bf16_gemm;
+use super::conv::Conv2dGeom;
 use super::gemm::{Product, matmul};
 
 /// Transformed-tile positions: 4x4.

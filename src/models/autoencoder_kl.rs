@@ -118,7 +118,7 @@ impl AutoencoderKLConfig {
     pub fn to_diffusers_json(&self) -> serde_json::Value {
         serde_json::json!({
             "_class_name": "AutoencoderKL",
-            "_diffusers_version": "0.32.0",
+            "_diffusers_version": crate::io::layout::DIFFUSERS_VERSION,
             "in_channels": self.in_channels,
             "out_channels": self.out_channels,
             "down_block_types": self.down_block_types,
@@ -138,7 +138,9 @@ impl AutoencoderKLConfig {
     }
 
     /// Reads a diffusers `vae/config.json`, refusing options this implementation lacks.
-    pub fn from_diffusers_json(value: &serde_json::Value) -> Result<Self, String> {
+    pub fn from_diffusers_json(
+        value: &serde_json::Value,
+    ) -> Result<Self, crate::io::config_json::ConfigJsonError> {
         let json = ConfigJson::new(value, "AutoencoderKL")?;
         json.expect("act_fn", &["silu".into()])?;
         json.expect("shift_factor", &[0.into(), 0.0.into()])?;

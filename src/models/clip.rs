@@ -107,14 +107,17 @@ impl CLIPTextConfig {
     }
 
     /// Reads a transformers `text_encoder/config.json`.
-    pub fn from_transformers_json(value: &serde_json::Value) -> Result<Self, String> {
+    pub fn from_transformers_json(
+        value: &serde_json::Value,
+    ) -> Result<Self, crate::io::config_json::ConfigJsonError> {
         let json = ConfigJson::new(value, "CLIPTextModel")?;
         if let Some(archs) = json.get::<Vec<String>>("architectures")?
             && !archs.iter().any(|a| a == "CLIPTextModel")
         {
-            return Err(format!(
-                "architectures = {archs:?}; only CLIPTextModel text encoders are supported"
-            ));
+            return Err(crate::io::config_json::ConfigJsonError::UnsupportedClass {
+                what: format!("architectures = {archs:?}"),
+                supported: "CLIPTextModel (the only text encoder supported)".into(),
+            });
         }
         json.expect("hidden_act", &["quick_gelu".into(), "gelu".into()])?;
         let mut c = Self::default();

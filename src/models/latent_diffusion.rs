@@ -3,10 +3,11 @@
 //!
 //! - Stage 1, `architecture = "autoencoder_kl"`: an `AutoencoderKL` trained on images with a
 //!   reconstruction loss plus `kl_weight` x KL ([`AutoencoderTrainConfig`]).
-//! - Stage 2, `architecture = "latent_diffusion"`: a `UNet2DConditionModel` on the frozen first
-//!   stage's latents, conditioned on nothing, a class or a caption ([`LatentDiffusionConfig`]);
-//!   with text, a CLIP text encoder that is either frozen from a pretrained folder or trained
-//!   jointly from scratch ([`LatentDiffusionModel`]).
+//! - Stage 2, `architecture = "latent_diffusion"`: a denoising backbone
+//!   ([`super::backbone`], a `UNet2DConditionModel` today) on the frozen first stage's latents,
+//!   conditioned on nothing, a class or a caption ([`LatentDiffusionConfig`]); with text, CLIP
+//!   text encoders that are either frozen from a pretrained folder or trained jointly from
+//!   scratch ([`LatentDiffusionModel`]).
 
 use std::path::PathBuf;
 
@@ -15,9 +16,10 @@ use burn::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::autoencoder_kl::AutoencoderKLConfig;
+use super::backbone::{Backbone, BackboneConfig};
 use super::clip::{CLIPTextConfig, CLIPTextModel, HiddenAct};
 use super::unet_2d_condition::{
-    CondDownBlockType, CondUpBlockType, PerBlock, UNet2DConditionConfig, UNet2DConditionModel,
+    CondDownBlockType, CondUpBlockType, PerBlock, UNet2DConditionConfig,
 };
 
 /// The reconstruction term of stage 1.
@@ -140,6 +142,14 @@ impl Default for ConditioningConfig {
     }
 }
 
+/// A config with both the older `[model.ldm.unet]` and `[model.ldm.backbone]`.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "model.ldm has both [model.ldm.unet] (the older spelling) and [model.ldm.backbone]; keep only \
+     [model.ldm.backbone] with type = \"unet_2d_condition\""
+)]
+pub struct BothSpellings;
+
 /// `[model.ldm]`: stage 2.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -154,9 +164,15 @@ pub struct LatentDiffusionConfig {
     /// Latents are multiplied by this. Unset: a pretrained VAE's `scaling_factor`, else 1 / std
     /// of the first batch's latents (the LDM paper's `scale_by_std`).
     pub scale_factor: Option<f64>,
-    /// The U-Net, with diffusers' names (`[model.ldm.unet]`). `sample_size` is set to the
+    /// The denoising backbone, a tagged section with diffusers' names
+    /// (`[model.ldm.backbone] type = "unet_2d_condition"`). Its `sample_size` is set to the
     /// latent size when training starts.
-    pub unet: UNet2DConditionConfig,
+    pub backbone: BackboneConfig,
+    /// The older spelling of a U-Net backbone (`[model.ldm.unet]`, configs and checkpoints
+    /// before the backbone section): read, moved into `backbone` by [`Self::migrate`], never
+    /// written.
+    #[serde(rename = "unet", skip_serializing)]
+    pub legacy_unet: Option<UNet2DConditionConfig>,
 }
 
 impl Default for LatentDiffusionConfig {
@@ -166,7 +182,8 @@ impl Default for LatentDiffusionConfig {
             first_stage_config: None,
             first_stage_config_from: None,
             scale_factor: None,
-            unet: UNet2DConditionConfig {
+            legacy_unet: None,
+            backbone: BackboneConfig::Unet2DCondition(UNet2DConditionConfig {
                 sample_size: 8,
                 block_out_channels: vec![64, 128],
                 down_block_types: vec![
@@ -182,15 +199,32 @@ impl Default for LatentDiffusionConfig {
                 cross_attention_dim: 64,
                 attention_head_dim: PerBlock::All(4),
                 ..UNet2DConditionConfig::default()
-            },
+            }),
         }
     }
 }
 
 impl LatentDiffusionConfig {
+    /// Moves the older `[model.ldm.unet]` into `backbone` (a U-Net backbone); `backbone_given`
+    /// says whether the file also has `[model.ldm.backbone]`, which is then an error naming the
+    /// new spelling. Returns a note when the old spelling was read.
+    pub fn migrate(&mut self, backbone_given: bool) -> Result<Option<&'static str>, BothSpellings> {
+        let Some(unet) = self.legacy_unet.take() else {
+            return Ok(None);
+        };
+        if backbone_given {
+            return Err(BothSpellings);
+        }
+        self.backbone = BackboneConfig::Unet2DCondition(unet);
+        Ok(Some(
+            "[model.ldm.unet] is now [model.ldm.backbone] with type = \"unet_2d_condition\" \
+             (same keys); read as such",
+        ))
+    }
+
     /// This config's rules and how it must agree with the conditioning `c`.
     pub fn problems(&self, c: &ConditioningConfig) -> Vec<String> {
-        let mut p = self.unet.problems("model.ldm.unet");
+        let mut p = self.backbone.problems("model.ldm.backbone");
         if !(0.0..1.0).contains(&c.cond_drop_prob) {
             p.push(format!(
                 "model.conditioning.cond_drop_prob = {} must be in [0, 1)",
@@ -204,22 +238,28 @@ impl LatentDiffusionConfig {
                         "model.conditioning.num_classes must be set for kind = \"class\"".into(),
                     );
                 }
-                if self.unet.num_class_embeds.is_some() {
+                if self.backbone.classes().is_some() {
                     p.push(
-                        "model.ldm.unet.num_class_embeds is set from model.conditioning.num_classes \
-                         (plus the null class); leave it out"
+                        "model.ldm.backbone.num_class_embeds is set from \
+                         model.conditioning.num_classes (plus the null class); leave it out"
                             .into(),
                     );
                 }
             }
             ConditioningKind::Text => {
                 if c.pretrained_text_encoder.is_none() {
-                    if c.clip.hidden_size != self.unet.cross_attention_dim {
-                        p.push(format!(
+                    match self.backbone.context_width() {
+                        Some(width) if width != c.clip.hidden_size => p.push(format!(
                             "model.conditioning.clip.hidden_size = {} must equal \
-                             model.ldm.unet.cross_attention_dim = {}",
-                            c.clip.hidden_size, self.unet.cross_attention_dim
-                        ));
+                             model.ldm.backbone.cross_attention_dim = {width}",
+                            c.clip.hidden_size
+                        )),
+                        Some(_) => {}
+                        None => p.push(
+                            "model.conditioning.kind = \"text\" needs a backbone with \
+                             cross-attention (model.ldm.backbone)"
+                                .into(),
+                        ),
                     }
                     if c.vocab_size < 520 {
                         p.push(format!(
@@ -246,21 +286,23 @@ impl LatentDiffusionConfig {
         p
     }
 
-    /// The U-Net config with the class table the conditioning `c` needs.
-    pub fn unet_config(&self, c: &ConditioningConfig) -> UNet2DConditionConfig {
-        let mut u = self.unet.clone();
-        if c.kind == ConditioningKind::Class {
-            u.num_class_embeds = Some(c.num_classes + 1);
+    /// The backbone config with the class table the conditioning `c` needs.
+    pub fn backbone_config(&self, c: &ConditioningConfig) -> BackboneConfig {
+        match c.kind {
+            ConditioningKind::Class => self.backbone.with_classes(c.num_classes + 1),
+            _ => self.backbone.clone(),
         }
-        u
     }
 }
 
-/// What stage 2 trains: the U-Net and, for text trained from scratch, the text encoder.
+/// What stage 2 trains: the backbone and, in the pipeline's order, each text encoder that
+/// trains (from scratch, or a pretrained one carrying LoRA adapters); a frozen encoder's slot is
+/// `None` (it lives outside the model, and checkpoints do not hold it). Keys: `unet.*`,
+/// `text_encoder.*`, `text_encoder_2.*` (see `io::safetensors`).
 #[derive(Module, Debug)]
 pub struct LatentDiffusionModel {
-    pub unet: UNet2DConditionModel,
-    pub text_encoder: Option<CLIPTextModel>,
+    pub backbone: Backbone,
+    pub text_encoders: Vec<Option<CLIPTextModel>>,
 }
 
 /// The frozen first stage of latent diffusion: a KL autoencoder (ours or a Stable Diffusion

@@ -4,12 +4,14 @@
 
 pub mod attention;
 pub mod autoencoder_kl;
+pub mod backbone;
 pub mod clip;
+pub mod conditioning;
 pub mod embeddings;
 pub mod latent_diffusion;
-pub mod lora;
 pub mod pixelcnn;
 pub mod resnet;
+pub mod text_encoders;
 pub mod transformer_2d;
 pub mod tutorial_unet;
 pub mod unet_2d;
@@ -84,6 +86,11 @@ impl Architecture {
     }
 }
 
+/// An architecture asked for as a diffusion denoiser that is not one.
+#[derive(Debug, thiserror::Error)]
+#[error("model.architecture = {0:?} is not a diffusion denoiser")]
+pub struct NotADenoiser(pub Architecture);
+
 /// One of the denoiser architectures. Parameter paths skip the variant name (see `io`).
 #[derive(Module, Debug)]
 pub enum DenoiserModel {
@@ -98,7 +105,7 @@ impl DenoiserModel {
         unet: &UNet2DConfig,
         tutorial: &TutorialUNetConfig,
         device: &Device,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, NotADenoiser> {
         match architecture {
             Architecture::Unet2d => Ok(Self::Unet2d(unet.init(device))),
             Architecture::TutorialUnet => Ok(Self::TutorialUnet(tutorial.init(device))),
@@ -106,9 +113,7 @@ impl DenoiserModel {
             | Architecture::GatedPixelcnn
             | Architecture::AutoencoderKl
             | Architecture::LatentDiffusion
-            | Architecture::SdLora => Err(format!(
-                "model.architecture = {architecture:?} is not a diffusion denoiser"
-            )),
+            | Architecture::SdLora => Err(NotADenoiser(architecture)),
         }
     }
 

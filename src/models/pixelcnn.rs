@@ -19,8 +19,8 @@ use burn::tensor::DType;
 use burn::tensor::activation::{relu, sigmoid};
 use serde::{Deserialize, Serialize};
 
-use crate::nn::{Conv2d, Embedding};
 use crate::dtype::{as_dtype, to_f32};
+use crate::nn::{Conv2d, Embedding};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]

@@ -124,7 +124,7 @@ impl UNet2DConfig {
     pub fn to_diffusers_json(&self) -> serde_json::Value {
         serde_json::json!({
             "_class_name": "UNet2DModel",
-            "_diffusers_version": "0.32.0",
+            "_diffusers_version": crate::io::layout::DIFFUSERS_VERSION,
             "sample_size": self.sample_size,
             "in_channels": self.in_channels,
             "out_channels": self.out_channels,
@@ -154,7 +154,9 @@ impl UNet2DConfig {
     }
 
     /// Reads a diffusers `unet/config.json`, refusing options this implementation lacks.
-    pub fn from_diffusers_json(value: &serde_json::Value) -> Result<Self, String> {
+    pub fn from_diffusers_json(
+        value: &serde_json::Value,
+    ) -> Result<Self, crate::io::config_json::ConfigJsonError> {
         let json = ConfigJson::new(value, "UNet2DModel")?;
         json.expect("time_embedding_type", &["positional".into()])?;
         json.expect("resnet_time_scale_shift", &["default".into()])?;

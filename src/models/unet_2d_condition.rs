@@ -16,10 +16,10 @@ use super::transformer_2d::{Transformer2DModel, Transformer2DSpec};
 use super::unet_2d_blocks::{
     AttentionLayer, DownBlock, MidBlock, ResnetSpec, UNetBlocksSpec, UpBlock, unet_blocks,
 };
+use crate::dtype::as_dtype;
 use crate::io::config_json::ConfigJson;
 use crate::kernels::silu;
 use crate::nn::{Conv2d, Embedding, GroupNorm};
-use crate::dtype::as_dtype;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum CondDownBlockType {
@@ -231,7 +231,7 @@ impl UNet2DConditionConfig {
         let per_block = |p: &PerBlock| serde_json::to_value(p).expect("numbers serialise");
         serde_json::json!({
             "_class_name": "UNet2DConditionModel",
-            "_diffusers_version": "0.32.0",
+            "_diffusers_version": crate::io::layout::DIFFUSERS_VERSION,
             "sample_size": self.sample_size,
             "in_channels": self.in_channels,
             "out_channels": self.out_channels,
@@ -270,7 +270,9 @@ impl UNet2DConditionConfig {
     }
 
     /// Reads a diffusers `unet/config.json`, refusing options this implementation lacks.
-    pub fn from_diffusers_json(value: &serde_json::Value) -> Result<Self, String> {
+    pub fn from_diffusers_json(
+        value: &serde_json::Value,
+    ) -> Result<Self, crate::io::config_json::ConfigJsonError> {
         let json = ConfigJson::new(value, "UNet2DConditionModel")?;
         json.expect("center_input_sample", &[false.into()])?;
         json.expect("mid_block_type", &["UNetMidBlock2DCrossAttn".into()])?;
@@ -348,6 +350,8 @@ pub struct UNet2DConditionModel {
     pub time_proj_dim: usize,
     pub flip_sin_to_cos: bool,
     pub freq_shift: f64,
+    /// The width of the token embeddings the cross-attention reads.
+    pub cross_attention_dim: usize,
 }
 
 impl UNet2DConditionModel {
@@ -420,6 +424,7 @@ impl UNet2DConditionModel {
             time_proj_dim: ch[0],
             flip_sin_to_cos: cfg.flip_sin_to_cos,
             freq_shift: cfg.freq_shift,
+            cross_attention_dim: cfg.cross_attention_dim,
         }
     }
 

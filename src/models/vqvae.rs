@@ -9,8 +9,8 @@ use burn::prelude::*;
 use burn::tensor::activation::relu;
 use serde::{Deserialize, Serialize};
 
-use crate::nn::{Conv2d, ConvTranspose2d, Embedding};
 use crate::dtype::{as_dtype, to_f32};
+use crate::nn::{Conv2d, ConvTranspose2d, Embedding};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]

@@ -4,5 +4,6 @@
 
 pub mod ema;
 pub mod grad;
+pub mod groups;
 pub mod lr;
 pub mod precision;

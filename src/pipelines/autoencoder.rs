@@ -6,7 +6,7 @@ use std::path::Path;
 
 use burn::prelude::*;
 
-use super::{save_weights, weights_file};
+use super::{save_weights, stage_weights_file};
 use crate::config::Config;
 use crate::data::Dataset;
 use crate::io;
@@ -48,10 +48,9 @@ impl Outputs<AutoencoderKL> for AutoencoderOutputs {
 
     /// `input | reconstruction` (decoded from the posterior mean).
     fn grid(&self, weights: &AutoencoderKL, device: &Device) -> Result<Grid, TrainError> {
-        let (images, shape) = self
-            .fixed
-            .as_ref()
-            .ok_or_else(|| TrainError::Stage("the reconstruction batch was not prepared".into()))?;
+        let (images, shape) = self.fixed.as_ref().ok_or_else(|| {
+            TrainError::Incompatible("the reconstruction batch was not prepared".into())
+        })?;
         let x = Tensor::<4>::from_data(TensorData::new(images.clone(), *shape), device);
         let recon = to_host(weights.decode(weights.encode(x).mode()).clamp(-1.0, 1.0));
         Ok(super::pairs_grid(images, *shape, &recon))
@@ -68,7 +67,7 @@ impl Outputs<AutoencoderKL> for AutoencoderOutputs {
         for (m, sub) in std::iter::once((weights, "vae")).chain(raw.map(|r| (r, "vae_no_ema"))) {
             save_weights(
                 m,
-                &weights_file(Architecture::AutoencoderKl, dir, &sub[3..]),
+                &stage_weights_file(Architecture::AutoencoderKl, dir, &sub[3..]),
             )?;
             io::write_json(&dir.join(sub).join("config.json"), &json)?;
         }

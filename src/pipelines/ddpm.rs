@@ -3,7 +3,6 @@
 //! (`model_index.json`, `unet/`, `scheduler/`; `tutorial_unet/` for the tutorial U-Net, which has
 //! no diffusers twin).
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use burn::prelude::*;
@@ -78,7 +77,7 @@ fn scheduler_json(cfg: &Config) -> serde_json::Value {
     let d = &cfg.diffusion;
     serde_json::json!({
         "_class_name": "DDPMScheduler",
-        "_diffusers_version": "0.32.0",
+        "_diffusers_version": crate::io::layout::DIFFUSERS_VERSION,
         "num_train_timesteps": d.num_train_timesteps,
         "beta_start": d.beta_start,
         "beta_end": d.beta_end,
@@ -109,13 +108,11 @@ pub fn export(
         .chain(raw.map(|r| (r, "_no_ema")))
         .collect();
     for (m, suffix) in weights {
-        let mut meta = HashMap::from([
-            ("format".to_string(), "pt".to_string()),
-            (
-                "difftrain_version".to_string(),
-                env!("CARGO_PKG_VERSION").to_string(),
-            ),
-        ]);
+        let mut meta = io::layout::pt_metadata();
+        meta.insert(
+            "difftrain_version".to_string(),
+            env!("CARGO_PKG_VERSION").to_string(),
+        );
         if matches!(m, DenoiserModel::Unet2d(_)) {
             let which = if suffix.is_empty() && raw.is_some() {
                 "ema"
@@ -124,7 +121,7 @@ pub fn export(
             };
             meta.insert("difftrain_weights".into(), which.into());
         }
-        let path = weights_file(cfg.model.architecture, dir, suffix);
+        let path = weights_file(&cfg.model, dir, suffix);
         io::safetensors::save_module(&path, m, None, &meta)?;
         if let DenoiserModel::Unet2d(_) = m {
             io::write_json(
@@ -135,17 +132,20 @@ pub fn export(
     }
     if let DenoiserModel::Unet2d(_) = model {
         io::write_json(
-            &dir.join("scheduler/scheduler_config.json"),
+            &dir.join(io::layout::SCHEDULER_CONFIG),
             &scheduler_json(cfg),
         )?;
         io::write_json(
-            &dir.join("model_index.json"),
-            &serde_json::json!({
-                "_class_name": "DDPMPipeline",
-                "_diffusers_version": "0.32.0",
-                "scheduler": ["diffusers", "DDPMScheduler"],
-                "unet": ["diffusers", "UNet2DModel"],
-            }),
+            &dir.join(io::layout::MODEL_INDEX),
+            &io::layout::model_index(
+                "DDPMPipeline",
+                &[
+                    ("scheduler", "diffusers", "DDPMScheduler"),
+                    ("unet", "diffusers", "UNet2DModel"),
+                ],
+                &[],
+                &[],
+            ),
         )?;
     }
     Ok(dir.to_path_buf())

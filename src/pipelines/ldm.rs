@@ -15,33 +15,38 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::stable_diffusion::{self, Pretrained};
-use super::text_to_image::{Condition, Generation, LatentModel, generate, token_ids};
-use super::{load_run, locate, save_weights, vq, weights_file};
+use super::text_to_image::{Generation, LatentModel, Prompted, generate};
+use super::{load_run, locate, save_weights, vq};
 use crate::checkpoint;
 use crate::config::{Config, Resume};
 use crate::data::Dataset;
-use crate::data::latent_cache::fingerprint;
+
 use crate::device::parse_device;
 use crate::diffusion::sampling::SamplerKind;
 use crate::diffusion::scheduler_config::SchedulerConfig;
 use crate::io;
 use crate::io::image::Grid;
+use crate::io::layout::{self as files, component_name};
 use crate::models::Architecture;
 use crate::models::autoencoder_kl::AutoencoderKLConfig;
+use crate::models::backbone::{BackboneConfig, Conditioning};
 use crate::models::clip::{CLIPTextConfig, CLIPTextModel};
 use crate::models::latent_diffusion::{
     ConditioningKind, FirstStage, LatentDiffusionConfig, LatentDiffusionModel, latent_samples,
     scale_by_std,
 };
+use crate::models::text_encoders::{TextEncoderSlot, encode};
 use crate::models::vqvae::VQVAEConfig;
 use crate::nn::to_host;
 use crate::optim::precision::{compute_dtype, hold_frozen};
 use crate::tokenizer::{ClipTokenizer, learn_bpe, write_tokenizer_dir};
-use crate::train::objectives::ldm::{LatentDiffusionObjective, LatentDiffusionParts, TextEncoder};
+use crate::train::objectives::ldm::{
+    LatentDiffusionObjective, LatentDiffusionParts, TextEncoder, TextPart,
+};
 use crate::train::{Outputs, TrainError, TrainOptions, TrainOutcome, train_with};
 
 fn stage_error(message: String) -> TrainError {
-    TrainError::Stage(message)
+    TrainError::Incompatible(message)
 }
 
 // ------------------------------------------------------------------------------- first stage
@@ -76,7 +81,7 @@ fn file_fingerprint(path: &Path) -> Result<String, TrainError> {
             source,
         })
     })?;
-    Ok(fingerprint(&[&bytes]))
+    Ok(files::fingerprint(&[&bytes]))
 }
 
 /// Loads `ldm.first_stage`: a Stable Diffusion model's VAE, or an `autoencoder_kl` / `vqvae`
@@ -87,10 +92,11 @@ pub fn load_first_stage(
 ) -> Result<LoadedFirstStage, TrainError> {
     let path = &ldm.first_stage;
     if Pretrained::looks_like(path) {
+        let context = || format!("model.ldm.first_stage = {}", path.display());
         let source = Pretrained::detect(path, ldm.first_stage_config_from.as_deref())
-            .map_err(|e| stage_error(e.to_string()))?;
-        let (vae, cfg, weights) =
-            stable_diffusion::load_vae(&source, device).map_err(|e| stage_error(e.to_string()))?;
+            .map_err(|e| TrainError::stage(context(), e))?;
+        let (vae, cfg, weights) = stable_diffusion::load_vae(&source, device)
+            .map_err(|e| TrainError::stage(context(), e))?;
         return Ok(LoadedFirstStage {
             factor: cfg.downsampling(),
             latent_channels: cfg.latent_channels,
@@ -148,20 +154,10 @@ fn latent_scale(
 ) -> Result<f64, TrainError> {
     let b = cfg.train.batch_size.min(dataset.len());
     let order = crate::data::loader::epoch_order(dataset.len(), cfg.run.seed, 0);
-    let transform = crate::data::Transform {
-        random_flip: false,
-        ..cfg.data.transform()
-    };
+    let transform = cfg.data.transform().without_flip();
     let mut rng = ChaCha8Rng::seed_from_u64(cfg.run.seed);
-    let mut images = Vec::new();
-    for &i in &order[..b] {
-        images.extend(transform.apply(dataset.decode(i)?, &mut rng));
-    }
-    let r = cfg.data.resolution;
-    let x = Tensor::<4>::from_data(
-        TensorData::new(images, [b, transform.channels(), r, r]),
-        device,
-    );
+    let (images, shape) = transform.batch(dataset, &order[..b], &mut rng)?;
+    let x = Tensor::<4>::from_data(TensorData::new(images, shape), device);
     let (mean, std) = first.moments(x);
     let mean = to_host(mean);
     let eps: Vec<f32> = (0..mean.len())
@@ -179,10 +175,9 @@ fn latent_scale(
 
 // ------------------------------------------------------------------------------- stage 2
 
-/// The text side of stage 2: a tokenizer and a frozen or trainable text encoder.
+/// One text encoder of stage 2: its part in the objective, and what the export needs of it.
 struct Text {
-    tokenizer: Arc<ClipTokenizer>,
-    encoder: TextEncoder,
+    part: TextPart,
     /// Where the tokenizer files are (copied into the export).
     tokenizer_dir: PathBuf,
     /// The trained encoder's config, or the pretrained one's.
@@ -190,18 +185,43 @@ struct Text {
     fingerprint: Option<(String, String)>,
 }
 
-fn text_side(cfg: &Config, dataset: &Dataset, device: &Device) -> Result<Text, TrainError> {
+/// The resume fingerprint's name of the `i`-th pretrained text encoder.
+fn text_fingerprint_name(i: usize) -> String {
+    match i {
+        0 => "text encoder".into(),
+        i => format!("text encoder {}", i + 1),
+    }
+}
+
+/// The text encoders of stage 2: every encoder (and tokenizer) of a pretrained folder, frozen;
+/// else one trained from scratch on a vocabulary learned from the captions.
+fn text_sides(cfg: &Config, dataset: &Dataset, device: &Device) -> Result<Vec<Text>, TrainError> {
     let c = &cfg.model.conditioning;
     if let Some(dir) = &c.pretrained_text_encoder {
-        let (te, config, tokenizer, weights) = stable_diffusion::load_text_encoder(dir, device)
-            .map_err(|e| stage_error(e.to_string()))?;
-        return Ok(Text {
-            tokenizer: Arc::new(tokenizer),
-            encoder: TextEncoder::Frozen(te),
-            tokenizer_dir: dir.join("tokenizer"),
-            config,
-            fingerprint: Some(("text encoder".into(), file_fingerprint(&weights)?)),
-        });
+        let encoders = stable_diffusion::load_text_encoders(dir, device).map_err(|e| {
+            TrainError::stage(
+                format!(
+                    "model.conditioning.pretrained_text_encoder = {}",
+                    dir.display()
+                ),
+                e,
+            )
+        })?;
+        return encoders
+            .into_iter()
+            .enumerate()
+            .map(|(i, (te, weights))| {
+                Ok(Text {
+                    part: TextPart {
+                        slot: TextEncoderSlot::hidden_states(Arc::new(te.tokenizer)),
+                        encoder: TextEncoder::Frozen(te.model),
+                    },
+                    tokenizer_dir: dir.join(component_name("tokenizer", i)),
+                    config: te.config,
+                    fingerprint: Some((text_fingerprint_name(i), file_fingerprint(&weights)?)),
+                })
+            })
+            .collect();
     }
     // A vocabulary learned from the captions, written where diffusers can read it.
     let captions: Vec<&str> = (0..dataset.len())
@@ -214,29 +234,40 @@ fn text_side(cfg: &Config, dataset: &Dataset, device: &Device) -> Result<Text, T
             dataset.path().display()
         )));
     }
-    let (vocab, merges) =
-        learn_bpe(&captions, c.vocab_size).map_err(|e| stage_error(e.to_string()))?;
+    let (vocab, merges) = learn_bpe(&captions, c.vocab_size)
+        .map_err(|e| TrainError::stage("cannot learn a vocabulary from the captions", e))?;
     let dir = cfg.output_dir().join("tokenizer");
     write_tokenizer_dir(&dir, &vocab, &merges, c.max_length)?;
-    let tokenizer = ClipTokenizer::from_dir(&dir).map_err(|e| stage_error(e.to_string()))?;
-    let config = CLIPTextConfig {
+    let tokenizer = ClipTokenizer::from_dir(&dir)
+        .map_err(|e| TrainError::stage("cannot read back the learned tokenizer", e))?;
+    let config = trained_text_config(&tokenizer, c);
+    Ok(vec![Text {
+        part: TextPart {
+            slot: TextEncoderSlot::hidden_states(Arc::new(tokenizer)),
+            encoder: TextEncoder::Trained(config.clone()),
+        },
+        tokenizer_dir: dir,
+        config,
+        fingerprint: None,
+    }])
+}
+
+/// The config of the text encoder trained from scratch with `tokenizer`.
+fn trained_text_config(
+    tokenizer: &ClipTokenizer,
+    c: &crate::models::latent_diffusion::ConditioningConfig,
+) -> CLIPTextConfig {
+    CLIPTextConfig {
         vocab_size: tokenizer.vocab_size(),
-        max_position_embeddings: c.max_length,
+        max_position_embeddings: tokenizer.max_length,
         bos_token_id: tokenizer.bos as usize,
         eos_token_id: tokenizer.eos as usize,
         pad_token_id: tokenizer.pad as usize,
         ..c.clip.clone()
-    };
-    Ok(Text {
-        tokenizer: Arc::new(tokenizer),
-        encoder: TextEncoder::Trained(config.clone()),
-        tokenizer_dir: dir,
-        config,
-        fingerprint: None,
-    })
+    }
 }
 
-/// Stage 2: trains the conditional latent U-Net, first training stage 1 from
+/// Stage 2: trains the conditional latent backbone, first training stage 1 from
 /// `model.ldm.first_stage_config` when that is set and `first_stage` holds no weights yet.
 pub fn train_ldm(
     cfg: &Config,
@@ -258,13 +289,13 @@ pub fn train_ldm(
         }
         super::train(&stage_cfg, opts)?;
         if !opts.quiet {
-            eprintln!("stage 2: training the latent diffusion U-Net");
+            eprintln!("stage 2: training the latent diffusion backbone");
         }
     }
     let device = parse_device(&cfg.run.device)?;
     let mut first = load_first_stage(ldm, &device)?;
     let res = cfg.data.resolution;
-    let unet_cfg = ldm.unet_config(cond_cfg);
+    let backbone_cfg = ldm.backbone_config(cond_cfg);
     let mut problems = Vec::new();
     if res % first.factor != 0 {
         problems.push(format!(
@@ -272,13 +303,12 @@ pub fn train_ldm(
             first.factor
         ));
     }
-    if unet_cfg.in_channels != first.latent_channels
-        || unet_cfg.out_channels != first.latent_channels
-    {
+    let (in_channels, out_channels) = backbone_cfg.channels();
+    if in_channels != first.latent_channels || out_channels != first.latent_channels {
         problems.push(format!(
-            "model.ldm.unet in_channels/out_channels = {}/{} but the first stage's latents have \
-             {} channels",
-            unet_cfg.in_channels, unet_cfg.out_channels, first.latent_channels
+            "model.ldm.backbone in_channels/out_channels = {in_channels}/{out_channels} but the \
+             first stage's latents have {} channels",
+            first.latent_channels
         ));
     }
     if !problems.is_empty() {
@@ -293,8 +323,8 @@ pub fn train_ldm(
         eprintln!("latent scale: {scale:.6} (latents are multiplied by it)");
     }
     let mut text = match cond_cfg.kind {
-        ConditioningKind::Text => Some(text_side(cfg, &dataset, &device)?),
-        _ => None,
+        ConditioningKind::Text => text_sides(cfg, &dataset, &device)?,
+        _ => Vec::new(),
     };
     let lat = [
         first.latent_channels,
@@ -315,23 +345,21 @@ pub fn train_ldm(
     let dtype = compute_dtype(cfg.train.mixed_precision);
     if dtype != burn::tensor::FloatDType::F32 {
         first.model = hold_frozen(first.model, dtype);
-        text = text.map(|mut t| {
-            t.encoder = t.encoder.held_in(dtype);
-            t
-        });
+        for t in &mut text {
+            t.part.encoder = t.part.encoder.clone().held_in(dtype);
+        }
         crate::memory::release_cached();
     }
     let mut fingerprints = vec![("first stage".to_string(), first.fingerprint.clone())];
-    fingerprints.extend(text.as_ref().and_then(|t| t.fingerprint.clone()));
+    fingerprints.extend(text.iter().filter_map(|t| t.fingerprint.clone()));
     let parts = LatentDiffusionParts {
         first_stage: first.model.clone(),
         scale,
         latent_shape: lat,
-        tokenizer: text.as_ref().map(|t| t.tokenizer.clone()),
-        text_encoder: text.as_ref().map(|t| t.encoder.clone()),
+        text: text.iter().map(|t| t.part.clone()).collect(),
         cache,
         fingerprints,
-        base_unet: None,
+        base_backbone: None,
         lora: None,
         cache_text: false,
     };
@@ -340,7 +368,7 @@ pub fn train_ldm(
     // refused by name, and diffusers' default image size is the training resolution.
     let mut cfg = cfg.clone();
     cfg.model.ldm.scale_factor = Some(scale);
-    cfg.model.ldm.unet.sample_size = res / first.factor;
+    cfg.model.ldm.backbone.set_sample_size(res / first.factor);
     let objective = LatentDiffusionObjective::new(
         &cfg.model.ldm,
         &cfg.model.conditioning,
@@ -383,7 +411,7 @@ struct LdmOutputs {
     cfg: Config,
     first: LoadedFirstStage,
     scale: f64,
-    text: Option<Text>,
+    text: Vec<Text>,
     objective: LatentDiffusionObjective,
     /// Captions for the grids when `sample.prompts` is empty.
     dataset_prompts: Vec<String>,
@@ -420,13 +448,12 @@ impl Outputs<LatentDiffusionModel> for LdmOutputs {
     /// One row per prompt (text), per class (class) or plain samples (none), with guidance.
     fn grid(&self, weights: &LatentDiffusionModel, device: &Device) -> Result<Grid, TrainError> {
         let s = &self.cfg.sample;
-        let ldm = &self.cfg.model.ldm;
         let cond_cfg = &self.cfg.model.conditioning;
         let first = self.first.model.clone().to_device(device);
         let decode = |z: Tensor<4>| first.decode(z);
         let scheduler = scheduler_for(&self.cfg);
         let model = LatentModel {
-            unet: &weights.unet,
+            backbone: &weights.backbone,
             decode: &decode,
             scale: self.scale,
             latent_channels: self.first.latent_channels,
@@ -434,14 +461,18 @@ impl Outputs<LatentDiffusionModel> for LdmOutputs {
             scheduler: &scheduler,
         };
         let res = self.cfg.data.resolution;
-        let context = ldm.unet.cross_attention_dim;
-        let conds: Vec<Condition> = match cond_cfg.kind {
-            ConditioningKind::None => vec![Condition::None { context }],
+        let labels = |c: i64| {
+            Conditioning::classes(Tensor::from_data(TensorData::new(vec![c], [1]), device))
+        };
+        let conds: Vec<Prompted> = match cond_cfg.kind {
+            ConditioningKind::None => vec![Prompted {
+                cond: Conditioning::none(),
+                uncond: None,
+            }],
             ConditioningKind::Class => (0..cond_cfg.num_classes.min(8))
-                .map(|class| Condition::Class {
-                    class: class as i64,
-                    null: cond_cfg.num_classes as i64,
-                    context,
+                .map(|class| Prompted {
+                    cond: labels(class as i64),
+                    uncond: Some(labels(cond_cfg.num_classes as i64)),
                 })
                 .collect(),
             ConditioningKind::Text => {
@@ -450,7 +481,10 @@ impl Outputs<LatentDiffusionModel> for LdmOutputs {
                 for p in prompts.iter().take(8) {
                     let cond = self.objective.embed(weights, &[p], device);
                     let uncond = self.objective.embed(weights, &[""], device);
-                    conds.push(Condition::Text { cond, uncond });
+                    conds.push(Prompted {
+                        cond,
+                        uncond: Some(uncond),
+                    });
                 }
                 conds
             }
@@ -469,7 +503,8 @@ impl Outputs<LatentDiffusionModel> for LdmOutputs {
                 num: per,
                 latents: None,
             };
-            let out = generate(&model, cond, &g, device).map_err(|e| stage_error(e.to_string()))?;
+            let out = generate(&model, cond, &g, device)
+                .map_err(|e| TrainError::stage("cannot draw the sample grid", e))?;
             images.extend(to_host(out.clamp(-1.0, 1.0)));
             n += per;
         }
@@ -488,17 +523,19 @@ impl Outputs<LatentDiffusionModel> for LdmOutputs {
         dir: &Path,
     ) -> Result<(), TrainError> {
         let ldm = &self.cfg.model.ldm;
-        let cond_cfg = &self.cfg.model.conditioning;
-        let unet_json = ldm.unet_config(cond_cfg).to_diffusers_json();
-        for (m, sub) in std::iter::once((weights, "unet")).chain(raw.map(|r| (r, "unet_no_ema"))) {
+        let backbone = ldm.backbone_config(&self.cfg.model.conditioning);
+        let component = backbone.component();
+        let json = backbone.to_diffusers_json();
+        for (m, suffix) in std::iter::once((weights, "")).chain(raw.map(|r| (r, "_no_ema"))) {
+            let folder = format!("{component}{suffix}");
             save_weights(
-                &m.unet,
-                &weights_file(Architecture::LatentDiffusion, dir, &sub[4..]),
+                &m.backbone,
+                &files::weights_path(dir, &folder, files::DIFFUSERS_WEIGHTS),
             )?;
-            io::write_json(&dir.join(sub).join("config.json"), &unet_json)?;
+            io::write_json(&dir.join(&folder).join(files::CONFIG), &json)?;
         }
         io::write_json(
-            &dir.join("scheduler/scheduler_config.json"),
+            &dir.join(files::SCHEDULER_CONFIG),
             &scheduler_for(&self.cfg).to_diffusers_json(),
         )?;
         match &self.first.kind {
@@ -508,63 +545,73 @@ impl Outputs<LatentDiffusionModel> for LdmOutputs {
                     ..vae_cfg.clone()
                 };
                 if let FirstStage::Kl(vae) = &self.first.model {
-                    save_weights(vae, &weights_file(Architecture::AutoencoderKl, dir, ""))?;
+                    save_weights(
+                        vae,
+                        &files::weights_path(dir, "vae", files::DIFFUSERS_WEIGHTS),
+                    )?;
                 }
-                io::write_json(&dir.join("vae/config.json"), &vae_cfg.to_diffusers_json())?;
+                io::write_json(
+                    &dir.join("vae").join(files::CONFIG),
+                    &vae_cfg.to_diffusers_json(),
+                )?;
             }
             FirstStageKind::Vq(stage_cfg) => {
                 if let FirstStage::Vq(vq) = &self.first.model {
-                    save_weights(vq, &weights_file(Architecture::Vqvae, dir, ""))?;
+                    save_weights(vq, &super::stage_weights_file(Architecture::Vqvae, dir, ""))?;
                 }
                 io::write_atomic(&dir.join(vq::STAGE1_CONFIG), stage_cfg.to_toml().as_bytes())?;
             }
         }
         let kl = matches!(self.first.kind, FirstStageKind::Kl(_));
-        if let Some(text) = &self.text {
-            let te: Option<&CLIPTextModel> = match &text.encoder {
+        let mut components: Vec<(String, &str, &str)> = Vec::new();
+        for (i, text) in self.text.iter().enumerate() {
+            let te: Option<&CLIPTextModel> = match &text.part.encoder {
                 TextEncoder::Frozen(te) => Some(te),
-                TextEncoder::Trained(_) | TextEncoder::Adapted(_) => weights.text_encoder.as_ref(),
-            };
-            if let Some(te) = te {
-                save_weights(te, &dir.join("text_encoder/model.safetensors"))?;
-            }
-            io::write_json(
-                &dir.join("text_encoder/config.json"),
-                &text.config.to_transformers_json(),
-            )?;
-            for f in [
-                "vocab.json",
-                "merges.txt",
-                "special_tokens_map.json",
-                "tokenizer_config.json",
-                "tokenizer.json",
-            ] {
-                let src = text.tokenizer_dir.join(f);
-                if src.is_file() {
-                    let bytes = std::fs::read(&src).map_err(|source| {
-                        TrainError::Io(io::IoError::Read { path: src, source })
-                    })?;
-                    io::write_atomic(&dir.join("tokenizer").join(f), &bytes)?;
+                TextEncoder::Trained(_) | TextEncoder::Adapted(_) => {
+                    weights.text_encoders.get(i).and_then(Option::as_ref)
                 }
-            }
-            if kl {
-                io::write_json(
-                    &dir.join("model_index.json"),
-                    &serde_json::json!({
-                        "_class_name": "StableDiffusionPipeline",
-                        "_diffusers_version": "0.32.0",
-                        "feature_extractor": [null, null],
-                        "image_encoder": [null, null],
-                        "requires_safety_checker": false,
-                        "safety_checker": [null, null],
-                        "scheduler": ["diffusers", "DDIMScheduler"],
-                        "text_encoder": ["transformers", "CLIPTextModel"],
-                        "tokenizer": ["transformers", "CLIPTokenizer"],
-                        "unet": ["diffusers", "UNet2DConditionModel"],
-                        "vae": ["diffusers", "AutoencoderKL"],
-                    }),
+            };
+            let (te_dir, tok_dir) = (
+                component_name("text_encoder", i),
+                component_name("tokenizer", i),
+            );
+            if let Some(te) = te {
+                save_weights(
+                    te,
+                    &files::weights_path(dir, &te_dir, files::TRANSFORMERS_WEIGHTS),
                 )?;
             }
+            io::write_json(
+                &dir.join(&te_dir).join(files::CONFIG),
+                &text.config.to_transformers_json(),
+            )?;
+            files::copy_tokenizer(&text.tokenizer_dir, &dir.join(&tok_dir))?;
+            components.push((te_dir, "transformers", "CLIPTextModel"));
+            components.push((tok_dir, "transformers", "CLIPTokenizer"));
+        }
+        if kl && !self.text.is_empty() {
+            components.extend([
+                ("scheduler".to_string(), "diffusers", "DDIMScheduler"),
+                (
+                    component.to_string(),
+                    "diffusers",
+                    backbone.diffusers_class(),
+                ),
+                ("vae".to_string(), "diffusers", "AutoencoderKL"),
+            ]);
+            let components: Vec<(&str, &str, &str)> = components
+                .iter()
+                .map(|(n, l, c)| (n.as_str(), *l, *c))
+                .collect();
+            io::write_json(
+                &dir.join(files::MODEL_INDEX),
+                &files::model_index(
+                    "StableDiffusionPipeline",
+                    &components,
+                    &["feature_extractor", "image_encoder", "safety_checker"],
+                    &[("requires_safety_checker", false.into())],
+                ),
+            )?;
         }
         Ok(())
     }
@@ -578,17 +625,35 @@ struct LoadedLdm {
     first: FirstStage,
     factor: usize,
     latent_channels: usize,
-    /// The tokenizer and the encoder of the captions, for text conditioning.
-    text: Option<(ClipTokenizer, CLIPTextModel)>,
+    /// The text encoders (slot and model, in order), for text conditioning.
+    text: Vec<(TextEncoderSlot, CLIPTextModel)>,
 }
 
 fn pretrained_error(e: stable_diffusion::PretrainedError) -> TrainError {
-    stage_error(e.to_string())
+    TrainError::stage("cannot load the run's export", e)
 }
 
-/// Loads a stage-2 run: from a checkpoint (`weights` is its model file: U-Net and a trained
-/// text encoder; the first stage from `model.ldm.first_stage`, the tokenizer from the run) or
-/// from an export in `root` (`unet/`, `vae/` or `vqvae/`, `text_encoder/`, `tokenizer/`).
+/// The frozen text encoders of a folder, as slots and models.
+fn frozen_text(
+    dir: &Path,
+    device: &Device,
+) -> Result<Vec<(TextEncoderSlot, CLIPTextModel)>, TrainError> {
+    Ok(stable_diffusion::load_text_encoders(dir, device)
+        .map_err(pretrained_error)?
+        .into_iter()
+        .map(|(te, _)| {
+            (
+                TextEncoderSlot::hidden_states(Arc::new(te.tokenizer)),
+                te.model,
+            )
+        })
+        .collect())
+}
+
+/// Loads a stage-2 run: from a checkpoint (`weights` is its model file: the backbone and a
+/// trained text encoder; the first stage from `model.ldm.first_stage`, the tokenizer from the
+/// run) or from an export in `root` (`unet/`, `vae/` or `vqvae/`, `text_encoder/`,
+/// `tokenizer/`).
 fn load_ldm(
     cfg: &Config,
     root: &Path,
@@ -598,11 +663,12 @@ fn load_ldm(
     let ldm = &cfg.model.ldm;
     let cond_cfg = &cfg.model.conditioning;
     let text = cond_cfg.kind == ConditioningKind::Text;
+    let backbone_cfg: BackboneConfig = ldm.backbone_config(cond_cfg);
     let Some(weights) = weights else {
         // An export.
-        let unet = io::safetensors::load_file(
-            ldm.unet_config(cond_cfg).init(device),
-            &weights_file(Architecture::LatentDiffusion, root, ""),
+        let backbone = io::safetensors::load_file(
+            backbone_cfg.init(device),
+            &files::weights_path(root, backbone_cfg.component(), files::DIFFUSERS_WEIGHTS),
         )?;
         let (first, factor, latent_channels) = if root.join(vq::STAGE1_CONFIG).is_file() {
             let stage1 = vq::load_stage1(cfg, Some(root), device)?;
@@ -619,16 +685,14 @@ fn load_ldm(
             )
         };
         let text = if text {
-            let (te, _, tok, _) =
-                stable_diffusion::load_text_encoder(root, device).map_err(pretrained_error)?;
-            Some((tok, te))
+            frozen_text(root, device)?
         } else {
-            None
+            Vec::new()
         };
         return Ok(LoadedLdm {
             model: LatentDiffusionModel {
-                unet,
-                text_encoder: None,
+                backbone,
+                text_encoders: Vec::new(),
             },
             first,
             factor,
@@ -638,38 +702,31 @@ fn load_ldm(
     };
     let first = load_first_stage(ldm, device)?;
     let trained_te = text && cond_cfg.pretrained_text_encoder.is_none();
-    let text_encoder = if trained_te {
+    let trained = if trained_te {
         let tokenizer_dir = cfg.output_dir().join("tokenizer");
         let tok = ClipTokenizer::from_dir(&tokenizer_dir).map_err(|e| {
-            stage_error(format!(
-                "{e} (the run's tokenizer, written when it started training)"
-            ))
+            TrainError::stage(
+                "cannot read the run's tokenizer (written when it started training)",
+                e,
+            )
         })?;
-        let te_cfg = CLIPTextConfig {
-            vocab_size: tok.vocab_size(),
-            max_position_embeddings: tok.max_length,
-            bos_token_id: tok.bos as usize,
-            eos_token_id: tok.eos as usize,
-            pad_token_id: tok.pad as usize,
-            ..cond_cfg.clip.clone()
-        };
+        let te_cfg = trained_text_config(&tok, cond_cfg);
         Some((tok, te_cfg))
     } else {
         None
     };
     let model = LatentDiffusionModel {
-        unet: ldm.unet_config(cond_cfg).init(device),
-        text_encoder: text_encoder.as_ref().map(|(_, c)| c.init(device)),
+        backbone: backbone_cfg.init(device),
+        text_encoders: trained.iter().map(|(_, c)| Some(c.init(device))).collect(),
     };
     let model = io::safetensors::load_file(model, weights)?;
-    let text = match (text, text_encoder, &cond_cfg.pretrained_text_encoder) {
-        (false, _, _) => None,
-        (true, Some((tok, _)), _) => Some((tok, model.text_encoder.clone().expect("built above"))),
-        (true, None, Some(dir)) => {
-            let (te, _, tok, _) =
-                stable_diffusion::load_text_encoder(dir, device).map_err(pretrained_error)?;
-            Some((tok, te))
+    let text = match (text, trained, &cond_cfg.pretrained_text_encoder) {
+        (false, _, _) => Vec::new(),
+        (true, Some((tok, _)), _) => {
+            let te = model.text_encoders[0].clone().expect("built above");
+            vec![(TextEncoderSlot::hidden_states(Arc::new(tok)), te)]
         }
+        (true, None, Some(dir)) => frozen_text(dir, device)?,
         (true, None, None) => unreachable!("trained_te covers a missing pretrained encoder"),
     };
     Ok(LoadedLdm {
@@ -722,9 +779,13 @@ pub fn sample(
             root.join(checkpoint::CONFIG_FILE).display()
         ))
     })?;
-    let context = ldm.unet.cross_attention_dim;
-    let cond = match kind {
-        ConditioningKind::None => Condition::None { context },
+    let labels =
+        |c: i64| Conditioning::classes(Tensor::from_data(TensorData::new(vec![c], [1]), device));
+    let prompted = match kind {
+        ConditioningKind::None => Prompted {
+            cond: Conditioning::none(),
+            uncond: None,
+        },
         ConditioningKind::Class => {
             let n = cond_cfg.num_classes;
             let class = req.class.ok_or_else(|| {
@@ -735,31 +796,29 @@ pub fn sample(
             if class >= n {
                 return Err(bad(format!("--class {class} must be in 0..{n}")));
             }
-            Condition::Class {
-                class: class as i64,
-                null: n as i64,
-                context,
+            Prompted {
+                cond: labels(class as i64),
+                uncond: Some(labels(n as i64)),
             }
         }
         ConditioningKind::Text => {
-            let (tok, te) = loaded
-                .text
-                .as_ref()
-                .expect("text conditioning loads an encoder");
-            let embed = |p: &str| -> Result<Tensor<3>, super::PipelineError> {
-                let ids = token_ids(tok, &[p], device).map_err(|e| bad(e.to_string()))?;
-                Ok(te.forward(ids, 1))
-            };
-            Condition::Text {
-                cond: embed(req.prompt.as_deref().unwrap_or(""))?,
-                uncond: embed(req.negative_prompt.as_deref().unwrap_or(""))?,
+            let slots: Vec<TextEncoderSlot> = loaded.text.iter().map(|(s, _)| s.clone()).collect();
+            let models: Vec<&CLIPTextModel> = loaded.text.iter().map(|(_, m)| m).collect();
+            let embed = |p: &str| encode(&slots, &models, &[p], None, device);
+            let text_error =
+                |e: crate::models::text_encoders::TextError| super::PipelineError::Text(e);
+            Prompted {
+                cond: embed(req.prompt.as_deref().unwrap_or("")).map_err(text_error)?,
+                uncond: Some(
+                    embed(req.negative_prompt.as_deref().unwrap_or("")).map_err(text_error)?,
+                ),
             }
         }
     };
     let decode = |z: Tensor<4>| loaded.first.decode(z);
     let scheduler = scheduler_for(cfg);
     let model = LatentModel {
-        unet: &loaded.model.unet,
+        backbone: &loaded.model.backbone,
         decode: &decode,
         scale,
         latent_channels: loaded.latent_channels,
@@ -780,7 +839,7 @@ pub fn sample(
             None => None,
         },
     };
-    let images = generate(&model, &cond, &g, device)?.clamp(-1.0, 1.0);
+    let images = generate(&model, &prompted, &g, device)?.clamp(-1.0, 1.0);
     let shape = images.dims();
     Ok(Grid::square(to_host(images), shape))
 }

@@ -7,12 +7,10 @@
 //! files the inference tools read (`io::lora`); applies LoRA files to a model for `sample
 //! --lora` and `merge`.
 
-use std::collections::{BTreeMap, HashMap};
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use burn::module::{Module, Param};
+use burn::module::Module;
 use burn::prelude::*;
 
 use super::stable_diffusion::{self, Pretrained, StableDiffusion};
@@ -21,32 +19,39 @@ use crate::config::{Config, Resume};
 use crate::data::Dataset;
 use crate::device::parse_device;
 use crate::io::image::Grid;
-use crate::io::lora::{self as lora_io, Component, KohyaInfo, LoraFile, LoraModule, ModuleName};
-use crate::io::safetensors::HostTensor;
+use crate::io::layout::{self as files, component_name};
+use crate::io::lora::{self as lora_io, Component, KohyaInfo, LoraFile, LoraModule};
 use crate::io::{self, IoError};
+use crate::lora::merge::{apply_file as fold_file, collect_adapters};
+use crate::lora::{Linears, LoraError, select};
+use crate::models::backbone::{Backbone, BackboneConfig};
 use crate::models::clip::CLIPTextModel;
 use crate::models::latent_diffusion::{FirstStage, LatentDiffusionConfig, LatentDiffusionModel};
-use crate::models::lora::{Linears, is_adapter_key};
 use crate::models::unet_2d_condition::UNet2DConditionModel;
 use crate::nn::to_host;
 use crate::optim::precision::compute_dtype;
-use crate::train::objectives::ldm::{LatentDiffusionObjective, LatentDiffusionParts, TextEncoder};
+use crate::train::objectives::ldm::{
+    LatentDiffusionObjective, LatentDiffusionParts, TextEncoder, TextPart,
+};
 use crate::train::{Outputs, TrainError, TrainOptions, TrainOutcome, train_with};
 
 /// The diffusers-layout file of an export.
 pub const DIFFUSERS_FILE: &str = "pytorch_lora_weights.safetensors";
 
 fn err(message: String) -> TrainError {
-    TrainError::Stage(message)
+    TrainError::Incompatible(message)
 }
 
-/// A hash of the files a pretrained model's weights come from, streamed (SD 1.5 is 4 GB).
-fn base_fingerprint(source: &Pretrained) -> Result<String, TrainError> {
-    let mut files = Vec::new();
+/// A hash of the files a pretrained model's weights come from, streamed (SD 1.5 is 4 GB):
+/// a single file, or every `.safetensors` of a folder's U-Net, VAE and text encoders.
+fn base_fingerprint(source: &Pretrained, text_encoders: usize) -> Result<String, TrainError> {
+    let mut files_in = Vec::new();
     match source {
-        Pretrained::SingleFile { file, .. } => files.push(file.clone()),
+        Pretrained::SingleFile { file, .. } => files_in.push(file.clone()),
         Pretrained::Folder(dir) => {
-            for sub in ["unet", "vae", "text_encoder"] {
+            let mut components = vec!["unet".to_string(), "vae".to_string()];
+            components.extend((0..text_encoders).map(|i| component_name("text_encoder", i)));
+            for sub in components {
                 let mut f: Vec<PathBuf> = std::fs::read_dir(dir.join(sub))
                     .map(|d| {
                         d.filter_map(|e| e.ok().map(|e| e.path()))
@@ -55,38 +60,11 @@ fn base_fingerprint(source: &Pretrained) -> Result<String, TrainError> {
                     })
                     .unwrap_or_default();
                 f.sort();
-                files.extend(f);
+                files_in.extend(f);
             }
         }
     }
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut buf = vec![0u8; 1 << 20];
-    for path in files {
-        let mut file = std::fs::File::open(&path).map_err(|source| {
-            TrainError::Io(IoError::Read {
-                path: path.clone(),
-                source,
-            })
-        })?;
-        loop {
-            let n = file.read(&mut buf).map_err(|source| {
-                TrainError::Io(IoError::Read {
-                    path: path.clone(),
-                    source,
-                })
-            })?;
-            if n == 0 {
-                break;
-            }
-            // FNV-1a over 8-byte words: fast enough for gigabytes, stable across runs.
-            for chunk in buf[..n].chunks(8) {
-                let mut w = [0u8; 8];
-                w[..chunk.len()].copy_from_slice(chunk);
-                h = (h ^ u64::from_le_bytes(w)).wrapping_mul(0x0100_0000_01b3);
-            }
-        }
-    }
-    Ok(format!("{h:016x}"))
+    Ok(files::fingerprint_files(&files_in)?)
 }
 
 /// The pretrained model a LoRA run adapts, training it first from
@@ -112,7 +90,7 @@ fn pretrained_source(cfg: &Config, opts: &TrainOptions) -> Result<Pretrained, Tr
         super::train(&c, opts)?;
     }
     Pretrained::detect(path, cfg.model.pretrained_config.as_deref())
-        .map_err(|e| err(format!("model.pretrained = {}: {e}", path.display())))
+        .map_err(|e| TrainError::stage(format!("model.pretrained = {}", path.display()), e))
 }
 
 /// Trains LoRA adapters on `model.pretrained`.
@@ -125,7 +103,7 @@ pub fn train_lora(
     // Mixed precision: the base is read straight into the compute dtype (never all in f32).
     let dtype = compute_dtype(cfg.train.mixed_precision);
     let sd = crate::nn::loading_in(dtype, || stable_diffusion::load(&source, &device))
-        .map_err(|e| err(e.to_string()))?;
+        .map_err(|e| TrainError::stage("cannot load the base model (model.pretrained)", e))?;
     // The noise schedule and prediction type are the model's own (its scheduler config), as
     // diffusers' script takes `DDPMScheduler.from_pretrained(model, subfolder="scheduler")`;
     // `[diffusion]` keeps noise offset, min-SNR and the rest.
@@ -138,7 +116,7 @@ pub fn train_lora(
     d.beta_end = s.beta_end;
     d.prediction_type = s.prediction_type;
     let cfg = &cfg;
-    let fingerprint = base_fingerprint(&source)?;
+    let fingerprint = base_fingerprint(&source, sd.text_encoders.len())?;
     let factor = sd.vae_factor();
     let res = cfg.data.resolution;
     if res % factor != 0 {
@@ -150,18 +128,18 @@ pub fn train_lora(
     // Fail before training when a target matches nothing.
     {
         let mut probe = sd.unet.clone();
-        let paths = crate::models::lora::linear_paths(&mut probe);
-        crate::models::lora::select(&l.target_modules, &paths, "lora.target_modules")
-            .map_err(err)?;
+        let paths = crate::lora::linear_paths(&mut probe);
+        select(&l.target_modules, &paths, "lora.target_modules")?;
         if l.text_encoder {
-            let mut probe = sd.text_encoder.clone();
-            let paths = crate::models::lora::linear_paths(&mut probe);
-            crate::models::lora::select(
-                &l.text_encoder_target_modules,
-                &paths,
-                "lora.text_encoder_target_modules",
-            )
-            .map_err(err)?;
+            for te in &sd.text_encoders {
+                let mut probe = te.model.clone();
+                let paths = crate::lora::linear_paths(&mut probe);
+                select(
+                    &l.text_encoder_target_modules,
+                    &paths,
+                    "lora.text_encoder_target_modules",
+                )?;
+            }
         }
     }
     let dataset = Dataset::open(cfg.data.source, &cfg.data.path, cfg.data.on_bad_image)?;
@@ -180,31 +158,37 @@ pub fn train_lora(
     // it), shared by the objective and the sample grids.
     let sd = sd.held_in(dtype);
     let first = FirstStage::Kl(sd.vae.clone());
-    let text_encoder = if l.text_encoder {
-        TextEncoder::Adapted(sd.text_encoder.clone())
-    } else {
-        TextEncoder::Frozen(sd.text_encoder.clone())
-    };
+    let text: Vec<TextPart> = sd
+        .text_slots(1)
+        .into_iter()
+        .zip(&sd.text_encoders)
+        .map(|(slot, te)| TextPart {
+            slot,
+            encoder: if l.text_encoder {
+                TextEncoder::Adapted(te.model.clone())
+            } else {
+                TextEncoder::Frozen(te.model.clone())
+            },
+        })
+        .collect();
     let parts = LatentDiffusionParts {
         first_stage: first,
         scale,
         latent_shape: lat,
-        tokenizer: Some(Arc::new(sd.tokenizer.clone())),
-        text_encoder: Some(text_encoder),
+        text,
         cache,
         fingerprints: vec![("base model".to_string(), fingerprint)],
-        base_unet: Some(sd.unet.clone()),
+        base_backbone: Some(Backbone::Unet2DCondition(sd.unet.clone())),
         lora: Some(l.clone()),
         cache_text: cfg.data.cache_text_embeddings,
     };
     let mut conditioning = cfg.model.conditioning.clone();
     conditioning.kind = crate::models::latent_diffusion::ConditioningKind::Text;
+    let backbone = BackboneConfig::Unet2DCondition(sd.unet_config.clone());
     let ldm = LatentDiffusionConfig {
-        unet: sd.unet_config.clone(),
+        backbone: backbone.clone(),
         ..LatentDiffusionConfig::default()
     };
-    let mut ldm = ldm;
-    ldm.unet.cross_attention_dim = sd.unet_config.cross_attention_dim;
     let objective = LatentDiffusionObjective::new(
         &ldm,
         &conditioning,
@@ -214,7 +198,7 @@ pub fn train_lora(
         parts,
         &device,
     )
-    .with_unet_config(sd.unet_config.clone())
+    .with_backbone_config(backbone)
     .with_base_lr(cfg.train.learning_rate);
     let outputs = LoraOutputs {
         cfg: cfg.clone(),
@@ -236,21 +220,27 @@ fn with_weights(
     base: &StableDiffusion,
     weights: &LatentDiffusionModel,
     device: &Device,
-) -> StableDiffusion {
-    StableDiffusion {
-        unet: weights.unet.clone().to_device(device),
+) -> Result<StableDiffusion, TrainError> {
+    let unet = weights
+        .backbone
+        .as_unet()
+        .ok_or_else(|| err("a Stable Diffusion LoRA run adapts a U-Net".into()))?;
+    let mut text_encoders = base.text_encoders.clone();
+    for (i, te) in text_encoders.iter_mut().enumerate() {
+        if let Some(Some(trained)) = weights.text_encoders.get(i) {
+            te.model = trained.clone();
+        }
+        te.model = te.model.clone().to_device(device);
+    }
+    Ok(StableDiffusion {
+        unet: unet.clone().to_device(device),
         unet_config: base.unet_config.clone(),
         vae: base.vae.clone().to_device(device),
         vae_config: base.vae_config.clone(),
-        text_encoder: weights
-            .text_encoder
-            .clone()
-            .unwrap_or_else(|| base.text_encoder.clone())
-            .to_device(device),
-        text_config: base.text_config.clone(),
-        tokenizer: base.tokenizer.clone(),
+        text_encoders,
         scheduler: base.scheduler.clone(),
-    }
+        base: base.base,
+    })
 }
 
 impl Outputs<LatentDiffusionModel> for LoraOutputs {
@@ -276,7 +266,7 @@ impl Outputs<LatentDiffusionModel> for LoraOutputs {
     }
 
     fn grid(&self, weights: &LatentDiffusionModel, device: &Device) -> Result<Grid, TrainError> {
-        let sd = with_weights(&self.base, weights, device);
+        let sd = with_weights(&self.base, weights, device)?;
         let s = &self.cfg.sample;
         let res = self.cfg.data.resolution;
         let per = s.num_images.div_ceil(self.prompts.len()).max(1);
@@ -295,7 +285,8 @@ impl Outputs<LatentDiffusionModel> for LoraOutputs {
                 latents: None,
                 clip_skip: 1,
             };
-            let out = text_to_image(&sd, &req, device).map_err(|e| err(e.to_string()))?;
+            let out = text_to_image(&sd, &req, device)
+                .map_err(|e| TrainError::stage("cannot draw the sample grid", e))?;
             images.extend(to_host(out.clamp(-1.0, 1.0)));
         }
         Ok(Grid {
@@ -313,16 +304,15 @@ impl Outputs<LatentDiffusionModel> for LoraOutputs {
     ) -> Result<(), TrainError> {
         let modules = adapter_modules(weights);
         if modules.is_empty() {
-            return Err(err("the model has no LoRA adapters to export".into()));
+            return Err(LoraError::NoAdapters.into());
         }
         lora_io::write_diffusers(&dir.join(DIFFUSERS_FILE), &modules)?;
         let l = &self.cfg.lora;
-        let v2 = self.base.unet_config.cross_attention_dim == 1024;
         let name = &self.cfg.run.name;
         let info = KohyaInfo {
             rank: l.rank,
             alpha: l.alpha,
-            base_model_version: if v2 { "sd_v2" } else { "sd_v1" },
+            base_model: self.base.base,
             output_name: name.clone(),
             extra: vec![
                 (
@@ -370,49 +360,27 @@ impl Outputs<LatentDiffusionModel> for LoraOutputs {
 }
 
 /// Every adapter of `model` by component and module path, on the host.
-pub fn adapter_modules(model: &LatentDiffusionModel) -> BTreeMap<(Component, String), LoraModule> {
-    let mut out = BTreeMap::new();
-    let collect = |comp: Component| {
-        move |p: &str, l: &mut crate::nn::Linear| {
-            if let Some(a) = &l.lora {
-                let host = |t: Tensor<2>| HostTensor {
-                    shape: t.dims().to_vec(),
-                    data: to_host(t),
-                };
-                Some((
-                    (comp, p.to_string()),
-                    LoraModule {
-                        down: host(a.down.weight.val()),
-                        up: host(a.up.weight.val()),
-                        scale: a.scale,
-                    },
-                ))
-            } else {
-                None
-            }
-        }
-    };
-    let mut unet = model.unet.clone();
-    let f = collect(Component::Unet);
-    unet.linears("", &mut |p, l| {
-        if let Some((k, v)) = f(p, l) {
-            out.insert(k, v);
-        }
-    });
-    if let Some(te) = &model.text_encoder {
-        let mut te = te.clone();
-        let f = collect(Component::TextEncoder);
-        te.linears("", &mut |p, l| {
-            if let Some((k, v)) = f(p, l) {
-                out.insert(k, v);
-            }
-        });
-    }
-    out
+pub fn adapter_modules(
+    model: &LatentDiffusionModel,
+) -> std::collections::BTreeMap<(Component, String), LoraModule> {
+    let mut backbone = model.backbone.clone();
+    let mut text: Vec<(usize, CLIPTextModel)> = model
+        .text_encoders
+        .iter()
+        .enumerate()
+        .filter_map(|(i, t)| t.clone().map(|t| (i, t)))
+        .collect();
+    let mut components: Vec<(Component, &mut dyn Linears)> =
+        vec![(Component::Unet, &mut backbone as &mut dyn Linears)];
+    components.extend(
+        text.iter_mut()
+            .map(|(i, t)| (Component::TextEncoder(*i), t as &mut dyn Linears)),
+    );
+    collect_adapters(&mut components)
 }
 
 /// `FILE[:SCALE]` of `--lora`.
-pub fn parse_lora_arg(arg: &str) -> Result<(PathBuf, f64), String> {
+pub fn parse_lora_arg(arg: &str) -> Result<(PathBuf, f64), LoraError> {
     if let Some((file, scale)) = arg.rsplit_once(':')
         && let Ok(s) = scale.parse::<f64>()
     {
@@ -421,93 +389,38 @@ pub fn parse_lora_arg(arg: &str) -> Result<(PathBuf, f64), String> {
     Ok((PathBuf::from(arg), 1.0))
 }
 
-/// Folds LoRA `file` into `unet` and `text_encoder` at `scale` (times the file's own
-/// `alpha / rank`): `W += scale · alpha / r · up · down`. Every module of the file must name
-/// a linear layer of the model.
+/// Folds LoRA `file` into `unet` and the `text_encoders` (in the pipeline's order) at `scale`
+/// (times the file's own `alpha / rank`): `W += scale · alpha / r · up · down`. Every module
+/// of the file must name a linear layer of the model.
 pub fn apply_file(
     file: &LoraFile,
     scale: f64,
     unet: &mut UNet2DConditionModel,
-    text_encoder: &mut CLIPTextModel,
-) -> Result<usize, TrainError> {
-    let mut by_comp: HashMap<Component, HashMap<String, &LoraModule>> = HashMap::new();
-    for ((comp, name), m) in &file.modules {
-        let key = match name {
-            ModuleName::Path(p) => p.clone(),
-            ModuleName::Underscored(_) => name.underscored(),
-        };
-        by_comp.entry(*comp).or_default().insert(key, m);
-    }
-    let mut applied = 0;
-    let mut problems = Vec::new();
-    for (comp, wanted) in &mut by_comp {
-        let underscored = matches!(
-            file.modules.keys().find(|(c, _)| c == comp),
-            Some((_, ModuleName::Underscored(_)))
-        );
-        let mut visit = |p: &str, l: &mut crate::nn::Linear| {
-            let key = if underscored {
-                p.replace('.', "_")
-            } else {
-                p.to_string()
-            };
-            if let Some(m) = wanted.remove(&key) {
-                let [out, inp] = l.weight.dims();
-                if m.up.shape[0] != out || m.down.shape[1] != inp {
-                    problems.push(format!(
-                        "{p}: LoRA up {:?} / down {:?} do not fit the layer's weight [{out}, {inp}]",
-                        m.up.shape, m.down.shape
-                    ));
-                    return;
-                }
-                let device = l.weight.val().device();
-                let up = Tensor::<2>::from_data(
-                    TensorData::new(m.up.data.clone(), m.up.shape.clone()),
-                    &device,
-                );
-                let down = Tensor::<2>::from_data(
-                    TensorData::new(m.down.data.clone(), m.down.shape.clone()),
-                    &device,
-                );
-                let w = l.weight.val();
-                let delta = up.matmul(down).mul_scalar(scale * m.scale).cast(w.dtype());
-                l.weight = Param::initialized(l.weight.id, w + delta);
-                applied += 1;
-            }
-        };
-        match comp {
-            Component::Unet => unet.linears("", &mut visit),
-            Component::TextEncoder => text_encoder.linears("", &mut visit),
-        }
-        for (k, _) in wanted.iter() {
-            problems.push(format!(
-                "{} module {k} is not a linear layer of this model",
-                comp.diffusers_prefix()
-            ));
-        }
-    }
-    if !problems.is_empty() {
-        problems.sort();
-        return Err(err(format!(
-            "{}: does not fit this model ({} of {} modules):\n  {}",
-            file.path.display(),
-            problems.len(),
-            file.modules.len(),
-            problems
-                .into_iter()
-                .take(8)
-                .collect::<Vec<_>>()
-                .join("\n  ")
-        )));
-    }
-    Ok(applied)
+    text_encoders: &mut [&mut CLIPTextModel],
+) -> Result<usize, LoraError> {
+    let mut components: Vec<(Component, &mut dyn Linears)> =
+        vec![(Component::Unet, unet as &mut dyn Linears)];
+    components.extend(
+        text_encoders
+            .iter_mut()
+            .enumerate()
+            .map(|(i, t)| (Component::TextEncoder(i), &mut **t as &mut dyn Linears)),
+    );
+    fold_file(file, scale, &mut components)
+}
+
+/// Folds `file` into the whole pipeline `sd`.
+fn apply_to(file: &LoraFile, scale: f64, sd: &mut StableDiffusion) -> Result<usize, LoraError> {
+    let mut text: Vec<&mut CLIPTextModel> =
+        sd.text_encoders.iter_mut().map(|t| &mut t.model).collect();
+    apply_file(file, scale, &mut sd.unet, &mut text)
 }
 
 /// Reads and folds every `(file, scale)` into `sd`.
 pub fn apply_files(sd: &mut StableDiffusion, loras: &[(PathBuf, f64)]) -> Result<(), TrainError> {
     for (path, scale) in loras {
         let file = lora_io::read(path)?;
-        apply_file(&file, *scale, &mut sd.unet, &mut sd.text_encoder)?;
+        apply_to(&file, *scale, sd)?;
     }
     Ok(())
 }
@@ -530,11 +443,6 @@ pub fn run_lora_file(
     }
 }
 
-/// Whether a checkpoint parameter key is saved by a LoRA run.
-pub fn checkpoint_key(key: &str) -> bool {
-    is_adapter_key(key)
-}
-
 /// The base model of a LoRA run with its adapters folded in.
 pub fn load_adapted(
     cfg: &Config,
@@ -548,18 +456,19 @@ pub fn load_adapted(
         .as_ref()
         .ok_or_else(|| err("the run's model.pretrained is not set".into()))?;
     let source = Pretrained::detect(path, cfg.model.pretrained_config.as_deref()).map_err(|e| {
-        err(format!(
-            "the run's base model.pretrained = {}: {e}",
-            path.display()
-        ))
+        TrainError::stage(
+            format!("the run's base model.pretrained = {}", path.display()),
+            e,
+        )
     })?;
-    let mut sd = stable_diffusion::load(&source, device).map_err(|e| err(e.to_string()))?;
+    let mut sd = stable_diffusion::load(&source, device)
+        .map_err(|e| TrainError::stage("cannot load the run's base model", e))?;
     let file = run_lora_file(cfg, root, weights)?;
-    apply_file(&file, 1.0, &mut sd.unet, &mut sd.text_encoder)?;
+    apply_to(&file, 1.0, &mut sd)?;
     Ok(sd)
 }
 
-/// Writes `sd` as a diffusers folder at `out`, taking the configs, tokenizer and scheduler
+/// Writes `sd` as a diffusers folder at `out`, taking the configs, tokenizers and scheduler
 /// from `configs` (a diffusers folder of the same model).
 pub fn write_folder(sd: &StableDiffusion, configs: &Path, out: &Path) -> Result<(), TrainError> {
     let copy = |rel: &str| -> Result<(), TrainError> {
@@ -575,31 +484,41 @@ pub fn write_folder(sd: &StableDiffusion, configs: &Path, out: &Path) -> Result<
         }
         Ok(())
     };
-    for rel in [
-        "model_index.json",
-        "unet/config.json",
-        "vae/config.json",
-        "text_encoder/config.json",
-        "scheduler/scheduler_config.json",
-        "tokenizer/vocab.json",
-        "tokenizer/merges.txt",
-        "tokenizer/special_tokens_map.json",
-        "tokenizer/tokenizer_config.json",
-        "tokenizer/tokenizer.json",
-    ] {
+    let mut rels = vec![
+        files::MODEL_INDEX.to_string(),
+        format!("unet/{}", files::CONFIG),
+        format!("vae/{}", files::CONFIG),
+        files::SCHEDULER_CONFIG.to_string(),
+    ];
+    for i in 0..sd.text_encoders.len() {
+        rels.push(format!(
+            "{}/{}",
+            component_name("text_encoder", i),
+            files::CONFIG
+        ));
+        let tok = component_name("tokenizer", i);
+        rels.extend(files::TOKENIZER_FILES.iter().map(|f| format!("{tok}/{f}")));
+    }
+    for rel in &rels {
         copy(rel)?;
     }
     super::save_weights(
         &sd.unet,
-        &out.join("unet/diffusion_pytorch_model.safetensors"),
+        &files::weights_path(out, "unet", files::DIFFUSERS_WEIGHTS),
     )?;
     super::save_weights(
         &sd.vae,
-        &out.join("vae/diffusion_pytorch_model.safetensors"),
+        &files::weights_path(out, "vae", files::DIFFUSERS_WEIGHTS),
     )?;
-    super::save_weights(
-        &sd.text_encoder,
-        &out.join("text_encoder/model.safetensors"),
-    )?;
+    for (i, te) in sd.text_encoders.iter().enumerate() {
+        super::save_weights(
+            &te.model,
+            &files::weights_path(
+                out,
+                &component_name("text_encoder", i),
+                files::TRANSFORMERS_WEIGHTS,
+            ),
+        )?;
+    }
     Ok(())
 }

@@ -14,7 +14,6 @@ pub mod stable_diffusion;
 pub mod text_to_image;
 pub mod vq;
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use burn::module::Module;
@@ -45,14 +44,19 @@ pub enum PipelineError {
     Io(#[from] crate::io::IoError),
     #[error(transparent)]
     Device(#[from] crate::device::DeviceError),
+    #[error(transparent)]
+    Text(#[from] crate::models::text_encoders::TextError),
+    #[error(transparent)]
+    Lora(#[from] crate::lora::LoraError),
+    #[error(transparent)]
+    Memory(#[from] crate::memory::DoesNotFit),
     #[error("{0}")]
     Invalid(String),
 }
 
 /// Writes `model`'s weights (PyTorch's names) to `path` with the metadata diffusers expects.
 pub(crate) fn save_weights<M: Module>(model: &M, path: &Path) -> Result<(), TrainError> {
-    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-    io::safetensors::save_module(path, model, None, &meta)?;
+    io::safetensors::save_module(path, model, None, &io::layout::pt_metadata())?;
     Ok(())
 }
 
@@ -62,18 +66,10 @@ pub(crate) fn fixed_batch(
     cfg: &Config,
     dataset: &Dataset,
 ) -> Result<(Vec<f32>, [usize; 4]), TrainError> {
-    let transform = crate::data::Transform {
-        random_flip: false,
-        ..cfg.data.transform()
-    };
     let n = cfg.sample.num_images.min(dataset.len()).max(1);
-    let mut rng = ChaCha8Rng::seed_from_u64(0);
-    let mut images = Vec::new();
-    for i in 0..n {
-        images.extend(transform.apply(dataset.decode(i)?, &mut rng));
-    }
-    let r = cfg.data.resolution;
-    Ok((images, [n, transform.channels(), r, r]))
+    let indices: Vec<usize> = (0..n).collect();
+    let transform = cfg.data.transform().without_flip();
+    Ok(transform.batch(dataset, &indices, &mut ChaCha8Rng::seed_from_u64(0))?)
 }
 
 /// `input | reconstruction` pairs, four pairs to a row.
@@ -96,24 +92,25 @@ pub(crate) fn pairs_grid(images: &[f32], shape: [usize; 4], recon: &[f32]) -> Gr
 pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<RunSummary, TrainError> {
     // In a multi-process launch: this process's device, and the others learn of a failure
     // here (e.g. while rank 0 builds a cache they wait for) instead of timing out.
-    let cfg = &for_this_process(cfg)
-        .map_err(|e| TrainError::Device(crate::device::DeviceError::Invalid(e)))?;
+    let cfg = &for_this_process(cfg)?;
     let result = train_family(cfg, opts);
     if let (Err(e), Some(p)) = (&result, crate::distributed::launch::current())
         && !matches!(e, TrainError::Interrupted { .. })
         && !matches!(e, TrainError::Sync(s) if s.is_secondary())
     {
-        p.fail(&e.to_string());
+        p.fail(&crate::error::chain(e));
     }
     result
 }
 
 /// `cfg` for this process: in a multi-process launch that has met, `run.device` becomes this
 /// process's device (every training stage of a chained config goes through here).
-fn for_this_process(cfg: &Config) -> Result<Config, String> {
+fn for_this_process(cfg: &Config) -> Result<Config, TrainError> {
     let mut cfg = cfg.clone();
     if let Some(env) = crate::distributed::launch::joined() {
-        cfg.run.device = env.device_for(&cfg.run.device, cfg.run.devices.as_ref())?;
+        cfg.run.device = env
+            .device_for(&cfg.run.device, cfg.run.devices.as_ref())
+            .map_err(|e| TrainError::Device(crate::device::DeviceError::Launch(e)))?;
         cfg.run.devices = None;
     }
     Ok(cfg)
@@ -130,9 +127,23 @@ fn train_family(cfg: &Config, opts: &TrainOptions) -> Result<RunSummary, TrainEr
     })
 }
 
-/// Where an export keeps the weights of `architecture`: `<dir>/<folder><suffix>/<file>`, with
-/// `suffix` "" (the EMA weights when EMA was on) or "_no_ema" (the training weights).
-pub fn weights_file(architecture: Architecture, dir: &Path, suffix: &str) -> PathBuf {
+/// Where an export keeps the weights of the run `model` describes:
+/// `<dir>/<folder><suffix>/<file>`, with `suffix` "" (the EMA weights when EMA was on) or
+/// "_no_ema" (the training weights). Latent diffusion keeps them in its backbone's folder.
+pub fn weights_file(model: &crate::config::ModelConfig, dir: &Path, suffix: &str) -> PathBuf {
+    match model.architecture {
+        Architecture::LatentDiffusion => io::layout::weights_path(
+            dir,
+            &format!("{}{suffix}", model.ldm.backbone.component()),
+            io::layout::DIFFUSERS_WEIGHTS,
+        ),
+        a => stage_weights_file(a, dir, suffix),
+    }
+}
+
+/// [`weights_file`] for an architecture whose layout is fixed: every one but latent diffusion
+/// (asked for that, it answers for a U-Net backbone).
+pub fn stage_weights_file(architecture: Architecture, dir: &Path, suffix: &str) -> PathBuf {
     let (folder, file) = match architecture {
         Architecture::Unet2d => ("unet", "diffusion_pytorch_model.safetensors"),
         Architecture::TutorialUnet => ("tutorial_unet", "model.safetensors"),
@@ -224,7 +235,7 @@ pub fn load_weights<M: Module>(
     weights: Option<PathBuf>,
     build: impl FnOnce(&Config) -> Result<M, TrainError>,
 ) -> Result<(M, PathBuf), TrainError> {
-    let weights = weights.unwrap_or_else(|| weights_file(cfg.model.architecture, root, ""));
+    let weights = weights.unwrap_or_else(|| weights_file(&cfg.model, root, ""));
     let model = io::safetensors::load_file(build(cfg)?, &weights)?;
     Ok((model, weights))
 }
@@ -286,8 +297,7 @@ pub fn sample(dir: &Path, req: &SampleRequest) -> Result<(Grid, PathBuf), Pipeli
                     crate::memory::check_fits(
                         (num * per * 4) as u64,
                         &format!("--num {num} images of {:?}", &grid.shape[1..]),
-                    )
-                    .map_err(PipelineError::Invalid)?;
+                    )?;
                     images.reserve(num * per);
                     shape = grid.shape;
                     weights = w;
@@ -427,7 +437,7 @@ fn sample_from(dir: &Path, req: &SampleRequest) -> Result<(Grid, PathBuf), Pipel
             let grid = ldm::sample(&cfg, &root, weights.as_deref(), req, &device)?;
             Ok((
                 grid,
-                weights.unwrap_or_else(|| weights_file(cfg.model.architecture, &root, "")),
+                weights.unwrap_or_else(|| weights_file(&cfg.model, &root, "")),
             ))
         }
         Family::Lora => {

@@ -12,12 +12,16 @@ use burn::module::Module;
 use burn::prelude::*;
 
 use crate::diffusion::scheduler_config::SchedulerConfig;
+use crate::io::base_model::BaseModel;
+use crate::io::config_json::ConfigJsonError;
 use crate::io::keys::{self, View};
+use crate::io::layout::{self as files, component_name};
 use crate::io::safetensors::{self, SafetensorsFile, TensorSource};
 use crate::io::single_file::{self, UNetLayout};
 use crate::io::{self, IoError};
 use crate::models::autoencoder_kl::{AutoencoderKL, AutoencoderKLConfig};
-use crate::models::clip::{CLIPTextConfig, CLIPTextModel};
+use crate::models::clip::{CLIPTextConfig, CLIPTextModel, HiddenAct};
+use crate::models::text_encoders::TextEncoderSlot;
 use crate::models::unet_2d_condition::{
     CondDownBlockType, CondUpBlockType, UNet2DConditionConfig, UNet2DConditionModel,
 };
@@ -51,6 +55,12 @@ pub enum PretrainedError {
     NeedConfigFolder { path: PathBuf },
     #[error("{path} is not a Stable Diffusion single-file checkpoint: {why}")]
     NotSingleFile { path: PathBuf, why: String },
+    #[error("{path}")]
+    ConfigJson {
+        path: PathBuf,
+        #[source]
+        source: ConfigJsonError,
+    },
     #[error("{path}: {message}")]
     Config { path: PathBuf, message: String },
     #[error(transparent)]
@@ -107,20 +117,42 @@ impl Pretrained {
     }
 }
 
-/// A loaded Stable Diffusion model: the three networks, the tokenizer and the schedule.
+/// One text encoder of a pretrained pipeline, with its config and tokenizer (diffusers'
+/// `text_encoder` + `tokenizer`, `text_encoder_2` + `tokenizer_2`, ...).
+#[derive(Clone)]
+pub struct PretrainedTextEncoder {
+    pub model: CLIPTextModel,
+    pub config: CLIPTextConfig,
+    pub tokenizer: ClipTokenizer,
+}
+
+/// A loaded Stable Diffusion model: the U-Net, the VAE, the text encoders in the pipeline's
+/// order, the schedule, and which family of base it is.
 pub struct StableDiffusion {
     pub unet: UNet2DConditionModel,
     pub unet_config: UNet2DConditionConfig,
     pub vae: AutoencoderKL,
     pub vae_config: AutoencoderKLConfig,
-    pub text_encoder: CLIPTextModel,
-    pub text_config: CLIPTextConfig,
-    pub tokenizer: ClipTokenizer,
+    pub text_encoders: Vec<PretrainedTextEncoder>,
     pub scheduler: SchedulerConfig,
+    pub base: BaseModel,
+}
+
+/// Which base a pipeline of these configs is: SD 2.x has OpenCLIP-H's text encoder (`gelu`)
+/// and a 1024-wide cross-attention; every other layout of one CLIP is SD 1.x's.
+pub fn detect_base(unet: &UNet2DConditionConfig, text: &[CLIPTextConfig]) -> BaseModel {
+    let open_clip = text
+        .first()
+        .is_some_and(|t| t.hidden_act == HiddenAct::Gelu);
+    if open_clip || unet.cross_attention_dim == 1024 {
+        BaseModel::Sd2
+    } else {
+        BaseModel::Sd1
+    }
 }
 
 impl StableDiffusion {
-    /// The U-Net, VAE and text encoder held in `dtype` (mixed precision: a LoRA run's frozen
+    /// The U-Net, VAE and text encoders held in `dtype` (mixed precision: a LoRA run's frozen
     /// base, as diffusers' `weight_dtype`); the freed f32 copies go back to the system.
     pub fn held_in(mut self, dtype: burn::tensor::FloatDType) -> Self {
         use crate::optim::precision::hold_frozen;
@@ -129,7 +161,9 @@ impl StableDiffusion {
         }
         self.unet = hold_frozen(self.unet, dtype);
         self.vae = hold_frozen(self.vae, dtype);
-        self.text_encoder = hold_frozen(self.text_encoder, dtype);
+        for te in &mut self.text_encoders {
+            te.model = hold_frozen(te.model.clone(), dtype);
+        }
         crate::memory::release_cached();
         self
     }
@@ -143,69 +177,78 @@ impl StableDiffusion {
     pub fn default_size(&self) -> usize {
         self.unet_config.sample_size * self.vae_factor()
     }
+
+    /// How the pipeline uses each text encoder, with `clip_skip` (1 = the last layer).
+    pub fn text_slots(&self, clip_skip: usize) -> Vec<TextEncoderSlot> {
+        self.text_encoders
+            .iter()
+            .map(|te| TextEncoderSlot {
+                clip_skip,
+                ..TextEncoderSlot::hidden_states(std::sync::Arc::new(te.tokenizer.clone()))
+            })
+            .collect()
+    }
+
+    /// The text encoders' models, in order.
+    pub fn text_models(&self) -> Vec<&CLIPTextModel> {
+        self.text_encoders.iter().map(|t| &t.model).collect()
+    }
 }
 
 /// The weights file of a component: `<stem>.safetensors`, else `<stem>.fp16.safetensors`.
-fn weights_in(dir: &Path, stem: &str) -> Result<PathBuf, String> {
-    for name in [
-        format!("{stem}.safetensors"),
-        format!("{stem}.fp16.safetensors"),
-    ] {
-        if dir.join(&name).is_file() {
-            return Ok(dir.join(name));
-        }
-    }
-    let pickle = dir.join(format!("{stem}.bin"));
-    Err(if pickle.is_file() {
-        format!(
-            "{} (only {} is there: a PyTorch pickle, not read; get the .safetensors file)",
-            dir.join(format!("{stem}.safetensors")).display(),
-            pickle.display()
-        )
-    } else {
-        format!(
-            "{} (or {stem}.fp16.safetensors)",
-            dir.join(format!("{stem}.safetensors")).display()
-        )
-    })
+fn weights_in(dir: &Path, stem: &str) -> Result<PathBuf, files::MissingWeights> {
+    files::existing_weights(dir, stem)
 }
 
 fn json_config<T>(
     path: &Path,
-    parse: impl Fn(&serde_json::Value) -> Result<T, String>,
+    parse: impl Fn(&serde_json::Value) -> Result<T, ConfigJsonError>,
 ) -> Result<T, PretrainedError> {
     let value = io::read_json(path)?;
-    parse(&value).map_err(|message| PretrainedError::Config {
+    parse(&value).map_err(|source| PretrainedError::ConfigJson {
         path: path.to_path_buf(),
-        message,
+        source,
     })
 }
 
-/// The configs, tokenizer and schedule a folder provides.
+/// The configs, tokenizers and schedule a folder provides.
 struct FolderParts {
     unet: UNet2DConditionConfig,
     vae: AutoencoderKLConfig,
-    text: CLIPTextConfig,
-    tokenizer: ClipTokenizer,
+    /// Each text encoder's config and tokenizer, in order.
+    text: Vec<(CLIPTextConfig, ClipTokenizer)>,
     scheduler: SchedulerConfig,
 }
+
+/// Text encoders of a folder: `text_encoder` (SD 1.x/2.x have one).
+const TEXT_ENCODERS: usize = 1;
 
 impl FolderParts {
     fn assemble(
         self,
         unet: UNet2DConditionModel,
         vae: AutoencoderKL,
-        text_encoder: CLIPTextModel,
+        text_encoders: Vec<CLIPTextModel>,
     ) -> StableDiffusion {
+        let configs: Vec<CLIPTextConfig> = self.text.iter().map(|(c, _)| c.clone()).collect();
+        let base = detect_base(&self.unet, &configs);
         StableDiffusion {
             unet,
             unet_config: self.unet,
             vae,
             vae_config: self.vae,
-            text_encoder,
-            text_config: self.text,
-            tokenizer: self.tokenizer,
+            text_encoders: self
+                .text
+                .into_iter()
+                .zip(text_encoders)
+                .map(|((config, tokenizer), model)| PretrainedTextEncoder {
+                    model,
+                    config,
+                    tokenizer,
+                })
+                .collect(),
             scheduler: self.scheduler,
+            base,
         }
     }
 }
@@ -218,31 +261,50 @@ fn folder_parts(dir: &Path, need_weights: bool) -> Result<FolderParts, Pretraine
             missing.push(dir.join(rel).display().to_string());
         }
     };
-    for rel in [
-        "unet/config.json",
-        "vae/config.json",
-        "text_encoder/config.json",
-        "scheduler/scheduler_config.json",
-    ] {
-        need(rel, &mut missing);
-    }
-    let tok = dir.join("tokenizer");
-    if !tok.join("tokenizer.json").is_file()
-        && !(tok.join("vocab.json").is_file() && tok.join("merges.txt").is_file())
+    let text_encoders: Vec<String> = (0..TEXT_ENCODERS)
+        .map(|i| component_name("text_encoder", i))
+        .collect();
+    let tokenizers: Vec<String> = (0..TEXT_ENCODERS)
+        .map(|i| component_name("tokenizer", i))
+        .collect();
+    for rel in ["unet", "vae"]
+        .iter()
+        .chain(
+            text_encoders
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>()
+                .iter(),
+        )
+        .map(|c| format!("{c}/{}", files::CONFIG))
+        .chain([files::SCHEDULER_CONFIG.to_string()])
     {
-        missing.push(format!(
-            "{} (tokenizer.json, or vocab.json and merges.txt)",
-            tok.display()
-        ));
+        need(&rel, &mut missing);
+    }
+    for t in &tokenizers {
+        let tok = dir.join(t);
+        if !tok.join("tokenizer.json").is_file()
+            && !(tok.join("vocab.json").is_file() && tok.join("merges.txt").is_file())
+        {
+            missing.push(format!(
+                "{} (tokenizer.json, or vocab.json and merges.txt)",
+                tok.display()
+            ));
+        }
     }
     if need_weights {
-        for (sub, stem) in [
-            ("unet", "diffusion_pytorch_model"),
-            ("vae", "diffusion_pytorch_model"),
-            ("text_encoder", "model"),
-        ] {
+        let mut weights = vec![
+            ("unet".to_string(), files::DIFFUSERS_WEIGHTS),
+            ("vae".to_string(), files::DIFFUSERS_WEIGHTS),
+        ];
+        weights.extend(
+            text_encoders
+                .iter()
+                .map(|t| (t.clone(), files::TRANSFORMERS_WEIGHTS)),
+        );
+        for (sub, stem) in weights {
             if let Err(m) = weights_in(&dir.join(sub), stem) {
-                missing.push(m);
+                missing.push(m.to_string());
             }
         }
     }
@@ -261,11 +323,19 @@ fn folder_parts(dir: &Path, need_weights: bool) -> Result<FolderParts, Pretraine
             &dir.join("vae/config.json"),
             AutoencoderKLConfig::from_diffusers_json,
         )?,
-        text: json_config(
-            &dir.join("text_encoder/config.json"),
-            CLIPTextConfig::from_transformers_json,
-        )?,
-        tokenizer: ClipTokenizer::from_dir(&tok)?,
+        text: text_encoders
+            .iter()
+            .zip(&tokenizers)
+            .map(|(te, tok)| {
+                Ok((
+                    json_config(
+                        &dir.join(te).join(files::CONFIG),
+                        CLIPTextConfig::from_transformers_json,
+                    )?,
+                    ClipTokenizer::from_dir(&dir.join(tok))?,
+                ))
+            })
+            .collect::<Result<_, PretrainedError>>()?,
         scheduler: json_config(
             &dir.join("scheduler/scheduler_config.json"),
             SchedulerConfig::from_diffusers_json,
@@ -308,19 +378,22 @@ fn load_folder(dir: &Path, device: &Device) -> Result<StableDiffusion, Pretraine
         });
     }
     let parts = folder_parts(dir, true)?;
-    let unet_path = component_weights(dir, "unet", "diffusion_pytorch_model")?;
+    let unet_path = component_weights(dir, "unet", files::DIFFUSERS_WEIGHTS)?;
     check(&unet_path, parts.unet.problems("unet"), ())?;
     let unet = safetensors::load_file(build(|| parts.unet.init(device)), &unet_path)?;
     let (vae, _) = vae_from_folder(dir, &parts.vae, device)?;
-    let (text_encoder, _) = text_encoder_from_folder(dir, &parts.text, device)?;
-    Ok(parts.assemble(unet, vae, text_encoder))
+    let mut text_encoders = Vec::new();
+    for (i, (cfg, _)) in parts.text.iter().enumerate() {
+        text_encoders.push(text_encoder_from_folder(dir, i, cfg, device)?.0);
+    }
+    Ok(parts.assemble(unet, vae, text_encoders))
 }
 
 /// `<dir>/<sub>/<stem>[.fp16].safetensors`, or an `Incomplete` error naming it.
 fn component_weights(dir: &Path, sub: &str, stem: &str) -> Result<PathBuf, PretrainedError> {
     weights_in(&dir.join(sub), stem).map_err(|m| PretrainedError::Incomplete {
         dir: dir.to_path_buf(),
-        missing: vec![m],
+        missing: vec![m.to_string()],
     })
 }
 
@@ -330,7 +403,7 @@ fn vae_from_folder(
     cfg: &AutoencoderKLConfig,
     device: &Device,
 ) -> Result<(AutoencoderKL, PathBuf), PretrainedError> {
-    let path = component_weights(dir, "vae", "diffusion_pytorch_model")?;
+    let path = component_weights(dir, "vae", files::DIFFUSERS_WEIGHTS)?;
     check(&path, cfg.problems("vae"), ())?;
     let file = SafetensorsFile::open(&path)?;
     let view = View::renamed(&file, keys::vae_legacy_attention, |_| false);
@@ -338,14 +411,17 @@ fn vae_from_folder(
     Ok((vae, path))
 }
 
-/// A folder's `text_encoder/` weights (with or without transformers 4's `text_model.`).
+/// A folder's `i`-th text encoder's weights (`text_encoder/`, `text_encoder_2/`; with or without
+/// transformers 4's `text_model.`).
 fn text_encoder_from_folder(
     dir: &Path,
+    i: usize,
     cfg: &CLIPTextConfig,
     device: &Device,
 ) -> Result<(CLIPTextModel, PathBuf), PretrainedError> {
-    let path = component_weights(dir, "text_encoder", "model")?;
-    check(&path, cfg.problems("text_encoder"), ())?;
+    let folder = component_name("text_encoder", i);
+    let path = component_weights(dir, &folder, files::TRANSFORMERS_WEIGHTS)?;
+    check(&path, cfg.problems(&folder), ())?;
     let file = SafetensorsFile::open(&path)?;
     let view = View::renamed(&file, keys::clip_text_model_prefix, keys::clip_buffer);
     let te = safetensors::load_into(build(|| cfg.init(device)), &view, &path)?;
@@ -387,19 +463,31 @@ pub fn load_vae(
     }
 }
 
-/// The frozen text encoder and tokenizer of a folder (`text_encoder/`, `tokenizer/`), with the
-/// encoder's config and weights file.
-pub fn load_text_encoder(
+/// The text encoders and tokenizers of a folder (`text_encoder/` + `tokenizer/`, ...), in
+/// order, each with the weights file it was read from.
+pub fn load_text_encoders(
     dir: &Path,
     device: &Device,
-) -> Result<(CLIPTextModel, CLIPTextConfig, ClipTokenizer, PathBuf), PretrainedError> {
-    let cfg = json_config(
-        &dir.join("text_encoder/config.json"),
-        CLIPTextConfig::from_transformers_json,
-    )?;
-    let tokenizer = ClipTokenizer::from_dir(&dir.join("tokenizer"))?;
-    let (te, path) = text_encoder_from_folder(dir, &cfg, device)?;
-    Ok((te, cfg, tokenizer, path))
+) -> Result<Vec<(PretrainedTextEncoder, PathBuf)>, PretrainedError> {
+    (0..TEXT_ENCODERS)
+        .map(|i| {
+            let config = json_config(
+                &dir.join(component_name("text_encoder", i))
+                    .join(files::CONFIG),
+                CLIPTextConfig::from_transformers_json,
+            )?;
+            let tokenizer = ClipTokenizer::from_dir(&dir.join(component_name("tokenizer", i)))?;
+            let (model, path) = text_encoder_from_folder(dir, i, &config, device)?;
+            Ok((
+                PretrainedTextEncoder {
+                    model,
+                    config,
+                    tokenizer,
+                },
+                path,
+            ))
+        })
+        .collect()
 }
 
 /// Writes `sd` as one original-layout `.safetensors` file (what A1111 and ComfyUI load, and
@@ -407,13 +495,15 @@ pub fn load_text_encoder(
 /// `cond_stage_model.transformer.*`, float32. SD 1.x text encoders only: an SD 2.x model's
 /// OpenCLIP layout (fused q/k/v) is refused.
 pub fn write_single_file(sd: &StableDiffusion, out: &Path) -> Result<(), PretrainedError> {
-    use crate::models::clip::HiddenAct;
-    if sd.text_config.hidden_act == HiddenAct::Gelu {
+    if !sd.base.writes_single_file() {
         return Err(PretrainedError::Config {
             path: out.to_path_buf(),
-            message: "a single-file output is written in SD 1.x's layout, and this model's text                       encoder is SD 2.x's OpenCLIP (hidden_act = \"gelu\"): write a diffusers \
-                      folder instead (an --out without .safetensors)"
-                .into(),
+            message: format!(
+                "a single-file output is written in SD 1.x's layout, and this model is {} \
+                 (its OpenCLIP text encoder has fused q/k/v there): write a diffusers folder \
+                 instead (an --out without .safetensors)",
+                sd.base.name()
+            ),
         });
     }
     let layout = unet_layout(&sd.unet_config);
@@ -436,11 +526,12 @@ pub fn write_single_file(sd: &StableDiffusion, out: &Path) -> Result<(), Pretrai
         }
         put(key, t);
     }
-    for (name, t) in safetensors::named_tensors(&sd.text_encoder) {
-        put(single_file::clip_original_name(&name), t);
+    for te in &sd.text_encoders {
+        for (name, t) in safetensors::named_tensors(&te.model) {
+            put(single_file::clip_original_name(&name), t);
+        }
     }
-    let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
-    safetensors::save_tensors(out, &tensors, &meta)?;
+    safetensors::save_tensors(out, &tensors, &files::pt_metadata())?;
     Ok(())
 }
 
@@ -489,22 +580,24 @@ fn load_single_file(
     let levels = parts.vae.block_out_channels.len();
     let vae_view = View::from_entries(&st, single_file::vae_entries(&keys, levels, &st));
     let vae = safetensors::load_into(build(|| parts.vae.init(device)), &vae_view, file)?;
+    // The original layout holds one text encoder (`cond_stage_model`).
+    let text_cfg = &parts.text[0].0;
     let te_entries = single_file::text_encoder_entries(
         &keys,
         text_layout,
-        parts.text.num_hidden_layers,
+        text_cfg.num_hidden_layers,
         &st as &dyn TensorSource,
     );
     let te_view = View::from_entries(&st, te_entries);
-    let text_encoder = safetensors::load_into(build(|| parts.text.init(device)), &te_view, file)?;
-    Ok(parts.assemble(unet, vae, text_encoder))
+    let text_encoder = safetensors::load_into(build(|| text_cfg.init(device)), &te_view, file)?;
+    Ok(parts.assemble(unet, vae, vec![text_encoder]))
 }
 
-/// Parameters of each network, for messages.
+/// Parameters of each network (U-Net, VAE, the text encoders together), for messages.
 pub fn parameter_counts(sd: &StableDiffusion) -> [usize; 3] {
     [
         sd.unet.num_params(),
         sd.vae.num_params(),
-        sd.text_encoder.num_params(),
+        sd.text_encoders.iter().map(|t| t.model.num_params()).sum(),
     ]
 }

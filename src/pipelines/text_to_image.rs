@@ -15,15 +15,22 @@ use crate::diffusion::sampling::{self, SamplerKind};
 use crate::diffusion::scheduler_config::SchedulerConfig;
 use crate::io::image::Grid;
 use crate::io::safetensors::SafetensorsFile;
-use crate::models::unet_2d_condition::UNet2DConditionModel;
-use crate::tokenizer::{ClipTokenizer, TokenizerError};
+use crate::models::backbone::{Conditioning, LatentBackbone};
+use crate::models::text_encoders::{TextError, encode};
+use crate::tokenizer::TokenizerError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GenerateError {
     #[error(transparent)]
-    Tokenizer(#[from] TokenizerError),
+    Text(#[from] TextError),
     #[error("{0}")]
     Invalid(String),
+}
+
+impl From<TokenizerError> for GenerateError {
+    fn from(e: TokenizerError) -> Self {
+        Self::Text(TextError::Tokenizer(e))
+    }
 }
 
 /// What to generate.
@@ -47,39 +54,38 @@ pub struct TextToImage {
     pub clip_skip: usize,
 }
 
-/// Token ids of `prompts` for `tokenizer`, `[n, max_length]`.
-pub fn token_ids(
-    tokenizer: &ClipTokenizer,
-    prompts: &[&str],
-    device: &Device,
-) -> Result<Tensor<2, Int>, TokenizerError> {
-    let len = tokenizer.max_length;
-    let mut ids = Vec::with_capacity(prompts.len() * len);
-    for p in prompts {
-        ids.extend(tokenizer.encode(p)?.into_iter().map(i64::from));
-    }
-    Ok(Tensor::from_data(
-        TensorData::new(ids, [prompts.len(), len]),
-        device,
-    ))
-}
-
-/// The text embeddings of `prompts`, `[n, max_length, hidden]`.
+/// The text embeddings of `prompts` under the model's text encoders (hidden states
+/// concatenated along the width), `[n, max_length, hidden]`.
 pub fn encode_prompts(
     sd: &StableDiffusion,
     prompts: &[&str],
     clip_skip: usize,
     device: &Device,
-) -> Result<Tensor<3>, TokenizerError> {
-    Ok(sd
-        .text_encoder
-        .forward(token_ids(&sd.tokenizer, prompts, device)?, clip_skip))
+) -> Result<Tensor<3>, TextError> {
+    encode_conditioning(sd, prompts, clip_skip, device)
+        .map(|c| c.context.expect("text conditioning has a context"))
 }
 
-/// What a generation needs of a latent diffusion model, by reference: the U-Net, the decoder of
-/// unscaled latents, the latent geometry, the scale and the schedule.
+/// The conditioning of `prompts` under the model's text encoders.
+fn encode_conditioning(
+    sd: &StableDiffusion,
+    prompts: &[&str],
+    clip_skip: usize,
+    device: &Device,
+) -> Result<Conditioning, TextError> {
+    encode(
+        &sd.text_slots(clip_skip),
+        &sd.text_models(),
+        prompts,
+        None,
+        device,
+    )
+}
+
+/// What a generation needs of a latent diffusion model, by reference: the backbone, the
+/// decoder of unscaled latents, the latent geometry, the scale and the schedule.
 pub struct LatentModel<'a> {
-    pub unet: &'a UNet2DConditionModel,
+    pub backbone: &'a dyn LatentBackbone,
     pub decode: &'a dyn Fn(Tensor<4>) -> Tensor<4>,
     pub scale: f64,
     pub latent_channels: usize,
@@ -88,18 +94,12 @@ pub struct LatentModel<'a> {
     pub scheduler: &'a SchedulerConfig,
 }
 
-/// What the U-Net is conditioned on, for the conditional and the unconditional branch.
-pub enum Condition {
-    /// Text embeddings `[1, len, d]` of the prompt and of the negative prompt.
-    Text { cond: Tensor<3>, uncond: Tensor<3> },
-    /// A class and the null class, with a zero cross-attention token of width `context`.
-    Class {
-        class: i64,
-        null: i64,
-        context: usize,
-    },
-    /// Nothing: a zero cross-attention token of width `context`, no guidance.
-    None { context: usize },
+/// What the backbone is conditioned on: the conditional branch (a batch of one) and, for
+/// classifier-free guidance, the unconditional one (the negative prompt's embedding, the null
+/// class); without it the model runs conditional only, whatever the guidance scale.
+pub struct Prompted {
+    pub cond: Conditioning,
+    pub uncond: Option<Conditioning>,
 }
 
 /// How to generate, whatever the conditioning.
@@ -118,7 +118,7 @@ pub struct Generation {
 /// Generates `g.num` images; returns them decoded, `[num, c, height, width]`, about [-1, 1].
 pub fn generate(
     model: &LatentModel,
-    cond: &Condition,
+    prompted: &Prompted,
     g: &Generation,
     device: &Device,
 ) -> Result<Tensor<4>, GenerateError> {
@@ -137,45 +137,24 @@ pub fn generate(
     }
     let n = g.num;
     let shape = [n, model.latent_channels, g.height / f, g.width / f];
-    let zeros = |d: usize, b: usize| Tensor::<3>::zeros([b, 1, d], device);
-    // (single-branch context, both-branch context, class labels for each)
-    let (single, doubled, labels, scale) = match cond {
-        Condition::Text { cond, uncond } => {
-            let [_, len, d] = cond.dims();
-            let repeat = |t: Tensor<3>| t.expand([n, len, d]);
-            let doubled = Tensor::cat(vec![repeat(uncond.clone()), repeat(cond.clone())], 0);
-            (repeat(cond.clone()), doubled, None, g.guidance_scale)
-        }
-        Condition::Class {
-            class,
-            null,
-            context,
-        } => {
-            let ids = |v: Vec<i64>| {
-                let n = v.len();
-                Tensor::<1, Int>::from_data(TensorData::new(v, [n]), device)
-            };
-            let mut both = vec![*null; n];
-            both.extend(vec![*class; n]);
-            (
-                zeros(*context, n),
-                zeros(*context, 2 * n),
-                Some((ids(vec![*class; n]), ids(both))),
-                g.guidance_scale,
-            )
-        }
-        Condition::None { context } => (zeros(*context, n), zeros(*context, 2 * n), None, 1.0),
+    let single = prompted.cond.repeat(n);
+    let (doubled, scale) = match &prompted.uncond {
+        Some(uncond) => (
+            Some(Conditioning::cat(&uncond.repeat(n), &single)),
+            g.guidance_scale,
+        ),
+        None => (None, 1.0),
     };
-    let unet = model.unet;
+    let backbone = model.backbone;
     let guided = Guided {
         predict: |x: Tensor<4>, t: f64, both: bool| {
             let b = x.dims()[0];
             let timesteps = Tensor::<1>::full([b], t as f32, device);
-            let context = if both { &doubled } else { &single };
-            let labels = labels
-                .as_ref()
-                .map(|(one, two)| if both { two.clone() } else { one.clone() });
-            unet.forward(x, timesteps, context, labels)
+            let cond = match (&doubled, both) {
+                (Some(d), true) => d,
+                _ => &single,
+            };
+            backbone.predict(x, timesteps, cond)
         },
         scale,
     };
@@ -215,11 +194,11 @@ pub fn text_to_image(
     req: &TextToImage,
     device: &Device,
 ) -> Result<Tensor<4>, GenerateError> {
-    let cond = encode_prompts(sd, &[&req.prompt], req.clip_skip, device)?;
-    let uncond = encode_prompts(sd, &[&req.negative_prompt], req.clip_skip, device)?;
+    let cond = encode_conditioning(sd, &[&req.prompt], req.clip_skip, device)?;
+    let uncond = encode_conditioning(sd, &[&req.negative_prompt], req.clip_skip, device)?;
     let decode = |z: Tensor<4>| sd.vae.decode(z);
     let model = LatentModel {
-        unet: &sd.unet,
+        backbone: &sd.unet,
         decode: &decode,
         scale: sd.vae_config.scaling_factor,
         latent_channels: sd.vae_config.latent_channels,
@@ -236,7 +215,11 @@ pub fn text_to_image(
         num: req.num,
         latents: req.latents.clone(),
     };
-    generate(&model, &Condition::Text { cond, uncond }, &g, device)
+    let prompted = Prompted {
+        cond,
+        uncond: Some(uncond),
+    };
+    generate(&model, &prompted, &g, device)
 }
 
 /// `sample` on a pretrained Stable Diffusion folder or single file.

@@ -12,7 +12,7 @@ use burn::prelude::*;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use super::{load_run, locate, save_weights, weights_file};
+use super::{load_run, locate, save_weights, stage_weights_file};
 use crate::config::{Config, Resume};
 use crate::data::Dataset;
 use crate::device::parse_device;
@@ -35,9 +35,9 @@ fn export_pair<M: Module>(
     raw: Option<&M>,
     dir: &Path,
 ) -> Result<(), TrainError> {
-    save_weights(weights, &weights_file(architecture, dir, ""))?;
+    save_weights(weights, &stage_weights_file(architecture, dir, ""))?;
     if let Some(raw) = raw {
-        save_weights(raw, &weights_file(architecture, dir, "_no_ema"))?;
+        save_weights(raw, &stage_weights_file(architecture, dir, "_no_ema"))?;
     }
     Ok(())
 }
@@ -72,7 +72,7 @@ impl Outputs<VQVAE> for VqvaeOutputs {
     /// Pairs `input | reconstruction`, four pairs to a row.
     fn grid(&self, weights: &VQVAE, device: &Device) -> Result<Grid, TrainError> {
         let Some((images, shape)) = &self.fixed else {
-            return Err(TrainError::Stage(
+            return Err(TrainError::Incompatible(
                 "the VQ-VAE grid needs the reconstruction batch prepare() fixes".into(),
             ));
         };
@@ -109,14 +109,14 @@ pub fn load_stage1(
     let (stage_cfg, model, weights) = match dir.filter(|d| d.join(STAGE1_CONFIG).is_file()) {
         Some(d) => {
             let stage_cfg = Config::load(&d.join(STAGE1_CONFIG), &[])?;
-            let weights = weights_file(Architecture::Vqvae, d, "");
+            let weights = stage_weights_file(Architecture::Vqvae, d, "");
             let model = io::safetensors::load_file(build(&stage_cfg)?, &weights)?;
             (stage_cfg, model, weights)
         }
         None => load_run(&cfg.model.pixelcnn.vqvae, &[], build)?,
     };
     if stage_cfg.model.architecture != Architecture::Vqvae {
-        return Err(TrainError::Stage(format!(
+        return Err(TrainError::Incompatible(format!(
             "model.pixelcnn.vqvae = {}: that run is a {:?}, not a VQ-VAE",
             cfg.model.pixelcnn.vqvae.display(),
             stage_cfg.model.architecture
@@ -156,7 +156,7 @@ pub fn train_pixelcnn(
     let stage1 = load_stage1(cfg, None, &device)?;
     let (a, b) = (&stage1.cfg.data, &cfg.data);
     if (a.resolution, a.color) != (b.resolution, b.color) {
-        return Err(TrainError::Stage(format!(
+        return Err(TrainError::Incompatible(format!(
             "the VQ-VAE at {} was trained on {:?} images at {}px, this config has {:?} at {}px; \
              data.resolution and data.color must match",
             cfg.model.pixelcnn.vqvae.display(),
@@ -234,7 +234,7 @@ impl Outputs<GatedPixelCNN> for PixelCnnOutputs {
         export_pair(Architecture::GatedPixelcnn, weights, raw, dir)?;
         save_weights(
             &self.stage1.model,
-            &weights_file(Architecture::Vqvae, dir, ""),
+            &stage_weights_file(Architecture::Vqvae, dir, ""),
         )?;
         io::write_atomic(
             &dir.join(STAGE1_CONFIG),

@@ -74,12 +74,26 @@ pub enum TrainError {
         "{0} is neither a checkpoint, an export, nor a run directory with export/ or a latest checkpoint"
     )]
     NotARun(PathBuf),
+    /// A step of a family's pipeline failed (loading a pretrained model or a first stage,
+    /// drawing a sample grid): what was being done, and why (the source).
+    #[error("{context}")]
+    Stage {
+        context: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync + 'static>,
+    },
+    /// Settings that cannot work together, found while assembling a stage (the model and
+    /// the data, a first stage and the backbone).
     #[error("{0}")]
-    Stage(String),
+    Incompatible(String),
+    #[error(transparent)]
+    Lora(#[from] crate::lora::LoraError),
+    #[error(transparent)]
+    Architecture(#[from] crate::models::NotADenoiser),
     #[error(transparent)]
     Sync(#[from] crate::distributed::SyncError),
-    #[error("{0}")]
-    Rank(String),
+    #[error("rank {rank} panicked: {message}")]
+    RankPanicked { rank: usize, message: String },
     #[error(
         "stopped by {} after step {step}{}; continue with `--resume latest`",
         crate::signals::name(*signal),
@@ -100,6 +114,19 @@ pub enum TrainError {
         step: usize,
         limit: usize,
     },
+}
+
+impl TrainError {
+    /// A [`TrainError::Stage`]: `context` says what was being done, `source` why it failed.
+    pub fn stage(
+        context: impl Into<String>,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync + 'static>>,
+    ) -> Self {
+        Self::Stage {
+            context: context.into(),
+            source: source.into(),
+        }
+    }
 }
 
 /// `export/export.json`: `{"step": N}`, the optimizer step the export's weights are from.
@@ -179,9 +206,7 @@ pub fn check_finite(
 /// The devices of the run, resolved (`run.devices = "all"` asks CUDA how many there are), and
 /// whether they are CUDA devices (so the ranks meet over NCCL).
 pub fn run_devices(cfg: &Config) -> Result<(Vec<Device>, bool), TrainError> {
-    let request = cfg
-        .device_request()
-        .map_err(|e| TrainError::Device(DeviceError::Invalid(e)))?;
+    let request = cfg.device_request()?;
     Ok(request.resolve()?)
 }
 
@@ -452,7 +477,7 @@ where
             Ok(o) => replicas.push(o.model),
             Err(distributed::RankFailure::Error(e)) => errors.push(e),
             Err(distributed::RankFailure::Panic(m)) => {
-                errors.push(TrainError::Rank(format!("rank {rank} panicked: {m}")))
+                errors.push(TrainError::RankPanicked { rank, message: m })
             }
         }
     }
@@ -535,14 +560,8 @@ fn run_rank<O: Objective, P: Outputs<O::Model>>(
     let mut ema_decay = 0.0;
     let mut consecutive_skips = 0usize;
     let mut losses = Vec::with_capacity(t.max_steps.saturating_sub(first_step));
-    let lr_group = objective.lr_factor().map(|(keep, factor)| {
-        let ids: std::collections::HashSet<_> = crate::io::safetensors::named_param_ids(&st.model)
-            .into_iter()
-            .filter(|(k, _)| keep(k))
-            .map(|(_, id)| id)
-            .collect();
-        (ids, factor)
-    });
+    let groups = objective.param_groups(&st.model);
+    let checkpointed = groups.checkpointed();
 
     while st.step < t.max_steps {
         let step_start = Instant::now();
@@ -591,15 +610,17 @@ fn run_rank<O: Objective, P: Outputs<O::Model>>(
             None => check_finite(st.step + 1, loss_sum, grad_norm, t.on_nonfinite)?,
         };
         if apply {
-            match lr_group.as_ref() {
-                // Two steps of the one optimizer over disjoint parameters: AdamW keeps its
-                // moments and step count per parameter, so this is one step at two rates.
-                Some((ids, factor)) => {
-                    let group = grad::take(&st.model, &mut grads, ids);
-                    st.model = st.optim.step(lr, st.model, grads);
-                    st.model = st.optim.step(lr * factor, st.model, group);
-                }
-                None => st.model = st.optim.step(lr, st.model, grads),
+            // Groups at their own rate step apart: steps of the one optimizer over disjoint
+            // parameters (AdamW keeps its moments and step count per parameter), so this is
+            // one step at several rates.
+            let separate: Vec<_> = groups
+                .separate_rates()
+                .into_iter()
+                .map(|(ids, factor)| (grad::take(&st.model, &mut grads, ids), factor))
+                .collect();
+            st.model = st.optim.step(lr, st.model, grads);
+            for (group, factor) in separate {
+                st.model = st.optim.step(lr * factor, st.model, group);
             }
             if let Some(ema) = &mut st.ema {
                 ema_decay = ema.step(&st.model.valid());
@@ -668,8 +689,9 @@ fn run_rank<O: Objective, P: Outputs<O::Model>>(
         let saving = every > 0 && (st.step % every == 0 || st.step == t.max_steps);
         let save_checkpoint = |st: &RunState<O::Model>| {
             let lr_next = lr_sched.lr_at(st.step);
-            let (fingerprints, keys) = (objective.fingerprints(), objective.checkpoint_keys());
-            st.save_checkpoint(cfg, ctx.dataset.len(), lr_next, fingerprints, keys, out)
+            let fingerprints = objective.fingerprints();
+            let only = checkpointed.as_ref();
+            st.save_checkpoint(cfg, ctx.dataset.len(), lr_next, fingerprints, only, out)
         };
         if ctx.opts.write_outputs && (sampling || saving) {
             if let Some(w) = writer.as_ref().filter(|_| sampling) {

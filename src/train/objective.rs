@@ -17,6 +17,7 @@ use super::run::RunState;
 use crate::data::{Batch, Dataset};
 use crate::io;
 use crate::io::image::Grid;
+use crate::optim::groups::ParamGroups;
 use crate::tensorboard::EventWriter;
 
 pub trait Objective {
@@ -79,16 +80,12 @@ pub trait Objective {
         Vec::new()
     }
 
-    /// The parameters a checkpoint holds, by key (`None`: all). A LoRA run keeps only its
-    /// adapters; `build` brings the frozen base back from where it came from.
-    fn checkpoint_keys(&self) -> Option<fn(&str) -> bool> {
-        None
-    }
-
-    /// Parameters that step with their own learning rate, `factor` times the schedule's
-    /// (a LoRA run's text encoder adapters, `lora.text_encoder_lr`), by key.
-    fn lr_factor(&self) -> Option<(fn(&str) -> bool, f64)> {
-        None
+    /// What trains: parameter groups with their learning-rate factor and whether checkpoints
+    /// hold them. The default is the whole model; a LoRA run names its adapters (the frozen
+    /// base, in no group, is neither stepped nor checkpointed: `build` brings it back from
+    /// where it came from).
+    fn param_groups(&self, _model: &Self::Model) -> ParamGroups {
+        ParamGroups::whole_model()
     }
 }
 

@@ -2,10 +2,10 @@
 //! `run.seed`, rebuilt from a verified checkpoint (refusing config changes that break resume),
 //! and written as one.
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
-use burn::module::Module;
+use burn::module::{Module, ParamId};
 use burn::optim::AdamWConfig;
 use burn::prelude::*;
 use rand::SeedableRng;
@@ -169,11 +169,11 @@ impl<M: Module> RunState<M> {
             dir: dir.clone(),
             why,
         };
-        let keys = objective.checkpoint_keys().unwrap_or(|_| true);
+        let only = objective.param_groups(&state.model).checkpointed();
         let (file, path) =
-            weights(checkpoint::MODEL_FILE).map_err(|e| undecodable(e.to_string()))?;
-        state.model = io::safetensors::load_into_where(state.model, &file, &path, keys)
-            .map_err(|e| undecodable(e.to_string()))?;
+            weights(checkpoint::MODEL_FILE).map_err(|e| undecodable(crate::error::chain(&e)))?;
+        state.model = io::safetensors::load_into_only(state.model, &file, &path, only.as_ref())
+            .map_err(|e| undecodable(crate::error::chain(&e)))?;
         let optim_bytes =
             burn::tensor::Bytes::from_bytes_vec(ck.file(checkpoint::OPTIMIZER_FILE)?.to_vec());
         state.optim = state.optim.from_bytes(optim_bytes).map_err(|e| {
@@ -189,11 +189,15 @@ impl<M: Module> RunState<M> {
                 s.ema_optimization_step,
             ) {
                 (true, Some(n)) => {
-                    let (file, path) =
-                        weights(checkpoint::EMA_FILE).map_err(|e| undecodable(e.to_string()))?;
-                    ema.shadow =
-                        io::safetensors::load_into_where(state.model.valid(), &file, &path, keys)
-                            .map_err(|e| undecodable(e.to_string()))?;
+                    let (file, path) = weights(checkpoint::EMA_FILE)
+                        .map_err(|e| undecodable(crate::error::chain(&e)))?;
+                    ema.shadow = io::safetensors::load_into_only(
+                        state.model.valid(),
+                        &file,
+                        &path,
+                        only.as_ref(),
+                    )
+                    .map_err(|e| undecodable(crate::error::chain(&e)))?;
                     ema.optimization_step = n;
                 }
                 _ => {
@@ -236,21 +240,21 @@ impl<M: Module> RunState<M> {
         dataset_len: usize,
         lr_next: f64,
         fingerprints: Vec<(String, String)>,
-        keys: Option<fn(&str) -> bool>,
+        only: Option<&HashSet<ParamId>>,
         out: &Path,
     ) -> Result<PathBuf, TrainError> {
-        let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+        let meta = io::layout::pt_metadata();
         let safetensors = |m: &M, name: &str| {
-            let bytes = match keys {
+            let bytes = match only {
                 None => io::safetensors::module_bytes(m, &meta),
-                Some(keep) => {
-                    io::safetensors::tensors_bytes(&io::safetensors::tensors_where(m, keep), &meta)
+                Some(ids) => {
+                    io::safetensors::tensors_bytes(&io::safetensors::tensors_of(m, ids), &meta)
                 }
             };
-            bytes.map_err(|message| {
-                TrainError::Io(io::IoError::Format {
+            bytes.map_err(|source| {
+                TrainError::Io(io::IoError::Tensor {
                     path: out.join(name),
-                    message,
+                    source,
                 })
             })
         };

@@ -13,9 +13,9 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;
 
 use crate::data::Batch;
+use crate::dtype::{as_dtype, to_f32};
 use crate::models::autoencoder_kl::AutoencoderKL;
 use crate::models::latent_diffusion::{AutoencoderTrainConfig, ReconLoss};
-use crate::dtype::{as_dtype, to_f32};
 use crate::optim::precision::{MixedPrecision, compute_dtype};
 use crate::train::TrainError;
 use crate::train::objective::Objective;

@@ -24,8 +24,12 @@ pub fn build_model(cfg: &Config, device: &Device) -> Result<DenoiserModel, Train
 }
 
 fn new_model(model: &ModelConfig, device: &Device) -> Result<DenoiserModel, TrainError> {
-    DenoiserModel::new(model.architecture, &model.unet, &model.tutorial, device)
-        .map_err(TrainError::Stage)
+    Ok(DenoiserModel::new(
+        model.architecture,
+        &model.unet,
+        &model.tutorial,
+        device,
+    )?)
 }
 
 /// DDPM-style training of a denoiser: noise, timesteps, the (weighted) MSE to the target.

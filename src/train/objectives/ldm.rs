@@ -9,7 +9,8 @@
 //! from the run's stream for the global batch, in sample order, so accumulation, data
 //! parallelism, caching and resume all replay the same numbers.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use burn::module::Module;
 use burn::optim::GradientsParams;
@@ -24,51 +25,30 @@ use crate::data::latent_cache::LatentCache;
 use crate::diffusion::DiffusionConfig;
 use crate::diffusion::schedule::NoiseSchedule;
 use crate::diffusion::training::{NoiseDraw, diffusion_loss};
+use crate::lora::groups::adapter_groups;
+use crate::lora::{Linears, LoraConfig, attach};
+use crate::models::backbone::{Backbone, BackboneConfig, Conditioning, LatentBackbone};
 use crate::models::clip::{CLIPTextConfig, CLIPTextModel};
 use crate::models::latent_diffusion::{
     ConditioningConfig, ConditioningKind, FirstStage, LatentDiffusionConfig, LatentDiffusionModel,
     latent_samples,
 };
-use crate::models::lora::{LoraConfig, attach, is_adapter_key};
-use crate::models::unet_2d_condition::{UNet2DConditionConfig, UNet2DConditionModel};
+use crate::models::text_encoders::TextEncoderSlot;
 use crate::nn::to_host;
+use crate::optim::groups::ParamGroups;
 use crate::optim::precision::{MixedPrecision, compute_dtype, hold_frozen};
-use crate::tokenizer::ClipTokenizer;
 use crate::train::TrainError;
 use crate::train::objective::{Objective, backward_scaled, split_grads};
 
-/// Where the text embeddings come from.
+/// Where a text encoder's weights come from.
 #[derive(Clone)]
 pub enum TextEncoder {
-    /// Trained with the U-Net (part of the model), from this config.
+    /// Trained with the backbone (part of the model), from this config.
     Trained(CLIPTextConfig),
     /// Frozen, pretrained, on the objective's device.
     Frozen(CLIPTextModel),
     /// Pretrained and part of the model (LoRA adapters on it train).
     Adapted(CLIPTextModel),
-}
-
-/// Everything stage 2 needs besides the config. Under mixed precision the frozen networks
-/// arrive held in the compute dtype: the pipelines cast them once, before sharing them with
-/// their sample grids.
-#[derive(Clone)]
-pub struct LatentDiffusionParts {
-    pub first_stage: FirstStage,
-    /// Latents are multiplied by this.
-    pub scale: f64,
-    /// The latent shape `[c, h, w]` at the data's resolution.
-    pub latent_shape: [usize; 3],
-    pub tokenizer: Option<Arc<ClipTokenizer>>,
-    pub text_encoder: Option<TextEncoder>,
-    pub cache: Option<Arc<LatentCache>>,
-    /// Hashes of the frozen first stage (and a pretrained text encoder), for resume checks.
-    pub fingerprints: Vec<(String, String)>,
-    /// A pretrained U-Net to start from instead of fresh weights (LoRA runs).
-    pub base_unet: Option<UNet2DConditionModel>,
-    /// LoRA: adapters on the base (the rest frozen); checkpoints then hold the adapters only.
-    pub lora: Option<LoraConfig>,
-    /// Keep a frozen text encoder's embedding of each caption after its first use.
-    pub cache_text: bool,
 }
 
 impl TextEncoder {
@@ -81,11 +61,49 @@ impl TextEncoder {
             trained => trained,
         }
     }
+
+    /// Whether its weights are part of the trained model.
+    pub fn trains(&self) -> bool {
+        !matches!(self, Self::Frozen(_))
+    }
 }
+
+/// One text encoder of stage 2: how the pipeline uses it and where its weights come from.
+#[derive(Clone)]
+pub struct TextPart {
+    pub slot: TextEncoderSlot,
+    pub encoder: TextEncoder,
+}
+
+/// Everything stage 2 needs besides the config. Under mixed precision the frozen networks
+/// arrive held in the compute dtype: the pipelines cast them once, before sharing them with
+/// their sample grids.
+#[derive(Clone)]
+pub struct LatentDiffusionParts {
+    pub first_stage: FirstStage,
+    /// Latents are multiplied by this.
+    pub scale: f64,
+    /// The latent shape `[c, h, w]` at the data's resolution.
+    pub latent_shape: [usize; 3],
+    /// The text encoders, in the pipeline's order (empty unless conditioned on text).
+    pub text: Vec<TextPart>,
+    pub cache: Option<Arc<LatentCache>>,
+    /// Hashes of the frozen first stage (and a pretrained text encoder), for resume checks.
+    pub fingerprints: Vec<(String, String)>,
+    /// A pretrained backbone to start from instead of fresh weights (LoRA runs).
+    pub base_backbone: Option<Backbone>,
+    /// LoRA: adapters on the base (the rest frozen); checkpoints then hold the adapters only.
+    pub lora: Option<LoraConfig>,
+    /// Keep a frozen text encoder's embedding of each caption after its first use.
+    pub cache_text: bool,
+}
+
+/// Frozen-encoder embeddings by caption (`cache_text`), `[len, hidden]` each, per encoder.
+type TextCache = Arc<Mutex<Vec<HashMap<String, Vec<f32>>>>>;
 
 #[derive(Clone)]
 pub struct LatentDiffusionObjective {
-    unet: UNet2DConditionConfig,
+    backbone: BackboneConfig,
     kind: ConditioningKind,
     cond_drop_prob: f64,
     num_classes: usize,
@@ -99,8 +117,7 @@ pub struct LatentDiffusionObjective {
     device: Device,
     /// `train.learning_rate` (the text encoder adapters' rate is relative to it).
     pub base_lr: f64,
-    /// Frozen-encoder embeddings by caption (`cache_text`), `[len, hidden]` each.
-    text_cache: Arc<std::sync::Mutex<std::collections::HashMap<String, Vec<f32>>>>,
+    text_cache: TextCache,
 }
 
 impl LatentDiffusionObjective {
@@ -113,8 +130,9 @@ impl LatentDiffusionObjective {
         parts: LatentDiffusionParts,
         device: &Device,
     ) -> Self {
+        let encoders = parts.text.len();
         Self {
-            unet: ldm.unet_config(conditioning),
+            backbone: ldm.backbone_config(conditioning),
             kind: conditioning.kind,
             cond_drop_prob: conditioning.cond_drop_prob,
             num_classes: conditioning.num_classes,
@@ -124,7 +142,7 @@ impl LatentDiffusionObjective {
             batch_split,
             parts,
             device: device.clone(),
-            text_cache: Default::default(),
+            text_cache: Arc::new(Mutex::new(vec![HashMap::new(); encoders])),
             base_lr: 1.0,
         }
     }
@@ -135,10 +153,15 @@ impl LatentDiffusionObjective {
         self
     }
 
-    /// Uses `unet` as the U-Net's config (a pretrained base's own).
-    pub fn with_unet_config(mut self, unet: UNet2DConditionConfig) -> Self {
-        self.unet = unet;
+    /// Uses `backbone` as the backbone's config (a pretrained base's own).
+    pub fn with_backbone_config(mut self, backbone: BackboneConfig) -> Self {
+        self.backbone = backbone;
         self
+    }
+
+    /// The text encoders' slots, in order.
+    pub fn text_slots(&self) -> Vec<TextEncoderSlot> {
+        self.parts.text.iter().map(|t| t.slot.clone()).collect()
     }
 
     /// The posteriors `(mean, std)` of the batch's images on the host, `[b, c, h, w]` each.
@@ -160,18 +183,17 @@ impl LatentDiffusionObjective {
         (to_host(mean), std.map(to_host))
     }
 
-    /// The conditioning inputs of the batch after dropout: captions or class labels.
+    /// The conditioning of the batch after dropout: captions or class labels.
     fn condition(
         &self,
         model: &LatentDiffusionModel,
         batch: &Batch,
         dropped: &[bool],
         device: &Device,
-    ) -> (Tensor<3>, Option<Tensor<1, Int>>) {
+    ) -> Conditioning {
         let b = batch.shape[0];
-        let zeros = || Tensor::<3>::zeros([b, 1, self.unet.cross_attention_dim], device);
         match self.kind {
-            ConditioningKind::None => (zeros(), None),
+            ConditioningKind::None => Conditioning::none(),
             ConditioningKind::Class => {
                 let labels: Vec<i64> = batch
                     .labels
@@ -182,8 +204,7 @@ impl LatentDiffusionObjective {
                         _ => self.num_classes as i64,
                     })
                     .collect();
-                let labels = Tensor::<1, Int>::from_data(TensorData::new(labels, [b]), device);
-                (zeros(), Some(labels))
+                Conditioning::classes(Tensor::from_data(TensorData::new(labels, [b]), device))
             }
             ConditioningKind::Text => {
                 let captions: Vec<&str> = batch
@@ -192,62 +213,67 @@ impl LatentDiffusionObjective {
                     .zip(dropped)
                     .map(|(c, &drop)| if drop { "" } else { c.as_deref().unwrap_or("") })
                     .collect();
-                (self.embed(model, &captions, device), None)
+                self.embed(model, &captions, device)
             }
         }
     }
 
-    /// Text embeddings of `captions`, `[n, len, hidden]`, on `device`.
+    /// The text conditioning of `captions` on `device`: each encoder's hidden states (trained
+    /// ones from `model`, frozen ones from the objective, their embeddings cached by caption
+    /// with `cache_text`), concatenated along the width.
+    ///
+    /// # Shapes
+    /// - returns `context` `[n, len, Σ hidden]`
     pub fn embed(
         &self,
         model: &LatentDiffusionModel,
         captions: &[&str],
         device: &Device,
-    ) -> Tensor<3> {
-        let tok = self
-            .parts
-            .tokenizer
-            .as_ref()
-            .expect("text conditioning is built with a tokenizer");
-        let len = tok.max_length;
-        // Captions that do not tokenize (never for valid UTF-8) become empty captions.
-        let ids: Vec<i64> = captions
-            .iter()
-            .flat_map(|c| {
-                tok.encode(c)
-                    .or_else(|_| tok.encode(""))
-                    .unwrap_or_default()
-            })
-            .map(i64::from)
-            .collect();
+    ) -> Conditioning {
         let n = captions.len();
-        match (&model.text_encoder, &self.parts.text_encoder) {
-            (Some(te), _) => {
-                let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [n, len]), device);
-                te.forward_in(ids, 1, self.dtype.into())
-            }
-            (None, Some(TextEncoder::Frozen(te))) => {
-                if self.parts.cache_text {
-                    let mut cache = self.text_cache.lock().expect("text cache lock");
+        let mut hidden = Vec::with_capacity(self.parts.text.len());
+        for (i, part) in self.parts.text.iter().enumerate() {
+            let tok = &part.slot.tokenizer;
+            let len = tok.max_length;
+            // Captions that do not tokenize (never for valid UTF-8) become empty captions.
+            let ids: Vec<i64> = captions
+                .iter()
+                .flat_map(|c| {
+                    tok.encode(c)
+                        .or_else(|_| tok.encode(""))
+                        .unwrap_or_default()
+                })
+                .map(i64::from)
+                .collect();
+            let clip_skip = part.slot.clip_skip;
+            let trained = model.text_encoders.get(i).and_then(Option::as_ref);
+            hidden.push(match (trained, &part.encoder) {
+                (Some(te), _) => {
+                    let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [n, len]), device);
+                    te.forward_in(ids, clip_skip, self.dtype.into())
+                }
+                (None, TextEncoder::Frozen(te)) if self.parts.cache_text => {
+                    let mut caches = self.text_cache.lock().expect("text cache lock");
+                    let cache = &mut caches[i];
                     let missing: Vec<usize> = (0..n)
-                        .filter(|&i| !cache.contains_key(captions[i]))
+                        .filter(|&j| !cache.contains_key(captions[j]))
                         .collect();
                     if !missing.is_empty() {
                         let ids: Vec<i64> = missing
                             .iter()
-                            .flat_map(|&i| ids[i * len..(i + 1) * len].iter().copied())
+                            .flat_map(|&j| ids[j * len..(j + 1) * len].iter().copied())
                             .collect();
                         let m = missing.len();
                         let ids = Tensor::<2, Int>::from_data(
                             TensorData::new(ids, [m, len]),
                             &self.device,
                         );
-                        let out = to_host(te.forward_in(ids, 1, self.dtype.into()));
+                        let out = to_host(te.forward_in(ids, clip_skip, self.dtype.into()));
                         let per = out.len() / m;
-                        for (j, &i) in missing.iter().enumerate() {
+                        for (k, &j) in missing.iter().enumerate() {
                             cache.insert(
-                                captions[i].to_string(),
-                                out[j * per..(j + 1) * per].to_vec(),
+                                captions[j].to_string(),
+                                out[k * per..(k + 1) * per].to_vec(),
                             );
                         }
                     }
@@ -256,15 +282,25 @@ impl LatentDiffusionObjective {
                         .iter()
                         .flat_map(|c| cache[*c].iter().copied())
                         .collect();
-                    return Tensor::from_data(TensorData::new(values, [n, len, per / len]), device);
+                    Tensor::from_data(TensorData::new(values, [n, len, per / len]), device)
                 }
-                let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [n, len]), &self.device);
-                let out = te.forward_in(ids, 1, self.dtype.into());
-                let dims = out.dims();
-                Tensor::from_data(TensorData::new(to_host(out), dims), device)
-            }
-            _ => Tensor::zeros([n, len, self.unet.cross_attention_dim], device),
+                (None, TextEncoder::Frozen(te)) => {
+                    let ids =
+                        Tensor::<2, Int>::from_data(TensorData::new(ids, [n, len]), &self.device);
+                    let out = te.forward_in(ids, clip_skip, self.dtype.into());
+                    let dims = out.dims();
+                    Tensor::from_data(TensorData::new(to_host(out), dims), device)
+                }
+                (None, TextEncoder::Trained(_) | TextEncoder::Adapted(_)) => {
+                    unreachable!("a trained text encoder is part of the model")
+                }
+            });
         }
+        let context = match hidden.len() {
+            1 => hidden.pop().expect("one encoder"),
+            _ => Tensor::cat(hidden, 2),
+        };
+        Conditioning::text(context)
     }
 }
 
@@ -272,53 +308,68 @@ impl Objective for LatentDiffusionObjective {
     type Model = LatentDiffusionModel;
 
     fn build(&self, device: &Device) -> Result<LatentDiffusionModel, TrainError> {
-        let mut text_encoder = match &self.parts.text_encoder {
-            Some(TextEncoder::Trained(cfg)) => Some(cfg.init(device)),
-            Some(TextEncoder::Adapted(te)) => Some(te.clone().to_device(device)),
-            _ => None,
-        };
-        let mut unet = match &self.parts.base_unet {
-            Some(u) => u.clone().to_device(device),
-            None => self.unet.init(device),
+        // Text encoders first, then the backbone: the order the init RNG draws in.
+        let mut text_encoders: Vec<Option<CLIPTextModel>> = self
+            .parts
+            .text
+            .iter()
+            .map(|t| match &t.encoder {
+                TextEncoder::Trained(cfg) => Some(cfg.init(device)),
+                TextEncoder::Adapted(te) => Some(te.clone().to_device(device)),
+                TextEncoder::Frozen(_) => None,
+            })
+            .collect();
+        let mut backbone = match &self.parts.base_backbone {
+            Some(b) => b.clone().to_device(device),
+            None => self.backbone.init(device),
         };
         if let Some(l) = &self.parts.lora {
-            let fail = |m: String| TrainError::Stage(m);
-            unet = attach(unet, l, &l.target_modules, "lora.target_modules", device)
-                .map_err(fail)?
-                .0;
-            if let Some(te) = text_encoder.take() {
-                text_encoder = Some(if l.text_encoder {
-                    attach(
-                        te,
-                        l,
-                        &l.text_encoder_target_modules,
-                        "lora.text_encoder_target_modules",
-                        device,
-                    )
-                    .map_err(fail)?
-                    .0
-                } else {
-                    te.no_grad()
-                });
+            backbone = attach(
+                backbone,
+                l,
+                &l.target_modules,
+                "lora.target_modules",
+                device,
+            )?
+            .0;
+            for te in text_encoders.iter_mut() {
+                if let Some(m) = te.take() {
+                    *te = Some(if l.text_encoder {
+                        attach(
+                            m,
+                            l,
+                            &l.text_encoder_target_modules,
+                            "lora.text_encoder_target_modules",
+                            device,
+                        )?
+                        .0
+                    } else {
+                        m.no_grad()
+                    });
+                }
             }
         }
-        Ok(LatentDiffusionModel { unet, text_encoder })
+        Ok(LatentDiffusionModel {
+            backbone,
+            text_encoders,
+        })
     }
 
-    fn lr_factor(&self) -> Option<(fn(&str) -> bool, f64)> {
-        let l = self.parts.lora.as_ref().filter(|l| l.text_encoder)?;
-        let factor = l.text_encoder_lr? / self.base_lr;
-        Some((
-            |k: &str| k.starts_with("text_encoder.") && is_adapter_key(k),
-            factor,
-        ))
-    }
-
-    fn checkpoint_keys(&self) -> Option<fn(&str) -> bool> {
-        self.parts
-            .lora
-            .as_ref()
-            .map(|_| is_adapter_key as fn(&str) -> bool)
+    /// LoRA: the adapters only (the text encoders' at `lora.text_encoder_lr`); otherwise the
+    /// whole model.
+    fn param_groups(&self, model: &LatentDiffusionModel) -> ParamGroups {
+        let Some(l) = &self.parts.lora else {
+            return ParamGroups::whole_model();
+        };
+        let factor = match l.text_encoder_lr {
+            Some(lr) if l.text_encoder => lr / self.base_lr,
+            _ => 1.0,
+        };
+        let mut backbone = model.backbone.clone();
+        let mut text: Vec<CLIPTextModel> = model.text_encoders.iter().flatten().cloned().collect();
+        let mut text: Vec<&mut dyn Linears> =
+            text.iter_mut().map(|t| t as &mut dyn Linears).collect();
+        adapter_groups(&mut backbone, &mut text, factor)
     }
 
     fn loss(
@@ -343,16 +394,16 @@ impl Objective for LatentDiffusionObjective {
         // LoRA dropout masks replay on resume (seeded from the run's stream) and do not depend
         // on the split of the global batch (each sample's mask is found by its position).
         if self.parts.lora.as_ref().is_some_and(|l| l.dropout > 0.0) {
-            crate::nn::set_lora_dropout_seed(Some((rng.random(), offset)));
+            crate::lora::adapter::set_lora_dropout_seed(Some((rng.random(), offset)));
         }
-        let (context, labels) = self.condition(model, batch, &dropped, device);
+        let cond = self.condition(model, batch, &dropped, device);
         let shape = [b, c, h, w];
         let draw =
             NoiseDraw::for_slice(&self.diffusion, &self.schedule, shape, offset, global, rng);
         let loss = diffusion_loss(&z, shape, draw, self.dtype, device, |x, t| {
-            model.unet.forward(x, t, &context, labels)
+            model.backbone.predict(x, t, &cond)
         });
-        crate::nn::set_lora_dropout_seed(None);
+        crate::lora::adapter::set_lora_dropout_seed(None);
         loss
     }
 
@@ -377,10 +428,10 @@ impl Objective for LatentDiffusionObjective {
 
     fn place(&mut self, device: &Device) {
         self.parts.first_stage = self.parts.first_stage.clone().to_device(device);
-        if let Some(TextEncoder::Frozen(te) | TextEncoder::Adapted(te)) =
-            &mut self.parts.text_encoder
-        {
-            *te = te.clone().to_device(device);
+        for part in &mut self.parts.text {
+            if let TextEncoder::Frozen(te) | TextEncoder::Adapted(te) = &mut part.encoder {
+                *te = te.clone().to_device(device);
+            }
         }
         self.device = device.clone();
     }

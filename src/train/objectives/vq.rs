@@ -8,9 +8,9 @@ use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 
 use crate::data::Batch;
+use crate::dtype::{as_dtype, to_f32};
 use crate::models::pixelcnn::{GatedPixelCNN, GatedPixelCNNConfig};
 use crate::models::vqvae::{VQVAE, VQVAEConfig};
-use crate::dtype::{as_dtype, to_f32};
 use crate::optim::precision::{MixedPrecision, compute_dtype, hold_frozen};
 use crate::train::TrainError;
 use crate::train::objective::Objective;

@@ -4,86 +4,18 @@
 //! parameters `gamma`/`beta`. Models here are checkpoint-compatible with diffusers, so their
 //! layers store `weight: [out, in]`, `weight`/`bias` for norms, exactly as `torch.nn` does: a
 //! module's parameter path *is* the safetensors key and the io module never renames anything.
-//! Initialisation follows `torch.nn` defaults (Kaiming-uniform with a = sqrt(5)) and draws from
-//! a thread-local host RNG seeded by [`seed_init`], so the same seed gives the same weights on
-//! every backend and concurrent runs (tests) cannot disturb each other's draws.
+//! Initialisation follows `torch.nn` defaults ([`init`]). A [`Linear`] may carry a LoRA adapter
+//! ([`crate::lora::adapter`]).
 
-use std::cell::RefCell;
+pub mod init;
 
 use burn::module::{Module, Param};
 use burn::prelude::*;
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
 
 use crate::dtype::as_dtype;
-
-thread_local! {
-    static INIT_RNG: RefCell<ChaCha8Rng> = RefCell::new(ChaCha8Rng::seed_from_u64(0));
-    static SKIP_INIT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-    /// The dtype of the zero weights [`without_init`] builds ([`loading_in`]).
-    static LOAD_DTYPE: std::cell::Cell<burn::tensor::DType> =
-        const { std::cell::Cell::new(burn::tensor::DType::F32) };
-}
-
-/// Seeds the weight initialisation of layers built afterwards on this thread.
-pub fn seed_init(seed: u64) {
-    INIT_RNG.with(|r| *r.borrow_mut() = ChaCha8Rng::seed_from_u64(seed));
-}
-
-/// Builds layers with zero weights and no random draws: for models about to be loaded from a
-/// file (drawing 860M random numbers for a Stable Diffusion U-Net that is then overwritten would
-/// take seconds). The init RNG is not advanced.
-pub fn without_init<T>(build: impl FnOnce() -> T) -> T {
-    let before = SKIP_INIT.with(|s| s.replace(true));
-    let out = build();
-    SKIP_INIT.with(|s| s.set(before));
-    out
-}
-
-/// A tensor's values on the host as `f32`, whatever its dtype.
-pub fn to_host<const D: usize>(t: Tensor<D>) -> Vec<f32> {
-    t.into_data()
-        .convert::<f32>()
-        .try_into_vec::<f32>()
-        .expect("f32 after convert")
-}
-
-fn skipping_init() -> bool {
-    SKIP_INIT.with(|s| s.get())
-}
-
-/// Runs `load` (which builds layers with [`without_init`] and then reads their weights from a
-/// file) with the zero weights built in `dtype`: the loader converts each tensor to its
-/// parameter's dtype as it reads it, so a model loaded for mixed precision never exists in f32
-/// (a Stable Diffusion U-Net: 1.7 GB in bf16 instead of 3.4 GB in f32 and then a cast).
-/// Parameters built outside `without_init` (norms' ones and zeros) stay f32.
-pub fn loading_in<T>(dtype: burn::tensor::FloatDType, load: impl FnOnce() -> T) -> T {
-    let before = LOAD_DTYPE.with(|d| d.replace(dtype.into()));
-    let out = load();
-    LOAD_DTYPE.with(|d| d.set(before));
-    out
-}
-
-/// Zeros in the dtype [`loading_in`] asked for.
-fn load_zeros<const D: usize>(shape: [usize; D], device: &Device) -> Tensor<D> {
-    Tensor::zeros(shape, (device, LOAD_DTYPE.with(|d| d.get())))
-}
-
-/// `U(-k, k)` with `k = 1 / sqrt(fan_in)`: what `torch.nn.Linear`/`Conv2d` use for both the
-/// weight (Kaiming-uniform, a = sqrt(5)) and the bias.
-fn torch_uniform<const D: usize>(shape: [usize; D], fan_in: usize, device: &Device) -> Tensor<D> {
-    if skipping_init() {
-        return load_zeros(shape, device);
-    }
-    let k = 1.0 / (fan_in.max(1) as f64).sqrt();
-    let n = shape.iter().product::<usize>();
-    let values: Vec<f32> = INIT_RNG.with(|r| {
-        (0..n)
-            .map(|_| r.borrow_mut().random_range(-k..k) as f32)
-            .collect()
-    });
-    Tensor::from_data(TensorData::new(values, shape), device)
-}
+use crate::lora::adapter::LoraAdapter;
+use init::{load_zeros, skipping_init, torch_uniform};
+pub use init::{loading_in, seed_init, to_host, without_init};
 
 /// `torch.nn.Linear`: `y = x W^T + b`, weight `[out_features, in_features]`, with an optional
 /// low-rank adapter (LoRA): `y = x W^T + b + scale · dropout(x) D^T U^T`.
@@ -94,142 +26,6 @@ pub struct Linear {
     /// Parameter paths `<layer>.lora.down.weight` / `<layer>.lora.up.weight`: the keys
     /// diffusers' LoRA scripts write.
     pub lora: Option<LoraAdapter>,
-}
-
-/// One factor of a LoRA adapter, `weight` in PyTorch's `[out, in]` layout.
-#[derive(Module, Debug)]
-pub struct LoraFactor {
-    pub weight: Param<Tensor<2>>,
-}
-
-/// A LoRA adapter on a [`Linear`]: `down` `[rank, in]`, `up` `[out, rank]`, added as
-/// `scale · up(down(dropout(x)))` with `scale = alpha / rank`. Computed factored (two thin
-/// products, never the dense `up · down`), as PEFT does.
-#[derive(Module, Debug)]
-pub struct LoraAdapter {
-    pub down: LoraFactor,
-    pub up: LoraFactor,
-    pub scale: f64,
-    pub dropout: f64,
-}
-
-/// Where this thread's LoRA dropout masks come from: one ChaCha stream per adapted-layer call
-/// (in forward order) under the step's `seed`, read from the position of sample `offset` of the
-/// global batch. A sample's mask therefore depends on the step, the layer and its place in the
-/// global batch, not on how the batch is split over ranks or threads.
-struct DropoutStream {
-    seed: u64,
-    offset: usize,
-    calls: u64,
-}
-
-thread_local! {
-    /// `None` (the default, and always outside training) means no dropout.
-    static LORA_DROPOUT: RefCell<Option<DropoutStream>> = const { RefCell::new(None) };
-}
-
-/// Turns LoRA dropout on for this thread, for a slice of the global batch starting at sample
-/// `offset`, with masks drawn under `seed` (the training objective draws it from the run's
-/// stream each step, so resume replays the same masks); or off with `None`.
-pub fn set_lora_dropout_seed(seed: Option<(u64, usize)>) {
-    LORA_DROPOUT.with(|r| {
-        *r.borrow_mut() = seed.map(|(seed, offset)| DropoutStream {
-            seed,
-            offset,
-            calls: 0,
-        })
-    });
-}
-
-fn lora_dropout<const D: usize>(x: Tensor<D>, p: f64) -> Tensor<D> {
-    if p <= 0.0 {
-        return x;
-    }
-    let dims = x.dims();
-    let n: usize = dims.iter().product();
-    // Values per sample (dimension 0 is the batch everywhere adapters run).
-    let per = n / dims[0].max(1);
-    let keep = (1.0 / (1.0 - p)) as f32;
-    let mask: Option<Vec<f32>> = LORA_DROPOUT.with(|r| {
-        r.borrow_mut().as_mut().map(|s| {
-            let mut rng = ChaCha8Rng::seed_from_u64(s.seed);
-            rng.set_stream(s.calls);
-            s.calls += 1;
-            // Each f64 draw takes two 32-bit words: skip the samples before this slice.
-            rng.set_word_pos(2 * (s.offset * per) as u128);
-            (0..n)
-                .map(|_| if rng.random::<f64>() < p { 0.0 } else { keep })
-                .collect()
-        })
-    });
-    match mask {
-        Some(m) => {
-            let m = Tensor::<D>::from_data(TensorData::new(m, dims), &x.device()).cast(x.dtype());
-            x * m
-        }
-        None => x,
-    }
-}
-
-impl LoraAdapter {
-    /// A fresh adapter for a `[out, in]` weight: `down` from `init`, `up` zero, so the layer
-    /// starts exactly at its base.
-    pub fn new(
-        in_features: usize,
-        out_features: usize,
-        rank: usize,
-        alpha: f64,
-        dropout: f64,
-        init: LoraInit,
-        device: &Device,
-    ) -> Self {
-        let down = match init {
-            // PEFT's `init_lora_weights="gaussian"` (diffusers' LoRA scripts): N(0, 1/r).
-            LoraInit::Gaussian => {
-                let std = 1.0 / rank as f64;
-                let values: Vec<f32> = INIT_RNG.with(|r| {
-                    let mut r = r.borrow_mut();
-                    (0..rank * in_features)
-                        .map(|_| (r.sample::<f64, _>(rand_distr::StandardNormal) * std) as f32)
-                        .collect()
-                });
-                Tensor::from_data(TensorData::new(values, [rank, in_features]), device)
-            }
-            // kohya / PEFT's default: Kaiming-uniform with a = sqrt(5), as torch.nn.Linear.
-            LoraInit::Kaiming => torch_uniform([rank, in_features], in_features, device),
-        };
-        Self {
-            down: LoraFactor {
-                weight: Param::from_tensor(down),
-            },
-            up: LoraFactor {
-                weight: Param::from_tensor(Tensor::zeros([out_features, rank], device)),
-            },
-            scale: alpha / rank as f64,
-            dropout,
-        }
-    }
-
-    pub fn rank(&self) -> usize {
-        self.down.weight.dims()[0]
-    }
-
-    /// `scale · up · down`, `[out, in]`: the adapter's change to the weight.
-    pub fn delta(&self) -> Tensor<2> {
-        self.up
-            .weight
-            .val()
-            .matmul(self.down.weight.val())
-            .mul_scalar(self.scale)
-    }
-}
-
-/// How a fresh LoRA `down` factor is drawn (`lora.init`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum LoraInit {
-    Gaussian,
-    Kaiming,
 }
 
 impl Linear {
@@ -261,22 +57,9 @@ impl Linear {
             None => y,
         };
         match &self.lora {
-            Some(l) => {
-                let h = times_transposed(lora_dropout(x, l.dropout), w(&l.down.weight));
-                let h = times_transposed(h, w(&l.up.weight));
-                y + h.mul_scalar(l.scale)
-            }
+            Some(l) => y + l.forward(x),
             None => y,
         }
-    }
-
-    /// Folds the adapter into the weight (`W + scale · up · down`) and removes it.
-    pub fn merge_lora(mut self) -> Self {
-        if let Some(l) = self.lora.take() {
-            let w = self.weight.val() + l.delta().cast(self.weight.val().dtype());
-            self.weight = Param::initialized(self.weight.id, w);
-        }
-        self
     }
 }
 
@@ -284,7 +67,7 @@ impl Linear {
 /// the product is a single `[rows, in] · [in, out]` GEMM: burn multiplies a `[b, n, in]` input by
 /// a broadcast weight as `b` separate small GEMMs, and its backward then forms `b` weight
 /// gradients `[in, out]` and sums them, where one GEMM with inner dimension `b·n` does.
-fn times_transposed<const D: usize>(x: Tensor<D>, w: Tensor<2>) -> Tensor<D> {
+pub(crate) fn times_transposed<const D: usize>(x: Tensor<D>, w: Tensor<2>) -> Tensor<D> {
     let dims = x.dims();
     let rows = dims[..D - 1].iter().product::<usize>();
     let mut out_dims = dims;
@@ -432,11 +215,7 @@ impl Embedding {
                 weight: Param::from_tensor(load_zeros([num_embeddings, embedding_dim], device)),
             };
         }
-        let values: Vec<f32> = INIT_RNG.with(|r| {
-            (0..num_embeddings * embedding_dim)
-                .map(|_| r.borrow_mut().random_range(-bound..bound) as f32)
-                .collect()
-        });
+        let values = init::uniform_values(num_embeddings * embedding_dim, bound);
         let weight = Tensor::from_data(
             TensorData::new(values, [num_embeddings, embedding_dim]),
             device,
@@ -451,11 +230,7 @@ impl Embedding {
         if skipping_init() {
             return Self::uniform(num_embeddings, embedding_dim, 0.0, device);
         }
-        let values: Vec<f32> = INIT_RNG.with(|r| {
-            (0..num_embeddings * embedding_dim)
-                .map(|_| r.borrow_mut().sample::<f32, _>(rand_distr::StandardNormal))
-                .collect()
-        });
+        let values = init::standard_normal_f32(num_embeddings * embedding_dim);
         let weight = Tensor::from_data(
             TensorData::new(values, [num_embeddings, embedding_dim]),
             device,
@@ -537,28 +312,6 @@ impl<const N: usize> LayerNorm<N> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn lora_dropout_masks_follow_the_sample_not_the_split() {
-        let device = Device::flex();
-        let x = Tensor::<3>::ones([4, 3, 5], &device);
-        let masks = |offset: usize, rows: std::ops::Range<usize>| {
-            set_lora_dropout_seed(Some((7, offset)));
-            let first = to_host(lora_dropout(x.clone().slice(rows.clone()), 0.5));
-            let second = to_host(lora_dropout(x.clone().slice(rows), 0.5));
-            set_lora_dropout_seed(None);
-            (first, second)
-        };
-        let (full, full_next) = masks(0, 0..4);
-        let (tail, tail_next) = masks(2, 2..4);
-        assert_eq!(tail, full[2 * 15..]);
-        assert_eq!(tail_next, full_next[2 * 15..]);
-        // Another layer call gets another mask; about half is dropped.
-        assert_ne!(full, full_next);
-        let dropped = full.iter().filter(|v| **v == 0.0).count();
-        assert!((15..45).contains(&dropped), "{dropped} of 60 dropped");
-        // Off: the identity.
-        assert_eq!(to_host(lora_dropout(x.clone(), 0.5)), vec![1.0; 60]);
-    }
     use burn::tensor::Distribution;
 
     #[test]
