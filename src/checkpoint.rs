@@ -465,6 +465,82 @@ pub fn compare_configs(saved: &Config, now: &Config) -> (Vec<String>, Vec<String
     (breaking.iter().map(|c| c.to_string()).collect(), allowed)
 }
 
+/// An exclusive advisory lock on a run's output folder (`<output_dir>/.lock`), held while a
+/// `train` process writes there: a second run on the same folder is refused with the holder's
+/// pid, host and start time. The kernel releases the lock when its process dies, so a stale
+/// lock file of a killed run is simply taken over (with a note).
+pub struct RunLock {
+    _file: std::fs::File,
+    path: PathBuf,
+}
+
+impl RunLock {
+    pub fn acquire(dir: &Path) -> Result<Self, CheckpointError> {
+        use std::io::{Read, Seek, Write};
+        let path = dir.join(".lock");
+        let io_err = |source| {
+            CheckpointError::Io(crate::io::IoError::Write {
+                path: path.clone(),
+                source,
+            })
+        };
+        std::fs::create_dir_all(dir).map_err(io_err)?;
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(io_err)?;
+        let mut previous = String::new();
+        let _ = file.read_to_string(&mut previous);
+        let previous = previous.trim().to_string();
+        #[cfg(unix)]
+        {
+            use std::os::fd::AsRawFd;
+            // SAFETY: flock on a file descriptor this function owns.
+            let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+            if r != 0 {
+                return Err(CheckpointError::Locked {
+                    dir: dir.to_path_buf(),
+                    holder: if previous.is_empty() {
+                        "another process".into()
+                    } else {
+                        previous
+                    },
+                });
+            }
+        }
+        if !previous.is_empty() {
+            eprintln!(
+                "note: {} was left by a run that is no longer running ({previous}); taking it over",
+                path.display()
+            );
+        }
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "unknown host".into());
+        let since = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let me = format!(
+            "pid {} on {host}, started at unix time {since}",
+            std::process::id()
+        );
+        file.set_len(0).map_err(io_err)?;
+        file.rewind().map_err(io_err)?;
+        file.write_all(me.as_bytes()).map_err(io_err)?;
+        Ok(Self { _file: file, path })
+    }
+}
+
+impl Drop for RunLock {
+    fn drop(&mut self) {
+        // A finished run leaves no lock file; the kernel drops the lock with the descriptor.
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -610,81 +686,5 @@ mod tests {
             breaking[1].contains("train.batch_size: 16 -> 3"),
             "{breaking:?}"
         );
-    }
-}
-
-/// An exclusive advisory lock on a run's output folder (`<output_dir>/.lock`), held while a
-/// `train` process writes there: a second run on the same folder is refused with the holder's
-/// pid, host and start time. The kernel releases the lock when its process dies, so a stale
-/// lock file of a killed run is simply taken over (with a note).
-pub struct RunLock {
-    _file: std::fs::File,
-    path: PathBuf,
-}
-
-impl RunLock {
-    pub fn acquire(dir: &Path) -> Result<Self, CheckpointError> {
-        use std::io::{Read, Seek, Write};
-        let path = dir.join(".lock");
-        let io_err = |source| {
-            CheckpointError::Io(crate::io::IoError::Write {
-                path: path.clone(),
-                source,
-            })
-        };
-        std::fs::create_dir_all(dir).map_err(io_err)?;
-        let mut file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(io_err)?;
-        let mut previous = String::new();
-        let _ = file.read_to_string(&mut previous);
-        let previous = previous.trim().to_string();
-        #[cfg(unix)]
-        {
-            use std::os::fd::AsRawFd;
-            // SAFETY: flock on a file descriptor this function owns.
-            let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-            if r != 0 {
-                return Err(CheckpointError::Locked {
-                    dir: dir.to_path_buf(),
-                    holder: if previous.is_empty() {
-                        "another process".into()
-                    } else {
-                        previous
-                    },
-                });
-            }
-        }
-        if !previous.is_empty() {
-            eprintln!(
-                "note: {} was left by a run that is no longer running ({previous}); taking it over",
-                path.display()
-            );
-        }
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|h| h.trim().to_string())
-            .unwrap_or_else(|_| "unknown host".into());
-        let since = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        let me = format!(
-            "pid {} on {host}, started at unix time {since}",
-            std::process::id()
-        );
-        file.set_len(0).map_err(io_err)?;
-        file.rewind().map_err(io_err)?;
-        file.write_all(me.as_bytes()).map_err(io_err)?;
-        Ok(Self { _file: file, path })
-    }
-}
-
-impl Drop for RunLock {
-    fn drop(&mut self) {
-        // A finished run leaves no lock file; the kernel drops the lock with the descriptor.
-        let _ = std::fs::remove_file(&self.path);
     }
 }

@@ -27,8 +27,6 @@ pub enum DeviceError {
     /// What the CUDA driver said about a device.
     #[error("{0}")]
     Invalid(String),
-    #[error(transparent)]
-    Launch(#[from] crate::distributed::launch::LaunchError),
 }
 
 /// Where a run's tensors live.

@@ -1,8 +1,17 @@
 //! difftrain: train diffusion and discrete generative image models on burn.
 //!
-//! Dependencies point one way, lowest first:
-//! `kernels, io, data, device, distributed, tensorboard -> nn -> models, diffusion, optim ->
-//! config -> checkpoint, train -> pipelines -> bin`.
+//! Dependencies point one way, lowest first (docs/architecture.md draws them):
+//!
+//! 1. the ground floor, importing nothing of the crate: `dtype`, `error`, `memory`, `signals`,
+//!    `threads`, `resume`, `tensorboard`;
+//! 2. `io` (files; uses `memory`), `tokenizer` (uses `io`), `data`, `device`, `distributed`,
+//!    `kernels` (uses `dtype`);
+//! 3. `nn` (layers; a `Linear` may hold a `lora::adapter::LoraAdapter`, the one part of `lora`
+//!    at this level);
+//! 4. `models`, `diffusion`, `optim`, then `lora` (which adapts the models);
+//! 5. `config` (assembles the sections), 6. `checkpoint`, `train`, 7. `pipelines`, 8. the binaries
+//!    and this file's run wrappers.
+//!
 //! Models never import the trainer; schedulers never import models (they meet in
 //! [`diffusion::sampling::sample`] through the [`diffusion::sampling::Denoiser`] trait);
 //! only [`io`] maps parameters to file keys; only [`distributed`] knows ranks; only
@@ -37,9 +46,9 @@ pub mod train;
 /// A training step frees and reallocates the same few-MiB activations and gradients hundreds
 /// of times. glibc serves blocks above its mmap threshold (128 KiB at first, raised only as
 /// blocks are freed) with fresh `mmap`s and trims the heap top past 128 KiB; each reuse is then
-/// a page fault per 4 KiB. That was ~210k faults and ~9% of the samples of a tutorial-U-Net
-/// benchmark run; with these settings it is ~47k. The cost is that the process keeps its peak
-/// heap until it exits, which a training run reaches every step anyway.
+/// a page fault per 4 KiB (measured on a tutorial-U-Net run: docs/benchmarks.md, "Kernel
+/// thresholds"). The cost is that the process keeps its peak heap until it exits, which a
+/// training run reaches every step anyway.
 pub fn tune_allocator() {
     tune_glibc();
 }

@@ -6,7 +6,8 @@
 //! glibc serves blocks above 32 MiB (its largest mmap threshold) with their own mappings and
 //! returns them to the kernel on free. A Stable Diffusion U-Net step at batch 1 allocates and
 //! frees gigabytes of such blocks (3x3 convolution weights and their gradients are 59 MB at
-//! 1280 channels); profiled, page faults and unmapping were ~40% of the step. This allocator
+//! 1280 channels); profiled, page faults and unmapping were a large share of the step
+//! (docs/benchmarks.md, "Kernel thresholds"). This allocator
 //! sits in front of the system allocator: blocks of at least [`LARGE`] bytes are kept, by exact
 //! size, in a cache of at most `cap` bytes, and handed out again for the next request of that
 //! size (zeroed first when the caller asked for zeroed memory). A request the cache cannot serve
@@ -16,8 +17,8 @@
 //! [`iteration`]: from then on a miss frees only blocks that stayed unused through a whole
 //! iteration, and those go back at each mark. In a cycle, the least recently freed block is
 //! the one needed soonest: without the marks, one miss evicts a block the next step asks for,
-//! which misses in turn, every step (the full SD 1.5 U-Net step at 32x32 latents ran 2x slower,
-//! 9.98 against 4.87 s). Phases end with [`release_cached`] (the training loop calls it before
+//! which misses in turn, every step (the full SD 1.5 U-Net step ran twice as slow:
+//! docs/benchmarks.md). Phases end with [`release_cached`] (the training loop calls it before
 //! sampling). A full cache drops its oldest blocks for a newer one.
 //! Everything smaller goes straight to the system allocator. The binaries opt in with
 //! `#[global_allocator]`; the library does not impose it on programs that embed it.

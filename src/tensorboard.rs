@@ -226,7 +226,7 @@ mod tests {
         assert_eq!(crc32c::crc32c(&ascending), 0x46dd_794e);
         // The mask: ((crc >> 15) | (crc << 17)) + 0xa282ead8 mod 2^32.
         let crc = 0xe306_9283u32;
-        let masked = ((crc >> 15) | (crc << 17)).wrapping_add(0xa282_ead8);
+        let masked = crc.rotate_right(15).wrapping_add(0xa282_ead8);
         assert_eq!(masked_crc32c(b"123456789"), masked);
     }
 

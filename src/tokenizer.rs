@@ -209,6 +209,9 @@ fn byte_symbols() -> Vec<char> {
         .collect()
 }
 
+/// BPE merges in rank order, each the pair of tokens it joins.
+pub type Merges = Vec<(String, String)>;
+
 /// A CLIP BPE vocabulary learned from `texts` (SD 1.x's structure at a small size): the 256
 /// byte symbols, the same with the end-of-word suffix `</w>`, up to `vocab_size - 514` merges
 /// of the most frequent adjacent pair (ties: the lexicographically last pair), then
@@ -216,7 +219,7 @@ fn byte_symbols() -> Vec<char> {
 pub fn learn_bpe(
     texts: &[&str],
     vocab_size: usize,
-) -> Result<(Vec<String>, Vec<(String, String)>), TokenizerError> {
+) -> Result<(Vec<String>, Merges), TokenizerError> {
     use std::collections::{BTreeMap, HashMap};
     use tokenizers::{
         NormalizedString, Normalizer, OffsetReferential, OffsetType, PreTokenizedString,

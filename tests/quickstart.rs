@@ -38,13 +38,13 @@ fn dist(a: [i32; 3], b: [i32; 3]) -> i32 {
 fn flat_shape(img: &Image) -> bool {
     let (h, w) = (img.len(), img[0].len());
     let mut border = Vec::new();
-    for x in 0..w {
-        border.push(img[0][x]);
-        border.push(img[h - 1][x]);
+    for (&top, &bottom) in img[0].iter().zip(&img[h - 1]) {
+        border.push(top);
+        border.push(bottom);
     }
-    for y in 0..h {
-        border.push(img[y][0]);
-        border.push(img[y][w - 1]);
+    for row in img {
+        border.push(row[0]);
+        border.push(row[w - 1]);
     }
     let bg = median_colour(&border);
     let fg: Vec<Vec<bool>> = img

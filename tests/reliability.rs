@@ -180,7 +180,7 @@ fn sigterm_writes_a_checkpoint_and_resume_is_exact() {
         let status = child.wait().unwrap();
         assert_eq!(status.code(), Some(code), "{rest}");
         let step = latest_step(&out).unwrap_or_else(|| panic!("no checkpoint written: {rest}"));
-        assert!(step >= 3 && step < 12, "checkpoint at {step}: {rest}");
+        assert!((3..12).contains(&step), "checkpoint at {step}: {rest}");
         assert!(rest.contains("continue with `--resume latest`"), "{rest}");
         // Resume to 12 with every_steps as in the uninterrupted run.
         let (ok, err) = run(&b_path, &["--resume", "latest"]);

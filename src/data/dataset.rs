@@ -100,7 +100,7 @@ impl Dataset {
             DataSource::ImageFolder => Self::open_folder(path, on_bad)?,
             DataSource::MnistIdx => Self::open_idx(path)?,
         };
-        if ds.len() == 0 {
+        if ds.is_empty() {
             let detail = match source {
                 DataSource::ImageFolder => "no readable .png/.jpg/.jpeg files".to_string(),
                 DataSource::MnistIdx => "the IDX file holds 0 images".to_string(),

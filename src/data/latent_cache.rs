@@ -29,6 +29,9 @@ pub struct LatentCache {
     pub len: usize,
 }
 
+/// Encodes pixels `[n, c, h, w]` into the posterior's `(mean, std, [lc, lh, lw])`, on the host.
+pub type Encoder<'a> = dyn FnMut(&[f32], [usize; 4]) -> (Vec<f32>, Vec<f32>, [usize; 3]) + 'a;
+
 impl LatentCache {
     fn per(&self) -> usize {
         self.shape.iter().product()
@@ -58,7 +61,7 @@ impl LatentCache {
         dataset: &Dataset,
         transform: Transform,
         batch: usize,
-        encode: &mut dyn FnMut(&[f32], [usize; 4]) -> (Vec<f32>, Vec<f32>, [usize; 3]),
+        encode: &mut Encoder<'_>,
     ) -> Result<(Self, bool), IoError> {
         let dir = Self::dir(out, key);
         if let Some(cache) = Self::load(&dir, dataset.len())? {

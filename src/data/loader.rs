@@ -85,19 +85,41 @@ pub struct Loader {
     pub batches_per_epoch: usize,
 }
 
+/// How a [`Loader`] reads its dataset.
+#[derive(Debug, Clone)]
+pub struct LoaderSpec {
+    pub transform: Transform,
+    /// Images per (global) micro-batch.
+    pub batch_size: usize,
+    /// Seeds the per-epoch order and the augmentation draws.
+    pub seed: u64,
+    /// Where the first batch is.
+    pub start: LoaderPosition,
+    /// Decoding threads.
+    pub num_workers: usize,
+    /// Batches decoded ahead.
+    pub prefetch: usize,
+    pub on_bad: OnBadImage,
+    /// This replica's slice of each batch.
+    pub shard: std::ops::Range<usize>,
+    /// Decode the images (off when the run trains from cached latents: indices and flips
+    /// only).
+    pub decode: bool,
+}
+
 impl Loader {
-    pub fn spawn(
-        dataset: Arc<Dataset>,
-        transform: Transform,
-        batch_size: usize,
-        seed: u64,
-        start: LoaderPosition,
-        num_workers: usize,
-        prefetch: usize,
-        on_bad: OnBadImage,
-        shard: std::ops::Range<usize>,
-        decode: bool,
-    ) -> Result<Self, DataError> {
+    pub fn spawn(dataset: Arc<Dataset>, spec: LoaderSpec) -> Result<Self, DataError> {
+        let LoaderSpec {
+            transform,
+            batch_size,
+            seed,
+            start,
+            num_workers,
+            prefetch,
+            on_bad,
+            shard,
+            decode,
+        } = spec;
         assert!(
             shard.start < shard.end && shard.end <= batch_size,
             "bad shard {shard:?}"
@@ -169,6 +191,7 @@ impl Loader {
     }
 }
 
+// The loader thread's body: the spec unpacked plus the channel and counters it owns.
 #[allow(clippy::too_many_arguments)]
 fn produce(
     dataset: Arc<Dataset>,
@@ -215,6 +238,7 @@ fn produce(
     }
 }
 
+// The decoding workers' body, with the same unpacked spec.
 #[allow(clippy::too_many_arguments)]
 fn decode_batch(
     dataset: &Dataset,

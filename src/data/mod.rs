@@ -19,7 +19,7 @@ use rand::Rng;
 use serde::{Deserialize, Serialize};
 
 pub use dataset::Dataset;
-pub use loader::{Batch, Loader, LoaderPosition};
+pub use loader::{Batch, Loader, LoaderPosition, LoaderSpec};
 
 /// `[data]`: where the images are and how each is transformed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

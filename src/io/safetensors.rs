@@ -17,6 +17,7 @@ use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::prelude::*;
 use burn::tensor::DType;
 
+use super::keys::PathStack;
 use super::{IoError, write_atomic_with};
 
 /// What is wrong with one tensor of a safetensors file, or with a file's header.
@@ -45,83 +46,6 @@ pub enum TensorError {
     Header(#[source] serde_json::Error),
     #[error("the header describes {end} bytes but the file has {total} (truncated or padded)")]
     Length { end: u64, total: u64 },
-}
-
-/// Tracks the dotted path while a visitor or mapper walks a module.
-///
-/// Struct fields and `Vec` indices are joined by dots; enum variant names are left out, so a
-/// model's key is its diffusers key. Two kinds of field name the pipeline component they hold,
-/// as diffusers names a pipeline's components (so a latent diffusion model's keys are
-/// `unet.*`, `text_encoder.*`, the prefixes of diffusers' LoRA files too):
-/// - a field `backbone` holding the enum `Backbone` takes the component name of its variant
-///   ([`backbone_component`]);
-/// - a field `text_encoders` (a `Vec`) names its i-th element `text_encoder`,
-///   `text_encoder_2`, ... ([`super::layout::component_name`]).
-#[derive(Default)]
-pub(crate) struct PathStack {
-    parts: Vec<String>,
-    /// What each `enter` did, undone by its `exit`.
-    entered: Vec<Entered>,
-}
-
-enum Entered {
-    Pushed,
-    Skipped,
-    /// The last part was replaced; the old name comes back on exit.
-    Renamed(String),
-}
-
-/// The pipeline component a variant of `models::backbone::Backbone` is (diffusers' name of the
-/// folder and of the key prefix); `None` for an unknown variant, which is then left out.
-pub(crate) fn backbone_component(variant: &str) -> Option<&'static str> {
-    match variant {
-        "Unet2DCondition" => Some("unet"),
-        _ => None,
-    }
-}
-
-impl PathStack {
-    pub(crate) fn enter(&mut self, name: &str, container: &str) {
-        let last = self.parts.last().map(String::as_str);
-        let rename = match (container, last) {
-            ("Enum:Backbone", Some("backbone")) => backbone_component(name).map(str::to_string),
-            ("Vec", Some("text_encoders")) => name
-                .parse::<usize>()
-                .ok()
-                .map(|i| super::layout::component_name("text_encoder", i)),
-            _ => None,
-        };
-        let entered = match rename {
-            Some(component) => {
-                let last = self.parts.last_mut().expect("matched a last part above");
-                Entered::Renamed(std::mem::replace(last, component))
-            }
-            None if container.starts_with("Enum:") => Entered::Skipped,
-            None => {
-                self.parts.push(name.to_string());
-                Entered::Pushed
-            }
-        };
-        self.entered.push(entered);
-    }
-
-    pub(crate) fn exit(&mut self) {
-        match self.entered.pop() {
-            Some(Entered::Pushed) => {
-                self.parts.pop();
-            }
-            Some(Entered::Renamed(old)) => {
-                if let Some(last) = self.parts.last_mut() {
-                    *last = old;
-                }
-            }
-            Some(Entered::Skipped) | None => {}
-        }
-    }
-
-    pub(crate) fn key(&self) -> String {
-        self.parts.join(".")
-    }
 }
 
 /// A host f32 copy of one tensor (tests, fixtures and small host-side computations).

@@ -34,7 +34,7 @@ pub(super) fn exp(x: f32) -> f32 {
     p = p * r + 8.333_452e-3;
     p = p * r + 4.166_579_6e-2;
     p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
+    p = p * r + 5e-1;
     let y = p * (r * r) + r + 1.0;
     // 2^n through the exponent bits. A plain `as i32` saturates and maps NaN to 0, which LLVM
     // cannot vectorise (it became 16 scalar conversions per vector).

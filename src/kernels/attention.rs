@@ -105,6 +105,7 @@ pub fn forward(g: &AttnGeom, q: &[f32], k: &[f32], v: &[f32], scale: f32) -> (Ve
 
 /// Gradients `(dq, dk, dv)` of [`forward`] given its output `o`, `lse` and the output
 /// gradient `grad`.
+// The operands of attention's backward (q, k, v, o, lse, dO) as the algorithm names them.
 #[allow(clippy::too_many_arguments)]
 pub fn backward(
     g: &AttnGeom,

@@ -179,6 +179,7 @@ impl<B: Backend + TrainOps> Backward<B, 2> for LinearBackward {
 struct AttentionBackward;
 
 impl<B: Backend + TrainOps> Backward<B, 3> for AttentionBackward {
+    // The three gradients of a three-parent node, as burn's `Backward` signature has them.
     #[allow(clippy::type_complexity)]
     type State = (
         FloatTensor<B>,

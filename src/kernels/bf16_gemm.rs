@@ -126,6 +126,8 @@ impl Out {
 /// `dst (+)= lhs · rhs` as [`super::gemm::matmul`] (same operand convention: `(slice, row stride,
 /// column stride)`, `dst` row-major `[m, n]`), with both operands rounded to bf16. `parallel`
 /// spreads the work over the thread pool. Callers check [`available`] and the slice extents.
+// The operands are GEMM arguments in the convention of `gemm::matmul` (each a slice with its
+// two strides, plus the shape): grouping them in a struct would only rename them.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn matmul<L: Elem, R: Elem>(
     dst: &mut [f32],
@@ -207,8 +209,8 @@ fn with_lhs<L: Elem, T>(
 /// its panels of `rhs` (up to [`GROUP`]) a block of [`KC`] pairs at a time, just before the
 /// kernels use them, so they stay in cache. With so few rows each packed panel is used at most
 /// `FEW / MR` times: packed whole, `rhs` (a weight of SD's deep levels: 1280 x 11520) would be
-/// written out and read back from memory, which took longer than the products (1.1-2.4x
-/// faster on those shapes).
+/// written out and read back from memory, which took longer than the products (measured:
+/// docs/benchmarks.md, "Kernel thresholds").
 fn streamed<L: Elem, R: Elem>(
     dst: &mut [f32],
     (m, n, k): (usize, usize, usize),

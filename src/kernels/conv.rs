@@ -258,8 +258,7 @@ impl Conv2dGeom {
     }
 }
 
-/// See [`input_grad`]. Measured on the tutorial U-Net's shapes at batch 128: 10 -> 10 channels at
-/// 28x28 2.30 -> 2.0 ms, 20 -> 10 4.5 -> 3.2 ms; 1 -> 10 0.52 -> 1.1 ms.
+/// See [`input_grad`] (measured on the tutorial U-Net's shapes: docs/benchmarks.md, "Kernel thresholds").
 const ADJOINT_MIN_CIN: usize = 8;
 
 /// gemm copies ("packs") its left operand, which for the forward is the column matrix, unless the
@@ -328,9 +327,8 @@ fn shifted_len(g: &Conv2dGeom) -> usize {
 }
 
 /// Below this GEMM width (output pixels on the padded grid) the stride-1 forward and weight
-/// gradient use the full column matrix. Measured with 2 threads: the shifted form is 10-20%
-/// faster at 28x28 (10-20 channels), 32x32 (32-64) and 64x64 (32); equal or slower at 16x16 and
-/// below.
+/// gradient use the full column matrix: the shifted form pays off on large maps only
+/// (measured: docs/benchmarks.md, "Kernel thresholds").
 const SHIFTED_MIN_COLS: usize = 512;
 
 /// The weight gradient's shifted form also needs this many output channels (see
@@ -360,7 +358,7 @@ impl Conv2dGeom {
         self.plan() == Plan::PaddedRows
             && !self.shifted()
             && self.band_rows() == self.out_h()
-            && self.cols() % GEMM_ALIGN == 0
+            && self.cols().is_multiple_of(GEMM_ALIGN)
     }
 
     /// Images whose compact column matrices sit side by side in one weight-gradient GEMM, whose
@@ -380,10 +378,7 @@ impl Conv2dGeom {
     }
 }
 
-/// The weight-gradient GEMM width [`Conv2dGeom::weight_group`] aims for. Measured at batch 32, 2
-/// threads, 256 -> 128 channels: at 8x8, one image per GEMM on the padded grid 19.3 ms, four
-/// compact images 8.7-8.9 ms, eight 8.5-9.6 ms; at 16x16, one compact image 29.1-29.3 ms, two
-/// 31-35 ms, the padded grid 30.6 ms.
+/// The weight-gradient GEMM width [`Conv2dGeom::weight_group`] aims for (measured: docs/benchmarks.md, "Kernel thresholds").
 const WEIGHT_GROUP_COLS: usize = 256;
 
 /// [`Conv2dGeom::weight_group`] leaves at least this many chunks of images.
@@ -409,7 +404,7 @@ fn shifted_copies_band(g: &Conv2dGeom, padded: &[f32], s: &mut [f32], start: usi
 
 thread_local! {
     /// One [`Scratch`] per rayon worker, grown to the largest convolution seen. A fresh
-    /// zero-filled buffer per image chunk was 5-6% of a training step in `memset` and page faults.
+    /// zero-filled buffer per image chunk cost a training step its `memset` and page faults.
     static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
 }
 

@@ -26,6 +26,8 @@ impl Product {
 
 /// `dst (+)= lhs · rhs` with `lhs` `[m, k]` and `rhs` `[k, n]` given as (slice, row stride, column
 /// stride), `dst` row-major `[m, n]`, run as `how` says.
+// `gemm`'s own argument convention (shape, accumulate, two strided operands, how): one call
+// site per kernel, each readable as a GEMM call.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn matmul(
     dst: &mut [f32],

@@ -39,6 +39,10 @@ impl NormGeom {
     pub fn len(&self) -> usize {
         self.batch * self.sample()
     }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// Independent partial sums per reduction. Every sum below is formed in `LANES` interleaved
@@ -138,6 +142,7 @@ pub fn forward(g: &NormGeom, x: &[f32], weight: &[f32], bias: &[f32]) -> Vec<f32
 /// One group of the backward: writes `dxg` and adds into the group's `dw`, `db` (`cpg` values,
 /// or one per element for LayerNorm), as [`forward_group`] lays them out.
 #[inline(always)]
+// The per-group operands of the closed-form backward, inlined into a vectorised loop.
 #[allow(clippy::too_many_arguments)]
 fn backward_group(
     xg: &[f32],
@@ -192,6 +197,7 @@ fn backward_group(
     }
 }
 
+// The same operands as `backward_group`, dispatched per instruction set.
 #[allow(clippy::too_many_arguments)]
 fn backward_group_dispatch(
     xg: &[f32],

@@ -7,9 +7,9 @@ use rayon::prelude::*;
 /// own chunk and hands it to `f` with the chunk's index; `f`'s results come back in chunk order.
 ///
 /// `vec![0.0; len]` zeroes on the calling thread before any task starts. Once freed activations
-/// are reused from the heap (see [`crate::tune_allocator`]) that serial `memset` was 5% of a
-/// training step's samples, all on one core; here it is spread over the tasks, each on memory it
-/// is about to write anyway.
+/// are reused from the heap (see [`crate::tune_allocator`]) that serial `memset` was a share of
+/// a training step's samples, all on one core (docs/benchmarks.md); here it is spread over the
+/// tasks, each on memory it is about to write anyway.
 pub(crate) fn par_new<R: Send>(
     len: usize,
     chunk: usize,

@@ -31,19 +31,14 @@ const TILE: usize = 16;
 
 /// Below this many input or output channels (twice as many on maps under 8x8) the 16 GEMMs,
 /// whose inner dimension is `cin`, do not pay for the transforms, which cost per channel and
-/// pixel and run on rows of only `w/2` tiles. Such layers keep the column-matrix path. Measured
-/// at batch 32 on 2 threads, ms forward / input gradient / weight gradient, Winograd against the
-/// column matrix: 32 -> 32 at 16x16 0.91 / 0.95 / 1.50 against 1.00 / 0.99 / 1.16; 64 -> 32 at
-/// 8x8 0.89 / 0.82 / 1.32 against 0.64 / 0.54 / 0.76; 64 -> 64 at 4x4 0.59 / 0.79 / 0.78 against
-/// 0.49 / 0.40 / 0.42; 64 -> 64 at 16x16 2.51 / 2.50 / 3.62 against 3.49 / 3.45 / 3.90; 128 ->
-/// 128 at 4x4 about even; 256 -> 256 at 4x4 3.18 / 3.62 / 3.26 against 3.40 / 3.79 / 8.43.
+/// pixel and run on rows of only `w/2` tiles. Such layers keep the column-matrix path (measured:
+/// docs/benchmarks.md, "Kernel thresholds").
 const MIN_CHANNELS: usize = 64;
 
 /// Below this many output pixels in the batch the weight transform (`16·cout·cin` values, done
 /// every call) costs about what the 2.25x fewer multiply-adds save: SD's 1280-channel 4x4 and
-/// 8x8 levels at batch 1 keep the column-matrix path. Measured on the SD 1.5 LoRA step at 256 px
-/// (latents 32x32 down to 4x4, batch 1, 2 threads): every level by Winograd 4.62 s (5.50 GB
-/// peak), from 256 pixels 3.49 s (5.15 GB), from 1024 pixels 3.76 s (4.87 GB).
+/// 8x8 levels at batch 1 keep the column-matrix path (measured on the SD 1.5 LoRA step:
+/// docs/benchmarks.md, "Kernel thresholds").
 const MIN_PIXELS: usize = 256;
 
 /// [`MIN_PIXELS`] for products on the bf16 GEMM, whose column-matrix path reads the bf16 weight
@@ -143,8 +138,8 @@ const LANES: usize = 16;
 /// into `u` at row stride `ld`, with
 /// `G = [[1, 0, 0], [½, ½, ½], [½, -½, ½], [0, 0, 1]]`.
 ///
-/// [`LANES`] kernels at a time, each tap a vector over the kernels: transforming them one at a
-/// time, with 16 scattered stores each, took ~10% of an SD LoRA step at 256 px.
+/// [`LANES`] kernels at a time, each tap a vector over the kernels: one at a time, with 16
+/// scattered stores each, was a visible share of an SD LoRA step (docs/benchmarks.md).
 fn transform_kernels(weights: &[f32], u: &mut [f32], ld: usize) {
     multiversion!((weights: &[f32], u: &mut [f32], ld: usize) =>
         transform_kernels_body(weights, u, ld))

@@ -18,7 +18,16 @@ pub mod targets;
 use serde::{Deserialize, Serialize};
 
 pub use adapter::{LoraAdapter, LoraInit};
-pub use targets::{Linears, adapter_param_ids, attach, linear_paths, select};
+pub use targets::{Linears, adapter_param_ids, attach, attach_selected, linear_paths, select};
+
+/// What a LoRA run adapts, decided once before training: the settings and the selected layer
+/// paths of the backbone and of each text encoder (empty: that encoder stays frozen).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraPlan {
+    pub config: LoraConfig,
+    pub backbone: Vec<String>,
+    pub text_encoders: Vec<Vec<String>>,
+}
 
 /// What can go wrong choosing, attaching, folding or exporting adapters.
 #[derive(Debug, thiserror::Error)]

@@ -210,9 +210,23 @@ pub fn attach<M: Module + Linears>(
     what: &str,
     device: &Device,
 ) -> Result<(M, Vec<String>), LoraError> {
-    let mut model = model.no_grad();
+    let mut model = model;
     let paths = linear_paths(&mut model);
     let selected = select(targets, &paths, what)?;
+    let model = attach_selected(model, cfg, &selected, device);
+    Ok((model, selected))
+}
+
+/// Attaches fresh adapters to the layers at `selected` paths (chosen once by [`select`]) and
+/// freezes everything else. The init RNG (`nn::seed_init`) draws the `down` factors in path
+/// order.
+pub fn attach_selected<M: Module + Linears>(
+    model: M,
+    cfg: &LoraConfig,
+    selected: &[String],
+    device: &Device,
+) -> M {
+    let mut model = model.no_grad();
     let set: std::collections::HashSet<&String> = selected.iter().collect();
     model.linears("", &mut |p, l| {
         if set.contains(&p.to_string()) {
@@ -228,7 +242,7 @@ pub fn attach<M: Module + Linears>(
             ));
         }
     });
-    Ok((model, selected))
+    model
 }
 
 /// The parameter ids of every adapter below `model` (both factors).

@@ -61,7 +61,9 @@ impl Default for CLIPTextConfig {
 impl CLIPTextConfig {
     pub fn problems(&self, prefix: &str) -> Vec<String> {
         let mut out = Vec::new();
-        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+        if self.num_attention_heads == 0
+            || !self.hidden_size.is_multiple_of(self.num_attention_heads)
+        {
             out.push(format!(
                 "{prefix}: hidden_size = {} is not divisible by num_attention_heads = {}",
                 self.hidden_size, self.num_attention_heads

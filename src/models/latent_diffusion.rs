@@ -68,7 +68,7 @@ impl AutoencoderTrainConfig {
             ));
         }
         let f = self.vae.downsampling();
-        if resolution % f != 0 {
+        if !resolution.is_multiple_of(f) {
             p.push(format!(
                 "data.resolution = {resolution} is not divisible by the VAE's factor {f}"
             ));

@@ -166,7 +166,7 @@ impl TutorialUNet {
         let levels = c.len() - 1;
         let e = cfg.time_embed_dim;
         // (kernel, padding) of the stride-2 resampling between a size and the next.
-        let resample = |s: usize| if s % 2 == 0 { (4, 1) } else { (3, 0) };
+        let resample = |s: usize| if s.is_multiple_of(2) { (4, 1) } else { (3, 0) };
 
         let down = (0..levels)
             .map(|i| {

@@ -101,7 +101,7 @@ impl UNet2DConfig {
             }
         }
         let factor = 1usize << (levels - 1);
-        if self.sample_size % factor != 0 {
+        if !self.sample_size.is_multiple_of(factor) {
             out.push(format!(
                 "model.unet.sample_size = {} is not divisible by 2^{} = {factor} ({} levels downsample {} times)",
                 self.sample_size,

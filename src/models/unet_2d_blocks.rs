@@ -32,6 +32,9 @@ pub enum UpBlockType {
 }
 
 /// What follows each resnet of a block: spatial self-attention or a `Transformer2DModel`.
+// burn's Module derive holds each variant's layers by value (it has no `Box` impl); one such
+// value exists per model, so the size difference between variants costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Module, Debug)]
 pub enum AttentionLayer {
     Spatial(Attention),
@@ -200,6 +203,7 @@ pub fn down_block(
 /// An up block of `layers` resnets ending at `out_c`, starting from `prev_out` channels. With
 /// `skip_in` (the U-Nets) each resnet also takes a skip connection: `out_c` channels, except the
 /// last, which takes the level's input width `skip_in`. Then an optional x2 upsampler.
+// diffusers' `get_up_block` takes the same arguments one by one.
 #[allow(clippy::too_many_arguments)]
 pub fn up_block(
     prev_out: usize,

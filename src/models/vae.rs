@@ -61,9 +61,9 @@ impl Encoder {
         let conv_in = Conv2d::new(in_channels, ch[0], 3, 1, 1, device);
         let mut down_blocks = Vec::with_capacity(levels);
         let mut cout = ch[0];
-        for i in 0..levels {
+        for (i, &c) in ch.iter().enumerate() {
             let cin = cout;
-            cout = ch[i];
+            cout = c;
             // DownEncoderBlock2D(downsample_padding=0): padded right/bottom, then stride 2.
             let downsample = (i + 1 < levels).then_some(0);
             down_blocks.push(down_block(
@@ -120,9 +120,9 @@ impl Decoder {
         let rev: Vec<usize> = ch.iter().rev().copied().collect();
         let mut up_blocks = Vec::with_capacity(levels);
         let mut out_c = rev[0];
-        for i in 0..levels {
+        for (i, &c) in rev.iter().enumerate() {
             let prev = out_c;
-            out_c = rev[i];
+            out_c = c;
             up_blocks.push(up_block(
                 prev,
                 out_c,

@@ -61,13 +61,13 @@ impl VQVAEConfig {
 
     pub fn problems(&self, resolution: usize) -> Vec<String> {
         let mut p = Vec::new();
-        if resolution % Self::DOWNSAMPLING != 0 {
+        if !resolution.is_multiple_of(Self::DOWNSAMPLING) {
             p.push(format!(
                 "model.vqvae: data.resolution = {resolution} must be divisible by {} (two stride-2 convolutions)",
                 Self::DOWNSAMPLING
             ));
         }
-        if self.dim < 2 || self.dim % 2 != 0 {
+        if self.dim < 2 || !self.dim.is_multiple_of(2) {
             p.push(format!(
                 "model.vqvae.dim = {} must be even and >= 2",
                 self.dim

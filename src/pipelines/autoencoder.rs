@@ -1,5 +1,5 @@
 //! Latent diffusion, stage 1: training an `AutoencoderKL` from scratch (CompVis' reconstruction
-//! + KL loss, `train::objectives::autoencoder`), its `input | reconstruction` grids and its
+//! plus KL loss, `train::objectives::autoencoder`), its `input | reconstruction` grids and its
 //! diffusers `vae/` export. Stage 2 is `pipelines::ldm`.
 
 use std::path::Path;
@@ -15,7 +15,7 @@ use crate::models::Architecture;
 use crate::models::autoencoder_kl::AutoencoderKL;
 use crate::nn::to_host;
 use crate::train::objectives::autoencoder::AutoencoderObjective;
-use crate::train::{Outputs, TrainError, TrainOptions, TrainOutcome, train_with};
+use crate::train::{Outputs, TrainError, TrainOptions, TrainOutcome};
 
 /// Stage 1: trains the `AutoencoderKL` `cfg` describes.
 pub fn train_autoencoder(
@@ -26,7 +26,7 @@ pub fn train_autoencoder(
         cfg: cfg.clone(),
         fixed: None,
     };
-    train_with(
+    super::train_run(
         cfg,
         opts,
         AutoencoderObjective::new(&cfg.model.autoencoder, cfg.train.mixed_precision),
@@ -69,7 +69,7 @@ impl Outputs<AutoencoderKL> for AutoencoderOutputs {
                 m,
                 &stage_weights_file(Architecture::AutoencoderKl, dir, &sub[3..]),
             )?;
-            io::write_json(&dir.join(sub).join("config.json"), &json)?;
+            io::write_json(&dir.join(sub).join(io::layout::CONFIG), &json)?;
         }
         Ok(())
     }

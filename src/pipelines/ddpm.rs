@@ -17,11 +17,11 @@ use crate::io;
 use crate::io::image::Grid;
 use crate::models::DenoiserModel;
 use crate::train::objectives::diffusion::DiffusionObjective;
-use crate::train::{Outputs, TrainError, TrainOptions, TrainOutcome, train_with};
+use crate::train::{Outputs, TrainError, TrainOptions, TrainOutcome};
 
 /// Trains a denoiser (`unet_2d` or `tutorial_unet`) with the diffusion loss.
 pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<TrainOutcome<DenoiserModel>, TrainError> {
-    train_with(
+    super::train_run(
         cfg,
         opts,
         DiffusionObjective::new(cfg),
@@ -125,7 +125,7 @@ pub fn export(
         io::safetensors::save_module(&path, m, None, &meta)?;
         if let DenoiserModel::Unet2d(_) = m {
             io::write_json(
-                &path.with_file_name("config.json"),
+                &path.with_file_name(io::layout::CONFIG),
                 &cfg.model.unet.to_diffusers_json(),
             )?;
         }

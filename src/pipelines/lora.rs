@@ -23,7 +23,7 @@ use crate::io::layout::{self as files, component_name};
 use crate::io::lora::{self as lora_io, Component, KohyaInfo, LoraFile, LoraModule};
 use crate::io::{self, IoError};
 use crate::lora::merge::{apply_file as fold_file, collect_adapters};
-use crate::lora::{Linears, LoraError, select};
+use crate::lora::{Linears, LoraError, LoraPlan, select};
 use crate::models::backbone::{Backbone, BackboneConfig};
 use crate::models::clip::CLIPTextModel;
 use crate::models::latent_diffusion::{FirstStage, LatentDiffusionConfig, LatentDiffusionModel};
@@ -33,7 +33,7 @@ use crate::optim::precision::compute_dtype;
 use crate::train::objectives::ldm::{
     LatentDiffusionObjective, LatentDiffusionParts, TextEncoder, TextPart,
 };
-use crate::train::{Outputs, TrainError, TrainOptions, TrainOutcome, train_with};
+use crate::train::{Outputs, TrainError, TrainOptions, TrainOutcome};
 
 /// The diffusers-layout file of an export.
 pub const DIFFUSERS_FILE: &str = "pytorch_lora_weights.safetensors";
@@ -119,29 +119,36 @@ pub fn train_lora(
     let fingerprint = base_fingerprint(&source, sd.text_encoders.len())?;
     let factor = sd.vae_factor();
     let res = cfg.data.resolution;
-    if res % factor != 0 {
+    if !res.is_multiple_of(factor) {
         return Err(err(format!(
             "data.resolution = {res} is not divisible by the VAE's factor {factor}"
         )));
     }
     let l = &cfg.lora;
-    // Fail before training when a target matches nothing.
-    {
+    // The layers that get adapters, chosen once (before training: a target that matches
+    // nothing fails here).
+    let plan = {
         let mut probe = sd.unet.clone();
         let paths = crate::lora::linear_paths(&mut probe);
-        select(&l.target_modules, &paths, "lora.target_modules")?;
+        let backbone = select(&l.target_modules, &paths, "lora.target_modules")?;
+        let mut text_encoders = Vec::new();
         if l.text_encoder {
             for te in &sd.text_encoders {
                 let mut probe = te.model.clone();
                 let paths = crate::lora::linear_paths(&mut probe);
-                select(
+                text_encoders.push(select(
                     &l.text_encoder_target_modules,
                     &paths,
                     "lora.text_encoder_target_modules",
-                )?;
+                )?);
             }
         }
-    }
+        LoraPlan {
+            config: l.clone(),
+            backbone,
+            text_encoders,
+        }
+    };
     let dataset = Dataset::open(cfg.data.source, &cfg.data.path, cfg.data.on_bad_image)?;
     let scale = sd.vae_config.scaling_factor;
     let lat = [sd.vae_config.latent_channels, res / factor, res / factor];
@@ -179,7 +186,7 @@ pub fn train_lora(
         cache,
         fingerprints: vec![("base model".to_string(), fingerprint)],
         base_backbone: Some(Backbone::Unet2DCondition(sd.unet.clone())),
-        lora: Some(l.clone()),
+        lora: Some(plan),
         cache_text: cfg.data.cache_text_embeddings,
     };
     let mut conditioning = cfg.model.conditioning.clone();
@@ -205,7 +212,7 @@ pub fn train_lora(
         base: Arc::new(sd),
         prompts: Vec::new(),
     };
-    train_with(cfg, opts, objective, outputs)
+    super::train_run(cfg, opts, objective, outputs)
 }
 
 /// Grids (the sample prompts through the adapted model) and the LoRA files.

@@ -29,7 +29,7 @@ use crate::io;
 use crate::io::image::Grid;
 use crate::models::{Architecture, Family};
 use crate::train::objectives::diffusion::build_model;
-use crate::train::{RunSummary, TrainError, TrainOptions};
+use crate::train::{Outputs, RunSummary, TrainError, TrainOptions, TrainOutcome, train_with};
 
 /// What can go wrong in a pipeline beyond training itself.
 #[derive(Debug, thiserror::Error)]
@@ -88,6 +88,66 @@ pub(crate) fn pairs_grid(images: &[f32], shape: [usize; 4], recon: &[f32]) -> Gr
     }
 }
 
+/// A family's [`Outputs`] with the bookkeeping every export has: the resolved run config
+/// (`difftrain.toml`, what `sample` reads) and `export.json` (the step, so `sample` can tell the
+/// export from newer checkpoints).
+pub(crate) struct Exporting<P> {
+    cfg: Config,
+    outputs: P,
+}
+
+impl<M, P: Outputs<M>> Outputs<M> for Exporting<P> {
+    fn prepare(&mut self, dataset: &Dataset) -> Result<(), TrainError> {
+        self.outputs.prepare(dataset)
+    }
+
+    fn grid(&self, weights: &M, device: &burn::prelude::Device) -> Result<Grid, TrainError> {
+        self.outputs.grid(weights, device)
+    }
+
+    fn export(&self, weights: &M, raw: Option<&M>, dir: &Path) -> Result<(), TrainError> {
+        self.outputs.export(weights, raw, dir)
+    }
+
+    fn export_at(
+        &self,
+        weights: &M,
+        raw: Option<&M>,
+        dir: &Path,
+        step: usize,
+    ) -> Result<(), TrainError> {
+        self.outputs.export(weights, raw, dir)?;
+        io::write_atomic(
+            &dir.join(checkpoint::CONFIG_FILE),
+            self.cfg.to_toml().as_bytes(),
+        )?;
+        io::write_json(
+            &dir.join(crate::train::EXPORT_STEP_FILE),
+            &serde_json::json!({ "step": step }),
+        )?;
+        Ok(())
+    }
+}
+
+/// [`train_with`] for a family's pipeline: `outputs` export with the run's bookkeeping.
+pub(crate) fn train_run<O, P>(
+    cfg: &Config,
+    opts: &TrainOptions,
+    objective: O,
+    outputs: P,
+) -> Result<TrainOutcome<O::Model>, TrainError>
+where
+    O: crate::train::Objective + Clone + Send,
+    O::Model: Send,
+    P: Outputs<O::Model> + Send,
+{
+    let outputs = Exporting {
+        cfg: cfg.clone(),
+        outputs,
+    };
+    train_with(cfg, opts, objective, outputs)
+}
+
 /// Trains the model family `cfg.model.architecture` names.
 pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<RunSummary, TrainError> {
     // In a multi-process launch: this process's device, and the others learn of a failure
@@ -110,7 +170,7 @@ fn for_this_process(cfg: &Config) -> Result<Config, TrainError> {
     if let Some(env) = crate::distributed::launch::joined() {
         cfg.run.device = env
             .device_for(&cfg.run.device, cfg.run.devices.as_ref())
-            .map_err(|e| TrainError::Device(crate::device::DeviceError::Launch(e)))?;
+            .map_err(TrainError::Launch)?;
         cfg.run.devices = None;
     }
     Ok(cfg)
@@ -144,16 +204,17 @@ pub fn weights_file(model: &crate::config::ModelConfig, dir: &Path, suffix: &str
 /// [`weights_file`] for an architecture whose layout is fixed: every one but latent diffusion
 /// (asked for that, it answers for a U-Net backbone).
 pub fn stage_weights_file(architecture: Architecture, dir: &Path, suffix: &str) -> PathBuf {
+    use io::layout::{DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS};
     let (folder, file) = match architecture {
-        Architecture::Unet2d => ("unet", "diffusion_pytorch_model.safetensors"),
-        Architecture::TutorialUnet => ("tutorial_unet", "model.safetensors"),
-        Architecture::Vqvae => ("vqvae", "model.safetensors"),
-        Architecture::GatedPixelcnn => ("pixelcnn", "model.safetensors"),
-        Architecture::AutoencoderKl => ("vae", "diffusion_pytorch_model.safetensors"),
-        Architecture::LatentDiffusion => ("unet", "diffusion_pytorch_model.safetensors"),
-        Architecture::SdLora => ("", lora::DIFFUSERS_FILE),
+        Architecture::Unet2d => ("unet", DIFFUSERS_WEIGHTS),
+        Architecture::TutorialUnet => ("tutorial_unet", TRANSFORMERS_WEIGHTS),
+        Architecture::Vqvae => ("vqvae", TRANSFORMERS_WEIGHTS),
+        Architecture::GatedPixelcnn => ("pixelcnn", TRANSFORMERS_WEIGHTS),
+        Architecture::AutoencoderKl => ("vae", DIFFUSERS_WEIGHTS),
+        Architecture::LatentDiffusion => ("unet", DIFFUSERS_WEIGHTS),
+        Architecture::SdLora => return dir.join(lora::DIFFUSERS_FILE),
     };
-    dir.join(format!("{folder}{suffix}")).join(file)
+    io::layout::weights_path(dir, &format!("{folder}{suffix}"), file)
 }
 
 /// The folder holding a run's `difftrain.toml`, and the weights file when it is a checkpoint:
@@ -409,7 +470,7 @@ fn sample_from(dir: &Path, req: &SampleRequest) -> Result<(Grid, PathBuf), Pipel
                 Ok(c.model.pixelcnn.init(k, &device))
             })?;
             let temperature = req.temperature.unwrap_or(cfg.sample.temperature);
-            if !(temperature > 0.0) {
+            if !(temperature.is_finite() && temperature > 0.0) {
                 return bad(format!("--temperature {temperature} must be positive"));
             }
             let images = vq::sample_images(
@@ -425,7 +486,7 @@ fn sample_from(dir: &Path, req: &SampleRequest) -> Result<(Grid, PathBuf), Pipel
             Ok((Grid::square(images, shape), weights))
         }
         Family::LatentDiffusion => {
-            if weights.is_none() && root.join("model_index.json").is_file() {
+            if weights.is_none() && root.join(io::layout::MODEL_INDEX).is_file() {
                 // A text-conditioned KL export is a Stable Diffusion folder.
                 let mut req = req.clone();
                 req.num.get_or_insert(num);

@@ -109,7 +109,7 @@ impl Pretrained {
 
     /// Whether `path` looks like a pretrained Stable Diffusion model rather than a run.
     pub fn looks_like(path: &Path) -> bool {
-        path.join("model_index.json").is_file()
+        path.join(files::MODEL_INDEX).is_file()
             || (path.is_file()
                 && path
                     .extension()
@@ -283,9 +283,8 @@ fn folder_parts(dir: &Path, need_weights: bool) -> Result<FolderParts, Pretraine
     }
     for t in &tokenizers {
         let tok = dir.join(t);
-        if !tok.join("tokenizer.json").is_file()
-            && !(tok.join("vocab.json").is_file() && tok.join("merges.txt").is_file())
-        {
+        let has_vocab = tok.join("vocab.json").is_file() && tok.join("merges.txt").is_file();
+        if !tok.join("tokenizer.json").is_file() && !has_vocab {
             missing.push(format!(
                 "{} (tokenizer.json, or vocab.json and merges.txt)",
                 tok.display()
@@ -337,7 +336,7 @@ fn folder_parts(dir: &Path, need_weights: bool) -> Result<FolderParts, Pretraine
             })
             .collect::<Result<_, PretrainedError>>()?,
         scheduler: json_config(
-            &dir.join("scheduler/scheduler_config.json"),
+            &dir.join(files::SCHEDULER_CONFIG),
             SchedulerConfig::from_diffusers_json,
         )?,
     })

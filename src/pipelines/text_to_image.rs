@@ -123,7 +123,7 @@ pub fn generate(
     device: &Device,
 ) -> Result<Tensor<4>, GenerateError> {
     let f = model.factor;
-    if g.width == 0 || g.height == 0 || g.width % f != 0 || g.height % f != 0 {
+    if g.width == 0 || g.height == 0 || !g.width.is_multiple_of(f) || !g.height.is_multiple_of(f) {
         return Err(GenerateError::Invalid(format!(
             "width and height ({} x {}) must be positive multiples of {f} (the first stage's \
              factor)",

@@ -23,7 +23,7 @@ use crate::models::pixelcnn::GatedPixelCNN;
 use crate::models::vqvae::{VQVAE, VQVAEConfig};
 use crate::nn::to_host;
 use crate::train::objectives::vq::{PixelCnnObjective, VqvaeObjective};
-use crate::train::{Outputs, TrainError, TrainOptions, TrainOutcome, train_with};
+use crate::train::{Outputs, TrainError, TrainOptions, TrainOutcome};
 
 /// The file a PixelCNN export stores its VQ-VAE's config in (weights in `vqvae/`).
 pub const STAGE1_CONFIG: &str = "vqvae.toml";
@@ -48,7 +48,7 @@ pub fn train_vqvae(cfg: &Config, opts: &TrainOptions) -> Result<TrainOutcome<VQV
         cfg: cfg.clone(),
         fixed: None,
     };
-    train_with(
+    super::train_run(
         cfg,
         opts,
         VqvaeObjective::new(&cfg.model.vqvae, cfg.train.mixed_precision),
@@ -178,7 +178,7 @@ pub fn train_pixelcnn(
         cfg: cfg.clone(),
         stage1,
     };
-    train_with(cfg, opts, objective, outputs)
+    super::train_run(cfg, opts, objective, outputs)
 }
 
 /// Samples `num` code maps autoregressively with `temperature` and decodes them.

@@ -1,11 +1,7 @@
-//! What differs between model families, as the loop sees it.
-//!
-//! An [`Objective`] says how to build a model and what its loss is; the loop, accumulation,
-//! clipping, checkpoints, EMA, logging and resume are shared. What a run writes with its weights
-//! (sample grids, the export) is [`Outputs`], implemented by `pipelines` next to the code that
-//! reads those files back.
-
-use std::path::{Path, PathBuf};
+//! What differs between model families, as the loop sees it: an [`Objective`] says how to
+//! build a model and what its loss is; the loop, accumulation, clipping, checkpoints, EMA,
+//! logging and resume are shared. (What a run writes with its weights is
+//! [`Outputs`](super::outputs::Outputs).)
 
 use burn::module::Module;
 use burn::optim::GradientsParams;
@@ -13,12 +9,8 @@ use burn::prelude::*;
 use rand_chacha::ChaCha8Rng;
 
 use super::TrainError;
-use super::run::RunState;
-use crate::data::{Batch, Dataset};
-use crate::io;
-use crate::io::image::Grid;
+use crate::data::Batch;
 use crate::optim::groups::ParamGroups;
-use crate::tensorboard::EventWriter;
 
 pub trait Objective {
     type Model: Module;
@@ -161,40 +153,4 @@ where
         }
     }
     (accumulator.grads(), total)
-}
-
-/// What a run writes with its weights: sample grids during and after training, and the export
-/// in the layout inference tools load. Only rank 0 holds one.
-pub trait Outputs<M> {
-    /// Called once with the training data before any step (e.g. to fix a reconstruction batch).
-    fn prepare(&mut self, _dataset: &Dataset) -> Result<(), TrainError> {
-        Ok(())
-    }
-
-    /// The sample grid for `weights` (the EMA weights when EMA is on).
-    fn grid(&self, weights: &M, device: &Device) -> Result<Grid, TrainError>;
-
-    /// Writes `weights` (EMA when on) and `raw` (the training weights, with EMA) under `dir`.
-    fn export(&self, weights: &M, raw: Option<&M>, dir: &Path) -> Result<(), TrainError>;
-}
-
-/// Samples with the weights sampling should use (EMA when on), writes
-/// `samples/step-<N>.png` and, when logging, a TensorBoard image.
-pub(super) fn write_samples<M: Module>(
-    outputs: &impl Outputs<M>,
-    st: &RunState<M>,
-    device: &Device,
-    out: &Path,
-    events: Option<&mut EventWriter>,
-) -> Result<PathBuf, TrainError> {
-    // Sampling asks for other sizes than training: the cached training blocks go back first
-    // rather than stay resident beside them (the next steps cache theirs again).
-    crate::memory::release_cached();
-    let grid = outputs.grid(&st.sampling_weights(), device)?;
-    let path = out.join("samples").join(format!("step-{}.png", st.step));
-    let png = io::image::save_grid(&grid, &path)?;
-    if let Some(ev) = events {
-        ev.image("samples", &png.png, png.height, png.width, st.step as u64)?;
-    }
-    Ok(path)
 }

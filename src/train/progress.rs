@@ -1,9 +1,13 @@
-//! Progress display: an indicatif bar on a terminal, plain periodic lines otherwise (CI logs).
+//! What a run shows and logs of each step: the progress display (an indicatif bar on a
+//! terminal, plain periodic lines otherwise: CI logs) and the TensorBoard scalars, means over
+//! the steps since the last write ([`StepLog`]).
 
 use std::io::IsTerminal;
 use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::tensorboard::{EventError, EventWriter};
 
 /// What one optimizer step reports to the display (and, later, to loggers and checkpointers).
 #[derive(Debug, Clone, Copy)]
@@ -79,7 +83,9 @@ impl Progress {
                 bar.set_position(r.step as u64);
                 bar.set_message(msg);
             }
-            None if !self.quiet && (r.step % self.log_every == 0 || r.step == self.total) => {
+            None if !self.quiet
+                && (r.step.is_multiple_of(self.log_every) || r.step == self.total) =>
+            {
                 eprintln!(
                     "step {}/{} {msg} elapsed {} eta {}",
                     r.step,
@@ -96,5 +102,95 @@ impl Progress {
         if let Some(bar) = &self.bar {
             bar.finish();
         }
+    }
+}
+
+/// What a step logs to TensorBoard besides its [`StepReport`].
+pub struct StepScalars {
+    pub seconds: f64,
+    /// Images of the global batch this step consumed.
+    pub images: f64,
+    pub skipped_total: usize,
+    /// fp16's loss scale.
+    pub loss_scale: Option<f64>,
+    /// EMA's last decay, when EMA is on.
+    pub ema_decay: Option<f64>,
+    /// The objective's own statistics.
+    pub metrics: Vec<(&'static str, f64)>,
+}
+
+/// Running means between two TensorBoard scalar writes.
+#[derive(Default)]
+struct Window {
+    steps: usize,
+    loss: f64,
+    seconds: f64,
+    images: f64,
+}
+
+/// The progress display and the TensorBoard scalars of a run, written every `log_every`
+/// steps (and at the last) as means over the window since the previous write.
+pub struct StepLog {
+    progress: Progress,
+    events: Option<EventWriter>,
+    window: Window,
+    log_every: usize,
+    total: usize,
+}
+
+impl StepLog {
+    pub fn new(
+        progress: Progress,
+        events: Option<EventWriter>,
+        log_every: usize,
+        total: usize,
+    ) -> Self {
+        Self {
+            progress,
+            events,
+            window: Window::default(),
+            log_every,
+            total,
+        }
+    }
+
+    /// Shows step `r` and adds it to the window; writes the scalars when due.
+    pub fn step(&mut self, r: &StepReport, s: StepScalars) -> Result<(), EventError> {
+        self.progress.update(r);
+        let w = &mut self.window;
+        w.steps += 1;
+        w.loss += r.loss;
+        w.seconds += s.seconds;
+        w.images += s.images;
+        let due = r.step.is_multiple_of(self.log_every) || r.step == self.total;
+        let Some(ev) = self.events.as_mut().filter(|_| due) else {
+            return Ok(());
+        };
+        let at = r.step as u64;
+        ev.scalar("train/loss", w.loss / w.steps as f64, at)?;
+        ev.scalar("train/lr", r.lr, at)?;
+        ev.scalar("train/grad_norm", r.grad_norm, at)?;
+        ev.scalar("train/skipped_steps", s.skipped_total as f64, at)?;
+        if let Some(scale) = s.loss_scale {
+            ev.scalar("train/loss_scale", scale, at)?;
+        }
+        ev.scalar("train/images_per_sec", w.images / w.seconds.max(1e-9), at)?;
+        if let Some(decay) = s.ema_decay {
+            ev.scalar("train/ema_decay", decay, at)?;
+        }
+        for (tag, value) in s.metrics {
+            ev.scalar(tag, value, at)?;
+        }
+        self.window = Window::default();
+        Ok(())
+    }
+
+    /// The TensorBoard writer (sample grids go there too).
+    pub fn events(&mut self) -> Option<&mut EventWriter> {
+        self.events.as_mut()
+    }
+
+    pub fn finish(&self) {
+        self.progress.finish();
     }
 }

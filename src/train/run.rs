@@ -19,7 +19,20 @@ use crate::data::LoaderPosition;
 use crate::io;
 use crate::io::safetensors::SafetensorsFile;
 use crate::optim::ema::Ema;
-use crate::optim::precision::{GradScaler, MixedPrecision};
+use crate::optim::grad;
+use crate::optim::groups::ParamGroups;
+use crate::optim::precision::{GradScaler, MixedPrecision, ScalerStep};
+use burn::optim::GradientsParams;
+
+/// What one optimizer step did.
+pub struct Update {
+    /// False when the step was skipped (non-finite, or an fp16 overflow).
+    pub applied: bool,
+    /// The global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// EMA's decay this step, when EMA is on and the step applied.
+    pub ema_decay: Option<f64>,
+}
 
 /// The mutable state of a run between optimizer steps.
 pub struct RunState<M> {
@@ -102,6 +115,66 @@ impl<M: Module> RunState<M> {
             last_loss: f64::NAN,
             scaler: fresh_scaler(cfg),
         })
+    }
+
+    /// The state a run starts from: fresh, or rebuilt from `start`'s checkpoint. A checkpoint
+    /// that passed its checksums but does not decode is, with `checkpoint.resume = "latest"`,
+    /// answered like any other corruption: the newest older one that does is used (and
+    /// `start` updated to it), with a warning. Only the first replica of a process looks for
+    /// one (`first_in_process`); the others then start from what it chose.
+    // What choosing a start needs: the objective, config, checkpoint, folder, data size,
+    // device and two flags; called from one place.
+    #[allow(clippy::too_many_arguments)]
+    pub fn start<O: Objective<Model = M>>(
+        objective: &O,
+        cfg: &Config,
+        start: &mut checkpoint::Start,
+        out: &Path,
+        dataset_len: usize,
+        device: &Device,
+        first_in_process: bool,
+        quiet: bool,
+    ) -> Result<Self, TrainError> {
+        let Some(ck) = &start.checkpoint else {
+            return Self::fresh(objective, cfg, device);
+        };
+        let mut resumed = Self::resumed(objective, cfg, ck, dataset_len, device, quiet);
+        while let Err(TrainError::Undecodable { dir, why }) = &resumed {
+            if cfg.checkpoint.resume != crate::config::Resume::Latest || !first_in_process {
+                break;
+            }
+            let step = checkpoint::parse_step_of(dir).unwrap_or(0);
+            let older = checkpoint::list(out)
+                .into_iter()
+                .rev()
+                .filter(|(s, _)| *s < step)
+                .find_map(|(_, p)| checkpoint::read_verified(&p).ok());
+            let Some(older) = older else { break };
+            eprintln!(
+                "warning: cannot resume from {}: {why}; resuming from the older {} (work after \
+                 step {} is redone)",
+                dir.display(),
+                older.dir.display(),
+                checkpoint::parse_step_of(&older.dir).unwrap_or(0)
+            );
+            resumed = Self::resumed(objective, cfg, &older, dataset_len, device, quiet);
+            start.checkpoint = Some(older);
+        }
+        let st = resumed?;
+        if !quiet {
+            let ck = start
+                .checkpoint
+                .as_ref()
+                .expect("resuming from a checkpoint");
+            eprintln!(
+                "resuming from {} (step {}, epoch {}, batch {} of the epoch)",
+                ck.dir.display(),
+                st.step,
+                st.position.epoch,
+                st.position.batch_in_epoch
+            );
+        }
+        Ok(st)
     }
 
     /// Rebuilds the run state from a verified checkpoint, refusing config changes that break
@@ -300,6 +373,65 @@ impl<M: Module> RunState<M> {
         let dir = checkpoint::write(out, &mut state, &files)?;
         checkpoint::rotate(out, cfg.checkpoint.keep_last, self.step)?;
         Ok(dir)
+    }
+
+    /// One optimizer step from the summed gradients: unscaled (fp16's loss scale, after the
+    /// all-reduce and before clipping, as `GradScaler.unscale_` is used), clipped, checked
+    /// (the fp16 scaler skips an overflow whatever `on_nonfinite` says; otherwise that
+    /// policy), then the optimizer step by parameter group and the EMA. `step` is the 1-based
+    /// step being taken.
+    // One optimizer step's inputs (gradients, loss, rate, scale, groups, settings, step);
+    // called from one place.
+    #[allow(clippy::too_many_arguments)]
+    pub fn update(
+        mut self,
+        mut grads: GradientsParams,
+        loss: f64,
+        lr: f64,
+        loss_scale: f64,
+        groups: &ParamGroups,
+        t: &TrainConfig,
+        step: usize,
+    ) -> Result<(Self, Update), TrainError> {
+        if loss_scale != 1.0 {
+            grad::scale_all(&self.model, &mut grads, 1.0 / loss_scale);
+        }
+        let grad_norm = grad::clip_global_norm(&self.model, &mut grads, t.max_grad_norm);
+        let applied = match self.scaler.as_mut() {
+            Some(scaler) => {
+                let finite = loss.is_finite() && grad_norm.is_finite();
+                scaler.update(finite) == ScalerStep::Apply
+            }
+            None => super::check_finite(step, loss, grad_norm, t.on_nonfinite)?,
+        };
+        let mut ema_decay = None;
+        if applied {
+            // Groups at their own rate step apart: steps of the one optimizer over disjoint
+            // parameters (AdamW keeps its moments and step count per parameter), so this is
+            // one step at several rates.
+            let separate: Vec<_> = groups
+                .separate_rates()
+                .into_iter()
+                .map(|(ids, factor)| (grad::take(&self.model, &mut grads, ids), factor))
+                .collect();
+            self.model = self.optim.step(lr, self.model, grads);
+            for (group, factor) in separate {
+                self.model = self.optim.step(lr * factor, self.model, group);
+            }
+            if let Some(ema) = &mut self.ema {
+                ema_decay = Some(ema.step(&self.model.valid()));
+            }
+        } else {
+            self.skipped += 1;
+        }
+        Ok((
+            self,
+            Update {
+                applied,
+                grad_norm,
+                ema_decay,
+            },
+        ))
     }
 
     /// The weights sampling and export use: the EMA shadow when EMA is on.

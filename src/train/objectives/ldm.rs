@@ -26,7 +26,7 @@ use crate::diffusion::DiffusionConfig;
 use crate::diffusion::schedule::NoiseSchedule;
 use crate::diffusion::training::{NoiseDraw, diffusion_loss};
 use crate::lora::groups::adapter_groups;
-use crate::lora::{Linears, LoraConfig, attach};
+use crate::lora::{Linears, LoraPlan, attach_selected};
 use crate::models::backbone::{Backbone, BackboneConfig, Conditioning, LatentBackbone};
 use crate::models::clip::{CLIPTextConfig, CLIPTextModel};
 use crate::models::latent_diffusion::{
@@ -93,7 +93,7 @@ pub struct LatentDiffusionParts {
     /// A pretrained backbone to start from instead of fresh weights (LoRA runs).
     pub base_backbone: Option<Backbone>,
     /// LoRA: adapters on the base (the rest frozen); checkpoints then hold the adapters only.
-    pub lora: Option<LoraConfig>,
+    pub lora: Option<LoraPlan>,
     /// Keep a frozen text encoder's embedding of each caption after its first use.
     pub cache_text: bool,
 }
@@ -323,28 +323,14 @@ impl Objective for LatentDiffusionObjective {
             Some(b) => b.clone().to_device(device),
             None => self.backbone.init(device),
         };
-        if let Some(l) = &self.parts.lora {
-            backbone = attach(
-                backbone,
-                l,
-                &l.target_modules,
-                "lora.target_modules",
-                device,
-            )?
-            .0;
-            for te in text_encoders.iter_mut() {
+        if let Some(plan) = &self.parts.lora {
+            let l = &plan.config;
+            backbone = attach_selected(backbone, l, &plan.backbone, device);
+            for (i, te) in text_encoders.iter_mut().enumerate() {
                 if let Some(m) = te.take() {
-                    *te = Some(if l.text_encoder {
-                        attach(
-                            m,
-                            l,
-                            &l.text_encoder_target_modules,
-                            "lora.text_encoder_target_modules",
-                            device,
-                        )?
-                        .0
-                    } else {
-                        m.no_grad()
+                    *te = Some(match plan.text_encoders.get(i) {
+                        Some(paths) if l.text_encoder => attach_selected(m, l, paths, device),
+                        _ => m.no_grad(),
                     });
                 }
             }
@@ -358,7 +344,7 @@ impl Objective for LatentDiffusionObjective {
     /// LoRA: the adapters only (the text encoders' at `lora.text_encoder_lr`); otherwise the
     /// whole model.
     fn param_groups(&self, model: &LatentDiffusionModel) -> ParamGroups {
-        let Some(l) = &self.parts.lora else {
+        let Some(l) = self.parts.lora.as_ref().map(|p| &p.config) else {
             return ParamGroups::whole_model();
         };
         let factor = match l.text_encoder_lr {
@@ -393,7 +379,12 @@ impl Objective for LatentDiffusionObjective {
             .collect();
         // LoRA dropout masks replay on resume (seeded from the run's stream) and do not depend
         // on the split of the global batch (each sample's mask is found by its position).
-        if self.parts.lora.as_ref().is_some_and(|l| l.dropout > 0.0) {
+        if self
+            .parts
+            .lora
+            .as_ref()
+            .is_some_and(|p| p.config.dropout > 0.0)
+        {
             crate::lora::adapter::set_lora_dropout_seed(Some((rng.random(), offset)));
         }
         let cond = self.condition(model, batch, &dropped, device);

@@ -9,9 +9,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::data::DataConfig;
-use crate::device::{DeviceList, DeviceRequest, DeviceSpec};
+use crate::device::{DeviceRequest, DeviceSpec};
 use crate::diffusion::DiffusionConfig;
-use crate::diffusion::sampling::{SamplerKind, TimestepSpacing};
 use crate::models::latent_diffusion::{
     AutoencoderTrainConfig, ConditioningConfig, LatentDiffusionConfig,
 };
@@ -21,9 +20,14 @@ use crate::models::unet_2d::UNet2DConfig;
 use crate::models::vqvae::VQVAEConfig;
 use crate::models::{Architecture, Family};
 use crate::optim::ema::EmaConfig;
-use crate::optim::lr::LrSchedule;
-use crate::optim::precision::MixedPrecision;
-use crate::resume::{Change, ResumeRules, every_key, field};
+use crate::resume::{Change, ResumeRules, every_key};
+
+mod sections;
+
+pub use sections::{
+    CheckpointConfig, ExportConfig, LoggingConfig, OnNonFinite, Resume, RunConfig, SampleConfig,
+    TrainConfig,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -65,51 +69,6 @@ pub struct Config {
     pub ema: EmaConfig,
     /// `architecture = "sd_lora"`: the adapters.
     pub lora: crate::lora::LoraConfig,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct RunConfig {
-    pub name: String,
-    /// Defaults to `checkpoints/<name>`.
-    pub output_dir: Option<PathBuf>,
-    pub seed: u64,
-    /// `cpu`, `cuda` or `cuda:N`.
-    pub device: String,
-    /// Data parallelism: `["cuda:0", "cuda:1"]`, `"all"` (every visible CUDA device) or CPU
-    /// worker threads `["cpu:0", "cpu:1"]`. Unset: one replica on `device`.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub devices: Option<DeviceList>,
-    /// How long a data-parallel rank waits for the others at a collective or barrier (seconds)
-    /// before failing with the name of the rank it waits for.
-    pub sync_timeout_secs: f64,
-}
-
-impl Default for RunConfig {
-    fn default() -> Self {
-        Self {
-            name: "run".into(),
-            output_dir: None,
-            seed: 0,
-            device: "cpu".into(),
-            devices: None,
-            sync_timeout_secs: 600.0,
-        }
-    }
-}
-
-impl ResumeRules for RunConfig {
-    fn breaks_resume(&self, old: &Self, prefix: &str) -> Vec<Change> {
-        field(
-            prefix,
-            "seed",
-            &old.seed,
-            &self.seed,
-            "changes the data order and every random draw",
-        )
-        .into_iter()
-        .collect()
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -228,246 +187,6 @@ impl ResumeRules for ModelConfig {
     /// Any change: the checkpoint's weights belong to the model it describes.
     fn breaks_resume(&self, old: &Self, prefix: &str) -> Vec<Change> {
         every_key(prefix, old, self, "changes the model")
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum OnNonFinite {
-    /// Stop the run with an error naming the step.
-    Error,
-    /// Skip the optimizer step, leave the weights untouched, and go on.
-    Skip,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct TrainConfig {
-    /// Optimizer steps (one step = `gradient_accumulation_steps` micro-batches).
-    pub max_steps: usize,
-    /// Images per micro-batch.
-    pub batch_size: usize,
-    pub gradient_accumulation_steps: usize,
-    pub learning_rate: f64,
-    pub lr_scheduler: LrSchedule,
-    pub lr_warmup_steps: usize,
-    /// AdamW, with PyTorch's defaults (burn's differ: eps 1e-5, weight decay 1e-4).
-    pub adam_beta1: f64,
-    pub adam_beta2: f64,
-    pub adam_epsilon: f64,
-    pub adam_weight_decay: f64,
-    /// Global-norm clipping like `torch.nn.utils.clip_grad_norm_`; `0` disables.
-    pub max_grad_norm: f64,
-    pub on_nonfinite: OnNonFinite,
-    /// With `on_nonfinite = "skip"`: stop with an error after this many consecutive skipped
-    /// steps (0 = never).
-    pub max_consecutive_skips: usize,
-    pub mixed_precision: MixedPrecision,
-    /// fp16's loss scaler (accelerate's `GradScalerKwargs`): the initial scale and the clean
-    /// steps after which it doubles.
-    pub fp16_init_scale: f64,
-    pub fp16_growth_interval: usize,
-    /// Compute each micro-batch as this many equal slices on as many threads, each on a replica
-    /// of the weights (diffusion denoisers). Same numbers as 1 up to float summation order;
-    /// on CPU it keeps more cores busy (see docs/benchmarks.md).
-    pub batch_split: usize,
-}
-
-impl Default for TrainConfig {
-    fn default() -> Self {
-        Self {
-            max_steps: 1000,
-            batch_size: 16,
-            gradient_accumulation_steps: 1,
-            learning_rate: 1e-4,
-            lr_scheduler: LrSchedule::Constant,
-            lr_warmup_steps: 0,
-            adam_beta1: 0.9,
-            adam_beta2: 0.999,
-            adam_epsilon: 1e-8,
-            adam_weight_decay: 1e-2,
-            max_grad_norm: 1.0,
-            on_nonfinite: OnNonFinite::Error,
-            max_consecutive_skips: 20,
-            mixed_precision: MixedPrecision::No,
-            fp16_init_scale: 65536.0,
-            fp16_growth_interval: 2000,
-            batch_split: 1,
-        }
-    }
-}
-
-impl ResumeRules for TrainConfig {
-    /// The batches: the loader's position and the random stream count micro-batches of this
-    /// size. Everything else (steps, learning rate, clipping, precision...) may change.
-    fn breaks_resume(&self, old: &Self, prefix: &str) -> Vec<Change> {
-        let why = "changes the batches the checkpoint's position counts";
-        [
-            field(prefix, "batch_size", &old.batch_size, &self.batch_size, why),
-            field(
-                prefix,
-                "gradient_accumulation_steps",
-                &old.gradient_accumulation_steps,
-                &self.gradient_accumulation_steps,
-                why,
-            ),
-        ]
-        .into_iter()
-        .flatten()
-        .collect()
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct SampleConfig {
-    pub num_images: usize,
-    pub num_inference_steps: usize,
-    pub sampler: SamplerKind,
-    pub eta: f64,
-    pub timestep_spacing: TimestepSpacing,
-    /// Clamp predicted x0 to `[-clip_sample_range, clip_sample_range]` (diffusers default on).
-    pub clip_sample: bool,
-    pub clip_sample_range: f64,
-    pub seed: u64,
-    /// PixelCNN: logits are divided by this before sampling each code (1 = the model's
-    /// distribution, lower = more conservative).
-    pub temperature: f64,
-    /// Latent diffusion: classifier-free guidance scale of the grids (1 = no guidance).
-    pub guidance_scale: f64,
-    /// Latent diffusion with text: the prompts of the grids, one row each (default: the first
-    /// distinct captions of the data).
-    pub prompts: Vec<String>,
-}
-
-impl Default for SampleConfig {
-    fn default() -> Self {
-        Self {
-            num_images: 16,
-            num_inference_steps: 50,
-            sampler: SamplerKind::Ddim,
-            eta: 0.0,
-            timestep_spacing: TimestepSpacing::Leading,
-            clip_sample: true,
-            clip_sample_range: 1.0,
-            seed: 0,
-            temperature: 1.0,
-            guidance_scale: 7.5,
-            prompts: Vec::new(),
-        }
-    }
-}
-
-impl ResumeRules for SampleConfig {
-    /// Nothing a checkpoint depends on: every field may change on resume.
-    fn breaks_resume(&self, _old: &Self, _prefix: &str) -> Vec<Change> {
-        Vec::new()
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct ExportConfig {
-    /// Write `<output_dir>/export/` at the end of training.
-    pub enabled: bool,
-}
-
-impl Default for ExportConfig {
-    fn default() -> Self {
-        Self { enabled: true }
-    }
-}
-
-impl ResumeRules for ExportConfig {
-    /// Nothing a checkpoint depends on: every field may change on resume.
-    fn breaks_resume(&self, _old: &Self, _prefix: &str) -> Vec<Change> {
-        Vec::new()
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct LoggingConfig {
-    /// Progress line and TensorBoard scalars every N optimizer steps.
-    pub log_every: usize,
-    /// Sample grid (PNG + TensorBoard image) every N optimizer steps; 0 = only at the end.
-    pub sample_every: usize,
-    /// Write TensorBoard event files under `<output_dir>/logs/`.
-    pub tensorboard: bool,
-}
-
-impl Default for LoggingConfig {
-    fn default() -> Self {
-        Self {
-            log_every: 25,
-            sample_every: 0,
-            tensorboard: true,
-        }
-    }
-}
-
-impl ResumeRules for LoggingConfig {
-    /// Nothing a checkpoint depends on: every field may change on resume.
-    fn breaks_resume(&self, _old: &Self, _prefix: &str) -> Vec<Change> {
-        Vec::new()
-    }
-}
-
-/// Which checkpoint a run starts from: `"none"`, `"latest"` (in the output dir) or a path.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(from = "String", into = "String")]
-pub enum Resume {
-    #[default]
-    None,
-    Latest,
-    Path(PathBuf),
-}
-
-impl From<String> for Resume {
-    fn from(s: String) -> Self {
-        match s.as_str() {
-            "none" | "" => Self::None,
-            "latest" => Self::Latest,
-            _ => Self::Path(PathBuf::from(s)),
-        }
-    }
-}
-
-impl From<Resume> for String {
-    fn from(r: Resume) -> Self {
-        match r {
-            Resume::None => "none".into(),
-            Resume::Latest => "latest".into(),
-            Resume::Path(p) => p.display().to_string(),
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct CheckpointConfig {
-    /// Write `<output_dir>/checkpoint-<step>/` every N optimizer steps (and at the last step);
-    /// 0 disables checkpoints.
-    pub every_steps: usize,
-    /// Keep only the newest N checkpoints; 0 keeps all.
-    pub keep_last: usize,
-    pub resume: Resume,
-}
-
-impl Default for CheckpointConfig {
-    fn default() -> Self {
-        Self {
-            every_steps: 500,
-            keep_last: 3,
-            resume: Resume::None,
-        }
-    }
-}
-
-impl ResumeRules for CheckpointConfig {
-    /// Nothing a checkpoint depends on: every field may change on resume.
-    fn breaks_resume(&self, _old: &Self, _prefix: &str) -> Vec<Change> {
-        Vec::new()
     }
 }
 
@@ -674,12 +393,12 @@ impl Config {
             Ok(DeviceRequest::List(specs)) if specs.len() > 1 => {
                 let world = specs.len();
                 let b = self.train.batch_size;
-                if b % world != 0 {
+                if !b.is_multiple_of(world) {
                     p.push(format!(
                         "train.batch_size = {b} is the global batch; it must divide evenly over the \
                          {world} devices of run.devices"
                     ));
-                } else if (b / world) % self.train.batch_split != 0 {
+                } else if !(b / world).is_multiple_of(self.train.batch_split) {
                     p.push(format!(
                         "train.batch_split = {} must divide each device's share of the batch \
                          (train.batch_size {b} / {world} devices = {})",
@@ -721,7 +440,7 @@ impl Config {
         if !(0.0..1.0).contains(&t.adam_beta1) || !(0.0..1.0).contains(&t.adam_beta2) {
             p.push("train.adam_beta1 and train.adam_beta2 must be in [0, 1)".into());
         }
-        if t.batch_split == 0 || t.batch_size % t.batch_split.max(1) != 0 {
+        if t.batch_split == 0 || !t.batch_size.is_multiple_of(t.batch_split.max(1)) {
             p.push(format!(
                 "train.batch_split = {} must be at least 1 and divide train.batch_size = {}",
                 t.batch_split, t.batch_size
@@ -777,7 +496,7 @@ impl Config {
         if s.eta < 0.0 {
             p.push("sample.eta must be >= 0".into());
         }
-        if !(s.temperature > 0.0) {
+        if !(s.temperature.is_finite() && s.temperature > 0.0) {
             p.push(format!(
                 "sample.temperature = {} must be a positive finite number",
                 s.temperature
@@ -830,106 +549,4 @@ impl ResumeRules for Config {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn parse(text: &str, overrides: &[&str]) -> Result<Config, ConfigError> {
-        let o: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
-        Config::parse(Path::new("test.toml"), text, &o)
-    }
-
-    #[test]
-    fn typo_names_line_column_and_accepted_keys() {
-        let err = parse("[train]\nmax_steps = 3\nlerning_rate = 1e-3\n", &[])
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("test.toml"), "{err}");
-        assert!(err.contains("line 3, column 1"), "{err}");
-        assert!(
-            err.contains("lerning_rate") && err.contains("learning_rate"),
-            "{err}"
-        );
-    }
-
-    #[test]
-    fn wrong_variant_lists_accepted_ones() {
-        let err = parse("[diffusion]\nbeta_schedule = \"cosine\"\n", &[])
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("squaredcos_cap_v2") && err.contains("line 2"),
-            "{err}"
-        );
-    }
-
-    #[test]
-    fn overrides_are_typed_and_validated() {
-        let c = parse(
-            "[train]\nmax_steps = 3\n",
-            &["train.max_steps=7", "run.device=cuda:1"],
-        )
-        .unwrap();
-        assert_eq!(c.train.max_steps, 7);
-        assert_eq!(
-            DeviceSpec::parse(&c.run.device).ok(),
-            Some(DeviceSpec::Cuda(1))
-        );
-        let err = parse("", &["train.max_step=7"]).unwrap_err().to_string();
-        assert!(
-            err.contains("--set train.max_step=7") && err.contains("max_steps"),
-            "{err}"
-        );
-        let err = parse("", &["train.max_steps=many"])
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("--set train.max_steps=many"), "{err}");
-    }
-
-    #[test]
-    fn cross_field_problems_are_reported_together() {
-        let mut c = Config::default();
-        c.data.resolution = 30;
-        c.train.batch_size = 0;
-        c.run.device = "tpu".into();
-        let p = c.problems();
-        assert!(p.iter().any(|m| m.contains("sample_size")), "{p:?}");
-        assert!(p.iter().any(|m| m.contains("batch_size")), "{p:?}");
-        assert!(p.iter().any(|m| m.contains("run.device")), "{p:?}");
-    }
-
-    #[test]
-    fn the_older_unet_section_reads_as_the_backbone_and_both_are_refused() {
-        let old = "[model]\narchitecture = \"latent_diffusion\"\n[model.ldm.unet]\n\
-                   block_out_channels = [32, 64]\ncross_attention_dim = 48\n";
-        let new = "[model]\narchitecture = \"latent_diffusion\"\n[model.ldm.backbone]\n\
-                   type = \"unet_2d_condition\"\nblock_out_channels = [32, 64]\n\
-                   cross_attention_dim = 48\n";
-        let (a, b) = (parse(old, &[]).unwrap(), parse(new, &[]).unwrap());
-        assert_eq!(a, b);
-        let unet = a.model.ldm.backbone.as_unet().unwrap();
-        assert_eq!(
-            (unet.cross_attention_dim, unet.block_out_channels.len()),
-            (48, 2)
-        );
-        // Written back in the new spelling only.
-        let text = a.to_toml();
-        assert!(text.contains("[model.ldm.backbone]") && !text.contains("[model.ldm.unet]"));
-        // An override in the old spelling on a new file names the new one.
-        let err = crate::error::chain(&parse(new, &["model.ldm.unet.sample_size=16"]).unwrap_err());
-        assert!(
-            err.contains("[model.ldm.backbone]") && err.contains("unet_2d_condition"),
-            "{err}"
-        );
-        let err = parse("[model.ldm.backbone]\ntype = \"dit\"\n", &[])
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("unet_2d_condition"), "{err}");
-    }
-
-    #[test]
-    fn resolved_config_round_trips() {
-        let c = Config::default();
-        let back: Config = toml::from_str(&c.to_toml()).unwrap();
-        assert_eq!(back, c);
-    }
-}
+mod tests;
