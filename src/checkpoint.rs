@@ -190,6 +190,13 @@ pub fn remove_stale(out_dir: &Path) -> Vec<PathBuf> {
         })
         .map(|e| e.path())
         .collect();
+    let mut stale = stale;
+    // A killed atomic write's `.<name>.tmp-<pid>` files in the folders runs write into.
+    for sub in ["", "export", "samples", "latent_cache", "tokenizer"] {
+        stale_temporaries(&out_dir.join(sub), sub.is_empty(), &mut stale);
+    }
+    stale.sort();
+    stale.dedup();
     for p in &stale {
         if p.is_dir() {
             let _ = std::fs::remove_dir_all(p);
@@ -198,6 +205,30 @@ pub fn remove_stale(out_dir: &Path) -> Vec<PathBuf> {
         }
     }
     stale
+}
+
+/// The files named as `io::write_atomic_with` names its temporaries (`.<name>.tmp-<digits>`)
+/// in `dir` (and, unless `top_only`, its subfolders).
+fn stale_temporaries(dir: &Path, top_only: bool, out: &mut Vec<PathBuf>) {
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = e.path();
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        let is_dir = e.file_type().is_ok_and(|t| t.is_dir());
+        if is_dir {
+            if !top_only {
+                stale_temporaries(&path, false, out);
+            }
+            continue;
+        }
+        let temporary = name.starts_with('.')
+            && name
+                .rsplit_once(".tmp-")
+                .is_some_and(|(_, pid)| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()));
+        if temporary {
+            out.push(path);
+        }
+    }
 }
 
 /// Writes `files` plus `state.json` as `<out_dir>/checkpoint-<step>/` atomically, then points

@@ -34,6 +34,7 @@ pub mod nn;
 pub mod optim;
 pub mod pipelines;
 pub mod resume;
+pub mod seeds;
 pub mod signals;
 pub mod tensorboard;
 pub mod threads;
@@ -138,12 +139,13 @@ pub fn exit_code(result: anyhow::Result<()>) -> std::process::ExitCode {
         Err(e) => {
             // A run stopped by SIGINT/SIGTERM after writing its checkpoint: 128 + the signal,
             // as a shell reports a process the signal ended.
-            if let Some(train::TrainError::Interrupted { signal, .. }) = e
+            if let Some(signal) = e
                 .chain()
                 .find_map(|c| c.downcast_ref::<train::TrainError>())
+                .and_then(train::TrainError::stop_signal)
             {
                 eprintln!("{e:#}");
-                return std::process::ExitCode::from((128 + *signal) as u8);
+                return std::process::ExitCode::from((128 + signal) as u8);
             }
             eprintln!("error: {e:#}");
             std::process::ExitCode::FAILURE

@@ -39,6 +39,16 @@ pub fn requested() -> Option<i32> {
     }
 }
 
+/// Tests only: `DIFFTRAIN_TEST_SIGNAL_AT=<phase>` requests a stop as a SIGTERM would, when the
+/// run reaches `phase` (`latent_cache`, `export`), so a test can stop a run inside a phase
+/// without racing it.
+pub fn test_phase(phase: &str) {
+    if std::env::var("DIFFTRAIN_TEST_SIGNAL_AT").is_ok_and(|p| p == phase) {
+        #[cfg(unix)]
+        let _ = REQUESTED.compare_exchange(0, libc::SIGTERM, Ordering::SeqCst, Ordering::SeqCst);
+    }
+}
+
 /// The name of a signal number, for messages.
 pub fn name(sig: i32) -> &'static str {
     #[cfg(unix)]

@@ -103,8 +103,10 @@ fn train_then_sample_from_the_export() {
 fn check_prints_resolved_config_and_overrides_apply() {
     let tmp = tempfile::tempdir().unwrap();
     let cfg = tmp.path().join("c.toml");
-    // (`--check` also checks that data.path exists.)
-    write_config(&cfg, tmp.path(), &tmp.path().join("run"), "");
+    // (`--check` also checks that data.path exists; the run may not be inside it.)
+    let data = tmp.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    write_config(&cfg, &data, &tmp.path().join("run"), "");
     let (ok, stdout, stderr) = run_train(&cfg, &["--check", "--set", "train.max_steps=42"]);
     assert!(ok, "{stderr}");
     assert!(
@@ -282,7 +284,9 @@ fn bench_prints_one_json_line_per_run() {
 fn check_reports_an_unusable_cuda_device() {
     let tmp = tempfile::tempdir().unwrap();
     let cfg = tmp.path().join("c.toml");
-    write_config(&cfg, tmp.path(), &tmp.path().join("run"), "");
+    let data = tmp.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    write_config(&cfg, &data, &tmp.path().join("run"), "");
     let (ok, _, stderr) = run_train(&cfg, &["--check", "--set", "run.device=\"cuda:3\""]);
     assert!(!ok, "{stderr}");
     assert!(

@@ -23,6 +23,7 @@ const QUIET: TrainOptions = TrainOptions {
     write_outputs: false,
     quiet: true,
     overflow_at_step: None,
+    overrides: Vec::new(),
 };
 
 fn cpu_workers(n: usize) -> Option<DeviceList> {

@@ -30,6 +30,7 @@ const QUIET: TrainOptions = TrainOptions {
     write_outputs: true,
     quiet: true,
     overflow_at_step: None,
+    overrides: Vec::new(),
 };
 
 fn reference() -> BTreeMap<String, HostTensor> {
@@ -788,6 +789,7 @@ fn latent_families_train_in_bf16_and_fp16_like_f32() {
         write_outputs,
         quiet: true,
         overflow_at_step: None,
+        overrides: Vec::new(),
     };
     let stage1 = tmp.path().join("vae");
     let mut s1 = vae_config(&data, &stage1);

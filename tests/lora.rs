@@ -794,6 +794,7 @@ fn lora_trains_in_bf16_and_fp16_like_f32() {
         write_outputs: true,
         quiet: true,
         overflow_at_step: None,
+        overrides: Vec::new(),
     };
     let run = |p: MixedPrecision| {
         let mut c = lora_config(&base, &data, &tmp.path().join(format!("{p:?}")));

@@ -15,6 +15,7 @@ const QUIET: TrainOptions = TrainOptions {
     write_outputs: false,
     quiet: true,
     overflow_at_step: None,
+    overrides: Vec::new(),
 };
 
 /// The shipped quickstart config, shortened to `steps`, in `precision`.

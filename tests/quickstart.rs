@@ -134,6 +134,7 @@ fn quickstart_recipe_learns_flat_shapes() {
         write_outputs: true,
         quiet: true,
         overflow_at_step: None,
+        overrides: Vec::new(),
     };
     let tmp = tempfile::tempdir().unwrap();
     // Reference points: the dataset itself, and a model trained for one step.

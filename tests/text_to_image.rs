@@ -45,6 +45,7 @@ fn request(latents: Tensor<4>, sampler: SamplerKind) -> TextToImage {
         steps: 5,
         sampler: Some(sampler),
         seed: 0,
+        first_index: 0,
         width: 32,
         height: 32,
         num: 1,

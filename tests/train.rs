@@ -13,6 +13,7 @@ const QUIET: TrainOptions = TrainOptions {
     write_outputs: false,
     quiet: true,
     overflow_at_step: None,
+    overrides: Vec::new(),
 };
 
 #[test]
@@ -105,7 +106,7 @@ fn learns_a_two_mode_pattern_distribution() {
         n,
         Some(20),
         Some(SamplerKind::Ddim),
-        1,
+        (1, 0),
     );
     let corr = |a: &[f32], b: &[f32]| {
         let (ma, mb) = (a.iter().sum::<f32>() / 64.0, b.iter().sum::<f32>() / 64.0);
@@ -179,7 +180,7 @@ fn tutorial_unet_preset_trains_at_28_and_odd_sizes() {
             2,
             Some(2),
             None,
-            0,
+            (0, 0),
         );
         assert_eq!(shape, [2, 1, res, res]);
         assert_eq!(pixels.len(), 2 * res * res);

@@ -69,6 +69,7 @@ fn short_vqvae_run_reconstructs_the_shipped_shapes() {
         write_outputs: false,
         quiet: true,
         overflow_at_step: None,
+        overrides: Vec::new(),
     };
     let device = Device::flex();
     let (images, shape) = first_images(&c, 64);
@@ -156,8 +157,8 @@ fn chained_stages_train_export_and_sample() {
     let stage1 = load_stage1(&cfg, Some(&export), &device).unwrap();
     let k = stage1.cfg.model.vqvae.num_embeddings;
     let (_, prior, _) = load_run(&export, &[], |c| Ok(c.model.pixelcnn.init(k, &device))).unwrap();
-    let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(1);
-    let codes = prior.sample(6, 4, 4, 1.0, &mut rng, &device);
+    let mut rngs = difftrain::seeds::ImageRngs::new(1, 0, 6);
+    let codes = prior.sample(6, 4, 4, 1.0, &mut rngs, &device);
     let values: Vec<i64> = codes
         .clone()
         .into_data()
@@ -244,6 +245,7 @@ fn both_stages_train_in_bf16_and_fp16_like_f32() {
         write_outputs,
         quiet: true,
         overflow_at_step: None,
+        overrides: Vec::new(),
     };
     let stage1_out = tmp.path().join("stage1");
     let mut s1 = vqvae_config(&stage1_out);

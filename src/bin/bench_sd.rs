@@ -268,6 +268,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                 steps,
                 sampler: Some(SamplerKind::Ddim),
                 seed: 0,
+                first_index: 0,
                 width: size,
                 height: size,
                 num: 1,

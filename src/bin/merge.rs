@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Parser;
 use difftrain::device::parse_device;
+use difftrain::io;
 use difftrain::pipelines::lora::{apply_files, parse_lora_arg, write_folder};
 use difftrain::pipelines::stable_diffusion::{self, Pretrained};
 
@@ -35,6 +36,34 @@ fn run(args: Args) -> anyhow::Result<()> {
         .iter()
         .map(|a| parse_lora_arg(a).map_err(anyhow::Error::from))
         .collect::<anyhow::Result<Vec<_>>>()?;
+    // The output must not replace any input: not be one, contain one or lie inside one
+    // (symlinks followed), since the inputs are read while the output is written.
+    let mut inputs = vec![("--base", args.base.clone())];
+    inputs.extend(
+        args.config_from
+            .iter()
+            .map(|c| ("--config-from", c.clone())),
+    );
+    inputs.extend(loras.iter().map(|(f, _)| ("--lora", f.clone())));
+    for (flag, input) in &inputs {
+        let how = if io::resolved(&args.out) == io::resolved(input) {
+            Some("is")
+        } else if io::is_within(&args.out, input) {
+            Some("is inside")
+        } else if io::is_within(input, &args.out) {
+            Some("contains")
+        } else {
+            None
+        };
+        if let Some(how) = how {
+            anyhow::bail!(
+                "--out {} {how} {flag} {}: merge never writes over its inputs; choose another \
+                 --out",
+                args.out.display(),
+                input.display()
+            );
+        }
+    }
     let device = parse_device("cpu")?;
     let source = Pretrained::detect(&args.base, args.config_from.as_deref())?;
     let configs = match &source {

@@ -77,8 +77,8 @@ struct Args {
     /// 1.0); repeat to mix several.
     #[arg(long = "lora", value_name = "FILE[:SCALE]")]
     loras: Vec<String>,
-    /// Images generated at once (default 64); `--num` above it runs in batches, batch i seeded
-    /// with `--seed` + i.
+    /// Images generated at once (default 64); `--num` above it runs in batches. Image i always
+    /// draws from its own stream of `--seed`, so batches do not change the images.
     #[arg(long)]
     batch_size: Option<usize>,
 }
@@ -140,15 +140,38 @@ fn run(args: Args) -> anyhow::Result<()> {
             args.out.display()
         );
     }
-    let (grid, weights) = pipelines::sample(&args.checkpoint, &request)?;
-    let n = grid.shape[0];
-    if args.out.extension().is_some_and(|e| e == "png") {
-        io::image::save_grid(&grid, &args.out)
-            .with_context(|| format!("writing {}", args.out.display()))?;
-    } else {
-        io::image::save_images(&grid, &args.out)
-            .with_context(|| format!("writing into {}", args.out.display()))?;
+    // An --out that cannot be written is found before anything is generated.
+    let grid_file = args.out.extension().is_some_and(|e| e == "png");
+    let folder = match grid_file {
+        true => args.out.parent().filter(|p| !p.as_os_str().is_empty()),
+        false => Some(args.out.as_path()),
+    };
+    if let Some(folder) = folder {
+        io::check_writable(folder)
+            .with_context(|| format!("--out {} cannot be written", args.out.display()))?;
     }
+    let (n, weights) = if grid_file {
+        let (grid, weights) = pipelines::sample(&args.checkpoint, &request)?;
+        // One image is written as that image, a grid with a border otherwise.
+        if grid.shape[0] == 1 {
+            io::image::save_image(&grid, &args.out)
+        } else {
+            io::image::save_grid(&grid, &args.out).map(|_| ())
+        }
+        .with_context(|| format!("writing {}", args.out.display()))?;
+        (grid.shape[0], weights)
+    } else {
+        // A folder: each batch is written as it is made (nothing is held for the end).
+        let mut n = 0;
+        let out = args.out.clone();
+        let weights =
+            pipelines::sample_batches(&args.checkpoint, &request, false, |grid, first| {
+                n += grid.shape[0];
+                io::image::save_images(&grid, &out, first)?;
+                Ok(())
+            })?;
+        (n, weights)
+    };
     eprintln!(
         "wrote {n} samples from {} to {}",
         weights.display(),

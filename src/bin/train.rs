@@ -39,8 +39,12 @@ fn run(args: Args) -> anyhow::Result<()> {
     };
     // Before any compute (and before writing anything): the output folder must be writable
     // and the data must exist.
-    difftrain::io::ensure_writable_dir(&cfg.output_dir())
-        .with_context(|| format!("run.output_dir = {}", cfg.output_dir().display()))?;
+    // (`--check` writes nothing: it only asks whether the folder could be written.)
+    let writable = match args.check {
+        true => difftrain::io::check_writable(&cfg.output_dir()),
+        false => difftrain::io::ensure_writable_dir(&cfg.output_dir()),
+    };
+    writable.with_context(|| format!("run.output_dir = {}", cfg.output_dir().display()))?;
     if !cfg.data.path.exists() {
         anyhow::bail!(
             "data.path = {} does not exist (see datasets/README.md)",
@@ -59,8 +63,11 @@ fn run(args: Args) -> anyhow::Result<()> {
     difftrain::memory::check_fits(
         cfg.step_memory_lower_bound(),
         &format!(
-            "a training step at data.resolution = {} with train.batch_size = {}",
-            cfg.data.resolution, cfg.train.batch_size
+            "training these weights (with their gradients and AdamW's moments: at least {:.1} \
+             GB) and a step at data.resolution = {} with train.batch_size = {}",
+            cfg.trained_weights_lower_bound() as f64 / 1e9,
+            cfg.data.resolution,
+            cfg.train.batch_size
         ),
     )?;
     if args.check {
@@ -87,9 +94,13 @@ fn run(args: Args) -> anyhow::Result<()> {
             );
         }
     }
-    let out = match pipelines::train(&cfg, &TrainOptions::default()) {
+    let opts = TrainOptions {
+        overrides: args.overrides.clone(),
+        ..TrainOptions::default()
+    };
+    let out = match pipelines::train(&cfg, &opts) {
         // Stopped by a signal after writing its checkpoint: not a failure of the run.
-        Err(e @ difftrain::train::TrainError::Interrupted { .. }) => return Err(e.into()),
+        Err(e) if e.stop_signal().is_some() => return Err(e.into()),
         r => r.with_context(|| format!("training run {:?} failed", cfg.run.name))?,
     };
     eprintln!(

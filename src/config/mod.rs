@@ -236,11 +236,80 @@ fn apply_override(root: &mut toml::Table, assignment: &str) -> Result<(), Config
             "{value} is not a valid TOML value (an unclosed quote or bracket?)"
         )));
     }
-    table.insert(
-        parts[parts.len() - 1].to_string(),
-        parse_override_value(value),
-    );
+    // An inline table merges key by key into the table the file has, as writing those keys
+    // in the file would (`--set 'model.unet={sample_size=16}'` keeps the other keys).
+    let name = parts[parts.len() - 1].to_string();
+    match (table.get_mut(&name), parse_override_value(value)) {
+        (Some(toml::Value::Table(old)), toml::Value::Table(new)) => merge_tables(old, new),
+        (_, v) => {
+            table.insert(name, v);
+        }
+    }
     Ok(())
+}
+
+/// `new`'s keys into `old`, recursing into tables both have.
+fn merge_tables(old: &mut toml::Table, new: toml::Table) {
+    for (k, v) in new {
+        match (old.get_mut(&k), v) {
+            (Some(toml::Value::Table(o)), toml::Value::Table(n)) => merge_tables(o, n),
+            (_, v) => {
+                old.insert(k, v);
+            }
+        }
+    }
+}
+
+/// Every float of the resolved config that is not finite, by key (TOML allows `nan` and `inf`;
+/// no setting means either).
+fn non_finite_floats(prefix: &str, value: &toml::Value, out: &mut Vec<String>) {
+    match value {
+        toml::Value::Float(f) if !f.is_finite() => {
+            out.push(format!("{prefix} = {f} must be a finite number"))
+        }
+        toml::Value::Table(t) => {
+            for (k, v) in t {
+                let key = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                non_finite_floats(&key, v, out);
+            }
+        }
+        toml::Value::Array(a) => {
+            for (i, v) in a.iter().enumerate() {
+                non_finite_floats(&format!("{prefix}[{i}]"), v, out);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Why `run.name` cannot name a run: it becomes a folder (`checkpoints/<name>`) and the kohya
+/// export's file name (`<name>.safetensors`, listed by ComfyUI and A1111), so it must be one
+/// plain file name on every filesystem those tools run on.
+fn bad_run_name(name: &str) -> Option<String> {
+    const RESERVED: [char; 9] = ['/', '\\', ':', '*', '?', '"', '<', '>', '|'];
+    if name.is_empty() {
+        return Some("must not be empty".into());
+    }
+    if name == "." || name == ".." || name.starts_with('.') {
+        return Some("must not start with a dot (hidden files, `..`)".into());
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| RESERVED.contains(c) || c.is_control())
+    {
+        return Some(format!(
+            "holds {c:?}: a run name is one file name (no path separators, none of \
+             \\/:*?\"<>| or control characters)"
+        ));
+    }
+    if name.ends_with(' ') || name.ends_with('.') {
+        return Some("must not end with a space or a dot (Windows drops them)".into());
+    }
+    None
 }
 
 impl Config {
@@ -375,14 +444,57 @@ impl Config {
             }
             _ => 3,
         };
-        per_device_batch * res * res * (self.data.channels() as u64 + width) * 4
+        let activations = per_device_batch * res * res * (self.data.channels() as u64 + width) * 4;
+        activations.saturating_add(self.trained_weights_lower_bound())
+    }
+
+    /// A lower bound on the bytes the trained weights take with their gradients and AdamW's
+    /// two moments (4 f32 copies): each level of a U-Net or autoencoder has at least
+    /// `layers_per_block` ResNet blocks of two 3x3 convolutions at its width (18·c² weights).
+    /// 0 for families this does not estimate (LoRA's adapters, the small VQ models).
+    pub fn trained_weights_lower_bound(&self) -> u64 {
+        use crate::models::Architecture as A;
+        let m = &self.model;
+        let (channels, layers) = match m.architecture {
+            A::Unet2d => (&m.unet.block_out_channels, m.unet.layers_per_block),
+            A::AutoencoderKl => (
+                &m.autoencoder.vae.block_out_channels,
+                m.autoencoder.vae.layers_per_block,
+            ),
+            A::LatentDiffusion => match m.ldm.backbone.as_unet() {
+                Some(u) => (&u.block_out_channels, u.layers_per_block),
+                None => return 0,
+            },
+            _ => return 0,
+        };
+        let params = channels.iter().fold(0u64, |sum, &c| {
+            let per_level = 18u64.saturating_mul((c as u64).saturating_pow(2));
+            sum.saturating_add(per_level.saturating_mul(layers.max(1) as u64))
+        });
+        params.saturating_mul(4 * 4)
     }
 
     /// Rules spanning several fields; every violation, not just the first.
     pub fn problems(&self) -> Vec<String> {
         let mut p = Vec::new();
-        if self.run.name.is_empty() {
-            p.push("run.name must not be empty".into());
+        if let Some(why) = bad_run_name(&self.run.name) {
+            p.push(format!("run.name = {:?} {why}", self.run.name));
+        }
+        if let Ok(value) = toml::Value::try_from(self) {
+            non_finite_floats("", &value, &mut p);
+        }
+        // The output folder inside the data: sample grids would become training images.
+        let (out, data) = (
+            crate::io::resolved(&self.output_dir()),
+            crate::io::resolved(&self.data.path),
+        );
+        if self.data.source == crate::data::DataSource::ImageFolder && out.starts_with(&data) {
+            p.push(format!(
+                "run.output_dir = {} is inside data.path = {}: its sample grids would become \
+                 training images; write the run elsewhere",
+                self.output_dir().display(),
+                self.data.path.display()
+            ));
         }
         if let Err(e) = DeviceSpec::parse(&self.run.device) {
             p.push(format!("run.device = {e}"));

@@ -32,7 +32,10 @@ pub enum Dataset {
     },
 }
 
+/// One line of `metadata.jsonl` (the Hugging Face `imagefolder` layout): any other key is an
+/// error naming the accepted ones (a `"caption"` key would otherwise train on empty prompts).
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct MetadataLine {
     file_name: String,
     #[serde(default)]
@@ -122,9 +125,16 @@ impl Dataset {
                 source,
             })?;
             for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
-                let line = line.map_err(|source| DataError::Io {
-                    path: meta_path.clone(),
-                    source,
+                let line = line.map_err(|source| match source.kind() {
+                    std::io::ErrorKind::InvalidData => DataError::Metadata {
+                        path: meta_path.clone(),
+                        line: i + 1,
+                        message: "not valid UTF-8".into(),
+                    },
+                    _ => DataError::Io {
+                        path: meta_path.clone(),
+                        source,
+                    },
                 })?;
                 if line.trim().is_empty() {
                     continue;
@@ -324,6 +334,35 @@ impl Dataset {
             Self::Folder { root, .. } => root,
             Self::Idx { path, .. } => path,
         }
+    }
+
+    /// The files the images come from (each image's own file, or the one IDX file).
+    pub fn files(&self) -> Vec<PathBuf> {
+        match self {
+            Self::Folder { items, .. } => items.iter().map(|i| i.path.clone()).collect(),
+            Self::Idx { path, .. } => vec![path.clone()],
+        }
+    }
+
+    /// Images without a caption.
+    pub fn missing_captions(&self) -> usize {
+        (0..self.len())
+            .filter(|&i| self.caption(i).is_none())
+            .count()
+    }
+
+    /// Refuses a text-conditioned run's data with images that have no caption, unless
+    /// `allow_empty` (`data.allow_empty_captions`).
+    pub fn require_captions(&self, allow_empty: bool) -> Result<(), DataError> {
+        let missing = self.missing_captions();
+        if missing == 0 || allow_empty {
+            return Ok(());
+        }
+        Err(DataError::NoCaptions {
+            path: self.path().to_path_buf(),
+            missing,
+            total: self.len(),
+        })
     }
 
     pub fn caption(&self, index: usize) -> Option<&str> {

@@ -52,9 +52,12 @@ impl LatentCache {
         out.join("latent_cache").join(key)
     }
 
-    /// Loads the cache of `key` if it was built completely, else builds it with `encode` (images
-    /// `[n, c, h, w]` in [-1, 1] -> their posteriors' `(mean, std)`, each `[n, lc, lh, lw]`
-    /// flattened, and the latent shape) and writes it.
+    /// Loads the cache of `key` if it was built completely from the dataset's files as they are
+    /// now (each file's size and modification time are recorded in `files.json`), else builds it
+    /// with `encode` (images `[n, c, h, w]` in [-1, 1] -> their posteriors' `(mean, std)`, each
+    /// `[n, lc, lh, lw]` flattened, and the latent shape), shard by shard: each shard is written
+    /// when it is done, a build stopped between shards (`stop` says so) resumes from the shards
+    /// already written, and a stop request is answered within one shard.
     pub fn load_or_build(
         out: &Path,
         key: &str,
@@ -62,72 +65,89 @@ impl LatentCache {
         transform: Transform,
         batch: usize,
         encode: &mut Encoder<'_>,
-    ) -> Result<(Self, bool), IoError> {
+        stop: &dyn Fn() -> bool,
+    ) -> Result<(Self, Built), CacheError> {
         let dir = Self::dir(out, key);
-        if let Some(cache) = Self::load(&dir, dataset.len())? {
-            return Ok((cache, false));
+        let files = manifest(dataset);
+        let mut built = Built::Built;
+        let complete = dir.join("complete").is_file();
+        match changed_files(&dir, &files) {
+            None if complete => {
+                if let Some(cache) = Self::load(&dir, dataset.len())? {
+                    return Ok((cache, Built::Reused));
+                }
+            }
+            // A build that was stopped, of these same files: its shards are reused below.
+            None => {}
+            Some(why) => {
+                // Stale: every shard goes (they hold the old images' latents).
+                let _ = std::fs::remove_dir_all(&dir);
+                if complete {
+                    built = Built::Rebuilt(why);
+                }
+            }
         }
+        std::fs::create_dir_all(&dir).map_err(|source| IoError::Write {
+            path: dir.clone(),
+            source,
+        })?;
+        crate::io::write_json(&dir.join("files.json"), &serde_json::json!(files))?;
         let transform = transform.without_flip();
         let (c, r) = (transform.channels(), transform.resolution);
         let mut values = Vec::new();
         let mut shape = [0; 3];
-        let mut start = 0;
-        while start < dataset.len() {
-            let n = batch.min(dataset.len() - start);
-            // Each image and its mirror, side by side: [i0, i0 flipped, i1, i1 flipped, ...].
-            let mut pixels = Vec::with_capacity(2 * n * c * r * r);
-            for i in start..start + n {
-                let img = dataset.decode(i).map_err(|e| IoError::Read {
-                    path: dataset.path().to_path_buf(),
-                    source: std::io::Error::other(e),
-                })?;
-                // Center crop, no flip: the transform draws nothing.
-                let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0);
-                let plain = transform.apply(img, &mut rng);
-                let mut mirror = plain.clone();
-                for plane in mirror.chunks_mut(r) {
-                    plane.reverse();
+        for (s, shard_start) in (0..dataset.len()).step_by(SHARD).enumerate() {
+            let shard_len = SHARD.min(dataset.len() - shard_start);
+            let path = dir.join(format!("shard-{s:05}.safetensors"));
+            if let Some((v, sh)) = read_shard(&path, shard_len) {
+                values.extend(v);
+                shape = sh;
+                continue;
+            }
+            if stop() {
+                return Err(CacheError::Stopped);
+            }
+            let mut shard = Vec::new();
+            let mut start = shard_start;
+            while start < shard_start + shard_len {
+                let n = batch.min(shard_start + shard_len - start);
+                // Each image and its mirror, side by side: [i0, i0 flipped, i1, ...].
+                let mut pixels = Vec::with_capacity(2 * n * c * r * r);
+                for i in start..start + n {
+                    let img = dataset.decode(i).map_err(|e| IoError::Read {
+                        path: dataset.path().to_path_buf(),
+                        source: std::io::Error::other(e),
+                    })?;
+                    // Center crop, no flip: the transform draws nothing.
+                    let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(0);
+                    let plain = transform.apply(img, &mut rng);
+                    let mut mirror = plain.clone();
+                    for plane in mirror.chunks_mut(r) {
+                        plane.reverse();
+                    }
+                    pixels.extend(plain);
+                    pixels.extend(mirror);
                 }
-                pixels.extend(plain);
-                pixels.extend(mirror);
+                let (mean, std, sh) = encode(&pixels, [2 * n, c, r, r]);
+                shape = sh;
+                let per: usize = sh.iter().product();
+                for k in 0..2 * n {
+                    shard.extend_from_slice(&mean[k * per..(k + 1) * per]);
+                    shard.extend_from_slice(&std[k * per..(k + 1) * per]);
+                }
+                start += n;
             }
-            let (mean, std, s) = encode(&pixels, [2 * n, c, r, r]);
-            shape = s;
-            let per: usize = s.iter().product();
-            for k in 0..2 * n {
-                values.extend_from_slice(&mean[k * per..(k + 1) * per]);
-                values.extend_from_slice(&std[k * per..(k + 1) * per]);
-            }
-            start += n;
+            write_shard(&path, &shard, shard_len, shape)?;
+            values.extend(shard);
         }
+        // Written last: a cache without it is incomplete (its shards are reused).
+        crate::io::write_atomic(&dir.join("complete"), dataset.len().to_string().as_bytes())?;
         let cache = Self {
             values,
             shape,
             len: dataset.len(),
         };
-        cache.save(&dir)?;
-        Ok((cache, true))
-    }
-
-    fn save(&self, dir: &Path) -> Result<(), IoError> {
-        let per = self.per();
-        let [c, h, w] = self.shape;
-        for (s, start) in (0..self.len).step_by(SHARD).enumerate() {
-            let n = SHARD.min(self.len - start);
-            let values = self.values[start * 4 * per..(start + n) * 4 * per].to_vec();
-            let tensors = std::collections::BTreeMap::from([(
-                "moments".to_string(),
-                TensorData::new(values, [n, 2, 2, c, h, w]),
-            )]);
-            let meta = HashMap::from([("images".to_string(), n.to_string())]);
-            save_tensors(
-                &dir.join(format!("shard-{s:05}.safetensors")),
-                &tensors,
-                &meta,
-            )?;
-        }
-        // Written last: a cache without it is incomplete and rebuilt.
-        crate::io::write_atomic(&dir.join("complete"), self.len.to_string().as_bytes())
+        Ok((cache, built))
     }
 
     fn load(dir: &Path, len: usize) -> Result<Option<Self>, IoError> {
@@ -163,13 +183,93 @@ impl LatentCache {
     }
 }
 
-/// A short stable hash (FNV-1a, 64 bits, hex) of `parts`, for cache keys and fingerprints.
-pub fn fingerprint(parts: &[&[u8]]) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for part in parts {
-        for b in part.iter().chain(&[0xff]) {
-            h = (h ^ *b as u64).wrapping_mul(0x0100_0000_01b3);
-        }
+/// How [`LatentCache::load_or_build`] got the cache.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Built {
+    Reused,
+    Built,
+    /// Built anew because the images changed since the old one: why.
+    Rebuilt(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    #[error(transparent)]
+    Io(#[from] IoError),
+    /// A stop was requested (SIGINT/SIGTERM) between shards.
+    #[error("the latent cache build was stopped")]
+    Stopped,
+}
+
+/// Each data file's name (relative to the dataset's folder), size and modification time (ns).
+type Manifest = Vec<(String, u64, u64)>;
+
+fn manifest(dataset: &Dataset) -> Manifest {
+    let root = dataset.path();
+    dataset
+        .files()
+        .iter()
+        .map(|p| {
+            let meta = std::fs::metadata(p).ok();
+            let size = meta.as_ref().map_or(0, |m| m.len());
+            let mtime = meta
+                .and_then(|m| m.modified().ok())
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_nanos() as u64);
+            let name = p.strip_prefix(root).unwrap_or(p).display().to_string();
+            (name, size, mtime)
+        })
+        .collect()
+}
+
+/// Why the cache in `dir` does not describe `files` (`None` when it does). A cache without a
+/// record of its files (from before the record was kept) is rebuilt too.
+fn changed_files(dir: &Path, files: &Manifest) -> Option<String> {
+    let Some(old) = std::fs::read(dir.join("files.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Manifest>(&b).ok())
+    else {
+        return Some("it has no record of the files it was built from".into());
+    };
+    let changed: Vec<&str> = files
+        .iter()
+        .filter(|f| !old.contains(f))
+        .map(|f| f.0.as_str())
+        .collect();
+    if changed.is_empty() && old.len() == files.len() {
+        return None;
     }
-    format!("{h:016x}")
+    let shown: Vec<&str> = changed.iter().take(3).copied().collect();
+    Some(format!(
+        "{} image file(s) changed since it was built ({}{})",
+        changed.len().max(1),
+        if shown.is_empty() {
+            "files were removed".to_string()
+        } else {
+            shown.join(", ")
+        },
+        if changed.len() > 3 { ", ..." } else { "" }
+    ))
+}
+
+/// A shard's values and latent shape, when it was written completely for `n` images.
+fn read_shard(path: &Path, n: usize) -> Option<(Vec<f32>, [usize; 3])> {
+    let file = SafetensorsFile::open(path).ok()?;
+    let data = file.read("moments").ok()?;
+    let dims = data.shape().to_vec();
+    if dims.len() != 6 || dims[0] != n {
+        return None;
+    }
+    let shape = [dims[3], dims[4], dims[5]];
+    Some((data.convert::<f32>().try_into_vec::<f32>().ok()?, shape))
+}
+
+fn write_shard(path: &Path, values: &[f32], n: usize, shape: [usize; 3]) -> Result<(), IoError> {
+    let [c, h, w] = shape;
+    let tensors = std::collections::BTreeMap::from([(
+        "moments".to_string(),
+        TensorData::new(values.to_vec(), [n, 2, 2, c, h, w]),
+    )]);
+    let meta = HashMap::from([("images".to_string(), n.to_string())]);
+    save_tensors(path, &tensors, &meta)
 }

@@ -43,6 +43,9 @@ pub struct DataConfig {
     /// LoRA with a frozen text encoder: encode each distinct caption once and reuse its
     /// embedding (diffusers/kohya's `cache_text_encoder_outputs`).
     pub cache_text_embeddings: bool,
+    /// A text-conditioned run (LoRA, latent diffusion on captions) whose images have no
+    /// caption is refused unless this says training on empty prompts is meant.
+    pub allow_empty_captions: bool,
 }
 
 impl crate::resume::ResumeRules for DataConfig {
@@ -111,6 +114,7 @@ impl Default for DataConfig {
             prefetch_batches: 4,
             cache_latents: false,
             cache_text_embeddings: false,
+            allow_empty_captions: false,
         }
     }
 }
@@ -166,7 +170,18 @@ pub enum DataError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{path}:{line}: {message}")]
+    #[error(
+        "{missing} of {total} images in {path} have no caption (captions come from a \
+         metadata.jsonl with a \"text\" per image); a text-conditioned run would train them \
+         on the empty prompt. Add the captions, or set data.allow_empty_captions = true if that \
+         is meant"
+    )]
+    NoCaptions {
+        path: PathBuf,
+        missing: usize,
+        total: usize,
+    },
+    #[error("{path} line {line}: {message}")]
     Metadata {
         path: PathBuf,
         line: usize,

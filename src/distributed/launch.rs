@@ -55,7 +55,14 @@ fn from_env_text(get: impl Fn(&str) -> Option<String>) -> Result<Option<LaunchEn
     };
     let (source, world, rank, local_rank, default_port) = if get("WORLD_SIZE").is_some() {
         let world = num("WORLD_SIZE", "the launcher")?.unwrap_or(1);
-        if world <= 1 {
+        if world == 0 {
+            return Err(
+                "WORLD_SIZE=0 (set by the launcher) is not a number of processes: it must be at \
+                 least 1 (unset it to train in one process)"
+                    .to_string(),
+            );
+        }
+        if world == 1 {
             return Ok(None);
         }
         let rank = num("RANK", "the launcher")?.ok_or_else(|| {
@@ -65,21 +72,28 @@ fn from_env_text(get: impl Fn(&str) -> Option<String>) -> Result<Option<LaunchEn
             )
         })?;
         let local = num("LOCAL_RANK", "the launcher")?.unwrap_or(0);
+        if rank >= world {
+            return Err(format!(
+                "RANK={rank} is not below WORLD_SIZE={world} (set by the launcher): ranks are \
+                 0..{}",
+                world - 1
+            ));
+        }
         ("torchrun", world, rank, local, None)
     } else if let Some(world) = num("SLURM_NTASKS", "SLURM")?.filter(|&n| n > 1) {
         let rank = num("SLURM_PROCID", "SLURM")?.ok_or_else(|| {
             "SLURM_NTASKS is set but SLURM_PROCID is not: start the processes with srun".to_string()
         })?;
         let local = num("SLURM_LOCALID", "SLURM")?.unwrap_or(0);
+        if rank >= world {
+            return Err(format!(
+                "SLURM_PROCID={rank} is not below SLURM_NTASKS={world} (set by SLURM)"
+            ));
+        }
         ("SLURM", world, rank, local, Some(DEFAULT_PORT))
     } else {
         return Ok(None);
     };
-    if rank >= world {
-        return Err(format!(
-            "rank {rank} is not below the world size {world} (from {source})"
-        ));
-    }
     let addr = get("MASTER_ADDR")
         .filter(|a| !a.trim().is_empty())
         .ok_or_else(|| {
@@ -287,7 +301,9 @@ mod tests {
             ("MASTER_PORT", "1"),
         ])
         .unwrap_err();
-        assert!(e.contains("rank 2 is not below the world size 2"), "{e}");
+        assert!(e.contains("RANK=2 is not below WORLD_SIZE=2"), "{e}");
+        let e = env(&[("WORLD_SIZE", "0")]).unwrap_err();
+        assert!(e.contains("WORLD_SIZE=0"), "{e}");
         let e = env(&[("WORLD_SIZE", "x")]).unwrap_err();
         assert!(e.contains("WORLD_SIZE=\"x\""), "{e}");
     }

@@ -16,6 +16,7 @@
 
 use std::io::{BufReader, BufWriter, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -83,6 +84,14 @@ pub struct ProcessGroup {
     timeout: Duration,
     nccl_id: Vec<u8>,
     inner: Mutex<Inner>,
+    /// Rank 0: set when the group ends, to stop the thread refusing late joiners.
+    closed: Arc<AtomicBool>,
+}
+
+impl Drop for ProcessGroup {
+    fn drop(&mut self) {
+        self.closed.store(true, Ordering::Relaxed);
+    }
 }
 
 /// Who this process is and where rank 0 listens.
@@ -128,6 +137,15 @@ pub enum RendezvousError {
         source: std::io::Error,
     },
     #[error(
+        "rank {rank} reached {master}, but what listens there is not a difftrain rank 0 ({why}); \
+         another program may hold MASTER_PORT: pick a free port for every rank"
+    )]
+    Foreign {
+        rank: usize,
+        master: String,
+        why: String,
+    },
+    #[error(
         "rank {rank} could not reach rank 0 at {master} within {seconds:.0} s; is rank 0 \
          running, and MASTER_ADDR/MASTER_PORT the same everywhere?"
     )]
@@ -170,12 +188,30 @@ impl ProcessGroup {
         let (tx, rx) = channel();
         let mut links: Vec<Option<BufWriter<TcpStream>>> = (0..rv.world).map(|_| None).collect();
         let version = env!("CARGO_PKG_VERSION").to_string();
+        let closed = Arc::new(AtomicBool::new(false));
         let nccl_id = if rv.rank == 0 {
             let listener = listen(&rv.master)?;
             let mut hellos: Vec<(usize, String, String, BufReader<TcpStream>)> = Vec::new();
             let mut problems = Vec::new();
+            let started = Instant::now();
             while hellos.len() + problems.len() < rv.world - 1 {
-                let stream = accept_until(&listener, deadline).map_err(|source| {
+                let joined_now: Vec<usize> = hellos.iter().map(|h| h.0).collect();
+                let waiting = || {
+                    eprintln!(
+                        "rank 0: waiting at {} for {} more process(es) to join (joined: [{}]; \
+                         {:.0} s of run.sync_timeout_secs = {:.0})",
+                        rv.master,
+                        rv.world - 1 - joined_now.len(),
+                        joined_now
+                            .iter()
+                            .map(|r| r.to_string())
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                        started.elapsed().as_secs_f64(),
+                        rv.timeout.as_secs_f64()
+                    )
+                };
+                let stream = accept_until(&listener, deadline, &waiting).map_err(|source| {
                     let joined: Vec<String> = hellos.iter().map(|h| h.0.to_string()).collect();
                     RendezvousError::JoinTimeout {
                         seconds: rv.timeout.as_secs_f64(),
@@ -216,7 +252,16 @@ impl ProcessGroup {
                         }
                         let ok = problems.is_empty() || rank < rv.world && links[rank].is_none();
                         if ok && rank > 0 && rank < rv.world {
-                            links[rank] = Some(BufWriter::new(stream));
+                            // Said at once, so the process knows it reached a difftrain rank 0.
+                            let mut w = BufWriter::new(stream);
+                            send(
+                                &mut w,
+                                &Msg::Doing {
+                                    what: "waiting for the others to join".into(),
+                                },
+                            )
+                            .map_err(conn(0, "could not answer a process"))?;
+                            links[rank] = Some(w);
                             hellos.push((rank, v, c, reader));
                         } else {
                             let mut w = BufWriter::new(stream);
@@ -294,6 +339,7 @@ impl ProcessGroup {
                     .map_err(conn(0, "could not clear a timeout"))?;
                 spawn_reader(rank, stream, tx.clone());
             }
+            refuse_latecomers(listener, rv.clone(), closed.clone());
             id
         } else {
             let stream = connect_until(&rv.master, deadline).map_err(|source| {
@@ -319,20 +365,60 @@ impl ProcessGroup {
                 },
             )
             .map_err(conn(rv.rank, "could not greet rank 0"))?;
+            // A difftrain rank 0 answers the greeting at once (Doing, or Refuse); what stays
+            // silent, or answers something else, is another program on the port.
+            let first_answer = rv.timeout.min(FIRST_ANSWER);
             stream
-                .set_read_timeout(Some(rv.timeout))
+                .set_read_timeout(Some(first_answer))
                 .map_err(conn(rv.rank, "could not set a timeout"))?;
             let mut reader = BufReader::new(stream);
-            let id = match decode(&mut reader) {
-                Ok(Msg::Welcome { nccl_id }) => nccl_id,
-                Ok(Msg::Refuse { message }) => return Err(RendezvousError::Refused(message)),
-                Ok(other) => return Err(RendezvousError::Unexpected(format!("{other:?}"))),
-                Err(source) => {
-                    return Err(RendezvousError::Connection {
-                        rank: rv.rank,
-                        what: "lost rank 0",
-                        source: std::io::Error::other(source),
-                    });
+            let foreign = |why: String| RendezvousError::Foreign {
+                rank: rv.rank,
+                master: rv.master.clone(),
+                why,
+            };
+            let mut greeted = false;
+            let id = loop {
+                match decode(&mut reader) {
+                    Ok(Msg::Welcome { nccl_id }) => break nccl_id,
+                    Ok(Msg::Refuse { message }) => return Err(RendezvousError::Refused(message)),
+                    Ok(Msg::Doing { .. }) if !greeted => {
+                        greeted = true;
+                        reader
+                            .get_ref()
+                            .set_read_timeout(Some(
+                                deadline
+                                    .saturating_duration_since(Instant::now())
+                                    .max(Duration::from_secs(1)),
+                            ))
+                            .map_err(conn(rv.rank, "could not set a timeout"))?;
+                    }
+                    Ok(other) if greeted => {
+                        return Err(RendezvousError::Unexpected(format!("{other:?}")));
+                    }
+                    Ok(other) => return Err(foreign(format!("it answered {other:?}"))),
+                    Err(e) if !greeted => {
+                        let why = match e.kind() {
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+                                format!(
+                                    "no answer to the greeting within {:.0} s",
+                                    first_answer.as_secs_f64()
+                                )
+                            }
+                            std::io::ErrorKind::UnexpectedEof => {
+                                "it closed the connection without answering".to_string()
+                            }
+                            _ => format!("its answer is not difftrain's: {e}"),
+                        };
+                        return Err(foreign(why));
+                    }
+                    Err(source) => {
+                        return Err(RendezvousError::Connection {
+                            rank: rv.rank,
+                            what: "lost rank 0",
+                            source: std::io::Error::other(source),
+                        });
+                    }
                 }
             };
             let stream = reader.into_inner();
@@ -348,6 +434,7 @@ impl ProcessGroup {
             world: rv.world,
             timeout: rv.timeout,
             nccl_id,
+            closed,
             inner: Mutex::new(Inner {
                 links,
                 events: rx,
@@ -640,7 +727,51 @@ fn resolve(master: &str) -> Result<SocketAddr, RendezvousError> {
         .ok_or_else(|| RendezvousError::NoAddress(master.to_string()))
 }
 
-fn accept_until(listener: &TcpListener, deadline: Instant) -> std::io::Result<TcpStream> {
+/// How long a process waits for rank 0's first answer to its greeting (at most the timeout).
+const FIRST_ANSWER: Duration = Duration::from_secs(30);
+
+/// How often rank 0 says it is still waiting for processes to join.
+const WAITING_NOTE_EVERY: Duration = Duration::from_secs(30);
+
+/// Rank 0, after the launch met: any process that connects later (a second process with the
+/// same RANK, a rank of another launch on the same port) is refused at once, by name, instead
+/// of waiting out its timeout; rank 0 says so too.
+fn refuse_latecomers(listener: TcpListener, rv: Rendezvous, closed: Arc<AtomicBool>) {
+    let spawned = std::thread::Builder::new()
+        .name("difftrain-latecomers".into())
+        .spawn(move || {
+            while !closed.load(Ordering::Relaxed) {
+                let Ok((stream, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(100));
+                    continue;
+                };
+                let _ = stream.set_nonblocking(false);
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+                let Ok(reader) = stream.try_clone() else {
+                    continue;
+                };
+                let Ok(Msg::Hello { rank, .. }) = decode(&mut BufReader::new(reader)) else {
+                    continue;
+                };
+                let message = format!(
+                    "a process with RANK={rank} joined after all {} processes of the launch at \
+                     {} had met (two processes started with RANK={rank}?); it was refused",
+                    rv.world, rv.master
+                );
+                eprintln!("rank 0: warning: {message}");
+                let _ = send(&mut BufWriter::new(stream), &Msg::Refuse { message });
+            }
+        });
+    // Without the thread a latecomer only waits out its timeout, as before.
+    drop(spawned);
+}
+
+fn accept_until(
+    listener: &TcpListener,
+    deadline: Instant,
+    waiting: &dyn Fn(),
+) -> std::io::Result<TcpStream> {
+    let mut next_note = Instant::now() + WAITING_NOTE_EVERY;
     loop {
         match listener.accept() {
             Ok((stream, _)) => {
@@ -651,6 +782,10 @@ fn accept_until(listener: &TcpListener, deadline: Instant) -> std::io::Result<Tc
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 if Instant::now() >= deadline {
                     return Err(std::io::ErrorKind::TimedOut.into());
+                }
+                if Instant::now() >= next_note {
+                    waiting();
+                    next_note += WAITING_NOTE_EVERY;
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }

@@ -84,13 +84,27 @@ pub fn save_grid(grid: &Grid, path: &Path) -> Result<GridPng, IoError> {
     Ok(grid)
 }
 
-/// Writes each image of a grid as its own PNG, `<dir>/<index:04>.png`; returns the paths.
-pub fn save_images(grid: &Grid, dir: &Path) -> Result<Vec<std::path::PathBuf>, IoError> {
+/// Writes the one image of `grid` as a PNG without a border.
+pub fn save_image(grid: &Grid, path: &Path) -> Result<(), IoError> {
+    let png = single_png(grid).map_err(|source| IoError::Image {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    write_atomic(path, &png)
+}
+
+/// Writes each image of a grid as its own PNG, `<dir>/<first + index:04>.png`; returns the
+/// paths.
+pub fn save_images(
+    grid: &Grid,
+    dir: &Path,
+    first: usize,
+) -> Result<Vec<std::path::PathBuf>, IoError> {
     let [n, c, h, w] = grid.shape;
     let per = c * h * w;
     (0..n)
         .map(|i| {
-            let path = dir.join(format!("{i:04}.png"));
+            let path = dir.join(format!("{:04}.png", first + i));
             let one = Grid {
                 images: grid.images[i * per..(i + 1) * per].to_vec(),
                 shape: [1, c, h, w],

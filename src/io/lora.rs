@@ -168,19 +168,63 @@ fn tensor_error(path: &Path, source: super::safetensors::TensorError) -> IoError
 }
 
 fn bad(path: &Path, message: String) -> IoError {
-    IoError::Format {
+    IoError::Content {
         path: path.to_path_buf(),
         message,
     }
 }
 
-/// Reads a LoRA file in any of the supported layouts.
+/// The LyCORIS (or other) adapter kind a file's keys show, when it is not plain LoRA on linear
+/// layers: its name and a key that shows it.
+fn other_kind(tensors: &BTreeMap<String, HostTensor>) -> Option<(&'static str, &str)> {
+    let kinds: [(&str, &str); 8] = [
+        ("hada_w1", "LoHa"),
+        ("lokr_w1", "LoKr"),
+        ("dora_scale", "DoRA"),
+        ("oft_blocks", "OFT/BOFT"),
+        ("oft_diag", "OFT/BOFT"),
+        (".lora_mid.", "LoCon (with a CP-decomposed mid factor)"),
+        (".a1.weight", "GLoRA"),
+        (".diff", "LyCORIS full (diff)"),
+    ];
+    for (k, t) in tensors {
+        if let Some((_, name)) = kinds.iter().find(|(pat, _)| k.contains(pat)) {
+            return Some((name, k));
+        }
+        // A 4-D down factor is a convolution's: LoCon.
+        let down = k.ends_with(".lora_down.weight") || k.ends_with(".lora_A.weight");
+        if down && t.shape.len() == 4 {
+            return Some(("LoCon (LoRA on convolutions)", k));
+        }
+    }
+    None
+}
+
+/// Reads a LoRA file in any of the supported layouts. Every tensor must be finite.
 pub fn read(path: &Path) -> Result<LoraFile, IoError> {
     let file = SafetensorsFile::open(path)?;
     let tensors = file.to_host()?;
     let meta = file.metadata();
     if tensors.is_empty() {
         return Err(bad(path, "holds no tensors".into()));
+    }
+    if let Some((kind, key)) = other_kind(&tensors) {
+        return Err(bad(
+            path,
+            format!(
+                "a {kind} file (key {key}); difftrain reads plain LoRA on linear layers \
+                 (diffusers, PEFT or kohya layout) only"
+            ),
+        ));
+    }
+    if let Some((key, _)) = tensors
+        .iter()
+        .find(|(_, t)| t.data.iter().any(|v| !v.is_finite()))
+    {
+        return Err(IoError::NotFinite {
+            path: path.to_path_buf(),
+            key: key.clone(),
+        });
     }
     let kohya = tensors
         .keys()
@@ -216,8 +260,7 @@ fn read_kohya(path: &Path, tensors: &BTreeMap<String, HostTensor>) -> Result<Lor
             path,
             format!(
                 "kohya LoRA keys difftrain does not read (only `.lora_down.weight`, \
-                 `.lora_up.weight` and `.alpha` of linear layers; LoCon/LyCORIS variants are \
-                 not supported): {}",
+                 `.lora_up.weight` and `.alpha` of linear layers): {}",
                 first_keys(&unknown)
             ),
         ));

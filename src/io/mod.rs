@@ -33,6 +33,14 @@ pub enum IoError {
     },
     #[error("{path}: not a valid safetensors file: {message}")]
     Format { path: PathBuf, message: String },
+    /// A valid file whose contents are not what was asked for (an unsupported LoRA kind).
+    #[error("{path}: {message}")]
+    Content { path: PathBuf, message: String },
+    #[error(
+        "{path}: tensor {key} holds NaN or infinite values (the file is damaged, or the \
+         training that wrote it diverged)"
+    )]
+    NotFinite { path: PathBuf, key: String },
     #[error("{path}")]
     Tensor {
         path: PathBuf,
@@ -101,6 +109,95 @@ pub fn ensure_writable_dir(dir: &Path) -> Result<(), IoError> {
     let probe = dir.join(format!(".write-test-{}", std::process::id()));
     std::fs::write(&probe, b"").map_err(fail)?;
     std::fs::remove_file(&probe).map_err(fail)?;
+    Ok(())
+}
+
+/// `path` made absolute with symlinks resolved as far as it exists (the rest appended).
+pub fn resolved(path: &Path) -> PathBuf {
+    let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let mut existing = abs.as_path();
+    let mut rest = Vec::new();
+    while !existing.exists() {
+        match (existing.parent(), existing.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name.to_owned());
+                existing = parent;
+            }
+            _ => return abs,
+        }
+    }
+    let mut out = std::fs::canonicalize(existing).unwrap_or_else(|_| existing.to_path_buf());
+    for name in rest.into_iter().rev() {
+        out.push(name);
+    }
+    out
+}
+
+/// Bytes free for this process on the disk holding `dir` (or its nearest existing ancestor);
+/// `None` when that cannot be asked. Tests set `DIFFTRAIN_TEST_FREE_BYTES` to pretend a
+/// nearly full disk.
+pub fn free_bytes(dir: &Path) -> Option<u64> {
+    if let Ok(v) = std::env::var("DIFFTRAIN_TEST_FREE_BYTES") {
+        return v.trim().parse().ok();
+    }
+    let mut at = resolved(dir);
+    while !at.exists() {
+        at = at.parent()?.to_path_buf();
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let c = std::ffi::CString::new(at.as_os_str().as_bytes()).ok()?;
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: `c` is a valid NUL-terminated path and `st` a writable statvfs.
+        if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+            return None;
+        }
+        Some((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+    }
+    #[cfg(not(unix))]
+    {
+        None
+    }
+}
+
+/// Whether `inner` is `outer` or lies inside it, after [`resolved`] (symlinks followed).
+pub fn is_within(inner: &Path, outer: &Path) -> bool {
+    resolved(inner).starts_with(resolved(outer))
+}
+
+/// Checks that `dir` could be written without creating anything: it, or the nearest of its
+/// ancestors that exists, is a directory this process may write (`--check` and `sample`'s
+/// `--out` find an unusable folder before any work).
+pub fn check_writable(dir: &Path) -> Result<(), IoError> {
+    let fail = |path: &Path, why: &str| IoError::Write {
+        path: path.to_path_buf(),
+        source: std::io::Error::other(why.to_string()),
+    };
+    let mut at = dir;
+    loop {
+        match std::fs::metadata(at) {
+            Ok(m) if m.is_dir() => break,
+            Ok(_) => return Err(fail(at, "it is a file, not a folder")),
+            Err(_) => match at.parent().filter(|p| !p.as_os_str().is_empty()) {
+                Some(parent) => at = parent,
+                None => return Ok(()),
+            },
+        }
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let c = std::ffi::CString::new(at.as_os_str().as_bytes())
+            .map_err(|_| fail(at, "its path holds a NUL byte"))?;
+        // SAFETY: `c` is a valid NUL-terminated path for the duration of the call.
+        if unsafe { libc::access(c.as_ptr(), libc::W_OK | libc::X_OK) } != 0 {
+            return Err(IoError::Write {
+                path: at.to_path_buf(),
+                source: std::io::Error::last_os_error(),
+            });
+        }
+    }
     Ok(())
 }
 

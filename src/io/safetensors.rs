@@ -619,6 +619,28 @@ pub fn tensors_of<M: Module>(
     c.out
 }
 
+/// How many float weights `module` has (only those `only` names, when given), read from the
+/// shapes (lazy parameters stay unallocated).
+pub fn count_weights<M: Module>(
+    module: &M,
+    only: Option<&std::collections::HashSet<ParamId>>,
+) -> u64 {
+    struct Count<'a> {
+        only: Option<&'a std::collections::HashSet<ParamId>>,
+        total: u64,
+    }
+    impl ModuleVisitor for Count<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            if self.only.is_none_or(|ids| ids.contains(&param.id)) {
+                self.total += param.lazy_shape().num_elements() as u64;
+            }
+        }
+    }
+    let mut c = Count { only, total: 0 };
+    module.visit(&mut c);
+    c.total
+}
+
 /// Named tensors as safetensors bytes.
 pub fn tensors_bytes(
     tensors: &BTreeMap<String, TensorData>,

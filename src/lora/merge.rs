@@ -39,6 +39,7 @@ pub fn apply_file(
 ) -> Result<usize, LoraError> {
     let mut applied = 0;
     let mut problems = Vec::new();
+    let mut overflow = None;
     for wanted in file.components() {
         let Some((_, model)) = components.iter_mut().find(|(c, _)| *c == wanted) else {
             let n = file.modules.keys().filter(|(c, _)| *c == wanted).count();
@@ -64,6 +65,11 @@ pub fn apply_file(
                 return;
             }
             fold(l, &m.up, &m.down, scale * m.scale);
+            // NaN/Inf anywhere makes the sum NaN (0 · x is 0 for every finite x).
+            let check = l.weight.val().mul_scalar(0.0).sum().into_scalar::<f32>();
+            if !check.is_finite() && overflow.is_none() {
+                overflow = Some(p.to_string());
+            }
             applied += 1;
         });
         for k in unmatched {
@@ -72,6 +78,13 @@ pub fn apply_file(
                 wanted.diffusers_prefix()
             ));
         }
+    }
+    if let Some(layer) = overflow {
+        return Err(LoraError::NotFinite {
+            path: file.path.clone(),
+            scale,
+            layer,
+        });
     }
     if !problems.is_empty() {
         problems.sort();

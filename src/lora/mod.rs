@@ -66,6 +66,17 @@ pub enum LoraError {
         total: usize,
         problems: Vec<String>,
     },
+    #[error(
+        "{path} at scale {scale}: the merged weight of {layer} is not finite (beyond f32's \
+         3.4e38); lower the scale"
+    )]
+    NotFinite {
+        path: std::path::PathBuf,
+        scale: f64,
+        layer: String,
+    },
+    #[error("--lora {arg}: the scale after ':' must be a finite number")]
+    ScaleNotFinite { arg: String },
     #[error("the model has no LoRA adapters to export")]
     NoAdapters,
     #[error(transparent)]

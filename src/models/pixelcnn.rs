@@ -269,7 +269,7 @@ impl GatedPixelCNN {
         h: usize,
         w: usize,
         temperature: f64,
-        rng: &mut impl rand::Rng,
+        rngs: &mut crate::seeds::ImageRngs,
         device: &Device,
     ) -> Tensor<3, Int> {
         let mut codes = vec![0i64; n * h * w];
@@ -294,7 +294,7 @@ impl GatedPixelCNN {
                         .map(|&l| (((l - max) as f64) / temperature).exp())
                         .collect();
                     let total: f64 = weights.iter().sum();
-                    let mut u = rng.random::<f64>() * total;
+                    let mut u = rand::Rng::random::<f64>(rngs.image(b)) * total;
                     let mut pick = k - 1;
                     for (c, wgt) in weights.iter().enumerate() {
                         if u < *wgt {

@@ -6,9 +6,6 @@
 use std::path::{Path, PathBuf};
 
 use burn::prelude::*;
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
-use rand_distr::StandardNormal;
 
 use super::weights_file;
 use crate::config::Config;
@@ -38,7 +35,7 @@ pub fn generate(
     num: usize,
     steps: Option<usize>,
     sampler: Option<SamplerKind>,
-    seed: u64,
+    (seed, first): (u64, usize),
 ) -> (Vec<f32>, [usize; 4]) {
     let s = &cfg.sample;
     let res = cfg.data.resolution;
@@ -54,13 +51,10 @@ pub fn generate(
         set_alpha_to_one: true,
         steps_offset: 0,
     };
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let mut randn = move || {
-        let v: Vec<f32> = (0..shape.iter().product::<usize>())
-            .map(|_| rng.sample(StandardNormal))
-            .collect();
-        Tensor::<4>::from_data(TensorData::new(v, shape), device)
-    };
+    let mut rngs = crate::seeds::ImageRngs::new(seed, first, num);
+    let per_image = shape[1..].iter().product::<usize>();
+    let mut randn =
+        move || Tensor::<4>::from_data(TensorData::new(rngs.normals(per_image), shape), device);
     let initial = randn();
     let out = sampling::sample(model, &schedule, &opts, initial, &mut randn);
     let pixels = out
@@ -159,8 +153,15 @@ pub struct DdpmOutputs {
 impl Outputs<DenoiserModel> for DdpmOutputs {
     fn grid(&self, weights: &DenoiserModel, device: &Device) -> Result<Grid, TrainError> {
         let s = &self.cfg.sample;
-        let (images, shape) =
-            generate(weights, &self.cfg, device, s.num_images, None, None, s.seed);
+        let (images, shape) = generate(
+            weights,
+            &self.cfg,
+            device,
+            s.num_images,
+            None,
+            None,
+            (s.seed, 0),
+        );
         Ok(Grid::square(images, shape))
     }
 

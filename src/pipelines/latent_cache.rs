@@ -8,7 +8,8 @@ use burn::prelude::*;
 
 use crate::config::Config;
 use crate::data::Dataset;
-use crate::data::latent_cache::{LatentCache, fingerprint};
+use crate::data::latent_cache::{Built, CacheError, LatentCache};
+use crate::io::layout::fingerprint;
 use crate::models::latent_diffusion::FirstStage;
 use crate::nn::to_host;
 use crate::train::TrainError;
@@ -58,20 +59,39 @@ pub fn latent_cache(
     if let Some(p) = process.as_ref().filter(|p| p.rank() > 0) {
         p.barrier(BUILT)?;
     }
-    let (cache, built) = LatentCache::load_or_build(
+    crate::signals::test_phase("latent_cache");
+    // A stop request is answered between shards (those written are reused on resume).
+    let stop = || crate::signals::requested().is_some();
+    let built = LatentCache::load_or_build(
         &cfg.output_dir(),
         &key,
         dataset,
         cfg.data.transform(),
         cfg.train.batch_size.max(1),
         &mut encode,
-    )?;
+        &stop,
+    );
+    let (cache, built) = match built {
+        Ok(b) => b,
+        Err(CacheError::Io(e)) => return Err(e.into()),
+        Err(CacheError::Stopped) => {
+            return Err(TrainError::Interrupted {
+                signal: crate::signals::requested().unwrap_or(15),
+                step: 0,
+                checkpoint: None,
+            });
+        }
+    };
     if let Some(p) = process.as_ref().filter(|p| p.rank() == 0) {
         p.barrier(BUILT)?;
     }
     if !quiet {
         let dir = LatentCache::dir(&cfg.output_dir(), &key);
-        let what = if built { "built" } else { "reused" };
+        let what = match &built {
+            Built::Built => "built".to_string(),
+            Built::Reused => "reused".to_string(),
+            Built::Rebuilt(why) => format!("rebuilt because {why}"),
+        };
         eprintln!(
             "latent cache {what}: {} ({} images)",
             dir.display(),

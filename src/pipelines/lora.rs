@@ -15,7 +15,7 @@ use burn::prelude::*;
 
 use super::stable_diffusion::{self, Pretrained, StableDiffusion};
 use super::text_to_image::{TextToImage, text_to_image};
-use crate::config::{Config, Resume};
+use crate::config::Config;
 use crate::data::Dataset;
 use crate::device::parse_device;
 use crate::io::image::Grid;
@@ -75,19 +75,9 @@ fn pretrained_source(cfg: &Config, opts: &TrainOptions) -> Result<Pretrained, Tr
         .pretrained
         .as_ref()
         .ok_or_else(|| err("model.pretrained is not set".into()))?;
-    if !path.exists()
-        && let Some(base_cfg) = &cfg.model.pretrained_train_config
-    {
-        let mut c = Config::load(base_cfg, &[])?;
-        c.checkpoint.resume = Resume::Latest;
-        if !opts.quiet {
-            eprintln!(
-                "base model: {} does not exist yet; training it from {}",
-                path.display(),
-                base_cfg.display()
-            );
-        }
-        super::train(&c, opts)?;
+    if let Some(base_cfg) = &cfg.model.pretrained_train_config {
+        let ready = || path.exists();
+        super::chain::ensure_stage("model.pretrained", path, base_cfg, ready, opts, cfg)?;
     }
     Pretrained::detect(path, cfg.model.pretrained_config.as_deref())
         .map_err(|e| TrainError::stage(format!("model.pretrained = {}", path.display()), e))
@@ -150,6 +140,7 @@ pub fn train_lora(
         }
     };
     let dataset = Dataset::open(cfg.data.source, &cfg.data.path, cfg.data.on_bad_image)?;
+    dataset.require_captions(cfg.data.allow_empty_captions)?;
     let scale = sd.vae_config.scaling_factor;
     let lat = [sd.vae_config.latent_channels, res / factor, res / factor];
     let cache = super::latent_cache::latent_cache(
@@ -286,6 +277,7 @@ impl Outputs<LatentDiffusionModel> for LoraOutputs {
                 steps: s.num_inference_steps,
                 sampler: Some(s.sampler),
                 seed: s.seed + i as u64,
+                first_index: 0,
                 width: res,
                 height: res,
                 num: per,
@@ -391,6 +383,9 @@ pub fn parse_lora_arg(arg: &str) -> Result<(PathBuf, f64), LoraError> {
     if let Some((file, scale)) = arg.rsplit_once(':')
         && let Ok(s) = scale.parse::<f64>()
     {
+        if !s.is_finite() {
+            return Err(LoraError::ScaleNotFinite { arg: arg.into() });
+        }
         return Ok((PathBuf::from(file), s));
     }
     Ok((PathBuf::from(arg), 1.0))

@@ -6,6 +6,7 @@
 //! weights. The binaries only parse arguments and call into here.
 
 pub mod autoencoder;
+pub mod chain;
 pub mod ddpm;
 pub mod latent_cache;
 pub mod ldm;
@@ -155,7 +156,7 @@ pub fn train(cfg: &Config, opts: &TrainOptions) -> Result<RunSummary, TrainError
     let cfg = &for_this_process(cfg)?;
     let result = train_family(cfg, opts);
     if let (Err(e), Some(p)) = (&result, crate::distributed::launch::current())
-        && !matches!(e, TrainError::Interrupted { .. })
+        && e.stop_signal().is_none()
         && !matches!(e, TrainError::Sync(s) if s.is_secondary())
     {
         p.fail(&crate::error::chain(e));
@@ -333,52 +334,95 @@ pub struct SampleRequest {
     pub batch_size: Option<usize>,
 }
 
-/// Generates images from a run, an export, a checkpoint, or a pretrained Stable Diffusion model
-/// (folder or single file); returns them and a description of the weights used. A run whose
-/// `export/` cannot be read falls back to its newest checkpoint, with a warning.
-pub fn sample(dir: &Path, req: &SampleRequest) -> Result<(Grid, PathBuf), PipelineError> {
-    let batch = req.batch_size.unwrap_or(DEFAULT_SAMPLE_BATCH).max(1);
-    match req.num {
-        Some(num) if num > batch && req.latents.is_none() => {
-            // In batches of `batch` (batch i seeded with seed + i), after checking that all
-            // the images fit in memory.
-            let mut images = Vec::new();
-            let (mut shape, mut weights, mut done) = ([0usize; 4], PathBuf::new(), 0);
-            let mut i = 0u64;
-            while done < num {
-                let n = batch.min(num - done);
-                let r = SampleRequest {
-                    num: Some(n),
-                    seed: req.seed.wrapping_add(i),
-                    ..req.clone()
-                };
-                let (grid, w) = sample_one(dir, &r)?;
-                if done == 0 {
-                    let per = grid.images.len() / n.max(1);
-                    crate::memory::check_fits(
-                        (num * per * 4) as u64,
-                        &format!("--num {num} images of {:?}", &grid.shape[1..]),
-                    )?;
-                    images.reserve(num * per);
-                    shape = grid.shape;
-                    weights = w;
-                }
-                images.extend(grid.images);
-                done += n;
-                i += 1;
-            }
-            shape[0] = num;
-            Ok((Grid::square(images, shape), weights))
+/// A model loaded for `sample`: the images it generates and where its weights came from.
+pub struct Loaded {
+    pub weights: PathBuf,
+    /// `[c, h, w]` of one image.
+    pub image: [usize; 3],
+    /// Images the request asks for (its `--num`, else the model's default).
+    pub num: usize,
+    /// Whether the request fixes its initial noise (`--latents`): then one batch.
+    pub fixed_latents: bool,
+    /// Images `first..first + n` of the request (each from its own random stream: `seeds`).
+    generate: Box<dyn FnMut(usize, usize) -> Result<Grid, PipelineError>>,
+}
+
+impl Loaded {
+    pub(crate) fn new(
+        weights: PathBuf,
+        image: [usize; 3],
+        num: usize,
+        fixed_latents: bool,
+        generate: impl FnMut(usize, usize) -> Result<Grid, PipelineError> + 'static,
+    ) -> Self {
+        Self {
+            weights,
+            image,
+            num,
+            fixed_latents,
+            generate: Box::new(generate),
         }
-        _ => sample_one(dir, req),
     }
+}
+
+/// Generates images from a run, an export, a checkpoint, or a pretrained Stable Diffusion model
+/// (folder or single file); returns them as one grid and the weights used. The images are
+/// held in memory: refused up front when they cannot fit.
+pub fn sample(dir: &Path, req: &SampleRequest) -> Result<(Grid, PathBuf), PipelineError> {
+    let mut images = Vec::new();
+    let mut shape = [0usize; 4];
+    let weights = sample_batches(dir, req, true, |grid, _| {
+        shape = [
+            shape[0] + grid.shape[0],
+            grid.shape[1],
+            grid.shape[2],
+            grid.shape[3],
+        ];
+        images.extend(grid.images);
+        Ok(())
+    })?;
+    Ok((Grid::square(images, shape), weights))
+}
+
+/// Generates the request's images in batches of `--batch-size` (one batch with `--latents`),
+/// handing each to `each` with the index of its first image; the model is loaded once.
+/// `in_memory` says the caller keeps every image (a grid): refused before generating when they
+/// cannot fit. Returns the weights used. A run whose `export/` cannot be read falls back to its
+/// newest checkpoint, with a warning.
+pub fn sample_batches(
+    dir: &Path,
+    req: &SampleRequest,
+    in_memory: bool,
+    mut each: impl FnMut(Grid, usize) -> Result<(), PipelineError>,
+) -> Result<PathBuf, PipelineError> {
+    let mut loaded = load_for_sampling(dir, req)?;
+    let (num, [c, h, w]) = (loaded.num, loaded.image);
+    if num == 0 {
+        return Err(PipelineError::Invalid("--num must be at least 1".into()));
+    }
+    if in_memory {
+        let bytes = (num as u64) * (c * h * w) as u64 * 4;
+        crate::memory::check_fits(bytes, &format!("--num {num} images of [{c}, {h}, {w}]"))?;
+    }
+    let batch = match loaded.fixed_latents {
+        true => num,
+        false => req.batch_size.unwrap_or(DEFAULT_SAMPLE_BATCH).max(1),
+    };
+    let mut first = 0;
+    while first < num {
+        let n = batch.min(num - first);
+        let grid = (loaded.generate)(first, n)?;
+        each(grid, first)?;
+        first += n;
+    }
+    Ok(loaded.weights)
 }
 
 /// `sample`'s default `--batch-size`.
 pub const DEFAULT_SAMPLE_BATCH: usize = 64;
 
-fn sample_one(dir: &Path, req: &SampleRequest) -> Result<(Grid, PathBuf), PipelineError> {
-    let result = sample_from(dir, req);
+fn load_for_sampling(dir: &Path, req: &SampleRequest) -> Result<Loaded, PipelineError> {
+    let result = load_sampler(dir, req);
     let unreadable = matches!(
         &result,
         Err(PipelineError::Io(_))
@@ -394,25 +438,23 @@ fn sample_one(dir: &Path, req: &SampleRequest) -> Result<(Grid, PathBuf), Pipeli
     {
         if let Err(e) = &result {
             eprintln!(
-                "warning: {}: {e}; using {} instead",
+                "warning: {}: {}; using {} instead",
                 dir.join("export").display(),
+                crate::error::chain(e),
                 ck.display()
             );
         }
-        return sample_from(&ck, req);
+        return load_sampler(&ck, req);
     }
     result
 }
 
-fn sample_from(dir: &Path, req: &SampleRequest) -> Result<(Grid, PathBuf), PipelineError> {
+fn load_sampler(dir: &Path, req: &SampleRequest) -> Result<Loaded, PipelineError> {
     if stable_diffusion::Pretrained::looks_like(dir) {
-        return text_to_image::sample_pretrained(dir, req);
+        return text_to_image::load_pretrained(dir, req);
     }
     let bad = |msg: String| Err(PipelineError::Invalid(msg));
     let num = req.num.unwrap_or(16);
-    if num == 0 {
-        return bad("--num must be at least 1".into());
-    }
     let overrides: Vec<String> = req
         .device
         .iter()
@@ -448,6 +490,7 @@ fn sample_from(dir: &Path, req: &SampleRequest) -> Result<(Grid, PathBuf), Pipel
             ));
         }
     }
+    let image = [cfg.image_channels(), res, res];
     match family {
         Family::Diffusion => {
             let (model, weights) = load_weights(&cfg, &root, weights, |c| build_model(c, &device))?;
@@ -459,9 +502,12 @@ fn sample_from(dir: &Path, req: &SampleRequest) -> Result<(Grid, PathBuf), Pipel
                     cfg.diffusion.num_train_timesteps
                 ));
             }
-            let (images, shape) =
-                ddpm::generate(&model, &cfg, &device, num, req.steps, req.sampler, req.seed);
-            Ok((Grid::square(images, shape), weights))
+            let (steps, sampler, seed) = (req.steps, req.sampler, req.seed);
+            Ok(Loaded::new(weights, image, num, false, move |first, n| {
+                let (images, shape) =
+                    ddpm::generate(&model, &cfg, &device, n, steps, sampler, (seed, first));
+                Ok(Grid::square(images, shape))
+            }))
         }
         Family::PixelCnn => {
             let stage1 = vq::load_stage1(&cfg, Some(&root), &device)?;
@@ -473,17 +519,19 @@ fn sample_from(dir: &Path, req: &SampleRequest) -> Result<(Grid, PathBuf), Pipel
             if !(temperature.is_finite() && temperature > 0.0) {
                 return bad(format!("--temperature {temperature} must be positive"));
             }
-            let images = vq::sample_images(
-                &prior,
-                &stage1.model,
-                res,
-                num,
-                temperature,
-                req.seed,
-                &device,
-            );
-            let shape = [num, cfg.image_channels(), res, res];
-            Ok((Grid::square(images, shape), weights))
+            let seed = req.seed;
+            Ok(Loaded::new(weights, image, num, false, move |first, n| {
+                let images = vq::sample_images(
+                    &prior,
+                    &stage1.model,
+                    res,
+                    n,
+                    temperature,
+                    (seed, first),
+                    &device,
+                );
+                Ok(Grid::square(images, [n, image[0], res, res]))
+            }))
         }
         Family::LatentDiffusion => {
             if weights.is_none() && root.join(io::layout::MODEL_INDEX).is_file() {
@@ -493,13 +541,12 @@ fn sample_from(dir: &Path, req: &SampleRequest) -> Result<(Grid, PathBuf), Pipel
                 req.steps.get_or_insert(cfg.sample.num_inference_steps);
                 req.guidance_scale.get_or_insert(cfg.sample.guidance_scale);
                 req.device.get_or_insert(cfg.run.device.clone());
-                return text_to_image::sample_pretrained(&root, &req);
+                return text_to_image::load_pretrained(&root, &req);
             }
-            let grid = ldm::sample(&cfg, &root, weights.as_deref(), req, &device)?;
-            Ok((
-                grid,
-                weights.unwrap_or_else(|| weights_file(&cfg.model, &root, "")),
-            ))
+            let weights_path = weights
+                .clone()
+                .unwrap_or_else(|| weights_file(&cfg.model, &root, ""));
+            ldm::load_sampler(cfg, &root, weights.as_deref(), req, device, weights_path)
         }
         Family::Lora => {
             if req.class.is_some() {
@@ -515,11 +562,8 @@ fn sample_from(dir: &Path, req: &SampleRequest) -> Result<(Grid, PathBuf), Pipel
             req.guidance_scale.get_or_insert(cfg.sample.guidance_scale);
             req.width.get_or_insert(res);
             req.height.get_or_insert(res);
-            let grid = text_to_image::sample_with(sd, &req, &device)?;
-            Ok((
-                grid,
-                weights.unwrap_or_else(|| root.join(lora::DIFFUSERS_FILE)),
-            ))
+            let weights = weights.unwrap_or_else(|| root.join(lora::DIFFUSERS_FILE));
+            text_to_image::load_with(sd, &req, device, weights)
         }
         Family::Autoencoder => bad(format!(
             "{} is an autoencoder (latent diffusion stage 1): it reconstructs but does not \

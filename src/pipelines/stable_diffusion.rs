@@ -313,7 +313,7 @@ fn folder_parts(dir: &Path, need_weights: bool) -> Result<FolderParts, Pretraine
             missing,
         });
     }
-    Ok(FolderParts {
+    let parts = FolderParts {
         unet: json_config(
             &dir.join("unet/config.json"),
             UNet2DConditionConfig::from_diffusers_json,
@@ -339,6 +339,37 @@ fn folder_parts(dir: &Path, need_weights: bool) -> Result<FolderParts, Pretraine
             &dir.join(files::SCHEDULER_CONFIG),
             SchedulerConfig::from_diffusers_json,
         )?,
+    };
+    check_widths(dir, &parts.unet, &text_encoders, &parts.text)?;
+    Ok(parts)
+}
+
+/// The U-Net attends to the text encoders' hidden states (concatenated, in order): its
+/// `cross_attention_dim` must be their `hidden_size`s' sum.
+fn check_widths(
+    dir: &Path,
+    unet: &UNet2DConditionConfig,
+    names: &[String],
+    text: &[(CLIPTextConfig, ClipTokenizer)],
+) -> Result<(), PretrainedError> {
+    let widths: Vec<usize> = text.iter().map(|(c, _)| c.hidden_size).collect();
+    let total: usize = widths.iter().sum();
+    if text.is_empty() || unet.cross_attention_dim == total {
+        return Ok(());
+    }
+    let each = names
+        .iter()
+        .zip(&widths)
+        .map(|(n, w)| format!("{n}/{}: hidden_size = {w}", files::CONFIG))
+        .collect::<Vec<_>>()
+        .join(", ");
+    Err(PretrainedError::Config {
+        path: dir.join("unet").join(files::CONFIG),
+        message: format!(
+            "cross_attention_dim = {} does not fit the text encoder ({each}); the U-Net's \
+             cross-attention reads the text encoder's output, so the two must be equal",
+            unet.cross_attention_dim
+        ),
     })
 }
 

@@ -4,9 +4,6 @@
 //! VAE.
 
 use burn::prelude::*;
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
-use rand_distr::StandardNormal;
 
 use super::stable_diffusion::{self, Pretrained, StableDiffusion};
 use crate::device::parse_device;
@@ -44,6 +41,8 @@ pub struct TextToImage {
     /// Default: the model's scheduler.
     pub sampler: Option<SamplerKind>,
     pub seed: u64,
+    /// The index of the first image in its request (each image has its own random stream).
+    pub first_index: usize,
     pub width: usize,
     pub height: usize,
     pub num: usize,
@@ -109,6 +108,9 @@ pub struct Generation {
     pub steps: usize,
     pub sampler: Option<SamplerKind>,
     pub seed: u64,
+    /// The index of the first image in its request (each image draws from its own stream:
+    /// `seeds`).
+    pub first_index: usize,
     pub width: usize,
     pub height: usize,
     pub num: usize,
@@ -158,13 +160,10 @@ pub fn generate(
         },
         scale,
     };
-    let mut rng = ChaCha8Rng::seed_from_u64(g.seed);
-    let mut randn = move || {
-        let v: Vec<f32> = (0..shape.iter().product::<usize>())
-            .map(|_| rng.sample(StandardNormal))
-            .collect();
-        Tensor::<4>::from_data(TensorData::new(v, shape), device)
-    };
+    let mut rngs = crate::seeds::ImageRngs::new(g.seed, g.first_index, n);
+    let per_image = shape[1..].iter().product::<usize>();
+    let mut randn =
+        move || Tensor::<4>::from_data(TensorData::new(rngs.normals(per_image), shape), device);
     let initial = match &g.latents {
         Some(l) if l.dims() == shape => l.clone(),
         Some(l) => {
@@ -210,6 +209,7 @@ pub fn text_to_image(
         steps: req.steps,
         sampler: req.sampler,
         seed: req.seed,
+        first_index: req.first_index,
         width: req.width,
         height: req.height,
         num: req.num,
@@ -222,11 +222,11 @@ pub fn text_to_image(
     generate(&model, &prompted, &g, device)
 }
 
-/// `sample` on a pretrained Stable Diffusion folder or single file.
-pub fn sample_pretrained(
+/// `sample` on a pretrained Stable Diffusion folder or single file, loaded once.
+pub fn load_pretrained(
     path: &std::path::Path,
     req: &super::SampleRequest,
-) -> Result<(Grid, std::path::PathBuf), super::PipelineError> {
+) -> Result<super::Loaded, super::PipelineError> {
     if req.class.is_some() {
         return Err(super::PipelineError::Invalid(format!(
             "{} is a text-to-image model: --class applies to class-conditioned latent \
@@ -238,21 +238,51 @@ pub fn sample_pretrained(
     let source = Pretrained::detect(path, req.config_from.as_deref())?;
     let mut sd = stable_diffusion::load(&source, &device)?;
     super::lora::apply_files(&mut sd, &req.loras)?;
-    Ok((sample_with(sd, req, &device)?, path.to_path_buf()))
+    load_with(sd, req, device, path.to_path_buf())
 }
 
-/// `sample`'s text-to-image on a loaded model (LoRAs already folded in).
-pub fn sample_with(
+/// The memory the latents and the backbone's first level need for `n` images of `width` x
+/// `height` under guidance, in bytes: a lower bound of what generating them takes.
+fn generation_lower_bound(sd: &StableDiffusion, n: usize, width: usize, height: usize) -> u64 {
+    let f = sd.vae_factor().max(1);
+    let latent_pixels = ((width / f) * (height / f)) as u64;
+    let first_level = sd
+        .unet_config
+        .block_out_channels
+        .first()
+        .copied()
+        .unwrap_or(1) as u64;
+    // Both guidance branches, f32; the decoded image at full size.
+    2 * n as u64 * latent_pixels * first_level * 4 + n as u64 * (width * height * 3) as u64 * 4
+}
+
+/// `sample`'s text-to-image on a loaded model (LoRAs already folded in); `weights` names
+/// where its weights came from.
+pub fn load_with(
     sd: StableDiffusion,
     req: &super::SampleRequest,
-    device: &Device,
-) -> Result<Grid, super::PipelineError> {
-    let num = req.num.unwrap_or(1);
+    device: Device,
+    weights: std::path::PathBuf,
+) -> Result<super::Loaded, super::PipelineError> {
     let size = sd.default_size();
     let latents = match &req.latents {
-        Some(file) => Some(read_latents(file, device)?),
+        Some(file) => Some(read_latents(file, &device)?),
         None => None,
     };
+    let (width, height) = (req.width.unwrap_or(size), req.height.unwrap_or(size));
+    let num = match &latents {
+        Some(l) => req.num.unwrap_or(l.dims()[0]),
+        None => req.num.unwrap_or(1),
+    };
+    let batch = req
+        .batch_size
+        .unwrap_or(super::DEFAULT_SAMPLE_BATCH)
+        .min(num)
+        .max(1);
+    crate::memory::check_fits(
+        generation_lower_bound(&sd, batch, width, height),
+        &format!("generating {batch} image(s) of {width} x {height}"),
+    )?;
     let request = TextToImage {
         prompt: req.prompt.clone().unwrap_or_default(),
         negative_prompt: req.negative_prompt.clone().unwrap_or_default(),
@@ -260,20 +290,30 @@ pub fn sample_with(
         steps: req.steps.unwrap_or(50),
         sampler: req.sampler,
         seed: req.seed,
-        width: req.width.unwrap_or(size),
-        height: req.height.unwrap_or(size),
+        first_index: 0,
+        width,
+        height,
         num,
         latents,
         clip_skip: req.clip_skip.unwrap_or(1),
     };
-    let images = text_to_image(&sd, &request, device)?.clamp(-1.0, 1.0);
-    let shape = images.dims();
-    let pixels = images
-        .into_data()
-        .convert::<f32>()
-        .try_into_vec::<f32>()
-        .expect("f32 after convert");
-    Ok(Grid::square(pixels, shape))
+    let fixed = request.latents.is_some();
+    Ok(super::Loaded::new(
+        weights,
+        [3, height, width],
+        num,
+        fixed,
+        move |first, n| {
+            let batch = TextToImage {
+                first_index: first,
+                num: n,
+                ..request.clone()
+            };
+            let images = text_to_image(&sd, &batch, &device)?.clamp(-1.0, 1.0);
+            let shape = images.dims();
+            Ok(Grid::square(crate::nn::to_host(images), shape))
+        },
+    ))
 }
 
 /// `--latents FILE`: one f32 tensor named `latents` (diffusers' `latents=` argument).

@@ -9,11 +9,9 @@ use std::path::{Path, PathBuf};
 
 use burn::module::Module;
 use burn::prelude::*;
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
 
 use super::{load_run, locate, save_weights, stage_weights_file};
-use crate::config::{Config, Resume};
+use crate::config::Config;
 use crate::data::Dataset;
 use crate::device::parse_device;
 use crate::io;
@@ -137,17 +135,16 @@ pub fn train_pixelcnn(
     opts: &TrainOptions,
 ) -> Result<TrainOutcome<GatedPixelCNN>, TrainError> {
     let p = &cfg.model.pixelcnn;
-    if let (Err(_), Some(stage_path)) = (locate(&p.vqvae), &p.vqvae_config) {
-        let mut stage_cfg = Config::load(stage_path, &[])?;
-        stage_cfg.checkpoint.resume = Resume::Latest;
-        if !opts.quiet {
-            eprintln!(
-                "stage 1: {} holds no VQ-VAE yet; training it from {}",
-                p.vqvae.display(),
-                stage_path.display()
-            );
-        }
-        super::train(&stage_cfg, opts)?;
+    if let Some(stage_path) = &p.vqvae_config {
+        let ready = || locate(&p.vqvae).is_ok();
+        super::chain::ensure_stage(
+            "model.pixelcnn.vqvae",
+            &p.vqvae,
+            stage_path,
+            ready,
+            opts,
+            cfg,
+        )?;
         if !opts.quiet {
             eprintln!("stage 2: training the PixelCNN prior");
         }
@@ -188,12 +185,12 @@ pub fn sample_images(
     resolution: usize,
     num: usize,
     temperature: f64,
-    seed: u64,
+    (seed, first): (u64, usize),
     device: &Device,
 ) -> Vec<f32> {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut rngs = crate::seeds::ImageRngs::new(seed, first, num);
     let code_size = VQVAEConfig::code_size(resolution);
-    let codes = prior.sample(num, code_size, code_size, temperature, &mut rng, device);
+    let codes = prior.sample(num, code_size, code_size, temperature, &mut rngs, device);
     to_host(vqvae.decode(codes).clamp(-1.0, 1.0))
 }
 
@@ -214,7 +211,7 @@ impl Outputs<GatedPixelCNN> for PixelCnnOutputs {
             res,
             s.num_images,
             s.temperature,
-            s.seed,
+            (s.seed, 0),
             device,
         );
         Ok(Grid::square(

@@ -64,6 +64,13 @@ pub enum TrainError {
     Sync(#[from] crate::distributed::SyncError),
     #[error(transparent)]
     Launch(crate::distributed::launch::LaunchError),
+    #[error(
+        "{dir}: {:.2} GB free on its disk, but a checkpoint and the export of this run need \
+         about {:.2} GB; free some space or point run.output_dir at another disk",
+        *free as f64 / 1e9,
+        *need as f64 / 1e9
+    )]
+    NoSpace { dir: PathBuf, free: u64, need: u64 },
     #[error("rank {rank} panicked: {message}")]
     RankPanicked { rank: usize, message: String },
     #[error(
@@ -75,6 +82,17 @@ pub enum TrainError {
         signal: i32,
         step: usize,
         checkpoint: Option<PathBuf>,
+    },
+    #[error(
+        "stopped by {} during the final export; the export was finished first ({} is complete, \
+         step {step})",
+        crate::signals::name(*signal),
+        export.display()
+    )]
+    StoppedAfterExport {
+        signal: i32,
+        step: usize,
+        export: PathBuf,
     },
     #[error(
         "{skipped} consecutive steps up to step {step} had a non-finite loss or gradient and were \
@@ -89,6 +107,17 @@ pub enum TrainError {
 }
 
 impl TrainError {
+    /// The signal (SIGINT/SIGTERM) that stopped the run, when one did: the process then exits
+    /// with 128 + it, after its checkpoint or its export was written.
+    pub fn stop_signal(&self) -> Option<i32> {
+        match self {
+            Self::Interrupted { signal, .. } | Self::StoppedAfterExport { signal, .. } => {
+                Some(*signal)
+            }
+            _ => None,
+        }
+    }
+
     /// A [`TrainError::Stage`]: `context` says what was being done, `source` why it failed.
     pub fn stage(
         context: impl Into<String>,

@@ -36,6 +36,7 @@ use run::RunState;
 /// `export/export.json`: `{"step": N}`, the optimizer step the export's weights are from.
 pub const EXPORT_STEP_FILE: &str = "export.json";
 
+#[derive(Debug, Clone)]
 pub struct TrainOptions {
     /// Write checkpoints, logs, samples and the export (tests that only compare weights turn
     /// it off).
@@ -43,6 +44,9 @@ pub struct TrainOptions {
     pub quiet: bool,
     /// Tests only: make the gradients of this optimizer step non-finite (an fp16 overflow).
     pub overflow_at_step: Option<usize>,
+    /// The command line's `--set` overrides (already applied to the config): a chained stage 1
+    /// reports those its own config does not share.
+    pub overrides: Vec<String>,
 }
 
 impl Default for TrainOptions {
@@ -51,6 +55,7 @@ impl Default for TrainOptions {
             write_outputs: true,
             quiet: false,
             overflow_at_step: None,
+            overrides: Vec::new(),
         }
     }
 }

@@ -48,7 +48,32 @@ pub(super) fn run_rank<O: Objective, P: Outputs<O::Model>>(
     let lr_sched = lr_scheduler(t);
     let groups = objective.param_groups(&st.model);
     let checkpointed = groups.checkpointed();
+    // One checkpoint (weights, EMA, AdamW's two moments, in f32) must fit on the disk: found
+    // at the start, not at the export after the whole run (a checkpoint is written beside the
+    // previous one before that is removed).
+    let copies = 3 + u64::from(st.ema.is_some());
+    let need = crate::io::safetensors::count_weights(&st.model, checkpointed.as_ref()) * 4 * copies;
+    if writer.is_some() {
+        match crate::io::free_bytes(out) {
+            Some(free) if free < need => {
+                return Err(TrainError::NoSpace {
+                    dir: out.clone(),
+                    free,
+                    need,
+                });
+            }
+            _ => {}
+        }
+    }
     let save = |st: &RunState<O::Model>, objective: &O| {
+        if let Some(free) = crate::io::free_bytes(out).filter(|&f| f < need) {
+            eprintln!(
+                "warning: {}: {:.2} GB free, a checkpoint needs about {:.2} GB; writing it may fail",
+                out.display(),
+                free as f64 / 1e9,
+                need as f64 / 1e9
+            );
+        }
         let (lr_next, fingerprints) = (lr_sched.lr_at(st.step), objective.fingerprints());
         st.save_checkpoint(
             cfg,
@@ -283,6 +308,15 @@ fn finish_rank<M: Module, P: Outputs<M>>(
         Some(w) => final_writes(ctx, replica, w, &st, device, log.events())?,
         None => (None, None),
     };
+    // A SIGINT/SIGTERM during the final writes: they were finished, and the run still ends as
+    // stopped (128 + the signal), as the shell that sent it expects.
+    if let (Some(signal), Some(export)) = (crate::signals::requested(), &export_dir) {
+        return Err(TrainError::StoppedAfterExport {
+            signal,
+            step: st.step,
+            export: export.clone(),
+        });
+    }
     let summary = RunSummary {
         first_step,
         steps: st.step,
@@ -393,6 +427,19 @@ fn final_writes<M: Module, P: Outputs<M>>(
     }
     let raw = st.model.valid();
     let dir = ctx.out.join("export");
+    // An export being rewritten is not complete until its export.json is written again (a
+    // chained stage 2 reads only complete exports).
+    match std::fs::remove_file(dir.join(crate::train::EXPORT_STEP_FILE)) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(crate::io::IoError::Write {
+                path: dir.join(crate::train::EXPORT_STEP_FILE),
+                source: e,
+            }
+            .into());
+        }
+        _ => {}
+    }
+    crate::signals::test_phase("export");
     match &st.ema {
         Some(ema) => w.export_at(&ema.shadow, Some(&raw), &dir, st.step)?,
         None => w.export_at(&raw, None, &dir, st.step)?,

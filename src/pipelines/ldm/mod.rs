@@ -8,7 +8,7 @@
 
 mod sample;
 
-pub use sample::sample;
+pub use sample::load_sampler;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -22,7 +22,7 @@ use super::stable_diffusion::{self, Pretrained};
 use super::text_to_image::{Generation, LatentModel, Prompted, generate};
 use super::{load_run, locate, save_weights, vq};
 use crate::checkpoint;
-use crate::config::{Config, Resume};
+use crate::config::Config;
 use crate::data::Dataset;
 
 use crate::device::parse_device;
@@ -280,18 +280,11 @@ pub fn train_ldm(
     let ldm = &cfg.model.ldm;
     let cond_cfg = &cfg.model.conditioning;
     if !Pretrained::looks_like(&ldm.first_stage)
-        && let (Err(_), Some(stage_path)) = (locate(&ldm.first_stage), &ldm.first_stage_config)
+        && let Some(stage_path) = &ldm.first_stage_config
     {
-        let mut stage_cfg = Config::load(stage_path, &[])?;
-        stage_cfg.checkpoint.resume = Resume::Latest;
-        if !opts.quiet {
-            eprintln!(
-                "stage 1: {} holds no first stage yet; training it from {}",
-                ldm.first_stage.display(),
-                stage_path.display()
-            );
-        }
-        super::train(&stage_cfg, opts)?;
+        let ready = || locate(&ldm.first_stage).is_ok();
+        let key = "model.ldm.first_stage";
+        super::chain::ensure_stage(key, &ldm.first_stage, stage_path, ready, opts, cfg)?;
         if !opts.quiet {
             eprintln!("stage 2: training the latent diffusion backbone");
         }
@@ -327,7 +320,25 @@ pub fn train_ldm(
         eprintln!("latent scale: {scale:.6} (latents are multiplied by it)");
     }
     let mut text = match cond_cfg.kind {
-        ConditioningKind::Text => text_sides(cfg, &dataset, &device)?,
+        ConditioningKind::Text => {
+            dataset.require_captions(cfg.data.allow_empty_captions)?;
+            let text = text_sides(cfg, &dataset, &device)?;
+            // Before the latent cache is built: the backbone reads the encoders' output.
+            let width: usize = text.iter().map(|t| t.config.hidden_size).sum();
+            if let (Some(dir), Some(want)) = (
+                &cond_cfg.pretrained_text_encoder,
+                backbone_cfg.context_width(),
+            ) && want != width
+            {
+                return Err(stage_error(format!(
+                    "model.ldm.backbone.cross_attention_dim = {want} does not fit \
+                     model.conditioning.pretrained_text_encoder = {} (its text encoder's \
+                     hidden_size is {width}); the two must be equal",
+                    dir.display()
+                )));
+            }
+            text
+        }
         _ => Vec::new(),
     };
     let lat = [
@@ -502,6 +513,7 @@ impl Outputs<LatentDiffusionModel> for LdmOutputs {
                 steps: s.num_inference_steps,
                 sampler: Some(s.sampler),
                 seed: s.seed + i as u64,
+                first_index: 0,
                 width: res,
                 height: res,
                 num: per,

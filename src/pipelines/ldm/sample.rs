@@ -146,14 +146,16 @@ fn load_ldm(
 
 /// `sample` on a stage-2 run, export or checkpoint. A text-conditioned KL export is a Stable
 /// Diffusion folder and samples through `text_to_image` (the caller routes it there).
-pub fn sample(
-    cfg: &Config,
+pub fn load_sampler(
+    cfg: Config,
     root: &Path,
     weights: Option<&Path>,
     req: &super::super::SampleRequest,
-    device: &Device,
-) -> Result<Grid, super::super::PipelineError> {
+    device: Device,
+    weights_path: std::path::PathBuf,
+) -> Result<super::super::Loaded, super::super::PipelineError> {
     let bad = |m: String| super::super::PipelineError::Invalid(m);
+    let (cfg, device) = (&cfg, &device);
     let ldm = &cfg.model.ldm;
     let cond_cfg = &cfg.model.conditioning;
     let kind = cond_cfg.kind;
@@ -221,31 +223,51 @@ pub fn sample(
             }
         }
     };
-    let decode = |z: Tensor<4>| loaded.first.decode(z);
-    let scheduler = scheduler_for(cfg);
-    let model = LatentModel {
-        backbone: &loaded.model.backbone,
-        decode: &decode,
-        scale,
-        latent_channels: loaded.latent_channels,
-        factor: loaded.factor,
-        scheduler: &scheduler,
-    };
     let res = cfg.data.resolution;
+    let latents = match &req.latents {
+        Some(file) => Some(super::super::text_to_image::read_latents(file, device)?),
+        None => None,
+    };
     let g = Generation {
         guidance_scale: req.guidance_scale.unwrap_or(cfg.sample.guidance_scale),
         steps: req.steps.unwrap_or(cfg.sample.num_inference_steps),
         sampler: Some(req.sampler.unwrap_or(cfg.sample.sampler)),
         seed: req.seed,
+        first_index: 0,
         width: req.width.unwrap_or(res),
         height: req.height.unwrap_or(res),
-        num: req.num.unwrap_or(16),
-        latents: match &req.latents {
-            Some(file) => Some(super::super::text_to_image::read_latents(file, device)?),
-            None => None,
+        num: match &latents {
+            Some(l) => req.num.unwrap_or(l.dims()[0]),
+            None => req.num.unwrap_or(16),
         },
+        latents,
     };
-    let images = generate(&model, &prompted, &g, device)?.clamp(-1.0, 1.0);
-    let shape = images.dims();
-    Ok(Grid::square(to_host(images), shape))
+    let scheduler = scheduler_for(cfg);
+    let image = [cfg.image_channels(), g.height, g.width];
+    let (num, fixed, device) = (g.num, g.latents.is_some(), device.clone());
+    Ok(super::super::Loaded::new(
+        weights_path,
+        image,
+        num,
+        fixed,
+        move |first, n| {
+            let decode = |z: Tensor<4>| loaded.first.decode(z);
+            let model = LatentModel {
+                backbone: &loaded.model.backbone,
+                decode: &decode,
+                scale,
+                latent_channels: loaded.latent_channels,
+                factor: loaded.factor,
+                scheduler: &scheduler,
+            };
+            let batch = Generation {
+                first_index: first,
+                num: n,
+                ..g.clone()
+            };
+            let images = generate(&model, &prompted, &batch, &device)?.clamp(-1.0, 1.0);
+            let shape = images.dims();
+            Ok(Grid::square(to_host(images), shape))
+        },
+    ))
 }
