@@ -250,7 +250,7 @@ unsafe impl GlobalAlloc for CachingAllocator {
             return p;
         }
         // SAFETY: forwarded with the caller's layout.
-        unsafe { System.alloc(layout) }
+        or_out_of_memory(unsafe { System.alloc(layout) }, layout.size())
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
@@ -262,14 +262,14 @@ unsafe impl GlobalAlloc for CachingAllocator {
             return p;
         }
         // SAFETY: forwarded with the caller's layout.
-        unsafe { System.alloc_zeroed(layout) }
+        or_out_of_memory(unsafe { System.alloc_zeroed(layout) }, layout.size())
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         // Every block, cached or not, came from `System` with its layout, so `System` can resize
         // it (with `mremap` for large ones, no copy).
         // SAFETY: forwarded with the caller's pointer, layout and size.
-        unsafe { System.realloc(ptr, layout, new_size) }
+        or_out_of_memory(unsafe { System.realloc(ptr, layout, new_size) }, new_size)
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
@@ -278,6 +278,53 @@ unsafe impl GlobalAlloc for CachingAllocator {
         }
         // SAFETY: `ptr` came from `System` with this layout.
         unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+/// `p`, unless the system refused the allocation: then the process says so and exits with
+/// status 1, instead of Rust's abort (status 134, "memory allocation of N bytes failed" and a
+/// backtrace). Nothing here allocates: the message is formatted on the stack. (Allocations the
+/// system grants but cannot back end with the kernel's OOM killer, which no process can
+/// answer; the estimates before a run and a sample batch are the guard against both.)
+fn or_out_of_memory(p: *mut u8, size: usize) -> *mut u8 {
+    if !p.is_null() {
+        return p;
+    }
+    struct Stack {
+        buf: [u8; 320],
+        len: usize,
+    }
+    impl std::fmt::Write for Stack {
+        fn write_str(&mut self, s: &str) -> std::fmt::Result {
+            let n = s.len().min(self.buf.len() - self.len);
+            self.buf[self.len..self.len + n].copy_from_slice(&s.as_bytes()[..n]);
+            self.len += n;
+            Ok(())
+        }
+    }
+    let mut m = Stack {
+        buf: [0; 320],
+        len: 0,
+    };
+    // SAFETY: sysconf only reads system parameters.
+    let total = unsafe {
+        (libc::sysconf(libc::_SC_PHYS_PAGES) as f64) * (libc::sysconf(libc::_SC_PAGESIZE) as f64)
+    };
+    let _ = std::fmt::Write::write_fmt(
+        &mut m,
+        format_args!(
+            "error: out of memory: the system refused {:.1} GB (this machine has {:.1} GB). The \
+             model, batch or image size is too large for it; lower it (`train --check` \
+             estimates what a run needs)\n",
+            size as f64 / 1e9,
+            total / 1e9
+        ),
+    );
+    // SAFETY: writes `m.len` initialised bytes to stderr, then ends the process without
+    // running anything else (no destructor or handler may allocate now).
+    unsafe {
+        libc::write(2, m.buf.as_ptr().cast(), m.len);
+        libc::_exit(1)
     }
 }
 

@@ -589,6 +589,18 @@ fn impossible_sizes_are_refused_with_the_numbers() {
         !ok && code == Some(1) && err.contains("GB"),
         "{code:?} {err}"
     );
+    // An allocation the system refuses all the same ends the process with a message, not an
+    // abort (status 134, "memory allocation of ... failed" and a backtrace).
+    let r = common::train_cmd(&cfg, &["--check"])
+        .env("DIFFTRAIN_TEST_ALLOCATE", (1u64 << 50).to_string())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(r.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("out of memory") && err.contains("1125899.9 GB"),
+        "{err}"
+    );
 }
 
 // ------------------------------------------------------------------------- 10. late failures

@@ -127,6 +127,13 @@ difftrain::global_allocator!();
 fn main() -> std::process::ExitCode {
     tune_allocator();
     difftrain::signals::install();
+    // Tests only: an allocation the system refuses, to see how the process ends.
+    if let Some(n) = std::env::var("DIFFTRAIN_TEST_ALLOCATE")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+    {
+        std::hint::black_box(Vec::<u8>::with_capacity(n));
+    }
     let args = Args::parse();
     difftrain::exit_code(difftrain::run_guarded(|| {
         difftrain::threads::on_pool(|| run(args))
