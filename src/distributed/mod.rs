@@ -17,6 +17,7 @@
 pub mod launch;
 pub mod nccl;
 pub mod process;
+mod sockets;
 mod wire;
 
 pub use launch::LaunchEnv;

@@ -1,6 +1,7 @@
 //! The rendezvous and the collectives of processes over loopback.
 
 use super::*;
+use std::net::TcpListener;
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
