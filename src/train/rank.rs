@@ -48,32 +48,12 @@ pub(super) fn run_rank<O: Objective, P: Outputs<O::Model>>(
     let lr_sched = lr_scheduler(t);
     let groups = objective.param_groups(&st.model);
     let checkpointed = groups.checkpointed();
-    // One checkpoint (weights, EMA, AdamW's two moments, in f32) must fit on the disk: found
-    // at the start, not at the export after the whole run (a checkpoint is written beside the
-    // previous one before that is removed).
-    let copies = 3 + u64::from(st.ema.is_some());
-    let need = crate::io::safetensors::count_weights(&st.model, checkpointed.as_ref()) * 4 * copies;
+    let room = DiskRoom::for_checkpoints(&st, checkpointed.as_ref(), out);
     if writer.is_some() {
-        match crate::io::free_bytes(out) {
-            Some(free) if free < need => {
-                return Err(TrainError::NoSpace {
-                    dir: out.clone(),
-                    free,
-                    need,
-                });
-            }
-            _ => {}
-        }
+        room.required()?;
     }
     let save = |st: &RunState<O::Model>, objective: &O| {
-        if let Some(free) = crate::io::free_bytes(out).filter(|&f| f < need) {
-            eprintln!(
-                "warning: {}: {:.2} GB free, a checkpoint needs about {:.2} GB; writing it may fail",
-                out.display(),
-                free as f64 / 1e9,
-                need as f64 / 1e9
-            );
-        }
+        room.warn_if_short();
         let (lr_next, fingerprints) = (lr_sched.lr_at(st.step), objective.fingerprints());
         st.save_checkpoint(
             cfg,
@@ -194,6 +174,53 @@ pub(super) fn run_rank<O: Objective, P: Outputs<O::Model>>(
         first_step,
         device,
     )
+}
+
+/// The disk space one checkpoint needs (weights, EMA, AdamW's two moments, in f32), checked at
+/// the start, not found missing at the export after the whole run (a checkpoint is written
+/// beside the previous one before that is removed).
+struct DiskRoom<'a> {
+    out: &'a std::path::Path,
+    need: u64,
+}
+
+impl<'a> DiskRoom<'a> {
+    fn for_checkpoints<M: Module>(
+        st: &RunState<M>,
+        checkpointed: Option<&std::collections::HashSet<burn::module::ParamId>>,
+        out: &'a std::path::Path,
+    ) -> Self {
+        let copies = 3 + u64::from(st.ema.is_some());
+        let weights = crate::io::safetensors::count_weights(&st.model, checkpointed);
+        Self {
+            out,
+            need: weights * 4 * copies,
+        }
+    }
+
+    /// At the start: too little free space stops the run before its first step.
+    fn required(&self) -> Result<(), TrainError> {
+        match crate::io::free_bytes(self.out) {
+            Some(free) if free < self.need => Err(TrainError::NoSpace {
+                dir: self.out.to_path_buf(),
+                free,
+                need: self.need,
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Before each checkpoint: a shortfall is said (the write itself is atomic).
+    fn warn_if_short(&self) {
+        if let Some(free) = crate::io::free_bytes(self.out).filter(|&f| f < self.need) {
+            eprintln!(
+                "warning: {}: {:.2} GB free, a checkpoint needs about {:.2} GB; writing it may fail",
+                self.out.display(),
+                free as f64 / 1e9,
+                self.need as f64 / 1e9
+            );
+        }
+    }
 }
 
 /// Rank 0's writes after a step, when due: a sample grid every `logging.sample_every` steps,
